@@ -1,0 +1,282 @@
+"""Checkpoint files: crash-safe writes, readable errors, the layouts users already have, RNG state.
+
+Every file this project writes goes through :func:`save_atomic`, so a process killed at any instant
+(SIGKILL included) or a full disk leaves either the previous complete file or the new complete file,
+never a half-written one. Reading goes through :func:`load_file`, which turns the many ways
+``torch.load`` fails on a damaged file into one :class:`CheckpointError` line that names the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grafting.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+# Wrapper keys under which known projects store the weights, in the order they are tried:
+# ours and torchvision's references use 'model'; many projects use 'state_dict'; the original
+# filter-grafting .t7 files use 'net' (next to 'acc' and 'epoch').
+_WRAPPER_KEYS = ("model", "state_dict", "net")
+
+# Prefixes added by wrappers around a module: DataParallel/DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _temp_path(path: Path) -> Path:
+    """The temporary file next to ``path``; the pid keeps concurrent writers apart."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable; silently skipped where directories cannot be synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        # Some file systems (and all of Windows) refuse fsync on a directory; the rename still happened.
+        pass
+    finally:
+        os.close(fd)
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError that caused ``err``, if any; torch.save reports a failed write as a RuntimeError."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` with ``torch.save`` so that ``path`` is always either the old or the new complete file.
+
+    The data goes to ``<path>.tmp-<pid>`` in the same folder, is flushed and fsynced, and then renamed
+    onto ``path`` (a rename within one file system is atomic, also on NFS). If writing fails (a full disk,
+    a quota, a vanished folder) the temporary file is removed, ``path`` is untouched and a
+    :class:`CheckpointError` says so.
+    """
+    path = Path(path)
+    temp = _temp_path(path)
+    try:
+        with open(temp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        os_error = _os_error_behind(err)
+        if os_error is None:
+            raise
+        reason = os_error.strerror or str(os_error)
+        raise CheckpointError(f"could not write {path}: {reason}; the previous checkpoint is intact") from err
+    _fsync_dir(path.parent)
+
+
+def _short_reason(err: BaseException) -> str:
+    """One short line describing why ``torch.load`` failed, without torch's multi-paragraph advice."""
+    text = str(err)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if unpickler:
+        text = unpickler.group(1)
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    # torch's messages continue with advice after the first sentence; keep only the diagnosis.
+    first_sentence = first_line.split(". ")[0].rstrip(".")
+    if len(first_sentence) > 120:
+        first_sentence = first_sentence[:117] + "..."
+    name = type(err).__name__
+    if not first_sentence and isinstance(err, EOFError):
+        first_sentence = "unexpected end of file"
+    return f"{name}: {first_sentence}" if first_sentence else name
+
+
+def load_file(path: str | Path, *, weights_only: bool = True, map_location: Any = "cpu") -> Any:
+    """``torch.load`` a checkpoint, turning every failure into a one-line :class:`CheckpointError`.
+
+    A missing file, a truncated or corrupt file, and a file holding Python objects that the safe
+    ``weights_only`` loader refuses (a whole ``nn.Module``) each get their own message naming ``path``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; pass the path of a .pt/.pth/.t7 file")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except FileNotFoundError as err:
+        # Removed between the check above and the read.
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path") from err
+    except PermissionError as err:
+        raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from err
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:
+            raise CheckpointError(
+                f"{path} holds Python objects ({refused.group(1)}) that safe loading refuses; "
+                "whole saved modules are not supported: re-save it as model.state_dict()"
+            ) from err
+        raise _corrupt(path, err) from err
+    except Exception as err:  # zipfile, EOFError, RuntimeError from the zip reader, pickle errors, ...
+        raise _corrupt(path, err) from err
+
+
+def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+    """The error for a file that exists but cannot be read back."""
+    return CheckpointError(
+        f"{path} is truncated or corrupt ({_short_reason(err)}); delete it or resume from an earlier checkpoint"
+    )
+
+
+def _is_state_dict(obj: Any) -> bool:
+    """True for a non-empty mapping of string keys to tensors."""
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items())
+    )
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove 'module.' / '_orig_mod.' while every key carries it (they can be nested either way)."""
+    stripped = dict(state_dict)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in stripped):
+                stripped = {key[len(prefix):]: value for key, value in stripped.items()}
+                changed = True
+    return stripped
+
+
+def _describe_keys(obj: Any) -> str:
+    """The top-level keys of ``obj`` for an error message, or its type when it is not a mapping."""
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}, not a dict"
+    if not obj:
+        return "keys: none"
+    names = [str(key) for key in obj]
+    shown = ", ".join(names[:12])
+    if len(names) > 12:
+        shown += f", ... ({len(names)} in all)"
+    return f"keys: {shown}"
+
+
+def extract_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights inside a loaded checkpoint, in their original order, without wrapper prefixes.
+
+    Accepted layouts: a bare state_dict, or a dict holding one under 'model', 'state_dict' or 'net'
+    (other entries such as 'acc', 'epoch' or 'optimizer' are ignored). A ``module.`` (DataParallel/DDP)
+    or ``_orig_mod.`` (torch.compile) prefix is removed when every key has it. ``source`` names the
+    file in error messages.
+    """
+    if _is_state_dict(obj):
+        return _strip_wrapper_prefixes(obj)
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key not in obj:
+                continue
+            inner = obj[key]
+            if _is_state_dict(inner):
+                return _strip_wrapper_prefixes(inner)
+            if isinstance(inner, torch.nn.Module):
+                raise CheckpointError(
+                    f"{source}: '{key}' holds a whole {type(inner).__name__} module, which is not supported; "
+                    "re-save it as model.state_dict()"
+                )
+            raise CheckpointError(
+                f"{source}: '{key}' holds {_describe_keys(inner)} rather than a state_dict of tensors; "
+                "expected a state_dict or a dict with 'model', 'state_dict' or 'net'"
+            )
+    if isinstance(obj, torch.nn.Module):
+        raise CheckpointError(
+            f"{source}: holds a whole {type(obj).__name__} module, which is not supported; "
+            "re-save it as model.state_dict()"
+        )
+    raise CheckpointError(
+        f"{source}: unknown checkpoint layout ({_describe_keys(obj)}); "
+        "expected a state_dict or a dict with 'model', 'state_dict' or 'net'"
+    )
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every random generator training touches, as plain data that ``weights_only`` loads.
+
+    Covers Python's ``random``, numpy's global generator, torch's CPU generator and, when CUDA is
+    available, the generator of every visible GPU. numpy's state tuple is stored as a dict with the
+    key array as an int64 tensor, because numpy arrays do not survive ``torch.load(weights_only=True)``.
+    """
+    python_version, python_internal, python_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {
+            "version": int(python_version),
+            "internal": [int(word) for word in python_internal],
+            "gauss_next": python_gauss,
+        },
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": [],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [tensor.cpu() for tensor in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back generator states captured by :func:`capture_rng_state` (after a save/load round trip)."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(word) for word in python["internal"]), python["gauss_next"]))
+
+    numpy_state = state["numpy"]
+    keys = numpy_state["keys"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            keys.astype(np.uint32),
+            int(numpy_state["pos"]),
+            int(numpy_state["has_gauss"]),
+            float(numpy_state["cached_gaussian"]),
+        )
+    )
+
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+
+    cuda_states = list(state.get("cuda") or [])
+    if cuda_states and torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if visible != len(cuda_states):
+            # A run resumed on a different number of GPUs: restore what matches, the rest start fresh.
+            logger.warning(
+                "checkpoint holds RNG states of %d GPUs but %d are visible; restoring the first %d",
+                len(cuda_states), visible, min(visible, len(cuda_states)),
+            )
+        for index, cuda_state in enumerate(cuda_states[:visible]):
+            torch.cuda.set_rng_state(cuda_state.cpu().to(torch.uint8), device=index)

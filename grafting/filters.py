@@ -1,0 +1,32 @@
+"""Invalid-filter counting (METHOD.md §1): filters whose l1 norm is below a threshold."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+__all__ = ["conv_filter_keys", "count_invalid_filters", "filter_l1_norms"]
+
+
+def conv_filter_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The paper's rule: conv weights are the entries whose key contains ``conv`` (biases excluded)."""
+    return [k for k, t in state_dict.items() if "conv" in k and t.dim() > 1]
+
+
+def filter_l1_norms(weight: torch.Tensor) -> torch.Tensor:
+    """l1 norm of each output filter ``weight[j]``."""
+    return weight.detach().abs().flatten(1).sum(dim=1)
+
+
+def count_invalid_filters(state_dict: Mapping[str, torch.Tensor], threshold: float) -> tuple[int, int]:
+    """(invalid, total) filters of the conv weights under the paper's key rule at ``threshold``.
+
+    ResNet-32 has 1136 filters in total and the CIFAR MobileNetV2 17088 (its 1x1 shortcut convs,
+    keyed ``shortcut.0``, are not counted, as in the paper).
+    """
+    norms = [filter_l1_norms(state_dict[k]) for k in conv_filter_keys(state_dict)]
+    if not norms:
+        return 0, 0
+    counts = torch.stack([torch.stack([(n < threshold).sum(), torch.tensor(n.numel(), device=n.device)]) for n in norms])
+    invalid, total = counts.sum(dim=0).tolist()
+    return int(invalid), int(total)

@@ -1,0 +1,289 @@
+"""Grafting one network's weights into another (METHOD.md §4).
+
+Layer level: every group of state_dict entries shares one coefficient alpha, computed from the
+information (entropy, or l1 norm) of the group's scoring tensor in both networks. Two rules decide
+the groups:
+
+- ``"name"``, the published rule: walk the state_dict in order; each entry whose key contains
+  ``conv`` starts a group scored by itself, every other entry joins the group before it.
+- ``"module"``, for models whose keys never say ``conv`` (torchvision VGG, MobileNetV2, DenseNet):
+  each Conv or Linear weight starts a group that holds its bias and the BatchNorm right after it
+  (when the channel counts agree); any other module with state forms its own group.
+
+Filter level: per output channel j of each conv followed by a BatchNorm, ``w_j = |g1_j| / (|g1_j| +
+|g2_j|)`` blends filter j, BatchNorm channel j and input slice j of the next conv.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from .entropy import entropy_tensor
+from .errors import GraftingError, PeerMismatchError
+from .weighting import graft_coefficient
+
+__all__ = ["LayerRecord", "FilterRecord", "graft_layers", "graft_filters", "unwrap_model", "default_rule", "RULES", "CRITERIA"]
+
+RULES = ("name", "module")
+CRITERIA = ("entropy", "l1")
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One coefficient of layer-level grafting: the scoring key, both scores and alpha.
+
+    ``keys`` lists every state_dict entry that was blended with this alpha.
+    """
+
+    key: str
+    h_self: float
+    h_peer: float
+    alpha: float
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FilterRecord:
+    """Filter-level grafting of one conv: its key and the mean and extremes of its channel weights."""
+
+    key: str
+    mean_w: float
+    min_w: float
+    max_w: float
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DataParallel, DistributedDataParallel or torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def default_rule(model: nn.Module) -> str:
+    """``"name"`` when the model's first state_dict entry is a conv by the key rule (the published
+    setting, e.g. CIFAR and torchvision ResNets), else ``"module"``."""
+    first = next(iter(unwrap_model(model).state_dict()), "")
+    return "name" if "conv" in first else "module"
+
+
+def _check_peer(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor]) -> None:
+    for key, tensor in own.items():
+        if key not in peer:
+            raise PeerMismatchError(
+                f"the peer's weights have no entry '{key}'; both networks must be the same architecture"
+            )
+        if tuple(peer[key].shape) != tuple(tensor.shape):
+            raise PeerMismatchError(
+                f"entry '{key}' has shape {tuple(peer[key].shape)} in the peer's weights but "
+                f"{tuple(tensor.shape)} here; both networks must be the same architecture and class count"
+            )
+
+
+def _name_rule_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]:
+    groups: list[tuple[str, list[str]]] = []
+    for key in state:
+        if "conv" in key:
+            groups.append((key, [key]))
+        elif groups:
+            groups[-1][1].append(key)
+        else:
+            raise GraftingError(
+                f"the name rule needs the first state_dict entry to be a conv (a key containing 'conv'), "
+                f"but it is '{key}'; use the module rule (--graft-rule module)"
+            )
+    return groups
+
+
+def _module_entries(prefix: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    names = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+    return [prefix + n for n in names if prefix + n in state]
+
+
+def _score_key(keys: list[str], state: Mapping[str, torch.Tensor]) -> str:
+    """The entry that scores a group: its 'weight' when present, else its first float tensor."""
+    for key in keys:
+        if key.endswith("weight") and torch.is_floating_point(state[key]):
+            return key
+    for key in keys:
+        if torch.is_floating_point(state[key]):
+            return key
+    return keys[0]
+
+
+def _module_rule_groups(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]:
+    groups: list[tuple[str, list[str]]] = []
+    last_weighted: tuple[nn.Module, list[str]] | None = None  # the conv/linear a BatchNorm may join
+    for name, module in model.named_modules():
+        entries = _module_entries(f"{name}." if name else "", module, state)
+        if not entries:
+            continue
+        if isinstance(module, (_ConvNd, nn.Linear)):
+            group = (_score_key(entries, state), entries)
+            groups.append(group)
+            last_weighted = (module, entries)
+            continue
+        if isinstance(module, _BatchNorm) and last_weighted is not None:
+            producer = last_weighted[0]
+            channels = producer.out_channels if isinstance(producer, _ConvNd) else producer.out_features
+            if channels == module.num_features:
+                last_weighted[1].extend(entries)
+                last_weighted = None  # one BatchNorm per conv
+                continue
+        groups.append((_score_key(entries, state), entries))
+        last_weighted = None
+    # Entries no module claimed (shared modules, exotic registrations): never leave them unblended.
+    claimed = {k for _, keys in groups for k in keys}
+    for key in state:
+        if key not in claimed:
+            groups.append((key, [key]))
+    return groups
+
+
+def _score_fn(criterion: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if criterion == "entropy":
+        return entropy_tensor
+    if criterion == "l1":
+        return lambda t: t.detach().abs().sum(dtype=torch.float64)
+    raise GraftingError(f"unknown grafting criterion '{criterion}'; choose one of: {', '.join(CRITERIA)}")
+
+
+def _peer_tensors(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: peer[k].to(device=t.device, dtype=t.dtype, non_blocking=True) for k, t in own.items()}
+
+
+@torch.no_grad()
+def _blend_(own: list[torch.Tensor], peer: list[torch.Tensor], alphas: list[float]) -> None:
+    """own <- alpha * own + (1 - alpha) * peer, in place, tensor by tensor; integers stay integers."""
+    float_idx = [i for i, t in enumerate(own) if torch.is_floating_point(t)]
+    if float_idx:
+        mine = [own[i] for i in float_idx]
+        torch._foreach_mul_(mine, [alphas[i] for i in float_idx])
+        torch._foreach_add_(mine, torch._foreach_mul([peer[i] for i in float_idx], [1 - alphas[i] for i in float_idx]))
+    for i, t in enumerate(own):
+        if not torch.is_floating_point(t):  # num_batches_tracked and friends
+            mixed = t.double() * alphas[i] + peer[i].double() * (1 - alphas[i])
+            t.copy_(torch.round(mixed).to(t.dtype))
+
+
+@torch.no_grad()
+def graft_layers(
+    model: nn.Module,
+    peer_state: Mapping[str, torch.Tensor],
+    a: float = 0.4,
+    c: float = 500.0,
+    rule: str = "name",
+    criterion: str = "entropy",
+) -> list[LayerRecord]:
+    """Graft ``peer_state`` into ``model`` in place, layer by layer (METHOD.md §3-§4).
+
+    Args:
+        model: the network to update (wrappers such as DDP are looked through).
+        peer_state: the ring predecessor's pre-graft state_dict (any device).
+        a, c: the weighting's hyper-parameters.
+        rule: ``"name"`` (published, key contains ``conv``) or ``"module"`` (by module type).
+        criterion: ``"entropy"`` (the method) or ``"l1"`` (the ablation of §9).
+
+    Returns:
+        One :class:`LayerRecord` per coefficient, in state_dict order.
+    """
+    if rule not in RULES:
+        raise GraftingError(f"unknown graft rule '{rule}'; choose one of: {', '.join(RULES)}")
+    model = unwrap_model(model)
+    own = model.state_dict()
+    _check_peer(own, peer_state)
+    groups = _name_rule_groups(own) if rule == "name" else _module_rule_groups(model, own)
+    peer = _peer_tensors(own, peer_state)
+
+    score = _score_fn(criterion)
+    scores = torch.stack([score(own[k]).to(torch.float64) for k, _ in groups]
+                         + [score(peer[k]).to(torch.float64) for k, _ in groups]).tolist()  # one sync
+    n = len(groups)
+    records = []
+    alpha_of: dict[str, float] = {}
+    for g, (score_key, keys) in enumerate(groups):
+        alpha = graft_coefficient(scores[g], scores[n + g], a=a, c=c)
+        records.append(LayerRecord(score_key, scores[g], scores[n + g], alpha, tuple(keys)))
+        alpha_of.update(dict.fromkeys(keys, alpha))
+
+    keys = list(own)
+    _blend_([own[k] for k in keys], [peer[k] for k in keys], [alpha_of[k] for k in keys])
+    return records
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, _BatchNorm, str | None]]:
+    """(conv name, conv, bn name, bn, next conv name) for every conv directly followed by its BatchNorm."""
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, _BatchNorm))]
+    pairs = []
+    for idx, (name, module) in enumerate(modules[:-1]):
+        bn_name, bn = modules[idx + 1]
+        if not (isinstance(module, nn.Conv2d) and isinstance(bn, _BatchNorm)):
+            continue
+        if not bn.affine or bn.num_features != module.out_channels:
+            continue
+        consumer = next(((n, m) for n, m in modules[idx + 2:] if isinstance(m, nn.Conv2d)), None)
+        next_name = None
+        if consumer is not None and consumer[1].groups == 1 and consumer[1].in_channels == module.out_channels:
+            next_name = consumer[0]
+        pairs.append((name, module, bn_name, bn, next_name))
+    return pairs
+
+
+@torch.no_grad()
+def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> list[FilterRecord]:
+    """Graft ``peer_state`` into ``model`` in place, filter by filter (METHOD.md §4, the VGG table).
+
+    For each conv followed by a BatchNorm with scales g1 (own) and g2 (peer), channel j gets
+    ``w_j = |g1_j| / (|g1_j| + |g2_j|)`` (0.5 where both are 0). Filter j of the conv (and its bias),
+    channel j of the BatchNorm (weight, bias, running mean and variance) and input slice j of the next
+    conv are blended ``w_j * own + (1 - w_j) * peer``. An element of a conv that is both a filter of
+    its own BatchNorm and an input slice of the previous one keeps the product of the two weights of
+    its own value, as blending twice would give. Every weight is computed from the pre-graft values.
+    Entries outside these pairs (the classifier, counters) keep their own values.
+    """
+    model = unwrap_model(model)
+    own = model.state_dict()
+    _check_peer(own, peer_state)
+    peer = _peer_tensors(own, peer_state)
+    pairs = _conv_bn_pairs(model)
+    if not pairs:
+        raise GraftingError("filter-level grafting needs convolutions followed by BatchNorm; use --level layer")
+
+    weights: dict[str, torch.Tensor] = {}
+    for conv_name, _, bn_name, _, _ in pairs:
+        g1, g2 = own[f"{bn_name}.weight"].abs(), peer[f"{bn_name}.weight"].abs()
+        total = g1 + g2
+        weights[conv_name] = torch.where(total > 0, g1 / torch.where(total > 0, total, 1), torch.full_like(g1, 0.5))
+
+    coef: dict[str, torch.Tensor] = {}  # per-element coefficient of each touched entry
+    inputs_of: dict[str, torch.Tensor] = {}
+    for conv_name, _, _, _, next_name in pairs:
+        if next_name is not None:
+            inputs_of[next_name] = weights[conv_name]
+    for conv_name, conv, bn_name, _, _ in pairs:
+        w = weights[conv_name]
+        out = w.view(-1, *([1] * (conv.weight.dim() - 1)))
+        if conv_name in inputs_of:
+            out = out * inputs_of.pop(conv_name).view(1, -1, *([1] * (conv.weight.dim() - 2)))
+        coef[f"{conv_name}.weight"] = out.expand_as(conv.weight)
+        if conv.bias is not None:
+            coef[f"{conv_name}.bias"] = w
+        for part in ("weight", "bias", "running_mean", "running_var"):
+            if f"{bn_name}.{part}" in own:
+                coef[f"{bn_name}.{part}"] = w
+    for conv_name, w_in in inputs_of.items():  # a consumer conv without a BatchNorm of its own
+        weight = own[f"{conv_name}.weight"]
+        coef[f"{conv_name}.weight"] = w_in.view(1, -1, *([1] * (weight.dim() - 2))).expand_as(weight)
+
+    for key, k in coef.items():
+        own[key].mul_(k).add_(peer[key] * (1 - k))
+    stats = torch.stack([torch.stack([w.mean(), w.min(), w.max()]) for w in weights.values()]).tolist()
+    return [FilterRecord(f"{name}.weight", *s) for name, s in zip(weights, stats)]

@@ -1,0 +1,199 @@
+"""The per-epoch grafting step, as one object any training loop can call (METHOD.md §5).
+
+    grafter = Grafter("runs/r32", net=1, num=2)      # network 1 of a ring of 2
+    with grafter:                                     # takes the per-network lock
+        for epoch in range(1, epochs + 1):
+            train_one_epoch(model, ...)
+            report = grafter.step(model, epoch)       # save own -> wait for peer -> graft
+            print(report.summary())
+
+``step`` is ``publish`` (this network's pre-graft weights to the shared folder, atomically)
+followed by ``graft`` (wait for the ring predecessor's file of the same epoch, check that it fits,
+graft it in). A loop may call the two halves apart, e.g. evaluate in between so the peer's file
+arrives while this network tests. Under torch.distributed only rank 0 touches the folder; the
+grafted weights are broadcast to the other ranks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import GraftingError
+from .exchange import Exchange
+from .graft import CRITERIA, RULES, FilterRecord, LayerRecord, graft_filters, graft_layers, unwrap_model
+
+__all__ = ["Grafter", "GraftReport", "LEVELS"]
+
+LEVELS = ("layer", "filter")
+# Fields a peer's file must share with this network before any weights are mixed.
+MATCHING_META = ("model", "num_classes", "num")
+
+
+@dataclass
+class GraftReport:
+    """What one grafting step did.
+
+    Attributes:
+        epoch: the epoch whose weights were exchanged.
+        peer: the network grafted from (None when nothing was grafted, e.g. ``num == 1``).
+        waited_s: seconds spent waiting for the peer's file.
+        graft_ms: milliseconds spent loading the file and grafting (device work included).
+        layers: per-coefficient records (layer level) or per-conv records (filter level).
+        peer_state: the peer's pre-graft state_dict (CPU), e.g. to use it as a teacher.
+    """
+
+    epoch: int
+    peer: int | None = None
+    waited_s: float = 0.0
+    graft_ms: float = 0.0
+    layers: list[LayerRecord | FilterRecord] = field(default_factory=list)
+    peer_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def alphas(self) -> list[float]:
+        """The coefficients (layer level) or mean channel weights (filter level), in order."""
+        return [r.alpha if isinstance(r, LayerRecord) else r.mean_w for r in self.layers]
+
+    def summary(self) -> str:
+        """One short line for logs."""
+        if self.peer is None:
+            return f"epoch {self.epoch}: no grafting"
+        a = self.alphas
+        mean = sum(a) / len(a) if a else float("nan")
+        return (f"epoch {self.epoch}: grafted network {self.peer} ({len(a)} coefficients, mean {mean:.3f}), "
+                f"waited {self.waited_s:.1f} s, {self.graft_ms:.1f} ms")
+
+
+def _is_rank_zero() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class Grafter:
+    """Owns the shared folder for network ``net`` of ``num`` and performs the per-epoch grafting step.
+
+    Args:
+        root: the shared folder all networks of the ring use (``--s``).
+        net, num: this network's number (1-based) and the ring size; ``num == 1`` never grafts.
+        a, c: weighting hyper-parameters (METHOD.md §3).
+        level: ``"layer"`` (entropy-weighted per layer) or ``"filter"`` (per channel by BN scale).
+        rule: ``"name"`` (published key rule) or ``"module"`` (by module type), for layer level.
+        criterion: ``"entropy"`` or ``"l1"``.
+        peer_timeout: seconds to wait for a peer before failing (None: forever).
+        keep_all: keep every exchange file instead of removing those no peer still needs.
+        meta: facts about this network stored with its files and checked against the peer's
+            (``model`` and ``num_classes`` at least, so a ring of mismatched networks fails early).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        net: int,
+        num: int,
+        *,
+        a: float = 0.4,
+        c: float = 500.0,
+        level: str = "layer",
+        rule: str = "name",
+        criterion: str = "entropy",
+        peer_timeout: float | None = None,
+        keep_all: bool = False,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not 1 <= net <= num:
+            raise GraftingError(f"network number must be between 1 and num={num}, got {net}")
+        if level not in LEVELS:
+            raise GraftingError(f"unknown grafting level '{level}'; choose one of: {', '.join(LEVELS)}")
+        if rule not in RULES:
+            raise GraftingError(f"unknown graft rule '{rule}'; choose one of: {', '.join(RULES)}")
+        if criterion not in CRITERIA:
+            raise GraftingError(f"unknown criterion '{criterion}'; choose one of: {', '.join(CRITERIA)}")
+        self.net, self.num = net, num
+        self.a, self.c, self.level, self.rule, self.criterion = a, c, level, rule, criterion
+        self.peer_timeout = peer_timeout
+        self.meta = {"net": net, "num": num, **dict(meta or {})}
+        self.exchange = Exchange(root, net, num, keep_all=keep_all)
+        self._rank_zero = _is_rank_zero()
+
+    @property
+    def active(self) -> bool:
+        """Whether this network exchanges weights at all (``num > 1``)."""
+        return self.num > 1
+
+    def __enter__(self) -> Grafter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Take this network's lock in the shared folder (rank 0 only) and start its heartbeat."""
+        if self._rank_zero:
+            Path(self.exchange.root).mkdir(parents=True, exist_ok=True)
+            self.exchange.acquire()
+
+    def close(self) -> None:
+        """Release the lock; safe to call twice."""
+        if self._rank_zero:
+            self.exchange.release()
+
+    def publish(self, model: nn.Module, epoch: int) -> Path | None:
+        """Save this network's pre-graft weights of ``epoch`` for its successor (atomic)."""
+        if not self.active or not self._rank_zero:
+            return None
+        state = unwrap_model(model).state_dict()
+        path = self.exchange.publish(epoch, state, {**self.meta, "epoch": epoch})
+        self.exchange.cleanup(epoch)
+        return path
+
+    def graft(self, model: nn.Module, epoch: int) -> GraftReport:
+        """Wait for the predecessor's weights of ``epoch``, check them and graft them into ``model``."""
+        report = GraftReport(epoch=epoch)
+        if not self.active:
+            return report
+        module = unwrap_model(model)
+        if self._rank_zero:
+            peer = self.exchange.predecessor
+            report.peer = peer
+            report.waited_s = self.exchange.wait_for(peer, epoch, self.peer_timeout)
+            start = time.perf_counter()
+            expect = {k: self.meta[k] for k in MATCHING_META if k in self.meta}
+            peer_state, _ = self.exchange.load(peer, epoch, expect=expect)
+            if self.level == "layer":
+                report.layers = graft_layers(module, peer_state, a=self.a, c=self.c, rule=self.rule,
+                                             criterion=self.criterion)
+            else:
+                report.layers = graft_filters(module, peer_state)
+            report.peer_state = peer_state
+            _synchronize(module)
+            report.graft_ms = (time.perf_counter() - start) * 1000
+        if _is_distributed():
+            _broadcast_state(module)
+        return report
+
+    def step(self, model: nn.Module, epoch: int) -> GraftReport:
+        """The whole per-epoch step: ``publish`` then ``graft``."""
+        self.publish(model, epoch)
+        return self.graft(model, epoch)
+
+
+def _synchronize(module: nn.Module) -> None:
+    """Wait for queued device work so graft_ms measures it."""
+    param = next(module.parameters(), None)
+    if param is not None and param.device.type == "cuda":
+        torch.cuda.synchronize(param.device)
+
+
+def _broadcast_state(module: nn.Module) -> None:
+    """Rank 0's (grafted) parameters and buffers to every other rank."""
+    for tensor in module.state_dict().values():
+        torch.distributed.broadcast(tensor, src=0)

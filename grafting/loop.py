@@ -1,0 +1,249 @@
+"""The training loop shared by the CIFAR and ImageNet scripts: one epoch of training, evaluation,
+and ``fit``, which runs the epochs with the grafting step, logging and checkpoints in between.
+
+One epoch, as the data flows::
+
+    train_one_epoch -> grafter.publish (own pre-graft weights out) -> evaluate (the peer catches up)
+    -> best checkpoint -> grafter.graft (peer's weights in) -> epoch line, TensorBoard -> last checkpoint
+
+The last epoch publishes and grafts nothing: its tested weights are the final ones.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GraftingError
+from .filters import count_invalid_filters
+from .grafter import Grafter, GraftReport
+from .graft import LayerRecord, unwrap_model
+from .log import MetricsWriter
+from .session import RunFiles, save_best, save_last
+
+__all__ = ["Criterion", "cross_entropy", "train_one_epoch", "evaluate", "fit", "EpochStats", "NonFiniteLossError"]
+
+log = logging.getLogger("grafting")
+
+# criterion(logits, targets, images) -> (loss to minimise, named parts of it for the logs)
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+class NonFiniteLossError(GraftingError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class EpochHook(Protocol):
+    """Something that adds to the loss and learns from each exchange (distillation)."""
+
+    def criterion(self, base: Criterion) -> Criterion: ...
+    def after_exchange(self, report: GraftReport) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The plain criterion: cross-entropy, reported as ``ce``."""
+    loss = F.cross_entropy(logits, targets)
+    return loss, {"ce": loss}
+
+
+@dataclass
+class EpochStats:
+    """Averages over one pass: loss parts, accuracies (%), images per second."""
+
+    loss: float
+    top1: float
+    top5: float | None = None
+    parts: dict[str, float] = field(default_factory=dict)
+    images_per_s: float = 0.0
+    seconds: float = 0.0
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int) -> None:
+    bad = int(first_bad.item())
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"the loss became NaN or infinite in epoch {epoch}, batch {bad + 1}; stopped. The last checkpoint "
+            f"(end of epoch {epoch - 1}) is intact: lower --lr or check the data, then restart with --resume"
+        )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    epoch: int,
+    criterion: Criterion = cross_entropy,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    print_freq: int = 100,
+) -> EpochStats:
+    """Train one epoch, stepping ``scheduler`` every batch.
+
+    Running sums stay on the device, so the GPU is synchronised only every ``print_freq`` batches
+    and at the end. A NaN or infinite loss stops training with :class:`NonFiniteLossError` naming
+    the epoch and the first bad batch.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen, start, total = 0, time.perf_counter(), len(loader)
+    for batch, (images, targets) in enumerate(loader):
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+            loss, parts = criterion(logits, targets, images)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+
+        n = targets.size(0)
+        seen += n
+        loss_sum += loss.detach().float() * n
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0) + value.detach().float() * n
+        correct += (logits.argmax(1) == targets).sum()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), batch, first_bad)
+        if print_freq > 0 and (batch + 1) % print_freq == 0:
+            _raise_if_nonfinite(first_bad, epoch)
+            elapsed = time.perf_counter() - start
+            text = "".join(f"{k} {float(v) / seen:.4f} " for k, v in sums.items()) if len(sums) > 1 else ""
+            log.info(f"epoch {epoch} [{batch + 1}/{total}] loss {float(loss_sum) / seen:.4f} {text}acc {100.0 * float(correct) / seen:.2f}% "
+                     f"lr {optimizer.param_groups[0]['lr']:.5f} {seen / elapsed:.0f} img/s")
+    _raise_if_nonfinite(first_bad, epoch)
+    seconds = time.perf_counter() - start
+    parts_avg = {k: float(v) / max(seen, 1) for k, v in sums.items()}
+    return EpochStats(loss=float(loss_sum) / max(seen, 1), top1=100.0 * float(correct) / max(seen, 1), parts=parts_avg,
+                      images_per_s=seen / seconds if seconds > 0 else 0.0, seconds=seconds)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | None = None,
+             topk: tuple[int, ...] = (1, 5)) -> EpochStats:
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` on ``loader`` (one host sync at the end)."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros(len(topk), device=device, dtype=torch.long)
+    seen, start = 0, time.perf_counter()
+    for images, targets in loader:
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
+        k_max = min(max(topk), logits.size(1))
+        best = logits.topk(k_max, dim=1).indices
+        match = best == targets[:, None]
+        hits += torch.stack([match[:, : min(k, k_max)].any(dim=1).sum() for k in topk])
+        seen += targets.size(0)
+    seconds = time.perf_counter() - start
+    acc = (100.0 * hits.double() / max(seen, 1)).tolist()
+    return EpochStats(loss=float(loss_sum) / max(seen, 1), top1=acc[0], top5=acc[1] if len(acc) > 1 else None,
+                      images_per_s=seen / seconds if seconds > 0 else 0.0, seconds=seconds)
+
+
+def _epoch_scalars(train: EpochStats, test: EpochStats, lr: float, report: GraftReport,
+                   model: nn.Module) -> dict[str, float]:
+    values = {"train/loss": train.loss, "train/acc": train.top1, "test/loss": test.loss, "test/acc": test.top1,
+              "lr": lr, "graft/wait_s": report.waited_s, "graft/ms": report.graft_ms,
+              "speed/train_img_per_s": train.images_per_s}
+    values.update({f"train/{k}": v for k, v in train.parts.items()})
+    if test.top5 is not None:
+        values["test/acc5"] = test.top5
+    for record in report.layers:
+        if isinstance(record, LayerRecord):
+            values[f"alpha/{record.key}"] = record.alpha
+            values[f"entropy/{record.key}"] = record.h_self
+        else:
+            values[f"filter_w/{record.key}"] = record.mean_w
+    state = unwrap_model(model).state_dict()
+    for threshold in (0.1, 0.01):
+        invalid, total = count_invalid_filters(state, threshold)
+        if total:
+            values[f"invalid_filters/t={threshold}"] = invalid
+    return values
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Any,
+    test_loader: Any,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grafter: Grafter,
+    files: RunFiles | None,
+    epochs: int,
+    start_epoch: int = 1,
+    best_acc: float = 0.0,
+    criterion: Criterion = cross_entropy,
+    hook: EpochHook | None = None,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    print_freq: int = 100,
+    writer: MetricsWriter | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+    tag: str = "",
+) -> float:
+    """Train epochs ``start_epoch..epochs`` with grafting after each; returns the best test top-1.
+
+    ``files`` is None on DDP ranks other than 0: they train and receive the grafted weights but
+    write nothing. ``extra_state`` adds entries to the resumable checkpoint (e.g. a distillation
+    teacher).
+    """
+    device = next(model.parameters()).device
+    loss_fn = hook.criterion(criterion) if hook is not None else criterion
+    for epoch in range(start_epoch, epochs + 1):
+        train_loader.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, train_loader, optimizer, scheduler, epoch=epoch, criterion=loss_fn,
+                                amp_dtype=amp_dtype, scaler=scaler, print_freq=print_freq)
+        final = epoch == epochs
+        if not final:
+            grafter.publish(model, epoch)  # before testing, so the peer's file arrives meanwhile
+        test = evaluate(model, test_loader, amp_dtype=amp_dtype)
+        if test.top1 > best_acc:
+            best_acc = test.top1
+            if files is not None:
+                save_best(files, model, epoch, test.top1)
+        report = grafter.graft(model, epoch) if not final else GraftReport(epoch=epoch)
+        if hook is not None:
+            hook.after_exchange(report)
+
+        memory = ""
+        if device.type == "cuda":
+            memory = f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+        parts = " ".join(f"{k} {v:.4f}" for k, v in train.parts.items()) if len(train.parts) > 1 else ""
+        top5 = f" top5 {test.top5:.2f}" if test.top5 is not None else ""
+        log.info(f"{tag}epoch {epoch}/{epochs} | train loss {train.loss:.4f} acc {train.top1:.2f}"
+                 f"{' (' + parts + ')' if parts else ''} | test loss {test.loss:.4f} acc {test.top1:.2f}{top5} "
+                 f"| best {best_acc:.2f} | lr {lr:.5f} | wait {report.waited_s:.1f} s | graft {report.graft_ms:.1f} ms "
+                 f"| {train.images_per_s:.0f} img/s{memory}")
+        if writer is not None:
+            writer.scalars(_epoch_scalars(train, test, lr, report, model), epoch)
+        if files is not None:
+            save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
+                      best_acc=best_acc, extra=extra_state() if extra_state else None)
+        if not math.isfinite(train.loss):  # belt and braces: never continue from a broken state
+            raise NonFiniteLossError(f"the loss of epoch {epoch} is not finite; restart with --resume")
+    return best_acc

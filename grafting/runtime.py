@@ -1,0 +1,63 @@
+"""Process set-up shared by the training scripts: device, CPU threads, seeds."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+__all__ = ["choose_device", "configure_threads", "seed_everything", "available_cores"]
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (affinity-aware, so containers and taskset are respected)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_device(requested: str | None) -> torch.device:
+    """``requested`` as a torch.device; None picks CUDA when present, else the CPU with a warning."""
+    if requested is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("no CUDA device found: training on the CPU (slow); pass --device cpu to silence this")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"--device '{requested}' is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def configure_threads(threads: int | None, num_processes: int, device: torch.device) -> int:
+    """Set torch's intra-op threads and return them.
+
+    Several networks often share one machine; on the CPU each gets an equal share of the cores
+    (``cores // num_processes``) unless ``threads`` says otherwise, so N processes never fight
+    over more threads than there are cores. On CUDA one or two threads feed the GPU.
+    """
+    if threads is None:
+        share = max(1, available_cores() // max(1, num_processes))
+        threads = share if device.type == "cpu" else min(share, 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="filter-grafting",
+    version="0.1.0",
+    description="Filter grafting (Meng et al., CVPR 2020) with distillation: one process per network, "
+    "entropy-weighted grafting through a shared directory.",
+    python_requires=">=3.9",
+    packages=find_packages(include=["grafting", "grafting.*", "models", "models.*",
+                                    "grafting_cifar", "grafting_imagenet"]),
+    install_requires=["torch", "torchvision", "numpy", "tensorboard"],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "graft-cifar=grafting_cifar.train:main",
+            "graft-imagenet=grafting_imagenet.train:main",
+        ]
+    },
+)

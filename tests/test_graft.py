@@ -1,0 +1,465 @@
+"""Tests for grafting.graft against METHOD.md §3-§4.
+
+The expected results come from deliberately naive re-implementations written here from the spec:
+they reuse only ``layer_entropy`` and ``graft_coefficient`` and do their own grouping and blending.
+"""
+import copy
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from grafting.entropy import layer_entropy
+from grafting.errors import GraftingError, PeerMismatchError
+from grafting.graft import FilterRecord, LayerRecord, graft_filters, graft_layers
+from grafting.weighting import graft_coefficient
+
+LAYER_MODELS = ("resnet32", "mobilenetv2", "vgg16")
+
+
+# --- building differing networks -----------------------------------------------------------------
+
+
+def perturb_batchnorms(model: nn.Module, seed: int) -> None:
+    """Give every BatchNorm random scales, shifts, running statistics and batch counter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) * 2.0 - 1.0)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.num_batches_tracked.fill_(int(torch.randint(0, 5000, (), generator=generator)))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_pair(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(own model, peer state_dict): the same architecture from two seeds, BatchNorms perturbed."""
+    torch.manual_seed(1)
+    own = models.create(name, num_classes=10)
+    perturb_batchnorms(own, seed=11)
+    torch.manual_seed(2)
+    peer = models.create(name, num_classes=10)
+    perturb_batchnorms(peer, seed=22)
+    return own, {k: v.clone() for k, v in peer.state_dict().items()}
+
+
+def fresh_pair(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A private copy of the reference pair that a test may graft in place."""
+    own, peer_state = _reference_pair(name)
+    return copy.deepcopy(own), {k: v.clone() for k, v in peer_state.items()}
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# --- naive reference implementations -------------------------------------------------------------
+
+
+def naive_name_rule(
+    own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor], a: float, c: float
+) -> list[tuple[str, float, list[str]]]:
+    """METHOD.md §4, layer level by key name: (conv key, alpha, keys blended with it) in order."""
+    groups: list[tuple[str, float, list[str]]] = []
+    for key in own:
+        if "conv" in key:
+            alpha = graft_coefficient(layer_entropy(own[key]), layer_entropy(peer[key]), a=a, c=c)
+            groups.append((key, alpha, [key]))
+        else:
+            groups[-1][2].append(key)  # the most recent conv's alpha
+    return groups
+
+
+def _leaf_state_keys(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """Each leaf module that holds state, with its state_dict keys, in registration order."""
+    leaves = []
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None:
+            continue
+        keys = list(module.state_dict(prefix=f"{name}." if name else "").keys())
+        if keys:
+            leaves.append((module, keys))
+    return leaves
+
+
+def naive_module_rule(
+    model: nn.Module, own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor], a: float, c: float
+) -> list[tuple[str, float, list[str]]]:
+    """METHOD.md §4, layer level by module type: each Conv2d/Linear weight its own alpha, shared by
+    its bias and by the BatchNorm that comes right after it."""
+    groups: list[tuple[str, float, list[str]]] = []
+    bn_may_join = False
+    for module, keys in _leaf_state_keys(model):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            weight_key = next(k for k in keys if k.endswith(".weight") or k == "weight")
+            alpha = graft_coefficient(layer_entropy(own[weight_key]), layer_entropy(peer[weight_key]), a=a, c=c)
+            groups.append((weight_key, alpha, keys))
+            bn_may_join = True
+        elif isinstance(module, nn.BatchNorm2d) and bn_may_join:
+            groups[-1][2].extend(keys)
+            bn_may_join = False
+        else:
+            raise AssertionError(f"the naive module rule does not cover {type(module).__name__}")
+    assert sorted(k for _, _, keys in groups for k in keys) == sorted(own)
+    return groups
+
+
+def naive_blend(w1: torch.Tensor, w2: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * own + (1 - alpha) * peer, in the tensors' dtype (float64 for integer counters)."""
+    if not w1.is_floating_point():
+        return alpha * w1.double() + (1 - alpha) * w2.double()
+    return alpha * w1 + (1 - alpha) * w2
+
+
+def assert_grafted_as(
+    model: nn.Module,
+    before: dict[str, torch.Tensor],
+    peer: dict[str, torch.Tensor],
+    groups: list[tuple[str, float, list[str]]],
+) -> None:
+    """Every entry of ``model`` equals the naive blend with its group's alpha (floats bitwise)."""
+    after = model.state_dict()
+    for _, alpha, keys in groups:
+        for key in keys:
+            expected = naive_blend(before[key], peer[key], alpha)
+            actual = after[key]
+            assert actual.dtype == before[key].dtype, key
+            if before[key].is_floating_point():
+                assert torch.equal(actual, expected), f"{key}: max diff {(actual - expected).abs().max()}"
+            else:  # integer counters stay integers, at the nearest integer to the blend
+                assert (actual.double() - expected).abs().max() <= 0.5, key
+
+
+# --- layer level: equality with the naive rules -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LAYER_MODELS)
+def test_name_rule_matches_naive(name: str) -> None:
+    model, peer = fresh_pair(name)
+    before = snapshot(model)
+    expected = naive_name_rule(before, peer, a=0.4, c=500.0)
+
+    records = graft_layers(model, peer, a=0.4, c=500.0, rule="name")
+
+    assert all(isinstance(r, LayerRecord) for r in records)
+    assert [(r.key, r.alpha, list(r.keys)) for r in records] == expected
+    for r in records:
+        assert r.h_self == layer_entropy(before[r.key]) and r.h_peer == layer_entropy(peer[r.key])
+    assert len({alpha for _, alpha, _ in expected}) > 1  # the groups really get different alphas
+    assert_grafted_as(model, before, peer, expected)
+
+
+@pytest.mark.parametrize("name", LAYER_MODELS)
+def test_module_rule_matches_naive(name: str) -> None:
+    model, peer = fresh_pair(name)
+    before = snapshot(model)
+    expected = naive_module_rule(model, before, peer, a=0.4, c=500.0)
+
+    records = graft_layers(model, peer, a=0.4, c=500.0, rule="module")
+
+    assert [(r.key, r.alpha, sorted(r.keys)) for r in records] == [(k, al, sorted(ks)) for k, al, ks in expected]
+    assert len({alpha for _, alpha, _ in expected}) > 1
+    assert_grafted_as(model, before, peer, expected)
+
+
+def test_name_rule_published_grouping_on_resnet32() -> None:
+    # Spot checks of the published rule: BN entries and the final linear layer take the alpha of the
+    # conv before them.
+    model, peer = fresh_pair("resnet32")
+    records = {r.key: r for r in graft_layers(model, peer, rule="name")}
+    assert len(records) == 31  # 1 stem conv + 15 blocks x 2 convs
+    assert "bn1.num_batches_tracked" in records["conv1.weight"].keys
+    assert {"linear.weight", "linear.bias", "layer3.4.bn2.running_var"} <= set(records["layer3.4.conv2.weight"].keys)
+
+
+def test_counters_stay_integers() -> None:
+    model, peer = fresh_pair("resnet32")
+    graft_layers(model, peer, rule="name")
+    counters = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert counters and all(v.dtype == torch.int64 for v in counters.values())
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert module.num_batches_tracked.dtype == torch.int64
+
+
+@pytest.mark.parametrize("rule", ["name", "module"])
+def test_identical_networks_are_unchanged(rule: str) -> None:
+    model, _ = fresh_pair("resnet32")
+    before = snapshot(model)
+    records = graft_layers(model, snapshot(model), rule=rule)
+    assert all(r.alpha == 0.5 for r in records)
+    after = model.state_dict()
+    for key, tensor in before.items():
+        assert after[key].dtype == tensor.dtype and torch.equal(after[key], tensor), key
+
+
+def test_grafting_updates_the_live_parameters() -> None:
+    # The blend must land in the model's own parameters, not in a detached copy of them.
+    model, peer = fresh_pair("resnet32")
+    before = model.conv1.weight.detach().clone()
+    graft_layers(model, peer, rule="name")
+    assert not torch.equal(model.conv1.weight, before)
+
+
+def test_wrapped_model_is_grafted_like_the_plain_one() -> None:
+    plain, peer = fresh_pair("resnet32")
+    wrapped_inner = copy.deepcopy(plain)
+    graft_layers(plain, peer, rule="name")
+    graft_layers(nn.DataParallel(wrapped_inner), peer, rule="name")
+    for key, tensor in plain.state_dict().items():
+        assert torch.equal(wrapped_inner.state_dict()[key], tensor), key
+
+
+def test_hyper_parameters_reach_the_coefficient() -> None:
+    model, peer = fresh_pair("resnet32")
+    before = snapshot(model)
+    expected = naive_name_rule(before, peer, a=0.8, c=50.0)
+    records = graft_layers(model, peer, a=0.8, c=50.0, rule="name")
+    assert [r.alpha for r in records] == [alpha for _, alpha, _ in expected]
+    assert_grafted_as(model, before, peer, expected)
+
+
+def test_l1_criterion_uses_l1_norms() -> None:
+    model, peer = fresh_pair("resnet32")
+    before = snapshot(model)
+    # c small enough that the l1 norms (tens to hundreds) do not saturate the arctan.
+    a, c = 0.4, 0.05
+    records = graft_layers(model, peer, a=a, c=c, rule="name", criterion="l1")
+    groups = []
+    for record in records:
+        l1_self = float(before[record.key].double().abs().sum())
+        l1_peer = float(peer[record.key].double().abs().sum())
+        assert record.h_self == pytest.approx(l1_self, rel=1e-12)
+        assert record.h_peer == pytest.approx(l1_peer, rel=1e-12)
+        assert record.alpha == graft_coefficient(record.h_self, record.h_peer, a=a, c=c)
+        assert record.alpha == graft_coefficient(l1_self, l1_peer, a=a, c=c)
+        groups.append((record.key, record.alpha, list(record.keys)))
+    assert len({alpha for _, alpha, _ in groups}) > 1
+    assert [(k, ks) for k, _, ks in groups] == [(k, ks) for k, _, ks in naive_name_rule(before, peer, a, c)]
+    assert_grafted_as(model, before, peer, groups)
+
+
+def test_graft_layers_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, peer = fresh_pair("resnet32")
+    calls: list[str] = []
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    graft_layers(model, peer, rule="name")
+    assert len(calls) == 1  # all scores of the model fetched together
+
+
+# --- layer level: errors and torchvision-style keys ----------------------------------------------
+
+
+def test_missing_peer_key_is_named() -> None:
+    model, peer = fresh_pair("resnet32")
+    before = snapshot(model)
+    del peer["layer2.3.bn1.running_mean"]
+    with pytest.raises(PeerMismatchError, match=r"layer2\.3\.bn1\.running_mean"):
+        graft_layers(model, peer, rule="name")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing half-done
+
+
+def test_wrong_peer_shape_is_named() -> None:
+    model, peer = fresh_pair("resnet32")
+    peer["linear.weight"] = torch.zeros(100, 64)  # a CIFAR-100 peer
+    with pytest.raises(PeerMismatchError, match=r"linear\.weight"):
+        graft_layers(model, peer, rule="module")
+    with pytest.raises(PeerMismatchError, match=r"linear\.weight"):
+        graft_filters(model, peer)
+
+
+def test_name_rule_without_leading_conv_points_to_module_rule() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    peer = {k: v + 1 for k, v in model.state_dict().items()}
+    with pytest.raises(GraftingError, match="module rule"):
+        graft_layers(model, peer, rule="name")
+
+
+def test_unknown_rule_and_criterion_are_rejected() -> None:
+    model, peer = fresh_pair("resnet32")
+    with pytest.raises(GraftingError, match="rule"):
+        graft_layers(model, peer, rule="names")
+    with pytest.raises(GraftingError, match="criterion"):
+        graft_layers(model, peer, criterion="entropy2")
+
+
+def torchvision_style_net() -> nn.Sequential:
+    """Keys like ``0.weight``, ``1.running_mean``: no key says ``conv``."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    )
+
+
+def test_module_rule_blends_every_entry_of_torchvision_style_keys() -> None:
+    torch.manual_seed(5)
+    model = torchvision_style_net()
+    perturb_batchnorms(model, seed=1)
+    before = snapshot(model)
+    assert not any("conv" in key for key in before)
+    torch.manual_seed(6)
+    peer_model = torchvision_style_net()
+    perturb_batchnorms(peer_model, seed=2)
+    peer = snapshot(peer_model)
+    peer["1.num_batches_tracked"] = before["1.num_batches_tracked"] + 1000
+    peer["4.num_batches_tracked"] = before["4.num_batches_tracked"] + 1000
+    assert all(not torch.equal(before[k], peer[k]) for k in before)  # the peer differs everywhere
+
+    expected = naive_module_rule(model, before, peer, a=0.4, c=500.0)
+    records = graft_layers(model, peer, rule="module")
+
+    assert [(r.key, r.alpha) for r in records] == [(k, alpha) for k, alpha, _ in expected]
+    assert [sorted(r.keys) for r in records] == [sorted(ks) for _, _, ks in expected]
+    after = model.state_dict()
+    unchanged = [k for k in before if torch.equal(after[k], before[k])]
+    assert unchanged == []
+    assert_grafted_as(model, before, peer, expected)
+
+
+# --- filter level --------------------------------------------------------------------------------
+
+
+class ConvBnConvBn(nn.Module):
+    """conv(1->2, 1x1) - bn(2) - conv(2->1, 1x1) - bn(1) - linear: the smallest chain with a consumer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2)
+        self.conv2 = nn.Conv2d(2, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(1)
+        self.fc = nn.Linear(1, 2)
+
+
+def test_filter_graft_by_hand() -> None:
+    model = ConvBnConvBn()
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if tensor.is_floating_point():
+                tensor.fill_(1.0)  # own = 1, peer = 0: every blended value equals its coefficient
+        own["bn1.weight"].copy_(torch.tensor([3.0, 0.0]))
+        own["bn2.weight"].copy_(torch.tensor([1.0]))
+    peer = {k: torch.zeros_like(v) for k, v in own.items()}
+    peer["bn1.weight"] = torch.tensor([1.0, 0.0])
+    peer["bn2.weight"] = torch.tensor([-3.0])  # |gamma| is what counts
+    peer["bn1.num_batches_tracked"] = torch.tensor(7)
+    fc_before = (own["fc.weight"].clone(), own["fc.bias"].clone())
+
+    records = graft_filters(model, peer)
+
+    # bn1: w = 3/(3+1) = 0.75 for channel 0; 0/0 guarded to 0.5 for channel 1.
+    # bn2: w = 1/(1+3) = 0.25. conv2 is bn2's filter and bn1's consumer: coefficient 0.25 * w1[m].
+    after = model.state_dict()
+    assert torch.equal(after["conv1.weight"].flatten(), torch.tensor([0.75, 0.5]))
+    assert torch.equal(after["conv2.weight"].flatten(), torch.tensor([0.25 * 0.75, 0.25 * 0.5]))
+    assert torch.equal(after["bn1.weight"], torch.tensor([0.75 * 3.0 + 0.25 * 1.0, 0.0]))
+    assert torch.equal(after["bn1.bias"], torch.tensor([0.75, 0.5]))
+    assert torch.equal(after["bn1.running_mean"], torch.tensor([0.75, 0.5]))
+    assert torch.equal(after["bn1.running_var"], torch.tensor([0.75, 0.5]))
+    assert torch.equal(after["bn2.weight"], torch.tensor([0.25 * 1.0 + 0.75 * -3.0]))
+    assert torch.equal(after["bn2.bias"], torch.tensor([0.25]))
+    assert torch.equal(after["bn2.running_mean"], torch.tensor([0.25]))
+    assert torch.equal(after["bn2.running_var"], torch.tensor([0.25]))
+    assert torch.equal(after["fc.weight"], fc_before[0]) and torch.equal(after["fc.bias"], fc_before[1])
+    assert after["bn1.num_batches_tracked"].dtype == torch.int64
+    assert all(torch.isfinite(t).all() for t in after.values() if t.is_floating_point())
+
+    assert all(isinstance(r, FilterRecord) for r in records)
+    assert [r.key for r in records] == ["conv1.weight", "conv2.weight"]
+    assert (records[0].mean_w, records[0].min_w, records[0].max_w) == pytest.approx((0.625, 0.5, 0.75))
+    assert (records[1].mean_w, records[1].min_w, records[1].max_w) == pytest.approx((0.25, 0.25, 0.25))
+
+
+def naive_vgg_filter_graft(
+    model: nn.Module, own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """METHOD.md §4 filter level on the CIFAR VGG (``features.i.conv`` then ``features.i.bn``), in float64.
+
+    Returns the expected blended entries and the per-channel weights of each conv in order.
+    """
+    expected: dict[str, torch.Tensor] = {}
+    channel_weights = []
+    previous = None  # w of the conv feeding this one: blends its input slices
+    conv_names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for conv in conv_names:
+        bn = conv[: -len("conv")] + "bn"
+        g1, g2 = own[f"{bn}.weight"].double().abs(), peer[f"{bn}.weight"].double().abs()
+        w = torch.full_like(g1, 0.5)
+        for j in range(len(w)):
+            if g1[j] + g2[j] > 0:
+                w[j] = g1[j] / (g1[j] + g2[j])
+        channel_weights.append(w)
+        coefficient = w.view(-1, 1, 1, 1)
+        if previous is not None:
+            coefficient = coefficient * previous.view(1, -1, 1, 1)
+        key = f"{conv}.weight"
+        expected[key] = coefficient * own[key].double() + (1 - coefficient) * peer[key].double()
+        for part in ("weight", "bias", "running_mean", "running_var"):
+            key = f"{bn}.{part}"
+            expected[key] = w * own[key].double() + (1 - w) * peer[key].double()
+        previous = w
+    return expected, channel_weights
+
+
+def test_filter_graft_vgg16_matches_naive() -> None:
+    model, peer = fresh_pair("vgg16")
+    with torch.no_grad():
+        # The 0/0 guard and the one-sided zeros, on the first and a middle layer.
+        for bn in ("features.0.bn", "features.10.bn"):
+            model.get_submodule(bn).weight[:3] = torch.tensor([0.0, 0.0, 0.7])
+            peer[f"{bn}.weight"][:3] = torch.tensor([0.0, 0.4, 0.0])
+    before = snapshot(model)
+    expected, channel_weights = naive_vgg_filter_graft(model, before, peer)
+    assert len(channel_weights) == 13
+    assert channel_weights[0][:3].tolist() == [0.5, 0.0, 1.0]
+
+    records = graft_filters(model, peer)
+
+    after = model.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(after[key].double(), value, rtol=1e-6, atol=1e-7, msg=key)
+    untouched = [k for k in before if k not in expected]
+    assert "classifier.weight" in untouched and "classifier.bias" in untouched
+    for key in untouched:  # classifier and the batch counters
+        assert torch.equal(after[key], before[key]), key
+    assert [r.key for r in records] == [k for k in expected if k.endswith("conv.weight")]
+    for record, w in zip(records, channel_weights):
+        assert (record.mean_w, record.min_w, record.max_w) == pytest.approx(
+            (w.mean().item(), w.min().item(), w.max().item()), abs=1e-6
+        )
+
+
+def test_filter_graft_identical_networks_change_nothing() -> None:
+    model, _ = fresh_pair("vgg16")
+    before = snapshot(model)
+    records = graft_filters(model, snapshot(model))
+    assert all(r.min_w == r.max_w == 0.5 for r in records if math.isfinite(r.mean_w))
+    for key, tensor in before.items():
+        torch.testing.assert_close(model.state_dict()[key], tensor, rtol=1e-6, atol=0, msg=key)
+
+
+def test_filter_graft_needs_conv_bn_pairs() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(GraftingError):
+        graft_filters(model, {k: v.clone() for k, v in model.state_dict().items()})
