@@ -14,6 +14,9 @@ setup(
         "console_scripts": [
             "graft-cifar=grafting_cifar.train:main",
             "graft-imagenet=grafting_imagenet.train:main",
+            "graft-filters=grafting.tools:filters_main",
+            "graft-ensemble=grafting.tools:ensemble_main",
+            "graft-summary=grafting.tools:summary_main",
         ]
     },
 )

@@ -129,11 +129,12 @@ def load_file(path: str | Path, *, weights_only: bool = True, map_location: Any 
     except PermissionError as err:
         raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from err
     except pickle.UnpicklingError as err:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch words it "Unsupported global: GLOBAL x" for classes, "unsupported GLOBAL x" for blocked modules.
+        refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
         if refused:
             raise CheckpointError(
-                f"{path} holds Python objects ({refused.group(1)}) that safe loading refuses; "
-                "whole saved modules are not supported: re-save it as model.state_dict()"
+                f"{path} holds Python objects ({refused.group(1)}) that safe loading refuses; only tensors and "
+                "plain data are read: if you trust the file, re-save its model.state_dict()"
             ) from err
         raise _corrupt(path, err) from err
     except Exception as err:  # zipfile, EOFError, RuntimeError from the zip reader, pickle errors, ...

@@ -15,6 +15,9 @@ Files in ``root``:
   ``pid hostname start-time`` for the error message a second process gets. The kernel drops the lock
   when its owner dies, even by SIGKILL, so the file never has to be deleted by hand.
 - ``net{i}.alive``: rewritten every few seconds by network i; a waiting peer warns when it goes stale.
+  The period (10 s) and the age that counts as stale (120 s) can be changed without new flags through
+  the environment variables ``GRAFTING_HEARTBEAT_S`` and ``GRAFTING_STALE_S`` (seconds), e.g. to test a
+  dead peer quickly; explicit constructor arguments win over them.
 
 Nothing else is shared: no sockets, no process groups. A killed process is restarted with --resume and
 finds the files it needs, because :meth:`Exchange.cleanup` keeps every file a peer may still read.
@@ -30,6 +33,7 @@ import datetime
 import errno
 import fcntl
 import logging
+import math
 import os
 import re
 import socket
@@ -42,7 +46,7 @@ from typing import Any
 import torch
 
 from grafting.checkpoint import extract_state_dict, load_file, save_atomic
-from grafting.errors import GraftingError, LockError, PeerMismatchError, PeerTimeoutError
+from grafting.errors import CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,24 @@ def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+HEARTBEAT_ENV = "GRAFTING_HEARTBEAT_S"
+STALE_ENV = "GRAFTING_STALE_S"
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name``, or ``default`` when unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise GraftingError(f"{name}={text!r} is not a positive number of seconds; fix or unset it")
+    return value
+
+
 class Exchange:
     """Network ``net`` of a ring of ``num`` networks, talking to the others through the folder ``root``.
 
@@ -95,10 +117,14 @@ class Exchange:
         *,
         keep_all: bool = False,
         poll_interval: float = 0.1,
-        heartbeat_interval: float = 10.0,
-        stale_after: float = 120.0,
+        heartbeat_interval: float | None = None,
+        stale_after: float | None = None,
         log_every: float = 60.0,
     ) -> None:
+        if heartbeat_interval is None:
+            heartbeat_interval = seconds_from_env(HEARTBEAT_ENV, 10.0)
+        if stale_after is None:
+            stale_after = seconds_from_env(STALE_ENV, 120.0)
         if num < 1:
             raise GraftingError(f"--num must be at least 1 (got {num})")
         if not 1 <= net <= num:
@@ -315,10 +341,18 @@ class Exchange:
 
         Every entry of ``expect`` must equal the file's meta, otherwise :class:`PeerMismatchError` names
         the first field that differs. A file without meta (placed there by a user) is not checked.
+        Weights that are NaN or infinite raise :class:`CheckpointError`: grafted in, they would spoil
+        this network and the checkpoint it saves next.
         """
         target = self.path(net, epoch)
         payload = load_file(target, weights_only=True)
         state_dict = extract_state_dict(payload, source=str(target))
+        for key, value in state_dict.items():
+            if value.is_floating_point() and not bool(value.isfinite().all()):
+                raise CheckpointError(
+                    f"network {net}'s checkpoint {target} holds NaN or infinite values ({key}); "
+                    "check that network's log and restart it with --resume"
+                )
         meta = payload.get("meta") if isinstance(payload, dict) else None
         if not isinstance(meta, dict):
             return state_dict, {}

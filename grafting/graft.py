@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .entropy import entropy_tensor
+from .entropy import entropy_tensor, entropy_tensors
 from .errors import GraftingError, PeerMismatchError
 from .weighting import graft_coefficient
 
@@ -157,7 +157,8 @@ def _score_fn(criterion: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _peer_tensors(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: peer[k].to(device=t.device, dtype=t.dtype, non_blocking=True) for k, t in own.items()}
+    # non_blocking only towards the GPU: a copy to the CPU must be complete before it is read.
+    return {k: peer[k].to(device=t.device, dtype=t.dtype, non_blocking=t.device.type == "cuda") for k, t in own.items()}
 
 
 @torch.no_grad()
@@ -203,9 +204,12 @@ def graft_layers(
     groups = _name_rule_groups(own) if rule == "name" else _module_rule_groups(model, own)
     peer = _peer_tensors(own, peer_state)
 
-    score = _score_fn(criterion)
-    scores = torch.stack([score(own[k]).to(torch.float64) for k, _ in groups]
-                         + [score(peer[k]).to(torch.float64) for k, _ in groups]).tolist()  # one sync
+    scored = [own[k] for k, _ in groups] + [peer[k] for k, _ in groups]
+    if criterion == "entropy":  # batched by shape: a few dozen kernels for the whole model, not thousands
+        scores = entropy_tensors(scored).tolist()  # one sync
+    else:
+        score = _score_fn(criterion)
+        scores = torch.stack([score(t).to(torch.float64) for t in scored]).tolist()  # one sync
     n = len(groups)
     records = []
     alpha_of: dict[str, float] = {}

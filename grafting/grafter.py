@@ -9,7 +9,9 @@
 
 ``step`` is ``publish`` (this network's pre-graft weights to the shared folder, atomically)
 followed by ``graft`` (wait for the ring predecessor's file of the same epoch, check that it fits,
-graft it in). A loop may call the two halves apart, e.g. evaluate in between so the peer's file
+graft it in). The ``source`` option selects the paper's ablations instead (METHOD.md §9):
+``internal`` and ``noise`` change the network's own invalid filters and exchange nothing;
+``average`` waits for every network's file and replaces the weights by the plain mean. A loop may call the two halves apart, e.g. evaluate in between so the peer's file
 arrives while this network tests. Under torch.distributed only rank 0 touches the folder; the
 grafted weights are broadcast to the other ranks.
 """
@@ -23,6 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .ablation import SOURCES, average_into_, internal_graft_, noise_graft_
 from .errors import GraftingError
 from .exchange import Exchange
 from .graft import CRITERIA, RULES, FilterRecord, LayerRecord, graft_filters, graft_layers, unwrap_model
@@ -31,7 +34,9 @@ __all__ = ["Grafter", "GraftReport", "LEVELS"]
 
 LEVELS = ("layer", "filter")
 # Fields a peer's file must share with this network before any weights are mixed.
-MATCHING_META = ("model", "num_classes", "num")
+MATCHING_META = ("model", "num_classes", "num", "source")
+# Sources that read other networks' files; the others work on the network alone.
+EXCHANGING_SOURCES = ("external", "average")
 
 
 @dataclass
@@ -45,6 +50,9 @@ class GraftReport:
         graft_ms: milliseconds spent loading the file and grafting (device work included).
         layers: per-coefficient records (layer level) or per-conv records (filter level).
         peer_state: the peer's pre-graft state_dict (CPU), e.g. to use it as a teacher.
+        source: where the new weights came from (``external``, ``internal``, ``noise``, ``average``).
+        peers: every network whose file was read (``average`` reads all the others).
+        invalid_touched: how many invalid filters ``noise`` or ``internal`` grafting changed (else None).
     """
 
     epoch: int
@@ -53,6 +61,9 @@ class GraftReport:
     graft_ms: float = 0.0
     layers: list[LayerRecord | FilterRecord] = field(default_factory=list)
     peer_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    source: str = "external"
+    peers: tuple[int, ...] = ()
+    invalid_touched: int | None = None
 
     @property
     def alphas(self) -> list[float]:
@@ -61,6 +72,11 @@ class GraftReport:
 
     def summary(self) -> str:
         """One short line for logs."""
+        if self.invalid_touched is not None:
+            return f"epoch {self.epoch}: {self.source} grafting touched {self.invalid_touched} invalid filters"
+        if self.source == "average" and self.peers:
+            return (f"epoch {self.epoch}: averaged with networks {', '.join(map(str, self.peers))}, "
+                    f"waited {self.waited_s:.1f} s, {self.graft_ms:.1f} ms")
         if self.peer is None:
             return f"epoch {self.epoch}: no grafting"
         a = self.alphas
@@ -87,6 +103,10 @@ class Grafter:
         level: ``"layer"`` (entropy-weighted per layer) or ``"filter"`` (per channel by BN scale).
         rule: ``"name"`` (published key rule) or ``"module"`` (by module type), for layer level.
         criterion: ``"entropy"`` or ``"l1"``.
+        source: ``"external"`` (the method: the ring predecessor's weights), ``"internal"`` or
+            ``"noise"`` (the network's own invalid filters, no exchange), ``"average"`` (plain mean of
+            all ``num`` networks); METHOD.md §9.
+        invalid_threshold: l1 norm below which a filter counts as invalid (``internal``, ``noise``).
         peer_timeout: seconds to wait for a peer before failing (None: forever).
         keep_all: keep every exchange file instead of removing those no peer still needs.
         meta: facts about this network stored with its files and checked against the peer's
@@ -104,6 +124,8 @@ class Grafter:
         level: str = "layer",
         rule: str = "name",
         criterion: str = "entropy",
+        source: str = "external",
+        invalid_threshold: float = 0.1,
         peer_timeout: float | None = None,
         keep_all: bool = False,
         meta: Mapping[str, Any] | None = None,
@@ -116,17 +138,21 @@ class Grafter:
             raise GraftingError(f"unknown graft rule '{rule}'; choose one of: {', '.join(RULES)}")
         if criterion not in CRITERIA:
             raise GraftingError(f"unknown criterion '{criterion}'; choose one of: {', '.join(CRITERIA)}")
+        if source not in SOURCES:
+            raise GraftingError(f"unknown graft source '{source}'; choose one of: {', '.join(SOURCES)}")
         self.net, self.num = net, num
         self.a, self.c, self.level, self.rule, self.criterion = a, c, level, rule, criterion
+        self.source, self.invalid_threshold = source, invalid_threshold
         self.peer_timeout = peer_timeout
-        self.meta = {"net": net, "num": num, **dict(meta or {})}
-        self.exchange = Exchange(root, net, num, keep_all=keep_all)
+        self.meta = {"net": net, "num": num, "source": source, **dict(meta or {})}
         self._rank_zero = _is_rank_zero()
+        # Under DDP only rank 0 touches the shared folder (on other nodes it may not even be mounted).
+        self.exchange: Exchange | None = Exchange(root, net, num, keep_all=keep_all) if self._rank_zero else None
 
     @property
     def active(self) -> bool:
-        """Whether this network exchanges weights at all (``num > 1``)."""
-        return self.num > 1
+        """Whether this network exchanges weights at all (``num > 1`` and an exchanging source)."""
+        return self.num > 1 and self.source in EXCHANGING_SOURCES
 
     def __enter__(self) -> Grafter:
         self.open()
@@ -156,29 +182,66 @@ class Grafter:
         return path
 
     def graft(self, model: nn.Module, epoch: int) -> GraftReport:
-        """Wait for the predecessor's weights of ``epoch``, check them and graft them into ``model``."""
-        report = GraftReport(epoch=epoch)
-        if not self.active:
+        """Wait for the predecessor's weights of ``epoch``, check them and graft them into ``model``.
+
+        With ``source="average"`` every other network's file is read and ``model`` becomes the mean;
+        with ``internal`` or ``noise`` the network's own invalid filters change and nothing is read.
+        """
+        report = GraftReport(epoch=epoch, source=self.source)
+        own_only = self.source in ("internal", "noise")
+        if not (self.active or own_only):
             return report
         module = unwrap_model(model)
         if self._rank_zero:
-            peer = self.exchange.predecessor
-            report.peer = peer
-            report.waited_s = self.exchange.wait_for(peer, epoch, self.peer_timeout)
-            start = time.perf_counter()
-            expect = {k: self.meta[k] for k in MATCHING_META if k in self.meta}
-            peer_state, _ = self.exchange.load(peer, epoch, expect=expect)
-            if self.level == "layer":
-                report.layers = graft_layers(module, peer_state, a=self.a, c=self.c, rule=self.rule,
-                                             criterion=self.criterion)
+            if own_only:
+                start = time.perf_counter()
+                if self.source == "internal":
+                    report.invalid_touched = internal_graft_(module, threshold=self.invalid_threshold, rule=self.rule)
+                else:
+                    report.invalid_touched = noise_graft_(module, epoch, threshold=self.invalid_threshold,
+                                                          rule=self.rule)
+            elif self.source == "average":
+                start = self._average(module, epoch, report)
             else:
-                report.layers = graft_filters(module, peer_state)
-            report.peer_state = peer_state
+                peer = self.exchange.predecessor
+                report.peer, report.peers = peer, (peer,)
+                report.waited_s = self.exchange.wait_for(peer, epoch, self.peer_timeout)
+                start = time.perf_counter()
+                peer_state, _ = self.exchange.load(peer, epoch, expect=self._expected_meta())
+                if self.level == "layer":
+                    report.layers = graft_layers(module, peer_state, a=self.a, c=self.c, rule=self.rule,
+                                                 criterion=self.criterion)
+                else:
+                    report.layers = graft_filters(module, peer_state)
+                report.peer_state = peer_state
             _synchronize(module)
             report.graft_ms = (time.perf_counter() - start) * 1000
         if _is_distributed():
             _broadcast_state(module)
         return report
+
+    def _expected_meta(self) -> dict[str, Any]:
+        return {k: self.meta[k] for k in MATCHING_META if k in self.meta}
+
+    def _average(self, module: nn.Module, epoch: int, report: GraftReport) -> float:
+        """Wait for every other network's file of ``epoch`` and replace ``module`` by the mean of all.
+
+        The states are averaged in network order 1..num, own weights at their place, so every
+        network ends the step with the same weights. Returns when the work (not the waiting) started.
+        The predecessor's state is reported as ``peer_state`` (the teacher of ``--distill peers``).
+        Exchange.cleanup's bound (files of epochs <= e-N-1 go) stays safe: here every network waits for
+        all the others each epoch, a tighter coupling than the ring's, so no one reads an epoch that old.
+        """
+        others = [n for n in range(1, self.num + 1) if n != self.net]
+        for net in others:  # the waits overlap: later files usually exist by the time the first one does
+            report.waited_s += self.exchange.wait_for(net, epoch, self.peer_timeout)
+        start = time.perf_counter()
+        states = {net: self.exchange.load(net, epoch, expect=self._expected_meta())[0] for net in others}
+        states[self.net] = module.state_dict()
+        average_into_(module, [states[n] for n in range(1, self.num + 1)])
+        report.peer, report.peers = self.exchange.predecessor, tuple(others)
+        report.peer_state = states[self.exchange.predecessor]
+        return start
 
     def step(self, model: nn.Module, epoch: int) -> GraftReport:
         """The whole per-epoch step: ``publish`` then ``graft``."""

@@ -11,7 +11,6 @@ The last epoch publishes and grafts nothing: its tested weights are the final on
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
@@ -70,13 +69,27 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def _stopped_because(what: str, epoch: int) -> NonFiniteLossError:
+    """The one-line error for a NaN/inf found in ``epoch``, saying which checkpoint survives."""
+    if epoch == 1:
+        return NonFiniteLossError(f"{what}; stopped before any checkpoint was written: start again with a lower "
+                                  f"--lr or check the data")
+    # --resume keeps the saved settings (--lr included), so a lower --lr needs a fresh run.
+    return NonFiniteLossError(f"{what}; stopped. The checkpoint of epoch {epoch - 1} is intact: check the data, "
+                              f"or start a new run (another --s) with a lower --lr")
+
+
 def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int) -> None:
     bad = int(first_bad.item())
     if bad >= 0:
-        raise NonFiniteLossError(
-            f"the loss became NaN or infinite in epoch {epoch}, batch {bad + 1}; stopped. The last checkpoint "
-            f"(end of epoch {epoch - 1}) is intact: lower --lr or check the data, then restart with --resume"
-        )
+        raise _stopped_because(f"the loss became NaN or infinite in epoch {epoch}, batch {bad + 1}", epoch)
+
+
+def _raise_if_weights_nonfinite(model: nn.Module, epoch: int) -> None:
+    """Stop when the last optimizer step of ``epoch`` broke the weights (the loss before it was finite)."""
+    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    if not bool(finite):
+        raise _stopped_because(f"the weights became NaN or infinite at the end of epoch {epoch}", epoch)
 
 
 def train_one_epoch(
@@ -141,7 +154,21 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | None = None,
              topk: tuple[int, ...] = (1, 5)) -> EpochStats:
-    """Loss, top-1 and top-5 accuracy (%) of ``model`` on ``loader`` (one host sync at the end)."""
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` on ``loader`` (one host sync at the end).
+
+    A loader whose ``sharded`` attribute is true holds this rank's part of the set under
+    torch.distributed (ImageNet with several GPUs): every rank then evaluates the plain module with
+    rank 0's BatchNorm statistics, and the counts are summed over the ranks, so all ranks return
+    the numbers of the whole set.
+    """
+    sharded = (bool(getattr(loader, "sharded", False)) and torch.distributed.is_available()
+               and torch.distributed.is_initialized())
+    if sharded:
+        # The shards differ in length: DDP's per-forward collectives would not line up across ranks.
+        model = unwrap_model(model)
+        # Under DDP each rank updates BatchNorm statistics from its own batches; rank 0's are the ones saved.
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -156,6 +183,11 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
         match = best == targets[:, None]
         hits += torch.stack([match[:, : min(k, k_max)].any(dim=1).sum() for k in topk])
         seen += targets.size(0)
+    if sharded:
+        totals = torch.cat([loss_sum.double().view(1), hits.double(),
+                            torch.tensor([seen], dtype=torch.float64, device=device)])
+        torch.distributed.all_reduce(totals)
+        loss_sum, hits, seen = totals[0], totals[1:-1], int(totals[-1].item())
     seconds = time.perf_counter() - start
     acc = (100.0 * hits.double() / max(seen, 1)).tolist()
     return EpochStats(loss=float(loss_sum) / max(seen, 1), top1=acc[0], top5=acc[1] if len(acc) > 1 else None,
@@ -166,7 +198,9 @@ def _epoch_scalars(train: EpochStats, test: EpochStats, lr: float, report: Graft
                    model: nn.Module) -> dict[str, float]:
     values = {"train/loss": train.loss, "train/acc": train.top1, "test/loss": test.loss, "test/acc": test.top1,
               "lr": lr, "graft/wait_s": report.waited_s, "graft/ms": report.graft_ms,
-              "speed/train_img_per_s": train.images_per_s}
+              "speed/train_img_per_s": train.images_per_s, "speed/test_img_per_s": test.images_per_s}
+    if report.invalid_touched is not None:  # noise or internal grafting (METHOD.md §9)
+        values["graft/invalid_touched"] = report.invalid_touched
     values.update({f"train/{k}": v for k, v in train.parts.items()})
     if test.top5 is not None:
         values["test/acc5"] = test.top5
@@ -218,6 +252,7 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_loader, optimizer, scheduler, epoch=epoch, criterion=loss_fn,
                                 amp_dtype=amp_dtype, scaler=scaler, print_freq=print_freq)
+        _raise_if_weights_nonfinite(model, epoch)  # broken weights must reach neither the peer nor last.pt
         final = epoch == epochs
         if not final:
             grafter.publish(model, epoch)  # before testing, so the peer's file arrives meanwhile
@@ -235,15 +270,14 @@ def fit(
             memory = f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
         parts = " ".join(f"{k} {v:.4f}" for k, v in train.parts.items()) if len(train.parts) > 1 else ""
         top5 = f" top5 {test.top5:.2f}" if test.top5 is not None else ""
+        touched = f" | touched {report.invalid_touched} invalid" if report.invalid_touched is not None else ""
         log.info(f"{tag}epoch {epoch}/{epochs} | train loss {train.loss:.4f} acc {train.top1:.2f}"
                  f"{' (' + parts + ')' if parts else ''} | test loss {test.loss:.4f} acc {test.top1:.2f}{top5} "
-                 f"| best {best_acc:.2f} | lr {lr:.5f} | wait {report.waited_s:.1f} s | graft {report.graft_ms:.1f} ms "
-                 f"| {train.images_per_s:.0f} img/s{memory}")
+                 f"| best {best_acc:.2f} | lr {lr:.5f} | wait {report.waited_s:.1f} s | graft {report.graft_ms:.1f} ms{touched} "
+                 f"| {train.images_per_s:.0f} img/s (test {test.images_per_s:.0f}){memory}")
         if writer is not None:
             writer.scalars(_epoch_scalars(train, test, lr, report, model), epoch)
         if files is not None:
             save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                      best_acc=best_acc, extra=extra_state() if extra_state else None)
-        if not math.isfinite(train.loss):  # belt and braces: never continue from a broken state
-            raise NonFiniteLossError(f"the loss of epoch {epoch} is not finite; restart with --resume")
+                      best_acc=best_acc, extra=extra_state() if extra_state else None, acc=test.top1, acc5=test.top5)
     return best_acc

@@ -20,26 +20,6 @@ def dlr_factor(net: int, num: int) -> float:
     return (1 + math.cos(math.pi * (num - net) / num)) / 2
 
 
-class _Cosine:
-    """lr factor ``(1 + cos(pi t / T)) / 2`` at iteration t of T."""
-
-    def __init__(self, total_iters: int) -> None:
-        self.total_iters = max(1, total_iters)
-
-    def __call__(self, it: int) -> float:
-        return (1 + math.cos(math.pi * min(it, self.total_iters) / self.total_iters)) / 2
-
-
-class _Step:
-    """lr factor ``gamma ** (epoch // step_epochs)``, with the epoch derived from the iteration."""
-
-    def __init__(self, iters_per_epoch: int, step_epochs: int, gamma: float) -> None:
-        self.iters_per_epoch, self.step_epochs, self.gamma = max(1, iters_per_epoch), step_epochs, gamma
-
-    def __call__(self, it: int) -> float:
-        return self.gamma ** ((it // self.iters_per_epoch) // self.step_epochs)
-
-
 def make_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
@@ -51,5 +31,14 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration scheduler: cosine over all ``epochs * iters_per_epoch`` iterations, or
     x``gamma`` every ``step_epochs`` epochs (60 on CIFAR, 30 on ImageNet). Call ``.step()`` after every batch."""
-    fn = _Cosine(epochs * iters_per_epoch) if cosine else _Step(iters_per_epoch, step_epochs, gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    total_iters, iters_per_epoch = max(1, epochs * iters_per_epoch), max(1, iters_per_epoch)
+
+    # Plain closures, not callable objects: LambdaLR saves and restores the attributes of callable
+    # objects, which would pin a resumed run to the old --epochs; closures follow the current flags.
+    def cosine_factor(it: int) -> float:
+        return (1 + math.cos(math.pi * min(it, total_iters) / total_iters)) / 2
+
+    def step_factor(it: int) -> float:
+        return gamma ** ((it // iters_per_epoch) // step_epochs)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor if cosine else step_factor)

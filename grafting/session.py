@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,8 +26,10 @@ __all__ = ["RunFiles", "ResumeState", "prepare_run_files", "load_last", "save_la
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "filter-grafting/1"
 # Settings that must not change between a run and its resumption: the ring and the recipe depend on them.
+# momentum and weight_decay come back from the optimizer's saved state, so a new value would be ignored.
 FIXED_ON_RESUME = ("model", "dataset", "num_classes", "num", "i", "level", "graft_rule", "criterion", "source",
-                   "difflr", "cos", "lr", "batch_size", "seed", "distill")
+                   "invalid_threshold", "difflr", "cos", "lr", "momentum", "weight_decay", "batch_size", "seed",
+                   "distill", "teacher_model", "kd_temperature", "kd_weight", "kd_soften_teacher")
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,28 @@ def prepare_run_files(root: str | Path, net: int, config: Mapping[str, Any], res
                     f"--resume: {key} was {saved[key]!r} in {files.config} but is {config[key]!r} now; "
                     f"resume with the same settings or use another --s"
                 )
-    files.folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(dict(config), indent=2, sort_keys=True, default=str)
     tmp = files.config.with_suffix(".json.tmp")
-    tmp.write_text(text)
-    tmp.replace(files.config)
+    try:
+        files.folder.mkdir(parents=True, exist_ok=True)
+        _remove_temp_files(files.folder)
+        tmp.write_text(text)
+        tmp.replace(files.config)
+    except OSError as err:
+        raise GraftingError(f"could not write {files.config}: {err.strerror or err}; free space or fix the "
+                            f"permissions of --s") from None
     return files
+
+
+def _remove_temp_files(folder: Path) -> None:
+    """Delete the half-written files a killed run left (``last.pt.tmp-<pid>`` ...).
+
+    Only the holder of the network's lock calls this, so no live writer owns them.
+    """
+    for path in folder.iterdir():
+        if re.search(r"\.tmp(-\d+)?$", path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            log.info(f"removed {path}, left by an interrupted write")
 
 
 def save_best(files: RunFiles, model: nn.Module, epoch: int, acc: float) -> None:
@@ -102,8 +121,12 @@ def save_best(files: RunFiles, model: nn.Module, epoch: int, acc: float) -> None
 
 def save_last(files: RunFiles, *, model: nn.Module, optimizer: torch.optim.Optimizer,
               scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-              epoch: int, best_acc: float, extra: Mapping[str, Any] | None = None) -> None:
-    """Everything a resumed run needs after ``epoch`` (grafting included), written atomically."""
+              epoch: int, best_acc: float, extra: Mapping[str, Any] | None = None,
+              acc: float | None = None, acc5: float | None = None) -> None:
+    """Everything a resumed run needs after ``epoch`` (grafting included), written atomically.
+
+    ``acc``/``acc5`` are this epoch's test top-1/top-5: after the last epoch, the run's final accuracy.
+    """
     state = {
         "format": CHECKPOINT_FORMAT,
         "model": unwrap_model(model).state_dict(),
@@ -112,6 +135,8 @@ def save_last(files: RunFiles, *, model: nn.Module, optimizer: torch.optim.Optim
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "epoch": epoch,
         "best_acc": best_acc,
+        "acc": acc,
+        "acc5": acc5,
         "rng": capture_rng_state(),
         "extra": dict(extra or {}),
     }

@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     threads = configure_threads(args.threads, args.num, device)
     seed = args.seed + args.i  # the networks of a ring must start apart
     seed_everything(seed)
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    # channels_last is the same fp32 arithmetic in faster kernels (only the summation order differs), so it
+    # is on by default on both devices; on the 2-core CPU it cut a ResNet-32 step by ~18%, MobileNetV2 by ~40%
+    # (VGG-16 alone was ~7% slower: --no-channels-last). Fixed shapes let cuDNN pick its fastest kernels.
+    channels_last = True if args.channels_last is None else args.channels_last
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     workers = args.workers if args.workers is not None else min(2, threads)
     train_loader, test_loader, pipeline = cifar_loaders(

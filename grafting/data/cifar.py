@@ -53,6 +53,7 @@ __all__ = [
     "cifar_loaders",
     "random_crop_flip",
     "normalise",
+    "channel_stats",
     "TensorCifarLoader",
     "SeededSampler",
     "SeededTransformDataset",
@@ -154,7 +155,7 @@ def load_cifar(root: str | Path, num_classes: int, download: bool = False
     """
     dataset_class = _CIFAR_CLASSES.get(num_classes)
     if dataset_class is None:
-        raise GraftingError(f"CIFAR has 10 or 100 classes, not {num_classes}; choose CIFAR-10 or CIFAR-100")
+        raise GraftingError(f"CIFAR has 10 or 100 classes, not {num_classes}; pass --cifar 10 or --cifar 100")
     root = Path(root).expanduser().resolve()
     name = f"CIFAR-{num_classes}"
     if not download and not _files_present(root, dataset_class):
@@ -186,31 +187,36 @@ def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 
     ``images`` is (B, C, H, W) of any dtype on ``generator``'s device. Per sample, the crop's top
     and left offsets into the padded image are uniform over ``0..2*padding`` and the flip happens
     with probability 0.5: the distribution of torchvision's ``RandomCrop(H, padding)`` followed by
-    ``RandomHorizontalFlip()``. One gather does crop and flip together.
+    ``RandomHorizontalFlip()``.
     """
-    batch, channels, height, width = images.shape
+    batch, _, height, width = images.shape
     device = images.device
     padded = F.pad(images, (padding, padding, padding, padding))
     top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
     flip = torch.rand(batch, generator=generator, device=device) < 0.5
-    rows = top[:, None] + torch.arange(height, device=device)
-    columns = torch.arange(width, device=device)
-    # A flipped crop reads its window's columns right to left.
-    columns = left[:, None] + torch.where(flip[:, None], width - 1 - columns, columns)
-    return padded[torch.arange(batch, device=device)[:, None, None, None],
-                  torch.arange(channels, device=device)[None, :, None, None],
-                  rows[:, None, :, None],
-                  columns[:, None, None, :]]
+    # A view of every crop window, (B, C, 9, 9, H, W), then one gather of whole windows: copying
+    # rows of W pixels is several times faster than gathering single pixels with four indices.
+    windows = padded.unfold(2, height, 1).unfold(3, width, 1)
+    crops = windows[torch.arange(batch, device=device), :, top, left]
+    return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
 
 
-def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False) -> Tensor:
+def channel_stats(values: Sequence[float] | Tensor, device: torch.device) -> Tensor:
+    """Per-channel mean or std as a float32 (C, 1, 1) tensor on ``device``, made once per loader: building
+    it from a list at every batch would copy from pageable memory and stall a CUDA stream."""
+    return torch.as_tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
+def normalise(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
+              channels_last: bool = False) -> Tensor:
     """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, in the operation order of torchvision's
-    ``ToTensor`` + ``Normalize`` so both paths give the same floats."""
+    ``ToTensor`` + ``Normalize`` so both paths give the same floats. ``mean``/``std`` are best given
+    as :func:`channel_stats` tensors on the images' device."""
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    mean_t = channel_stats(mean, images.device)
+    std_t = channel_stats(std, images.device)
     return images.float().div_(255).sub_(mean_t).div_(std_t)
 
 
@@ -237,8 +243,8 @@ class TensorCifarLoader:
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self.mean = channel_stats(mean, images.device)
+        self.std = channel_stats(std, images.device)
         self.channels_last = channels_last
         self.epoch = 0
 
@@ -357,8 +363,8 @@ class DataLoaderEpochLoader:
                  std: Optional[Sequence[float]] = None, channels_last: bool = False) -> None:
         self.sampler = sampler
         self.device = torch.device(device)
-        self.mean = tuple(mean) if mean is not None else None
-        self.std = tuple(std) if std is not None else None
+        self.mean = channel_stats(mean, self.device) if mean is not None else None
+        self.std = channel_stats(std, self.device) if std is not None else None
         self.channels_last = channels_last
         # The loader draws a base seed from this generator each epoch; a private one keeps the
         # global random stream untouched (samples are seeded by the sampler anyway).
@@ -401,7 +407,7 @@ def _torchvision_loader(dataset: torchvision.datasets.CIFAR10, batch_size: int, 
 
 def _choose_pipeline(pipeline: str, device: torch.device) -> str:
     if pipeline not in CIFAR_PIPELINES:
-        raise GraftingError(f"unknown CIFAR data pipeline {pipeline!r}; use one of {', '.join(CIFAR_PIPELINES)}")
+        raise GraftingError(f"unknown data pipeline {pipeline!r}; pass --pipeline {'/'.join(CIFAR_PIPELINES)}")
     if pipeline != "auto":
         return pipeline
     # On CUDA the device-side path removes the CPU from the input pipeline entirely. On CPU it is
@@ -424,7 +430,8 @@ def cifar_loaders(root: str | Path, num_classes: int, batch_size: int = 128, tes
     device = torch.device(device)
     chosen = _choose_pipeline(pipeline, device)
     if batch_size < 1 or test_batch_size < 1:
-        raise GraftingError(f"batch sizes must be positive, got {batch_size} and {test_batch_size}")
+        raise GraftingError(f"--batch-size and --test-batch-size must be positive, got {batch_size} and "
+                           f"{test_batch_size}")
     train_set, test_set = load_cifar(root, num_classes, download=download)
     if chosen == "tensor":
         train_images, train_labels = _split_as_tensors(train_set, device)

@@ -1,0 +1,349 @@
+"""Train network --i of --num on an ImageFolder dataset (ImageNet) with filter grafting (Meng et al., CVPR 2020).
+
+One process per network, one GPU each:
+
+    CUDA_VISIBLE_DEVICES=0 python grafting_imagenet/train.py --data /data/imagenet --s runs/r18 --num 2 --i 1 &
+    CUDA_VISIBLE_DEVICES=1 python grafting_imagenet/train.py --data /data/imagenet --s runs/r18 --num 2 --i 2 &
+
+Several GPUs for one network (DistributedDataParallel; -b and -j are the network's totals, split
+over the K processes as in PyTorch's ImageNet example; rank 0 alone exchanges and grafts). The
+``--`` keeps torchrun from reading ``--s`` and ``--num`` as abbreviations of its own options:
+
+    CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node 2 -- grafting_imagenet/train.py \
+        --data /data/imagenet --s runs/r18 --num 2 --i 1 &
+
+``-e`` validates a checkpoint and writes nothing: ``--checkpoint PATH`` if given, else the
+torchvision weights with ``--pretrained``, else this network's ``<s>/net<i>/best.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import math
+import os
+import sys
+import urllib.parse
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torchvision
+from torch import nn
+
+from grafting.checkpoint import extract_state_dict, load_file
+from grafting.cli import ArgumentParser, add_grafting_args, check_grafting_args, entry_point
+from grafting.data.cifar import EpochLoader
+from grafting.data.imagenet import imagenet_loaders
+from grafting.errors import CheckpointError, UsageError
+from grafting.experiment import amp_dtype_for, broadcast_from_main, run_ring
+from grafting.graft import default_rule
+from grafting.log import setup_console
+from grafting.loop import evaluate
+from grafting.runtime import choose_device, configure_threads, seed_everything
+from grafting.session import RunFiles
+
+log = logging.getLogger("grafting")
+
+ARCHS = sorted(torchvision.models.list_models(module=torchvision.models))
+# Their auxiliary heads make the model return a tuple while training; the loop trains the main output only.
+AUX_HEAD_ARCHS = ("googlenet", "inception_v3")
+# Other ranks wait in a collective while rank 0 waits for its ring predecessor, which may be a whole
+# epoch behind: the process group must not give up before the grafting wait itself does.
+PROCESS_GROUP_TIMEOUT = timedelta(days=7)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The ImageNet flags (the original's names and defaults) plus the shared grafting flags; validated."""
+    parser = ArgumentParser(prog="graft-imagenet", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="imagenet", metavar="DIR",
+                        help="folder holding train/ and val/ class folders")
+    parser.add_argument("-a", "--arch", default="resnet18", metavar="ARCH",
+                        help=f"torchvision classification model, one of: {', '.join(ARCHS)}")
+    parser.add_argument("-j", "--workers", type=int, default=4,
+                        help="data loading workers of the network (split over the processes of a torchrun)")
+    parser.add_argument("--epochs", type=int, default=90)
+    parser.add_argument("--start-epoch", type=int, default=None, metavar="N",
+                        help="1-based epoch to start at; with --resume the resumed epoch wins, without it fresh "
+                             "weights start at N and the lr schedule skips the epochs before (a warning says so)")
+    parser.add_argument("-b", "--batch-size", type=int, default=256,
+                        help="batch size of the network (split over the processes of a torchrun)")
+    parser.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=0.1, help="initial learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4)
+    parser.add_argument("-p", "--print-freq", dest="print_freq", type=int, default=10,
+                        help="print a progress line every this many batches")
+    parser.add_argument("--steplr", action="store_true",
+                        help="lr x0.1 every --step-epochs epochs (default: cosine annealing per iteration)")
+    parser.add_argument("--step-epochs", type=int, default=30, help="epochs between x0.1 steps with --steplr")
+    parser.add_argument("--difflr", action="store_true",
+                        help="different initial lr per network: lr * (1 + cos(pi (num - i) / num)) / 2")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="training crop; validation resizes to size*256/224 and centre-crops this")
+    parser.add_argument("-e", "--evaluate", action="store_true",
+                        help="only validate (top-1, top-5) --checkpoint, else the --pretrained weights, "
+                             "else <s>/net<i>/best.pt; writes nothing")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="checkpoint for --evaluate (a state_dict or a dict with 'model'/'state_dict'/'net')")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start from torchvision's weights; they must already be in the torch hub cache "
+                             "(never downloaded here)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--gpu", type=int, default=None, metavar="N", help="use cuda:N (same as --device cuda:N)")
+    add_grafting_args(parser)
+    args = parser.parse_args(argv)
+    check_grafting_args(args)
+    check_imagenet_args(args)
+    args.cos = not args.steplr  # run_ring's name for the schedule
+    return args
+
+
+def check_imagenet_args(args: argparse.Namespace) -> None:
+    """Reject impossible values of the ImageNet flags with one line (raises UsageError)."""
+    if args.arch not in ARCHS:
+        close = difflib.get_close_matches(args.arch, ARCHS, n=4, cutoff=0.5) or ["resnet18", "resnet50",
+                                                                                  "mobilenet_v2", "vgg16_bn"]
+        raise UsageError(f"-a/--arch: unknown torchvision model '{args.arch}'; did you mean {', '.join(close)}? "
+                         f"(--help lists all {len(ARCHS)})")
+    if args.image_size < 16:
+        raise UsageError(f"--image-size must be at least 16 pixels, got {args.image_size}")
+    if args.start_epoch is not None and not 1 <= args.start_epoch <= args.epochs:
+        raise UsageError(f"--start-epoch must lie in 1..--epochs ({args.epochs}), got {args.start_epoch}")
+    if args.step_epochs < 1:
+        raise UsageError(f"--step-epochs must be at least 1, got {args.step_epochs}")
+    if args.print_freq < 0:
+        raise UsageError(f"-p/--print-freq must be >= 0 (0: no progress lines), got {args.print_freq}")
+    if args.gpu is not None and args.device is not None:
+        raise UsageError("--gpu N is short for --device cuda:N; give one of them")
+    if args.checkpoint is not None and not args.evaluate:
+        raise UsageError("--checkpoint only applies with -e/--evaluate (training resumes with --resume)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def pretrained_weights(arch: str) -> tuple[torchvision.models.WeightsEnum, Path]:
+    """torchvision's default weights of ``arch`` and the torch hub cache file they must already be in."""
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        raise UsageError(f"--pretrained: torchvision has no pretrained weights for '{arch}'") from None
+    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        raise UsageError(f"--pretrained: {arch} weights are not in the torch cache (expected {path}); this script "
+                         f"never downloads: fetch them with `curl -L --create-dirs -o {path} {weights.url}`")
+    return weights, path
+
+
+def _replace_classifier(model: nn.Module, old_classes: int, new_classes: int) -> str:
+    """Swap the last layer that outputs ``old_classes`` for a fresh one with ``new_classes``; return its name."""
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == old_classes:
+            found = name, module
+        elif isinstance(module, nn.Conv2d) and module.out_channels == old_classes:  # SqueezeNet
+            found = name, module
+    if found is None:
+        raise UsageError(f"--pretrained: cannot find the {old_classes}-class output layer to resize to "
+                         f"{new_classes} classes; use as many class folders or train without --pretrained")
+    name, layer = found
+    if isinstance(layer, nn.Linear):
+        fresh: nn.Module = nn.Linear(layer.in_features, new_classes, bias=layer.bias is not None)
+    else:
+        fresh = nn.Conv2d(layer.in_channels, new_classes, layer.kernel_size, layer.stride, layer.padding,
+                          bias=layer.bias is not None)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, fresh)
+    return name
+
+
+def create_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """torchvision's ``arch`` with ``num_classes`` outputs; with ``pretrained`` its cached default weights,
+    the final layer replaced (and logged) when the class count differs from theirs."""
+    extra = {"aux_logits": False} if arch in AUX_HEAD_ARCHS else {}
+    if not pretrained:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
+    weights, path = pretrained_weights(arch)
+    try:
+        model = torchvision.models.get_model(arch, weights=weights, **extra)
+    except RuntimeError as err:  # a truncated file or a hash that does not match its name
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is damaged ({first}); delete it and fetch it again") from None
+    classes = len(weights.meta["categories"])
+    if classes != num_classes:
+        name = _replace_classifier(model, classes, num_classes)
+        log.info(f"--pretrained: replaced {arch}'s {classes}-class layer '{name}' by a fresh "
+                 f"{num_classes}-class one (the folder has {num_classes} classes)")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process sits in a torchrun launch: world_size 1 when started directly."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        """Whether torchrun started several processes for this network."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, writes files and does the exchange."""
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Processes:
+        """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE."""
+        return cls(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def choose_process_device(args: argparse.Namespace, procs: Processes) -> torch.device:
+    """The device of this process: --device / --gpu, or under torchrun cuda:LOCAL_RANK (CPU with --device cpu)."""
+    requested = f"cuda:{args.gpu}" if args.gpu is not None else args.device
+    if not procs.distributed:
+        return choose_device(requested)
+    device = choose_device(requested if requested == "cpu" else None)
+    if device.type != "cuda":
+        return device
+    if requested not in (None, "cuda"):
+        log.warning(f"--gpu/--device {requested} ignored under torchrun: rank {procs.rank} uses "
+                    f"cuda:{procs.local_rank}")
+    if procs.local_rank >= torch.cuda.device_count():
+        raise UsageError(f"torchrun started {procs.world_size} processes but only {torch.cuda.device_count()} "
+                         f"GPU(s) are visible; lower --nproc_per_node")
+    torch.cuda.set_device(procs.local_rank)
+    return torch.device("cuda", procs.local_rank)
+
+
+def per_process(total: int, procs: Processes, flag: str) -> int:
+    """``total`` (a network's batch size) split evenly over the processes of a torchrun."""
+    if total % procs.world_size:
+        raise UsageError(f"{flag} {total} is the network's total; it must be divisible by the "
+                         f"{procs.world_size} processes of this torchrun")
+    return total // procs.world_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation only
+
+
+def checkpoint_to_evaluate(args: argparse.Namespace) -> Path | None:
+    """The file -e/--evaluate validates: --checkpoint, else None for the --pretrained weights, else
+    ``<s>/net<i>/best.pt``. A missing file is a UsageError (raised before any data is read)."""
+    if args.checkpoint is None and args.pretrained:
+        return None
+    path = Path(args.checkpoint) if args.checkpoint else RunFiles(Path(args.s), args.i).best
+    if not path.is_file():
+        how = "check --checkpoint" if args.checkpoint else "train this network first or pass --checkpoint PATH"
+        raise UsageError(f"-e/--evaluate: no checkpoint at {path}; {how}")
+    return path
+
+
+def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, val_loader: EpochLoader, procs: Processes,
+                        device: torch.device, path: Path | None) -> None:
+    """Validate ``path`` (from :func:`checkpoint_to_evaluate`; None: the model's own pretrained weights)
+    and log top-1 / top-5; writes nothing.
+
+    Under torchrun rank 0 reads the file and hands the weights to the others; the ranks split the
+    validation set and sum their counts.
+    """
+    path = broadcast_from_main(path)
+    if path is None:
+        source = f"torchvision's pretrained {args.arch}"
+    else:
+        source = str(path)
+        state = extract_state_dict(load_file(path), source=source) if procs.is_main else None
+        state = broadcast_from_main(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(f"{path} does not fit -a {args.arch} with {model_classes(model)} classes "
+                                  f"({first}); pass the matching --arch and --data") from None
+    stats = evaluate(model, val_loader, amp_dtype=amp_dtype_for(device, args.amp))
+    log.info(f"evaluate {source}: top-1 {stats.top1:.2f} top-5 {stats.top5:.2f} loss {stats.loss:.4f}")
+
+
+def model_classes(model: nn.Module) -> int:
+    """The number of outputs of the model's last Linear/Conv layer (for messages)."""
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    """Parse, set up device(s) and data, build the model, then train the network (or only validate)."""
+    args = parse_args(argv)
+    procs = Processes.from_environment()
+    batch_size = per_process(args.batch_size, procs, "-b/--batch-size")
+    workers = math.ceil(args.workers / procs.world_size)
+    tag = f"net {args.i}/{args.num}" + (f" rank {procs.rank}" if procs.distributed else "")
+    setup_console(tag, level=logging.INFO if procs.is_main else logging.WARNING)  # epoch lines from rank 0 only
+    device = choose_process_device(args, procs)
+    threads = configure_threads(args.threads, args.num * procs.world_size, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: the fastest kernels, same numerics
+    if procs.distributed:
+        timeout = timedelta(seconds=args.peer_timeout + 600) if args.peer_timeout else PROCESS_GROUP_TIMEOUT
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    try:
+        train(args, procs, device, batch_size=batch_size, workers=workers, threads=threads)
+    finally:
+        if procs.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def train(args: argparse.Namespace, procs: Processes, device: torch.device, *, batch_size: int, workers: int,
+          threads: int) -> None:
+    """Everything after process set-up: data, model, then run_ring (or evaluate_checkpoint with -e)."""
+    # Fail on missing files before the data is read and anything is started.
+    if args.pretrained:
+        pretrained_weights(args.arch)
+    evaluate_path = checkpoint_to_evaluate(args) if args.evaluate and procs.is_main else None
+    seed = args.seed + args.i  # the networks of a ring must start apart; the ranks of one network must not
+    seed_everything(seed)
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    train_loader, val_loader, num_classes = imagenet_loaders(
+        args.data, image_size=args.image_size, batch_size=batch_size, workers=workers, device=device,
+        distributed=procs.distributed, seed=seed, channels_last=channels_last)
+
+    model = create_model(args.arch, num_classes, pretrained=args.pretrained).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.evaluate:
+        evaluate_checkpoint(args, model, val_loader, procs, device, evaluate_path)
+        return
+    rule = args.graft_rule or default_rule(model)
+    if procs.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    config = {**vars(args), "model": args.arch, "dataset": "imagefolder", "num_classes": num_classes,
+              "graft_rule": rule, "threads": threads, "device": str(device), "world_size": procs.world_size,
+              "batch_size_per_process": batch_size, "workers_per_process": workers}
+    run_ring(args, model, train_loader, val_loader, config=config, weight_decay=args.weight_decay,
+             momentum=args.momentum, step_epochs=args.step_epochs, rule=rule, is_main=procs.is_main,
+             build_model=lambda name, classes: create_model(name, classes))
+
+
+if __name__ == "__main__":
+    main()

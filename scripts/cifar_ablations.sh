@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The CVPR paper's ablations (METHOD.md §9): why external grafting with the entropy criterion. For each model
+# and dataset it runs the whole set, one ring folder per ablation under $OUT:
+#
+#   baseline   one network, no grafting                                  (--num 1)
+#   noise      one network; after each epoch Gaussian noise on its invalid filters, scale x0.975 per epoch
+#              (std = the layer's weight std x 0.975^epoch)               (--num 1 --graft-source noise)
+#   internal   one network; each layer's weakest invalid filters get its strongest added
+#                                                                         (--num 1 --graft-source internal)
+#   external   NUM networks, ring grafting with the entropy criterion (the method)
+#   l1         NUM networks, ring grafting with the l1 norm as the criterion            (--criterion l1)
+#   average    NUM networks, each replaced by the plain mean of all NUM               (--graft-source average)
+#
+#   scripts/cifar_ablations.sh                        the whole set for resnet32 on CIFAR-10 and CIFAR-100, queued
+#   DRY=1 scripts/cifar_ablations.sh                  print the commands, run nothing
+#   GPUS=0,1,2,3 MODELS=resnet56 DATASETS=10 ABLATIONS="noise internal" scripts/cifar_ablations.sh
+#
+# Each run's <ring>/net<i>/config.json records 'source' and 'criterion', which scripts/summarize.py uses to
+# label the rows. Every ablation uses the same RECIPE (default slr: lr 0.1, x0.1 every 60 epochs). Queue and
+# GPUs as in the other scripts: one GPU per network, rings queued as GPUs free up (9 GPU-runs per model and
+# dataset). Rerunning over existing folders needs EXTRA=--resume. Settings below can also come from the environment.
+set -euo pipefail
+
+GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
+OUT="${OUT:-runs/cifar_ablations}"
+EPOCHS="${EPOCHS:-200}"
+MODELS="${MODELS:-resnet32}"
+DATASETS="${DATASETS:-10 100}"
+ABLATIONS="${ABLATIONS:-baseline noise internal external l1 average}"
+RECIPE="${RECIPE:-slr}"                                 # slr, dlr or cos, the same for every ablation
+NUM="${NUM:-2}"                                         # networks of the exchanging ablations
+THRESHOLD="${THRESHOLD:-0.1}"                           # l1 norm under which a filter is invalid
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
+check_choices DATASETS "$DATASETS" 10 100
+check_choices ABLATIONS "$ABLATIONS" baseline noise internal external l1 average
+check_choices RECIPE "$RECIPE" slr dlr cos
+queue_start "$@"
+
+for model in $MODELS; do
+    for cifar in $DATASETS; do
+        common=(--model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS"
+                --invalid-threshold "$THRESHOLD")
+        read -r -a recipe <<< "$(recipe_flags "$RECIPE")"
+        for ablation in $ABLATIONS; do
+            ring="$OUT/${model}_c${cifar}_${ablation}"
+            case "$ablation" in
+                baseline) launch_ring "$ring" 1 -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" ;;
+                noise|internal) launch_ring "$ring" 1 -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --graft-source "$ablation" ;;
+                external) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --criterion entropy ;;
+                l1) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --criterion l1 ;;
+                average) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --graft-source average ;;
+            esac
+        done
+    done
+done
+queue_finish

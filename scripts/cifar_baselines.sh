@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# CIFAR baselines: one network per row, no grafting (--num 1). METHOD.md §8, the "baseline" rows of the first
+# table: ResNet-32/56/110 and MobileNetV2 on CIFAR-10 and CIFAR-100 (8 runs). The leaky-ReLU and VGG-16
+# baselines are in leaky_resnets.sh and vgg16_grafting.sh.
+#
+#   scripts/cifar_baselines.sh                        all 8 runs, queued in the background
+#   DRY=1 scripts/cifar_baselines.sh                  print the commands, run nothing
+#   GPUS=0,1,2,3 MODELS="resnet56" DATASETS=100 scripts/cifar_baselines.sh
+#
+# Queue: each run gets a GPU of its own and the runs are queued, as many at once as there are GPUs (set
+# JOBS_PER_GPU=2 to pack two small networks per GPU). Recipe: SGD lr 0.1, x0.1 every 60 epochs (slr's
+# schedule; RECIPE=cos for cosine). Rerunning over existing folders needs EXTRA=--resume.
+# Results: python scripts/summarize.py $OUT. Settings below can also be given in the environment.
+set -euo pipefail
+
+GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
+OUT="${OUT:-runs/cifar_baselines}"
+EPOCHS="${EPOCHS:-200}"
+MODELS="${MODELS:-resnet32 resnet56 resnet110 mobilenetv2}"
+DATASETS="${DATASETS:-10 100}"
+RECIPE="${RECIPE:-baseline}"                            # baseline (= step schedule) or cos
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
+check_choices DATASETS "$DATASETS" 10 100
+check_choices RECIPE "$RECIPE" baseline cos
+queue_start "$@"
+
+for model in $MODELS; do
+    for cifar in $DATASETS; do
+        # shellcheck disable=SC2046  # the recipe's flags are separate words
+        launch_ring "$OUT/${model}_c${cifar}_baseline" 1 -- --model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" \
+            --epochs "$EPOCHS" $(recipe_flags "$RECIPE")
+    done
+done
+queue_finish

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Grafting with two networks, slr and dlr. METHOD.md §8, the "grafting (slr)" and "grafting (dlr)" rows of the
+# first table: ResNet-32/56/110 and MobileNetV2 on CIFAR-10 and CIFAR-100 (16 rings of 2 networks).
+#
+#   scripts/cifar_grafting.sh                         all 16 rings, queued in the background
+#   DRY=1 scripts/cifar_grafting.sh                   print the commands, run nothing
+#   GPUS=0,1,2,3 MODELS="resnet32 resnet56" DATASETS=10 METHODS=dlr scripts/cifar_grafting.sh
+#
+# Queue: each network gets a GPU of its own; rings start one after another as GPUs free up, so 8 GPUs run
+# 4 rings at once (JOBS_PER_GPU=2 packs two networks per GPU; the CIFAR ResNets leave most of a GPU idle).
+# slr: lr 0.1 for both networks, x0.1 every 60 epochs. dlr: cosine per iteration, network i of N starts at
+# 0.1 * (1 + cos(pi (N - i) / N)) / 2. Rerunning over existing folders needs EXTRA=--resume.
+# Results: python scripts/summarize.py $OUT. Settings below can also be given in the environment.
+set -euo pipefail
+
+GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
+OUT="${OUT:-runs/cifar_grafting}"
+EPOCHS="${EPOCHS:-200}"
+MODELS="${MODELS:-resnet32 resnet56 resnet110 mobilenetv2}"
+DATASETS="${DATASETS:-10 100}"
+METHODS="${METHODS:-slr dlr}"
+NUM="${NUM:-2}"                                         # networks per ring (the table uses 2)
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
+check_choices DATASETS "$DATASETS" 10 100
+check_choices METHODS "$METHODS" slr dlr
+queue_start "$@"
+
+for model in $MODELS; do
+    for cifar in $DATASETS; do
+        for method in $METHODS; do
+            # shellcheck disable=SC2046  # the recipe's flags are separate words
+            launch_ring "$OUT/${model}_c${cifar}_${method}" "$NUM" -- --model "$model" --cifar "$cifar" \
+                --data "$(_abspath "$DATA")" --epochs "$EPOCHS" $(recipe_flags "$method")
+        done
+    done
+done
+queue_finish

@@ -1,0 +1,14 @@
+"""Test accuracy of the softmax average of K checkpoints (graft-ensemble).
+
+Run with --help for the flags; the logic lives in grafting/tools.py.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from grafting.tools import ensemble_main
+
+if __name__ == "__main__":
+    ensemble_main()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# ImageNet: ResNet-18/34/50, baseline vs grafting with two networks. METHOD.md §8, "ImageNet top-1 / top-5"
+# (6 runs: 3 baselines, 3 rings of 2 networks). torchvision architectures, batch 256 and lr 0.1 per network,
+# weight decay 1e-4, 90 epochs, cosine per iteration (RECIPE=step: x0.1 every 30 epochs).
+#
+#   scripts/imagenet.sh                               everything, queued in the background
+#   DRY=1 scripts/imagenet.sh                         print the commands, run nothing
+#   GPUS=0,1,2,3 GPUS_PER_NET=2 ARCHS=resnet18 METHODS=grafting scripts/imagenet.sh
+#
+# GPUs: each network gets GPUS_PER_NET GPUs (torchrun, DistributedDataParallel; the batch is the network's
+# total, split over its GPUs). With the defaults, 8 GPUs hold one two-network ring or two baselines at a time,
+# and the runs are queued. DATA holds train/ and val/ class folders. Rerunning needs EXTRA=--resume.
+# Results: python scripts/summarize.py $OUT. Settings below can also be given in the environment.
+set -euo pipefail
+
+GPUS="${GPUS:-0,1,2,3,4,5,6,7}"                         # GPU ids, or cpu
+GPUS_PER_NET="${GPUS_PER_NET:-4}"                       # GPUs per network
+DATA="${DATA:-imagenet}"                                # holds train/ and val/
+OUT="${OUT:-runs/imagenet}"
+EPOCHS="${EPOCHS:-90}"
+ARCHS="${ARCHS:-resnet18 resnet34 resnet50}"
+METHODS="${METHODS:-baseline grafting}"
+RECIPE="${RECIPE:-cos}"                                 # cos (per iteration) or step (x0.1 every 30 epochs)
+WORKERS="${WORKERS:-16}"                                # data loading processes per network (-j)
+BATCH="${BATCH:-256}"                                   # per network (-b)
+TRAIN=grafting_imagenet/train.py
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
+check_choices METHODS "$METHODS" baseline grafting
+check_choices RECIPE "$RECIPE" cos step
+queue_start "$@"
+
+schedule=()
+[[ "$RECIPE" == step ]] && schedule=(--steplr)
+for arch in $ARCHS; do
+    for method in $METHODS; do
+        num=2
+        [[ "$method" == baseline ]] && num=1
+        launch_ring "$OUT/${arch}_${method}" "$num" -- --data "$(_abspath "$DATA")" -a "$arch" -j "$WORKERS" \
+            -b "$BATCH" --epochs "$EPOCHS" --lr 0.1 "${schedule[@]+"${schedule[@]}"}"
+    done
+done
+queue_finish

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The a and c study. METHOD.md §8, "MobileNetV2, hyper-parameters": two networks on CIFAR-10 and CIFAR-100 with
+# a = 0.4 and c = 1, 5, 10, 50, 500, then c = 100 and a = 0, 0.2, 0.4, 0.6, 0.8, 1 (22 rings of 2 networks).
+#
+#   scripts/mobilenetv2_a_c.sh                        all 22 rings, queued in the background
+#   DRY=1 scripts/mobilenetv2_a_c.sh                  print the commands, run nothing
+#   DATASETS=10 C_VALUES="1 500" A_VALUES="" scripts/mobilenetv2_a_c.sh
+#
+# The paper does not say which recipe this study used; its numbers sit nearer slr's than dlr's, so slr is the
+# default (RECIPE=dlr for the other). Queue: one network per GPU, rings start as GPUs free up.
+# Results: python scripts/summarize.py $OUT. Settings below can also be given in the environment.
+set -euo pipefail
+
+GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
+OUT="${OUT:-runs/mobilenetv2_a_c}"
+EPOCHS="${EPOCHS:-200}"
+DATASETS="${DATASETS:-10 100}"
+C_VALUES="${C_VALUES:-1 5 10 50 500}"                   # swept at a = A_FIXED
+A_FIXED="${A_FIXED:-0.4}"
+A_VALUES="${A_VALUES:-0 0.2 0.4 0.6 0.8 1}"             # swept at c = C_FIXED
+C_FIXED="${C_FIXED:-100}"
+RECIPE="${RECIPE:-slr}"
+MODEL=mobilenetv2
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
+check_choices DATASETS "$DATASETS" 10 100
+check_choices RECIPE "$RECIPE" slr dlr
+queue_start "$@"
+
+pairs=()
+for c in $C_VALUES; do pairs+=("$A_FIXED $c"); done
+for a in $A_VALUES; do pairs+=("$a $C_FIXED"); done
+for cifar in $DATASETS; do
+    seen=" "
+    for pair in "${pairs[@]}"; do
+        read -r a c <<< "$pair"
+        [[ "$seen" == *" a${a}_c${c} "* ]] && continue  # a pair in both lists runs once
+        seen+="a${a}_c${c} "
+        # shellcheck disable=SC2046  # the recipe's flags are separate words
+        launch_ring "$OUT/${MODEL}_c${cifar}_${RECIPE}_a${a}_c${c}" 2 -- --model "$MODEL" --cifar "$cifar" \
+            --data "$(_abspath "$DATA")" --epochs "$EPOCHS" --a "$a" --c "$c" $(recipe_flags "$RECIPE")
+    done
+done
+queue_finish

@@ -1,0 +1,307 @@
+"""Tests for the paper's ablations (grafting.ablation and the Grafter's ``source`` option, METHOD.md §9):
+noise and internal grafting on hand-built layers, the l1 criterion against a hand computation, and plain
+averaging of three networks exchanging real files."""
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from grafting.ablation import (NOISE_DECAY, average_states, conv_weights, internal_graft_, noise_graft_)
+from grafting.checkpoint import load_file
+from grafting.cli import ArgumentParser, add_grafting_args, check_grafting_args
+from grafting.errors import GraftingError, PeerMismatchError, UsageError
+from grafting.filters import filter_l1_norms
+from grafting.graft import graft_layers
+from grafting.grafter import Grafter
+
+torch.set_num_threads(1)
+
+
+class TwoConvs(nn.Module):
+    """A conv, its BatchNorm, a second conv: keys with and without 'conv' for both rules."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, width, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 4, 1, bias=False)
+
+
+def layer_with_norms(norms: list[float], fan_in: int = 4) -> torch.Tensor:
+    """A conv weight (len(norms), 1, 2, 2) whose filter j has l1 norm norms[j] and a distinct pattern."""
+    weight = torch.empty(len(norms), 1, 2, 2)
+    for j, norm in enumerate(norms):
+        pattern = torch.tensor([1.0, -2.0, 3.0, -4.0]).roll(j)
+        weight[j] = (pattern / pattern.abs().sum() * norm).view(1, 2, 2)
+    return weight
+
+
+class OneConv(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2], bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(weight)
+
+
+# ---------------------------------------------------------------- noise grafting
+
+def test_noise_touches_exactly_the_invalid_filters() -> None:
+    torch.manual_seed(0)
+    model = TwoConvs()
+    with torch.no_grad():
+        model.conv1.weight[[1, 4]] *= 1e-4  # invalid at 0.1
+        model.conv2.weight[2] *= 1e-5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    invalid1 = filter_l1_norms(before["conv1.weight"]) < 0.1
+    invalid2 = filter_l1_norms(before["conv2.weight"]) < 0.1
+    assert invalid1.tolist() == [False, True, False, False, True, False]
+    assert invalid2.tolist() == [False, False, True, False]
+
+    touched = noise_graft_(model, epoch=3, threshold=0.1, generator=torch.Generator().manual_seed(7))
+
+    assert touched == 3
+    after = model.state_dict()
+    for key, invalid in (("conv1.weight", invalid1), ("conv2.weight", invalid2)):
+        changed = (after[key] != before[key]).flatten(1).any(dim=1)
+        assert changed.tolist() == invalid.tolist(), key
+    for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):
+        assert torch.equal(after[key], before[key])
+
+
+def test_noise_is_gaussian_scaled_by_layer_std_and_decays_per_epoch() -> None:
+    weight = layer_with_norms([0.01, 2.0, 0.02, 3.0, 1.5])
+    invalid = torch.tensor([True, False, True, False, False]).view(-1, 1, 1, 1)
+    deltas = {}
+    for epoch in (1, 2, 10, 40):
+        model = OneConv(weight)
+        noise_graft_(model, epoch, threshold=0.1, generator=torch.Generator().manual_seed(3))
+        deltas[epoch] = model.conv.weight.detach() - weight
+        # By hand: the same draws, the layer's std (before the noise) times 0.975 ** epoch, invalid filters only.
+        draws = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
+        expected = draws * weight.std(correction=0) * 0.975 ** epoch * invalid
+        torch.testing.assert_close(deltas[epoch], expected, rtol=1e-5, atol=1e-7)
+    for epoch in (2, 10, 40):
+        ratio = deltas[epoch][invalid.expand_as(weight)] / deltas[1][invalid.expand_as(weight)]
+        torch.testing.assert_close(ratio, torch.full_like(ratio, NOISE_DECAY ** (epoch - 1)), rtol=1e-5, atol=0)
+
+
+def test_noise_with_a_fixed_std() -> None:
+    weight = layer_with_norms([0.0, 1.0])
+    model = OneConv(weight)
+    noise_graft_(model, 4, std=0.5, generator=torch.Generator().manual_seed(1))
+    draws = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.conv.weight[0].detach(), draws[0] * 0.5 * 0.975 ** 4)
+    assert torch.equal(model.conv.weight[1].detach(), weight[1])
+
+
+# ---------------------------------------------------------------- internal grafting
+
+def test_internal_pairs_weakest_with_strongest_until_the_first_valid() -> None:
+    norms = [0.01, 5.0, 0.02, 3.0, 0.05, 1.0, 0.5, 2.0]
+    weight = layer_with_norms(norms)
+    model = OneConv(weight)
+    touched = internal_graft_(model, threshold=0.1)
+    # Ascending: 0 (0.01), 2 (0.02), 4 (0.05), 6 (0.5, valid: stop) ...; descending: 1 (5), 3 (3), 7 (2).
+    expected = weight.clone()
+    expected[0] += weight[1]
+    expected[2] += weight[3]
+    expected[4] += weight[7]
+    assert touched == 3
+    assert torch.equal(model.conv.weight.detach(), expected)
+
+
+def test_internal_stops_where_weak_and_strong_ends_meet() -> None:
+    norms = [0.01, 0.03, 0.02, 0.04, 4.0]  # four invalid of five: only two pairs fit
+    weight = layer_with_norms(norms)
+    model = OneConv(weight)
+    touched = internal_graft_(model, threshold=0.1)
+    expected = weight.clone()
+    expected[0] += weight[4]  # weakest gets strongest
+    expected[2] += weight[3]  # second weakest gets second strongest (itself invalid but still a giver)
+    assert touched == 2
+    assert torch.equal(model.conv.weight.detach(), expected)
+
+
+def test_internal_leaves_a_healthy_layer_alone() -> None:
+    weight = layer_with_norms([1.0, 2.0, 3.0])
+    model = OneConv(weight)
+    assert internal_graft_(model, threshold=0.1) == 0
+    assert torch.equal(model.conv.weight.detach(), weight)
+
+
+def test_conv_weights_by_rule() -> None:
+    model = TwoConvs()
+    assert list(conv_weights(model, "name")) == ["conv1.weight", "conv2.weight"]
+    mobilenet = models.create("mobilenetv2", num_classes=10)
+    by_name, by_module = conv_weights(mobilenet, "name"), conv_weights(mobilenet, "module")
+    assert set(by_name) < set(by_module)  # the 1x1 shortcut convs are convs, but not by the key rule
+    assert all("shortcut" in k for k in set(by_module) - set(by_name))
+    with pytest.raises(GraftingError, match="graft rule"):
+        conv_weights(model, "nope")
+
+
+# ---------------------------------------------------------------- l1 criterion
+
+def test_l1_criterion_alphas_by_hand() -> None:
+    torch.manual_seed(1)
+    own, peer = TwoConvs(), TwoConvs()
+    own_state = {k: v.clone() for k, v in own.state_dict().items()}
+    peer_state = {k: v.clone() for k, v in peer.state_dict().items()}
+    a, c = 0.4, 0.3  # a small c keeps the arctan away from saturation, so the test sees real values
+    records = graft_layers(own, peer_state, a=a, c=c, rule="name", criterion="l1")
+
+    def by_hand(key: str) -> float:
+        l1_self = sum(abs(v) for v in own_state[key].flatten().tolist())
+        l1_peer = sum(abs(v) for v in peer_state[key].flatten().tolist())
+        return round(a / math.pi * math.atan(c * (l1_self - l1_peer)) + 0.5, 2)
+
+    assert [r.key for r in records] == ["conv1.weight", "conv2.weight"]
+    alphas = [by_hand("conv1.weight"), by_hand("conv2.weight")]
+    assert [r.alpha for r in records] == alphas
+    assert len(set(alphas)) == 2 and all(0.3 < x < 0.7 for x in alphas)
+    state = own.state_dict()
+    for key, alpha in (("conv1.weight", alphas[0]), ("bn1.weight", alphas[0]), ("conv2.weight", alphas[1])):
+        torch.testing.assert_close(state[key], alpha * own_state[key] + (1 - alpha) * peer_state[key])
+
+
+# ---------------------------------------------------------------- the Grafter's sources
+
+def test_grafter_noise_and_internal_need_no_peers(tmp_path) -> None:
+    for source in ("noise", "internal"):
+        model = OneConv(layer_with_norms([0.01, 2.0, 0.03, 1.0]))
+        with Grafter(tmp_path / source, 1, 1, source=source, invalid_threshold=0.1) as grafter:
+            assert grafter.publish(model, 1) is None
+            report = grafter.step(model, 1)
+        assert report.invalid_touched == 2 and report.source == source
+        assert "touched 2 invalid filters" in report.summary()
+        assert not list((tmp_path / source).glob("*.pt"))  # nothing exchanged
+
+
+def test_grafter_threshold_decides_what_is_invalid(tmp_path) -> None:
+    model = OneConv(layer_with_norms([0.01, 2.0, 0.03, 1.0]))
+    with Grafter(tmp_path, 1, 1, source="noise", invalid_threshold=1.5) as grafter:
+        assert grafter.graft(model, 1).invalid_touched == 3
+
+
+def test_grafter_rejects_an_unknown_source(tmp_path) -> None:
+    with pytest.raises(GraftingError, match="graft source"):
+        Grafter(tmp_path, 1, 2, source="telepathy")
+
+
+def _run_ring(root, nets: list[nn.Module], source: str, epoch: int = 1) -> list:
+    """Every network's publish + graft of ``epoch`` in its own thread, as separate processes would."""
+    reports: list = [None] * len(nets)
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            with Grafter(root, i + 1, len(nets), source=source, peer_timeout=30,
+                         meta={"model": "resnet20", "num_classes": 10}) as grafter:
+                reports[i] = grafter.step(nets[i], epoch)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(nets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return reports
+
+
+def test_average_of_three_networks_equals_the_mean_of_their_checkpoints(tmp_path) -> None:
+    nets = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = models.create("resnet20", num_classes=10)
+        with torch.no_grad():
+            net.bn1.num_batches_tracked.fill_(10 * seed + 1)  # 1, 11, 21: the mean is 11
+        nets.append(net)
+    reports = _run_ring(tmp_path, nets, "average")
+
+    saved = [load_file(tmp_path / f"net{i}_epoch1.pt")["model"] for i in (1, 2, 3)]
+    for key in saved[0]:
+        if torch.is_floating_point(saved[0][key]):
+            expected = (saved[0][key] + saved[1][key] + saved[2][key]) / 3
+            for net in nets:
+                torch.testing.assert_close(net.state_dict()[key], expected, rtol=1e-6, atol=1e-7)
+    for net in nets:
+        assert net.bn1.num_batches_tracked.item() == 11
+        assert net.bn1.num_batches_tracked.dtype == torch.long
+    # Every network sums in the same order, so all three end bit-identical.
+    for net in nets[1:]:
+        for key, value in nets[0].state_dict().items():
+            assert torch.equal(net.state_dict()[key], value), key
+    assert sorted(reports[0].peers) == [2, 3] and reports[0].peer == 3
+    assert torch.equal(reports[1].peer_state["conv1.weight"], saved[0]["conv1.weight"])  # predecessor of 2 is 1
+    assert "averaged with networks 2, 3" in reports[0].summary()
+
+
+def test_external_grafting_with_the_source_in_the_meta_of_each_file(tmp_path) -> None:
+    torch.manual_seed(0)
+    nets = [models.create("resnet20", num_classes=10) for _ in range(2)]
+    reports = _run_ring(tmp_path, nets, "external")
+    assert [r.peer for r in reports] == [2, 1] and reports[0].layers
+    assert load_file(tmp_path / "net1_epoch1.pt")["meta"]["source"] == "external"
+
+
+def test_a_ring_with_mixed_sources_fails_clearly(tmp_path) -> None:
+    torch.manual_seed(0)
+    nets = [models.create("resnet20", num_classes=10) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def one(i: int, source: str) -> None:
+        try:
+            with Grafter(tmp_path, i, 2, source=source, peer_timeout=20,
+                         meta={"model": "resnet20", "num_classes": 10}) as grafter:
+                grafter.step(nets[i - 1], 1)
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(1, "external")), threading.Thread(target=one, args=(2, "average"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors and all(isinstance(e, PeerMismatchError) for e in errors)
+    assert any("source=" in str(e) for e in errors)
+
+
+def test_average_states_checks_shapes_and_needs_states() -> None:
+    with pytest.raises(GraftingError, match="nothing to average"):
+        average_states([])
+    with pytest.raises(PeerMismatchError, match="'w'"):
+        average_states([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}])
+    with pytest.raises(PeerMismatchError, match="no entry 'w'"):
+        average_states([{"w": torch.zeros(2)}, {"v": torch.zeros(2)}])
+    mean = average_states([{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}])
+    assert mean["w"].tolist() == [2.0, 4.0]
+
+
+# ---------------------------------------------------------------- flags
+
+def parse(*argv: str):
+    parser = ArgumentParser(prog="t")
+    add_grafting_args(parser)
+    args = parser.parse_args(list(argv))
+    check_grafting_args(args)
+    return args
+
+
+def test_flags_of_the_ablations() -> None:
+    args = parse("--num", "1", "--graft-source", "noise")
+    assert args.source == "noise" and args.criterion == "entropy" and args.invalid_threshold == 0.1
+    assert parse("--num", "2", "--criterion", "l1").criterion == "l1"
+    assert parse("--num", "3", "--graft-source", "average").source == "average"
+    with pytest.raises(UsageError, match="average needs --num 2"):
+        parse("--num", "1", "--graft-source", "average")
+    with pytest.raises(UsageError, match="--invalid-threshold"):
+        parse("--invalid-threshold", "-1")

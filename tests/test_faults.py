@@ -1,0 +1,673 @@
+"""Fault tests (issue 8): the training scripts under kills, dead peers, bad files, full disks and bad flags.
+
+Everything that involves a crash runs the real CIFAR script in real processes and stops them with
+SIGKILL at points found by watching their log and files, so no test hook lives in the library. The
+data is a small generated CIFAR (256 training / 64 test images, batch 32, ResNet-20, one thread per
+process) so that the whole file runs in a few minutes on two cores.
+
+The flag checks call each script's ``main`` in this process (one interpreter start instead of one per
+case) and run a few of them as real processes too, to see the real exit code and stderr.
+
+A dead peer is noticed through its heartbeat file; the tests shorten the heartbeat period and the
+stale bound with the environment variables ``GRAFTING_HEARTBEAT_S`` and ``GRAFTING_STALE_S``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import models
+from grafting.checkpoint import load_file
+from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
+from grafting.exchange import Exchange
+from grafting.session import RunFiles, load_last, prepare_run_files
+
+REPO = Path(__file__).resolve().parent.parent
+CIFAR_SCRIPT = REPO / "grafting_cifar" / "train.py"
+TRAIN_IMAGES, TEST_IMAGES, BATCH = 256, 64, 32
+BATCHES = TRAIN_IMAGES // BATCH
+RING_EPOCHS = 5  # long enough that the exchange cleanup removes files while networks are killed
+RUN_TIMEOUT_S = 300.0
+SEED = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Net:
+    """One training process; its stdout and stderr go to files so a test can watch them while it runs."""
+
+    name: str
+    process: subprocess.Popen
+    out: Path
+    err: Path
+
+    @property
+    def log(self) -> str:
+        """Everything the process printed to stdout so far."""
+        return self.out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """Everything the process printed to stderr so far."""
+        return self.err.read_text(errors="replace")
+
+    def report(self) -> str:
+        """Exit status and both outputs, for assertion messages."""
+        return f"--- {self.name} (exit {self.process.poll()}) stdout:\n{self.log}\n--- stderr:\n{self.stderr}"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a training process: this checkout importable, one OpenMP thread."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def start(workdir: Path, name: str, flags: list[str], *, env: dict[str, str] | None = None,
+          preexec_fn: Callable[[], None] | None = None) -> Net:
+    """Start the CIFAR script with ``flags``; its output goes to ``workdir/logs/<name>.out|.err``."""
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out, err = logs / f"{name}.out", logs / f"{name}.err"
+    with open(out, "w") as out_file, open(err, "w") as err_file:
+        process = subprocess.Popen([sys.executable, str(CIFAR_SCRIPT), *flags], cwd=workdir, stdout=out_file,
+                                   stderr=err_file, env=env or child_env(), preexec_fn=preexec_fn)
+    return Net(name, process, out, err)
+
+
+def finish(nets: list[Net], timeout: float = RUN_TIMEOUT_S) -> list[int]:
+    """Wait for every process; kill them all and fail with their logs if one takes too long."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [net.process.wait(timeout=max(1.0, deadline - time.monotonic())) for net in nets]
+    except subprocess.TimeoutExpired:
+        for net in nets:
+            kill(net)
+        pytest.fail("a training process did not finish in time:\n" + "\n".join(net.report() for net in nets))
+
+
+def kill(net: Net) -> None:
+    """SIGKILL (no clean-up runs: no finally, no atexit, the lock is dropped by the kernel) and reap."""
+    if net.process.poll() is None:
+        os.kill(net.process.pid, signal.SIGKILL)
+    net.process.wait(timeout=30)
+
+
+def wait_until(condition: Callable[[], bool], what: str, nets: list[Net], timeout: float = RUN_TIMEOUT_S) -> float:
+    """Poll ``condition`` until true and return the time (monotonic); fail if a process dies first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        exited = [net for net in nets if net.process.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            for net in nets:
+                kill(net)
+            reason = "a process exited" if exited else "timed out"
+            pytest.fail(f"waiting for {what}: {reason}\n" + "\n".join(net.report() for net in nets))
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def flags_for(data: Path, shared: Path, *, num: int, i: int, epochs: int = RING_EPOCHS, model: str = "resnet20",
+              extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line of network ``i`` of ``num`` on the small data."""
+    return ["--data", str(data), "--s", str(shared), "--num", str(num), "--i", str(i), "--epochs", str(epochs),
+            "--model", model, "--device", "cpu", "--threads", "1", "--batch-size", str(BATCH),
+            "--test-batch-size", str(TEST_IMAGES), "--print-freq", "2", "--seed", str(SEED), *extra]
+
+
+def one_line(text: str) -> str:
+    """The single line of ``text``; fails when there are more (or none)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{text}"
+    return lines[0]
+
+
+def last_state(shared: Path, net: int) -> dict:
+    """Network ``net``'s resumable checkpoint, loaded the safe way."""
+    return load_file(shared / f"net{net}" / "last.pt", weights_only=True)
+
+
+def digest(path: Path) -> str:
+    """A file's content hash, to show it was not rewritten."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def exchange_files(shared: Path) -> set[str]:
+    """The names of the per-epoch exchange files in the shared folder."""
+    return {path.name for path in shared.glob("net*_epoch*.pt")}
+
+
+def temp_files(folder: Path) -> list[str]:
+    """Half-written files (``*.tmp-<pid>``, ``config.json.tmp``) anywhere under ``folder``."""
+    return sorted(path.name for path in folder.rglob("*.tmp*"))
+
+
+def assert_same_weights(shared: Path, reference: Path, nets: tuple[int, ...] = (1, 2)) -> None:
+    """The final weights (``last.pt``'s model) of each network equal the reference run's, bit for bit."""
+    for net in nets:
+        got, want = last_state(shared, net), last_state(reference, net)
+        assert got["epoch"] == want["epoch"] == RING_EPOCHS
+        assert got["model"].keys() == want["model"].keys()
+        differing = [key for key in want["model"] if not torch.equal(got["model"][key], want["model"][key])]
+        assert not differing, f"network {net}: {len(differing)} tensors differ from the uninterrupted run, " \
+                              f"first {differing[:3]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and the reference run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated CIFAR-10 and CIFAR-100 in the real on-disk formats, in one folder."""
+    root = tmp_path_factory.mktemp("data")
+    write_fake_cifar(root, num_classes=10, train_size=TRAIN_IMAGES, test_size=TEST_IMAGES)
+    write_fake_cifar(root, num_classes=100, train_size=TRAIN_IMAGES, test_size=TEST_IMAGES)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_ring(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
+    """A ring of two networks that trains RING_EPOCHS epochs without interruption; returns its --s."""
+    workdir = tmp_path_factory.mktemp("reference")
+    shared = workdir / "s"
+    nets = [start(workdir, f"net{i}", flags_for(data, shared, num=2, i=i)) for i in (1, 2)]
+    assert finish(nets) == [0, 0], "\n".join(net.report() for net in nets)
+    return shared
+
+
+# ----------------------------------------------------------------------------------------------
+# Kills and resumption
+
+
+def test_network_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, data: Path,
+                                                              reference_ring: Path) -> None:
+    shared = tmp_path / "s"
+    net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1))
+    net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2))
+    # Kill network 2 halfway through epoch 4; the ring then runs to epoch 5, and the exchange cleanup
+    # removes files around the restart, so the resumed network must find what it needs.
+    halfway = f"epoch 4 [{BATCHES // 2}/{BATCHES}]"
+    wait_until(lambda: halfway in net2.log, halfway, [net1, net2])
+    kill(net2)
+    assert last_state(shared, 2)["epoch"] == 3, net2.report()
+
+    resumed = start(tmp_path, "net2-resumed", flags_for(data, shared, num=2, i=2, extra=("--resume",)))
+    assert finish([net1, resumed]) == [0, 0], net1.report() + resumed.report()
+    assert f"resumed from {shared / 'net2' / 'last.pt'}: epoch 3 done" in resumed.log
+    assert "epoch 4/5 |" in resumed.log and "epoch 3/5 |" not in resumed.log
+    assert_same_weights(shared, reference_ring)
+    # Each network keeps its last N + 1 published epochs (1 to 4 were published, 5 is final).
+    expected = {f"net{i}_epoch{e}.pt" for i in (1, 2) for e in (2, 3, 4)}
+    assert exchange_files(shared) == exchange_files(reference_ring) == expected
+    assert temp_files(shared) == []
+
+
+def test_second_process_is_refused_and_a_network_killed_while_waiting_resumes(
+        tmp_path: Path, data: Path, reference_ring: Path) -> None:
+    shared = tmp_path / "s"
+    net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1))  # network 2 is not started yet
+    wait_until(lambda: (shared / "net1_epoch1.pt").exists(), "network 1's epoch-1 file", [net1])
+    config = shared / "net1" / "config.json"
+    config_before = config.read_bytes()
+
+    duplicate = start(tmp_path, "net1-duplicate", flags_for(data, shared, num=2, i=1))
+    assert finish([duplicate]) == [1], duplicate.report()
+    line = one_line(duplicate.stderr)
+    assert f"network 1 in {shared} is already being trained by pid {net1.process.pid}" in line, line
+    assert config.read_bytes() == config_before, "the refused process must not touch the run's files"
+
+    # Network 1 has been waiting for network 2 all along; kill it there. It never finished epoch 1.
+    assert net1.process.poll() is None, net1.report()
+    kill(net1)
+    assert not (shared / "net1" / "last.pt").exists()
+
+    # The kernel dropped the killed owner's lock: the restarted network takes it, and the ring finishes.
+    restarted = start(tmp_path, "net1-resumed", flags_for(data, shared, num=2, i=1, extra=("--resume",)))
+    net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2))
+    assert finish([restarted, net2]) == [0, 0], restarted.report() + net2.report()
+    assert f"--resume: no {shared / 'net1' / 'last.pt'} yet, starting from epoch 1" in restarted.log
+    assert_same_weights(shared, reference_ring)
+
+
+def test_dead_peer_is_reported_stale_then_times_out_with_checkpoints_intact(tmp_path: Path, data: Path) -> None:
+    shared = tmp_path / "s"
+    env = child_env(GRAFTING_HEARTBEAT_S="0.2", GRAFTING_STALE_S="1.5")
+    extra = ("--peer-timeout", "6")
+    net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1, epochs=3, extra=extra), env=env)
+    net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2, epochs=3, extra=extra), env=env)
+    # Network 1 dies right after publishing epoch 1: network 2 grafts epoch 1, then waits for epoch 2 in vain.
+    wait_until(lambda: (shared / "net1_epoch1.pt").exists(), "network 1's epoch-1 file", [net1, net2])
+    kill(net1)
+
+    waiting_since = wait_until(lambda: (shared / "net2_epoch2.pt").exists(), "network 2's epoch-2 file", [net2])
+    stale = "network 1 has not updated its heartbeat"
+    warned_at = wait_until(lambda: stale in net2.log or net2.process.poll() is not None, "the stale warning", [])
+    assert finish([net2], timeout=60) == [1], net2.report()
+    exited_at = time.monotonic()
+
+    assert stale in net2.log, net2.report()
+    assert exited_at - warned_at > 3.0, "the stale heartbeat must be reported well before the timeout"
+    assert exited_at - waiting_since < 6 + 30, "network 2 waited far longer than --peer-timeout"
+    line = one_line(net2.stderr)
+    assert "network 1 did not write epoch 2 within 6 s" in line and "--resume" in line, line
+    # What network 2 had saved is intact: its last checkpoint (epoch 1, grafted) and its own exchange file.
+    assert last_state(shared, 2)["epoch"] == 1
+    assert load_file(shared / "net2_epoch2.pt", weights_only=True)["meta"]["epoch"] == 2
+    assert temp_files(shared) == []
+
+
+def test_killed_during_save_leaves_the_old_or_the_new_checkpoint(tmp_path: Path) -> None:
+    """A writer that saves last.pt in a loop is killed at random instants, mostly inside a save."""
+    writer_source = """
+import itertools, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import models
+from grafting.session import RunFiles, save_last
+model = models.create("resnet110", num_classes=10)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+files = RunFiles(Path(sys.argv[1]), 1)
+files.folder.mkdir(parents=True, exist_ok=True)
+print("saving", flush=True)
+for epoch in itertools.count(int(sys.argv[2])):
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float(epoch))
+    save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, epoch=epoch, best_acc=0.0)
+"""
+    files = RunFiles(tmp_path, 1)
+    chance = random.Random(8)
+    interrupted_saves, rounds, leftovers = 0, 0, set()
+    # About two kills in three land inside a save; go on until one has (almost surely within 10 rounds).
+    while rounds < 3 or (interrupted_saves == 0 and rounds < 10):
+        rounds += 1
+        first = 1000 * rounds
+        writer = subprocess.Popen([sys.executable, "-c", writer_source, str(tmp_path), str(first)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+        assert writer.stdout.readline().strip() == "saving", writer.stderr.read()
+        time.sleep(chance.uniform(0.3, 1.0))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=30)
+        writer.stdout.close()
+        writer.stderr.close()
+        found = set(temp_files(files.folder))
+        interrupted_saves += bool(found - leftovers)  # each writer's temporary file has its own pid
+        leftovers |= found
+        if not files.last.exists():
+            assert rounds == 1, "a complete last.pt, once written, must never disappear"
+            continue  # killed inside the very first save: there is no previous file yet
+
+        # last.pt is complete and self-consistent: every weight holds the epoch it was saved with.
+        model = models.create("resnet110", num_classes=10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        state = load_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
+                          restore_rng=False)
+        saved_epoch = state.start_epoch - 1
+        assert first - 1000 <= saved_epoch < first + 1000, saved_epoch
+        assert all(torch.all(p == float(saved_epoch)) for p in model.parameters()), saved_epoch
+    assert interrupted_saves > 0, "no kill landed inside a save; the test proved nothing"
+
+    # The next owner of the network removes the half-written files when it prepares its run files.
+    prepare_run_files(tmp_path, 1, {"model": "resnet110"}, resume=True)
+    assert temp_files(files.folder) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Peers that do not fit, bad peer files
+
+
+MISMATCHES = {
+    # case: (network 1's settings, network 2's settings, what network 2 is told about network 1's file)
+    "model": ({"num": 2, "model": "resnet20"}, {"num": 2, "model": "resnet32"}, "model=resnet20"),
+    "classes": ({"num": 2, "extra": ("--cifar", "10")}, {"num": 2, "extra": ("--cifar", "100")}, "num_classes=10"),
+    "num": ({"num": 2}, {"num": 3}, "num=2"),
+}
+
+
+def test_peers_that_do_not_match_fail_at_the_first_exchange(tmp_path: Path, data: Path) -> None:
+    started = {}
+    for case, (settings1, settings2, _) in MISMATCHES.items():
+        shared = tmp_path / case
+        # All six processes at once: each pair fails at its first exchange, so this is mostly start-up time.
+        started[case] = (shared, [start(tmp_path, f"{case}-net{i}", flags_for(data, shared, i=i, epochs=2, **settings))
+                                  for i, settings in ((1, settings1), (2, settings2))])
+    for case, (shared, nets) in started.items():
+        codes = finish(nets)
+        assert codes == [1, 1], f"{case}: " + "\n".join(net.report() for net in nets)
+        for net in nets:
+            line = one_line(net.stderr)
+            assert "checkpoint" in line and "all networks of a ring must use the same" in line, line
+            assert "epoch 1/2 |" not in net.log, f"{case}: {net.name} went on after the exchange"
+        told = one_line(nets[1].stderr)
+        assert f"network 1's checkpoint {shared / 'net1_epoch1.pt'} has {MISMATCHES[case][2]}" in told, told
+        # Nothing was mixed: no network saved a grafted state.
+        assert not list(shared.glob("net*/last.pt")), case
+
+
+class _MakesDirectoryWhenLoaded:
+    """Unpickling this (without weights_only) calls os.mkdir: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (str(self.path),)
+
+
+def test_bad_peer_files_are_named_and_never_applied(tmp_path: Path, data: Path) -> None:
+    # Network 2 runs alone; network 1's epoch-1 file is put in place by the test, damaged in three ways.
+    truncated, nonfinite, malicious = (tmp_path / name for name in ("truncated", "nonfinite", "malicious"))
+    weights = models.create("resnet20", num_classes=10).state_dict()
+    meta = {"model": "resnet20", "num_classes": 10}
+    good = Exchange(truncated, 1, 2).publish(1, weights, meta)
+    good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    weights["conv1.weight"][0, 0, 0, 0] = float("inf")
+    Exchange(nonfinite, 1, 2).publish(1, weights, meta)
+    marker = tmp_path / "code-ran"
+    malicious.mkdir()
+    torch.save({"model": _MakesDirectoryWhenLoaded(marker)}, malicious / "net1_epoch1.pt")
+    # The same kind of file really runs code when loaded unsafely, so the check below means something.
+    probe = tmp_path / "unsafe-load-probe"
+    torch.save({"model": _MakesDirectoryWhenLoaded(probe)}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert probe.is_dir()
+
+    nets = {shared: start(tmp_path, shared.name, flags_for(data, shared, num=2, i=2, epochs=2))
+            for shared in (truncated, nonfinite, malicious)}
+    for shared, net in nets.items():
+        assert finish([net]) == [1], net.report()
+        line = one_line(net.stderr)
+        assert str(shared / "net1_epoch1.pt") in line, line
+        assert not (shared / "net2" / "last.pt").exists(), "nothing may be grafted from a bad file"
+    assert "truncated or corrupt" in one_line(nets[truncated].stderr)
+    assert "holds NaN or infinite values (conv1.weight)" in one_line(nets[nonfinite].stderr)
+    assert "safe loading refuses" in one_line(nets[malicious].stderr)
+    assert not marker.exists(), "the peer file was unpickled without weights_only"
+
+
+# ----------------------------------------------------------------------------------------------
+# One network's own checkpoint: settings, full disk, NaN, corruption
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
+    """A baseline run killed after it saved epoch 1 (so during epoch 2); returns its --s. Copy before use."""
+    workdir = tmp_path_factory.mktemp("interrupted")
+    shared = workdir / "s"
+    net = start(workdir, "net1", flags_for(data, shared, num=1, i=1, epochs=3))
+    wait_until(lambda: (shared / "net1" / "last.pt").exists(), "the epoch-1 checkpoint", [net])
+    kill(net)
+    assert last_state(shared, 1)["epoch"] == 1, net.report()
+    return shared
+
+
+def copy_run(interrupted_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the interrupted run's --s folder under ``tmp_path``."""
+    shared = tmp_path / "s"
+    shutil.copytree(interrupted_run, shared)
+    return shared
+
+
+def test_resume_checks_the_saved_configuration(tmp_path: Path, data: Path, interrupted_run: Path) -> None:
+    lr, wd, fresh = (copy_run(interrupted_run, tmp_path / name) for name in ("lr", "wd", "fresh"))
+    before = {shared: (digest(shared / "net1" / "config.json"), digest(shared / "net1" / "last.pt"))
+              for shared in (lr, wd, fresh)}
+    nets = [start(tmp_path, "changed-lr", flags_for(data, lr, num=1, i=1, epochs=3, extra=("--resume", "--lr", "0.05"))),
+            # The optimizer's saved state would silently override a new weight decay: refused instead.
+            start(tmp_path, "changed-wd", flags_for(data, wd, num=1, i=1, epochs=3, extra=("--resume", "--wd", "0.001"))),
+            start(tmp_path, "no-resume", flags_for(data, fresh, num=1, i=1, epochs=3))]
+    assert finish(nets) == [1, 1, 1], "\n".join(net.report() for net in nets)
+    lr_line, wd_line, fresh_line = (one_line(net.stderr) for net in nets)
+    assert f"--resume: lr was 0.1 in {lr / 'net1' / 'config.json'} but is 0.05 now" in lr_line, lr_line
+    assert "--resume: weight_decay was 0.0005" in wd_line and "0.001" in wd_line, wd_line
+    assert f"{fresh / 'net1' / 'last.pt'} already exists; pass --resume" in fresh_line, fresh_line
+    for shared, digests in before.items():
+        assert (digest(shared / "net1" / "config.json"), digest(shared / "net1" / "last.pt")) == digests
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    """A preexec_fn: files the child writes may not grow past ``limit`` bytes (EFBIG, like a full disk)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_write_error_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, data: Path,
+                                                                interrupted_run: Path) -> None:
+    shared = copy_run(interrupted_run, tmp_path)
+    last, best = shared / "net1" / "last.pt", shared / "net1" / "best.pt"
+    last_before = digest(last)
+    # Room for best.pt but not for last.pt, which also holds the optimizer's momentum.
+    limit = (best.stat().st_size + last.stat().st_size) // 2
+    net = start(tmp_path, "net1", flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)),
+                preexec_fn=_limit_file_size(limit))
+    assert finish([net]) == [1], net.report()
+    line = one_line(net.stderr)
+    assert f"could not write {last}: File too large; the previous checkpoint is intact" in line, line
+    assert digest(last) == last_before
+    assert last_state(shared, 1)["epoch"] == 1
+    assert temp_files(shared) == []
+
+
+def test_nan_loss_in_the_first_epoch_stops_before_anything_is_shared(tmp_path: Path, data: Path) -> None:
+    shared = tmp_path / "s"
+    # Network 1 of a ring of 2 diverges at once; a peer must never receive its broken weights.
+    net = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1, extra=("--lr", "1e8", "--peer-timeout", "60")))
+    assert finish([net]) == [1], net.report()
+    line = one_line(net.stderr)
+    assert "the loss became NaN or infinite in epoch 1, batch " in line, line
+    assert "before any checkpoint was written" in line and "--lr" in line, line
+    assert exchange_files(shared) == set()
+    assert sorted(path.name for path in (shared / "net1").iterdir()) == ["config.json"]
+
+
+def test_nan_loss_later_keeps_the_last_good_checkpoint(tmp_path: Path, data: Path, interrupted_run: Path) -> None:
+    shared = copy_run(interrupted_run, tmp_path)
+    last, best = shared / "net1" / "last.pt", shared / "net1" / "best.pt"
+    # A stand-in for a run that diverges: finite weights, but momentum so large that the first step of
+    # epoch 2 overflows. The loss of batch 1 is computed before that step, so batch 2 is the first bad one.
+    state = torch.load(last, weights_only=True)
+    for buffers in state["optimizer"]["state"].values():
+        buffers["momentum_buffer"].fill_(3e38)
+    torch.save(state, last)
+    before = digest(last), digest(best)
+    net = start(tmp_path, "net1", flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)))
+    assert finish([net]) == [1], net.report()
+    line = one_line(net.stderr)
+    assert "the loss became NaN or infinite in epoch 2, batch 2" in line, line
+    assert "the checkpoint of epoch 1 is intact" in line.lower(), line
+    assert (digest(last), digest(best)) == before
+    assert last_state(shared, 1)["epoch"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_own_checkpoint_is_named_on_resume(tmp_path: Path, data: Path, interrupted_run: Path,
+                                                   damage: str) -> None:
+    shared = copy_run(interrupted_run, tmp_path)
+    last = shared / "net1" / "last.pt"
+    content = last.read_bytes()
+    last.write_bytes(content[: len(content) // 3] if damage == "truncated" else os.urandom(len(content)))
+    damaged = digest(last)
+    net = start(tmp_path, "net1", flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)))
+    assert finish([net]) == [1], net.report()
+    line = one_line(net.stderr)
+    assert f"{last} is truncated or corrupt" in line, line
+    assert digest(last) == damaged, "the damaged file must be left for the user to inspect"
+    assert "epoch 2 [" not in net.log, "training must not start from a damaged checkpoint"
+
+
+# ----------------------------------------------------------------------------------------------
+# Impossible flags: one line on stderr, exit code 2, nothing written (not even the --s folder)
+
+
+MISSING = "<missing folder>"  # replaced by a path that does not exist
+CUDA_CASES = {"cuda-absent"}  # only impossible where there is no GPU
+
+CIFAR_BAD_FLAGS = {
+    # case: (flags, text the error line must contain)
+    "num-0": (["--num", "0"], "--num"),
+    "num-not-a-number": (["--num", "two"], "--num"),
+    "i-0": (["--i", "0"], "--i"),
+    "i-above-num": (["--num", "2", "--i", "3"], "--i"),
+    "lr-negative": (["--lr", "-0.1"], "--lr"),
+    "lr-nan": (["--lr", "nan"], "--lr"),
+    "epochs-negative": (["--epochs", "-1"], "--epochs"),
+    "epochs-0": (["--epochs", "0"], "--epochs"),
+    "a-above-1": (["--a", "1.5"], "--a"),
+    "a-negative": (["--a", "-0.1"], "--a"),
+    "c-negative": (["--c", "-1"], "--c"),
+    "c-nan": (["--c", "nan"], "--c"),
+    "unknown-model": (["--model", "resnet7"], "--model"),
+    "cifar-7": (["--cifar", "7"], "--cifar"),
+    "missing-data": (["--data", MISSING], "--data"),
+    "cuda-absent": (["--device", "cuda"], "--device"),
+    "not-a-device": (["--device", "tpu"], "--device"),
+    "batch-size-0": (["--batch-size", "0"], "--batch-size"),
+    "test-batch-size-0": (["--test-batch-size", "0"], "--test-batch-size"),
+    "step-epochs-0": (["--step-epochs", "0"], "--step-epochs"),
+    "momentum-negative": (["--momentum", "-0.9"], "--momentum"),
+    "weight-decay-negative": (["--wd", "-1"], "--weight-decay"),
+    "peer-timeout-0": (["--peer-timeout", "0"], "--peer-timeout"),
+    "peer-timeout-nan": (["--peer-timeout", "nan"], "--peer-timeout"),
+    "threads-0": (["--threads", "0"], "--threads"),
+    "workers-negative": (["--workers", "-1"], "--workers"),
+    "print-freq-negative": (["--print-freq", "-1"], "--print-freq"),
+    "unknown-level": (["--level", "channel"], "--level"),
+}
+
+IMAGENET_BAD_FLAGS = {
+    "num-0": (["--num", "0"], "--num"),
+    "i-above-num": (["--num", "2", "--i", "3"], "--i"),
+    "lr-negative": (["--lr", "-0.1"], "--lr"),
+    "epochs-0": (["--epochs", "0"], "--epochs"),
+    "a-above-1": (["--a", "1.5"], "--a"),
+    "unknown-arch": (["-a", "resnet7"], "--arch"),
+    "missing-data": (["--data", MISSING], "--data"),
+    "cuda-absent": (["--device", "cuda"], "--device"),
+    "batch-size-0": (["-b", "0"], "--batch-size"),
+    "workers-negative": (["-j", "-1"], "--workers"),
+    "momentum-negative": (["--momentum", "-0.9"], "--momentum"),
+    "weight-decay-nan": (["--wd", "nan"], "--weight-decay"),
+    "image-size-8": (["--image-size", "8"], "--image-size"),
+    "start-epoch-beyond-epochs": (["--epochs", "2", "--start-epoch", "5"], "--start-epoch"),
+}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny generated ImageFolder dataset (train/ and val/)."""
+    return write_fake_imagefolder(tmp_path_factory.mktemp("imagefolder"), num_classes=3, train_per_class=4,
+                                  val_per_class=2, image_size=32)
+
+
+def cifar_command(data: Path, workdir: Path, flags: list[str]) -> list[str]:
+    """A fast, otherwise valid CIFAR command line followed by ``flags`` (argparse: the last value wins)."""
+    flags = [str(workdir / "no-data") if flag == MISSING else flag for flag in flags]
+    return ["--data", str(data), "--s", str(workdir / "s"), "--epochs", "1", "--model", "resnet20", "--device",
+            "cpu", "--threads", "1", "--batch-size", str(BATCH), *flags]
+
+
+def imagenet_command(data: Path, workdir: Path, flags: list[str]) -> list[str]:
+    """A fast, otherwise valid ImageNet command line followed by ``flags``."""
+    flags = [str(workdir / "no-data") if flag == MISSING else flag for flag in flags]
+    return ["--data", str(data), "--s", str(workdir / "s"), "--epochs", "1", "-a", "resnet18", "--device", "cpu",
+            "--threads", "1", "-b", "4", "-j", "0", "--image-size", "32", *flags]
+
+
+def skip_if_cuda_case(case: str) -> None:
+    """Skip a case that is only impossible on a machine without CUDA."""
+    if case in CUDA_CASES and torch.cuda.is_available():
+        pytest.skip("--device cuda is valid on this machine")
+
+
+def run_main_here(main: Callable[[list[str]], None], argv: list[str],
+                  capsys: pytest.CaptureFixture[str]) -> tuple[object, str]:
+    """Call a script's ``main`` in this process; return its exit code and stderr.
+
+    The scripts set up console logging and torch's thread count for their process; both are put back.
+    """
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+    return stopped.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", sorted(CIFAR_BAD_FLAGS))
+def test_cifar_bad_flag_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Path, data: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from grafting_cifar.train import main
+
+    skip_if_cuda_case(case)
+    flags, named = CIFAR_BAD_FLAGS[case]
+    code, stderr = run_main_here(main, cifar_command(data, tmp_path, flags), capsys)
+    line = one_line(stderr)
+    assert code == 2, stderr
+    assert named in line and "error" in line, line
+    assert list(tmp_path.iterdir()) == [], "a rejected command must write nothing"
+
+
+@pytest.mark.parametrize("case", sorted(IMAGENET_BAD_FLAGS))
+def test_imagenet_bad_flag_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Path, image_folder: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from grafting_imagenet.train import main
+
+    skip_if_cuda_case(case)
+    flags, named = IMAGENET_BAD_FLAGS[case]
+    code, stderr = run_main_here(main, imagenet_command(image_folder, tmp_path, flags), capsys)
+    line = one_line(stderr)
+    assert code == 2, stderr
+    assert named in line and "error" in line, line
+    assert list(tmp_path.iterdir()) == [], "a rejected command must write nothing"
+
+
+def test_bad_flags_in_real_processes(tmp_path: Path, data: Path, image_folder: Path) -> None:
+    """A few of the cases above as real processes (all at once): the exit code and stderr a shell sees."""
+    scripts = {"cifar": (CIFAR_SCRIPT, CIFAR_BAD_FLAGS, cifar_command, data),
+               "imagenet": (REPO / "grafting_imagenet" / "train.py", IMAGENET_BAD_FLAGS, imagenet_command,
+                            image_folder)}
+    chosen = [("cifar", "lr-nan"), ("cifar", "cuda-absent"), ("imagenet", "missing-data")]
+    if torch.cuda.is_available():
+        chosen = [(script, case) for script, case in chosen if case not in CUDA_CASES]
+    started = []
+    for script, case in chosen:
+        path, table, command, dataset = scripts[script]
+        workdir = tmp_path / f"{script}-{case}"
+        workdir.mkdir()
+        flags, named = table[case]
+        process = subprocess.Popen([sys.executable, str(path), *command(dataset, workdir, flags)], cwd=workdir,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+        started.append((f"{script} {case}", workdir, named, process))
+    for name, workdir, named, process in started:
+        _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+        line = one_line(stderr)
+        assert process.returncode == 2, f"{name}: {stderr}"
+        assert named in line and "Traceback" not in stderr, f"{name}: {line}"
+        assert list(workdir.iterdir()) == [], f"{name}: a rejected command must write nothing"

@@ -1,0 +1,335 @@
+"""The experiment scripts (scripts/*.sh) and their launcher (scripts/lib/launch.sh).
+
+With DRY=1 every script prints its commands; each must be accepted by the parser of the program
+it starts. The queue is exercised for real with a stand-in interpreter that only records when it
+ran, and one script trains for real: a ring of two networks for one epoch on generated CIFAR.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from grafting import tools
+from grafting.data.fake import write_fake_cifar
+from grafting_cifar.train import parse_args as parse_cifar_args
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if "lib/launch.sh" in p.read_text())
+OWN_SCRIPTS = {"cifar_baselines.sh", "cifar_grafting.sh", "mobilenetv2_networks.sh", "leaky_resnets.sh",
+               "vgg16_grafting.sh", "mobilenetv2_a_c.sh", "imagenet.sh"}
+
+
+@dataclass
+class Command:
+    """One printed command line, taken apart."""
+
+    env: dict[str, str]
+    program: str        # the script the interpreter runs
+    launcher: list[str]  # what comes between the interpreter and the program (torchrun)
+    args: list[str]
+    log: str | None
+
+
+def _environment(**settings: str) -> dict[str, str]:
+    # Only what the scripts need: settings a developer exported must not leak into the test.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+           "PYTHON": sys.executable}
+    env.update(settings)
+    return env
+
+
+def run_script(script: str | Path, cwd: Path, timeout: float = 60, **settings: str) -> subprocess.CompletedProcess:
+    """Run an experiment script with bash and the given settings; returns the finished process."""
+    return subprocess.run(["bash", str(REPO / "scripts" / script)], cwd=cwd, env=_environment(**settings),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def parse_command(line: str) -> Command:
+    """``[VAR=..] nohup PYTHON [-m torch.distributed.run ...] PROGRAM ARGS [> LOG 2>&1 &]``."""
+    words = shlex.split(line)
+    env = {}
+    while "=" in words[0] and not words[0].startswith("/"):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    if words[0] == "nohup":
+        words.pop(0)
+    assert words[0] == sys.executable, f"not started with $PYTHON: {line}"
+    program_at = next(k for k, w in enumerate(words) if w.endswith(".py"))
+    log = None
+    if ">" in words:
+        end = words.index(">")
+        assert words[end + 2:] == ["2>&1", "&"], line
+        log = words[end + 1]
+        words = words[:end]
+    return Command(env, words[program_at], words[1:program_at], words[program_at + 1:], log)
+
+
+def dry_commands(script: str | Path, cwd: Path, **settings: str) -> tuple[list[str], list[Command]]:
+    """The printed lines of a DRY=1 run and its commands; every non-comment line must be a command."""
+    result = run_script(script, cwd, DRY="1", **settings)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    return lines, [parse_command(line) for line in lines if line and not line.startswith("#")]
+
+
+def parsed(command: Command):
+    """The namespace the started program's own parser makes of the command's arguments."""
+    if command.program.endswith("grafting_cifar/train.py"):
+        return parse_cifar_args(command.args)
+    if command.program.endswith("grafting_imagenet/train.py"):
+        imagenet = pytest.importorskip("grafting_imagenet.train", reason="grafting_imagenet/train.py is not there yet")
+        return imagenet.parse_args(command.args)
+    if command.program.endswith("scripts/ensemble.py"):
+        return tools.parse_ensemble_args(command.args)
+    raise AssertionError(f"a command of an unexpected program: {command.program}")
+
+
+def training(commands: list[Command]) -> list[tuple[Command, object]]:
+    """The training commands with their parsed flags."""
+    return [(c, parsed(c)) for c in commands if c.program.endswith("train.py")]
+
+
+# ----------------------------------------------------------------------------------------------
+# DRY=1: every script, every command through its parser
+
+
+@pytest.mark.parametrize("script", EXPERIMENTS, ids=lambda p: p.name)
+def test_dry_run_prints_commands_the_parsers_accept(script, tmp_path):
+    lines, commands = dry_commands(script, tmp_path)
+    assert commands, "a DRY run printed no command"
+    rings: dict[str, list] = defaultdict(list)
+    for command in commands:
+        args = parsed(command)  # raises (SystemExit / UsageError) on a flag the program rejects
+        if command.program.endswith("train.py"):
+            rings[args.s].append(args)
+            assert Path(args.s).is_absolute(), "paths are absolute so the lines can be pasted anywhere"
+            assert command.log == f"{args.s}/{args.i}.log"
+            assert "CUDA_VISIBLE_DEVICES" in command.env
+    for folder, members in rings.items():
+        nums = {a.num for a in members}
+        assert len(nums) == 1, f"{folder}: networks disagree on --num"
+        assert sorted(a.i for a in members) == list(range(1, nums.pop() + 1)), f"{folder}: incomplete ring"
+    assert list(tmp_path.iterdir()) == [], "DRY=1 must not create anything"
+
+
+EXPECTED_NETWORKS = {  # (rings, training commands) of each script with its default settings
+    "cifar_baselines.sh": (8, 8),
+    "cifar_grafting.sh": (16, 32),
+    "mobilenetv2_networks.sh": (10 + 12, 2 * (2 + 3 + 4 + 6 + 8) + 12),
+    "leaky_resnets.sh": (12, 6 + 12),
+    "vgg16_grafting.sh": (6, 2 + 4 + 4),
+    "mobilenetv2_a_c.sh": (22, 44),
+    "imagenet.sh": (6, 3 + 6),
+}
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED_NETWORKS))
+def test_default_settings_cover_every_published_row(script, tmp_path):
+    _, commands = dry_commands(script, tmp_path)
+    runs = training(commands)
+    assert (len({a.s for _, a in runs}), len(runs)) == EXPECTED_NETWORKS[script]
+    for _, args in runs:
+        assert args.epochs == (90 if script == "imagenet.sh" else 200)
+        assert args.lr == 0.1
+
+
+def test_recipes_of_the_grafting_table(tmp_path):
+    _, commands = dry_commands("cifar_grafting.sh", tmp_path)
+    rows = {(a.model, a.cifar, Path(a.s).name.rsplit("_", 1)[1]) for _, a in training(commands)}
+    assert rows == {(m, d, r) for m in ("resnet32", "resnet56", "resnet110", "mobilenetv2") for d in (10, 100)
+                    for r in ("slr", "dlr")}
+    for _, args in training(commands):
+        recipe = Path(args.s).name.rsplit("_", 1)[1]
+        assert (args.difflr, args.cos) == ((True, True) if recipe == "dlr" else (False, False))
+        assert args.num == 2 and args.level == "layer" and (args.a, args.c) == (0.4, 500.0)
+
+
+def test_the_a_and_c_study_and_vgg_levels(tmp_path):
+    _, commands = dry_commands("mobilenetv2_a_c.sh", tmp_path, DATASETS="10")
+    pairs = [(a.a, a.c) for c, a in training(commands) if a.i == 1]
+    assert pairs == [(0.4, 1), (0.4, 5), (0.4, 10), (0.4, 50), (0.4, 500),
+                     (0.0, 100), (0.2, 100), (0.4, 100), (0.6, 100), (0.8, 100), (1.0, 100)]
+    _, commands = dry_commands("vgg16_grafting.sh", tmp_path, DATASETS="100")
+    levels = [(a.num, a.level) for _, a in training(commands) if a.i == 1]
+    assert levels == [(1, "layer"), (2, "layer"), (2, "filter")]
+    assert {a.model for _, a in training(commands)} == {"vgg16"}
+
+
+def test_ensemble_members_are_seeded_apart_and_evaluated_afterwards(tmp_path):
+    _, commands = dry_commands("mobilenetv2_networks.sh", tmp_path, DATASETS="100", NETS="3")
+    members = [a for _, a in training(commands) if a.num == 1]
+    assert [a.seed for a in members] == [0, 1, 2, 3, 4, 5]
+    assert all(a.model == "mobilenetv2" and a.cifar == 100 for a in members)
+    [ensemble] = [c for c in commands if c.program.endswith("ensemble.py")]
+    assert commands[-1] is ensemble, "the ensemble is evaluated after its members have trained"
+    flags = tools.parse_ensemble_args(ensemble.args)
+    assert flags.checkpoints == [f"{a.s}/net1/best.pt" for a in members]
+    assert (flags.model, flags.cifar) == ("mobilenetv2", 100)
+
+
+def test_gpus_round_robin_and_queue(tmp_path):
+    # A ring of 8 on 3 GPUs: round-robin.
+    _, commands = dry_commands("mobilenetv2_networks.sh", tmp_path, GPUS="0,1,2", NETS="8", DATASETS="10",
+                               ENSEMBLE="0")
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in commands] == ["0", "1", "2", "0", "1", "2", "0", "1"]
+    # Rings of 2 on 4 GPUs: two rings at a time, the others queued behind them.
+    lines, commands = dry_commands("cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet32",
+                                   DATASETS="10 100")
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in commands] == ["0", "1", "2", "3"] * 2
+    queued = [k for k, line in enumerate(lines) if line.startswith("# queued")]
+    assert queued == [4]
+    # Two networks per GPU: all four rings at once.
+    lines, commands = dry_commands("cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet32",
+                                   DATASETS="10 100", JOBS_PER_GPU="2")
+    assert not any(line.startswith("# queued") for line in lines)
+    assert sorted(c.env["CUDA_VISIBLE_DEVICES"] for c in commands) == ["0", "0", "1", "1", "2", "2", "3", "3"]
+
+
+def test_cpu_and_extra_flags(tmp_path):
+    _, commands = dry_commands("cifar_baselines.sh", tmp_path, GPUS="cpu", MODELS="resnet20", DATASETS="100",
+                               EXTRA="--amp --peer-timeout 60", OUT="my runs", DATA="~/cifar data")
+    [(command, args)] = training(commands)
+    assert command.env == {}
+    assert args.device == "cpu" and args.amp and args.peer_timeout == 60
+    assert args.s == str(tmp_path / "my runs" / "resnet20_c100_baseline")
+    assert args.data == os.path.expanduser("~/cifar data")
+
+
+def test_imagenet_networks_on_several_gpus_use_torchrun(tmp_path):
+    _, commands = dry_commands("imagenet.sh", tmp_path, GPUS="0,1,2,3", GPUS_PER_NET="2", ARCHS="resnet50",
+                               METHODS="grafting", RECIPE="step")
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in commands] == ["0,1", "2,3"]
+    for command, args in training(commands):
+        assert command.launcher == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--"]
+        # torchrun's own parser must hand the script and every one of its flags over untouched
+        # (without the "--" it reads --num as its --numa-binding and rejects --s as ambiguous).
+        from torch.distributed.run import get_args_parser
+        run = get_args_parser().parse_args(command.launcher[2:] + [command.program] + command.args)
+        assert run.training_script == command.program and run.training_script_args == command.args
+        assert args.arch == "resnet50" and args.steplr and args.batch_size == 256 and args.num == 2
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"GPUS": "0,,1"}, "GPUS='0,,1' has an empty entry"),
+    ({"METHODS": "slr fancy"}, "METHODS: unknown value 'fancy'"),
+    ({"DATASETS": "10 1000"}, "DATASETS: unknown value '1000'"),
+    ({"JOBS_PER_GPU": "0"}, "JOBS_PER_GPU must be a positive whole number"),
+    ({"GPUS": "0", "GPUS_PER_NET": "2"}, "lists 1 GPU(s) but each network needs GPUS_PER_NET=2"),
+])
+def test_bad_settings_stop_with_one_line(settings, message, tmp_path):
+    result = run_script("cifar_grafting.sh", tmp_path, DRY="1", **settings)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The queue, for real, with a stand-in interpreter
+
+STUB = r"""#!/usr/bin/env bash
+# Stands in for python: records when network --i of ring --s started and ended.
+while (( $# )); do
+    case "$1" in --s) ring="$2"; shift ;; --i) net="$2"; shift ;; esac
+    shift
+done
+echo "start $net $(date +%s.%N)" >> "$ring/events"
+echo "stand-in network $net"
+if [[ "$ring" == *_slr && -n "${STUB_FAIL:-}" ]]; then
+    [[ "$net" == 1 ]] && exit 3
+    exec sleep 60
+fi
+sleep "${STUB_SECONDS:-1}"
+echo "end $net $(date +%s.%N)" >> "$ring/events"
+"""
+
+
+def _stub(tmp_path: Path) -> str:
+    path = tmp_path / "stub-python"
+    path.write_text(STUB)
+    path.chmod(0o755)
+    return str(path)
+
+
+def _events(ring: Path) -> dict[str, list[float]]:
+    found: dict[str, list[float]] = defaultdict(list)
+    for line in (ring / "events").read_text().splitlines():
+        kind, _, when = line.split()
+        found[kind].append(float(when))
+    return found
+
+
+def test_queue_runs_rings_one_after_another_when_gpus_are_short(tmp_path):
+    started = time.monotonic()
+    result = run_script("cifar_grafting.sh", tmp_path, PYTHON=_stub(tmp_path), FOREGROUND="1", POLL="1",
+                        GPUS="0,1", MODELS="resnet20", DATASETS="10", OUT="out")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+    first, second = tmp_path / "out" / "resnet20_c10_slr", tmp_path / "out" / "resnet20_c10_dlr"
+    one, two = _events(first), _events(second)
+    assert len(one["end"]) == len(two["end"]) == 2
+    assert min(two["start"]) >= max(one["end"]), "the second ring started before the first had finished"
+    assert max(one["start"]) - min(one["start"]) < 1.0, "the networks of a ring start together"
+    pids = [line.split() for line in (first / "pids").read_text().splitlines()]
+    assert [(net, gpu) for net, _, gpu in pids] == [("1", "0"), ("2", "1")]
+    assert (first / "1.log").read_text().strip() == "stand-in network 1"
+    assert "all rings finished" in result.stdout and f"tail -f {first}/*.log" in result.stdout
+
+
+def test_a_failed_network_stops_its_ring_and_the_queue_moves_on(tmp_path):
+    started = time.monotonic()
+    result = run_script("cifar_grafting.sh", tmp_path, PYTHON=_stub(tmp_path), FOREGROUND="1", POLL="1",
+                        GPUS="0,1", MODELS="resnet20", DATASETS="10", OUT="out", STUB_FAIL="1")
+    assert result.returncode == 1
+    assert time.monotonic() - started < 30, "the surviving network of the failed ring was not stopped"
+    failed = tmp_path / "out" / "resnet20_c10_slr"
+    assert f"network 1 of {failed} failed (exit 3)" in result.stdout
+    assert f"failed rings: {failed}" in result.stdout
+    assert len(_events(tmp_path / "out" / "resnet20_c10_dlr")["end"]) == 2
+
+
+def test_queue_detaches_and_logs_to_queue_log(tmp_path):
+    started = time.monotonic()
+    result = run_script("cifar_baselines.sh", tmp_path, PYTHON=_stub(tmp_path), POLL="1", GPUS="0",
+                        MODELS="resnet20", DATASETS="10 100", OUT="out", STUB_SECONDS="0")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 10, "the script should return while the queue runs on"
+    assert "started in the background" in result.stdout and "tail -f" in result.stdout
+    queue_log = tmp_path / "out" / "queue.log"
+    deadline = time.monotonic() + 30
+    while "all rings finished" not in (queue_log.read_text() if queue_log.exists() else ""):
+        assert time.monotonic() < deadline, "the detached queue did not finish"
+        time.sleep(0.2)
+    for cifar in (10, 100):
+        assert len(_events(tmp_path / "out" / f"resnet20_c{cifar}_baseline")["end"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# One real run
+
+
+def test_grafting_script_trains_one_epoch_on_the_cpu(tmp_path):
+    data = write_fake_cifar(tmp_path / "data", num_classes=10, train_size=128, test_size=50)
+    result = run_script("cifar_grafting.sh", tmp_path, timeout=120, PYTHON=sys.executable, FOREGROUND="1", POLL="1",
+                        GPUS="cpu", EPOCHS="1", MODELS="resnet20", DATASETS="10", METHODS="dlr", DATA=str(data),
+                        OUT="out", EXTRA="--print_frequence 0")
+    ring = tmp_path / "out" / "resnet20_c10_dlr"
+    logs = {i: (ring / f"{i}.log").read_text() for i in (1, 2)}
+    assert result.returncode == 0, result.stdout + "".join(logs.values())
+    finals = []
+    for i, log in logs.items():
+        assert f"network {i} of 2: resnet20 on cpu" in log and "epoch 1/1" in log
+        last = torch.load(ring / f"net{i}" / "last.pt", weights_only=True)
+        assert last["epoch"] == 1 and 0.0 <= last["acc"] <= 100.0
+        finals.append(last["acc"])
+    [run] = tools.find_runs([tmp_path / "out"])
+    assert (run.model, run.dataset, run.method, run.epochs) == ("resnet20", "cifar10", "dlr", 1)
+    assert [n.final for n in run.networks] == finals

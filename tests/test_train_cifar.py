@@ -1,0 +1,450 @@
+"""End-to-end runs of the CIFAR training script as real processes (issue 3).
+
+Every network is its own ``grafting_cifar/train.py`` process on the CPU with one thread, reading a
+generated CIFAR in the real pickle format, exactly as a user's ring of ``nohup`` jobs would run.
+The grafting of epoch 1 is checked against a recomputation from the files the processes left:
+each network's pre-graft exchange file ``net<i>_epoch1.pt`` and its post-graft ``last.pt`` of
+epoch 1. ``last.pt`` is replaced by a rename after every epoch, so a watcher thread hard-links
+each new version while the ring runs (see :class:`FileVersions`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from grafting import graft_filters, graft_layers
+from grafting.data.fake import write_fake_cifar
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "grafting_cifar" / "train.py"
+# Small batches keep an epoch of a few hundred images at a couple of seconds on one CPU thread.
+FAST_FLAGS = ["--device", "cpu", "--threads", "1", "--batch-size", "32", "--test-batch-size", "64"]
+RUN_TIMEOUT_S = 300.0
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \|.*\| wait ([\d.]+) s \| graft ([\d.]+) ms")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+@pytest.fixture(scope="session")
+def cifar10(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated CIFAR-10 (256 train / 64 test images) shared by the ResNet runs."""
+    return write_fake_cifar(tmp_path_factory.mktemp("cifar10"), 10, train_size=256, test_size=64)
+
+
+@pytest.fixture(scope="session")
+def cifar10_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller generated CIFAR-10 for VGG-11, which costs about four times ResNet-20 per image."""
+    return write_fake_cifar(tmp_path_factory.mktemp("cifar10_tiny"), 10, train_size=96, test_size=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def cifar100(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated CIFAR-100 (200 train / 100 test images)."""
+    return write_fake_cifar(tmp_path_factory.mktemp("cifar100"), 100, train_size=200, test_size=100)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launching networks
+
+
+@dataclass
+class Network:
+    """One training process of a ring and the files its output goes to."""
+
+    net: int
+    process: subprocess.Popen
+    stdout_path: Path
+    stderr_path: Path
+
+    @property
+    def stdout(self) -> str:
+        """What the process printed on stdout so far (its log lines)."""
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        """What the process printed on stderr so far (empty for a good run)."""
+        return self.stderr_path.read_text()
+
+
+_launched: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_network_outlives_its_test() -> Iterator[None]:
+    """Kill what a failed test left running: a network whose peer died waits for it forever."""
+    yield
+    while _launched:
+        process = _launched.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def child_env() -> dict[str, str]:
+    """The test's environment with single-threaded math libraries: the processes share 2 cores."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def launch(workdir: Path, net: int, flags: list[str], log_name: str | None = None) -> Network:
+    """Start ``train.py --i net`` with ``flags`` in ``workdir``; stdout and stderr go to files there."""
+    name = log_name or f"net{net}"
+    out, err = workdir / f"{name}.out", workdir / f"{name}.err"
+    with open(out, "w") as out_handle, open(err, "w") as err_handle:
+        process = subprocess.Popen([sys.executable, str(SCRIPT), "--i", str(net), *flags], cwd=workdir,
+                                   stdout=out_handle, stderr=err_handle, env=child_env())
+    _launched.append(process)
+    return Network(net, process, out, err)
+
+
+def finish(networks: list[Network], timeout: float = RUN_TIMEOUT_S) -> None:
+    """Wait for every network; on a timeout kill them all and fail with their logs."""
+    deadline = time.monotonic() + timeout
+    try:
+        for network in networks:
+            network.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for network in networks:
+            if network.process.poll() is None:
+                network.process.kill()
+                network.process.wait()
+        pytest.fail(f"the ring did not finish within {timeout:.0f} s\n{logs(networks)}")
+
+
+def logs(networks: list[Network]) -> str:
+    """Everything the networks printed, for failure messages."""
+    return "\n".join(f"--- net {n.net} (exit {n.process.returncode})\n{n.stdout}{n.stderr}" for n in networks)
+
+
+def assert_all_succeeded(networks: list[Network]) -> None:
+    """Every network exited 0 and wrote nothing on stderr."""
+    for network in networks:
+        assert network.process.returncode == 0, logs(networks)
+        assert network.stderr == "", logs(networks)
+
+
+def epoch_lines(log: str) -> dict[int, tuple[int, float, float]]:
+    """epoch -> (total epochs, seconds waited, ms grafting) from a network's epoch lines."""
+    found = {}
+    for match in EPOCH_LINE.finditer(log):
+        found[int(match.group(1))] = (int(match.group(2)), float(match.group(3)), float(match.group(4)))
+    return found
+
+
+def ring_flags(data: Path, shared: Path, num: int, epochs: int, *extra: str) -> list[str]:
+    """The command line every network of a ring shares (all but ``--i``)."""
+    return ["--data", str(data), "--s", str(shared), "--num", str(num), "--epochs", str(epochs), *FAST_FLAGS, *extra]
+
+
+# ----------------------------------------------------------------------------------------------
+# Catching the post-graft weights of epoch 1
+
+
+class FileVersions:
+    """Keeps every version of files that a run replaces by renaming new files over them.
+
+    A watcher thread polls the files; whenever one has a new inode it hard-links that inode into
+    ``keep``. A rename never changes a file that already has a name, so each link holds one complete
+    version (no copy can catch a half-written file), and polling costs two system calls per file.
+    A version lives for at least one epoch of training, hundreds of times the polling interval.
+    """
+
+    def __init__(self, files: list[Path], keep: Path, interval_s: float = 0.005) -> None:
+        self.files = files
+        self.keep = keep
+        self.interval_s = interval_s
+        self._kept: dict[Path, list[Path]] = {file: [] for file in files}
+        self._seen: dict[Path, set[int]] = {file: set() for file in files}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        keep.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> FileVersions:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()  # the final versions
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._poll()
+
+    def _poll(self) -> None:
+        for index, file in enumerate(self.files):
+            try:
+                inode = os.stat(file).st_ino
+            except FileNotFoundError:
+                continue
+            if inode in self._seen[file]:
+                continue
+            copy = self.keep / f"{index}-{len(self._kept[file])}{file.suffix}"
+            try:
+                os.link(file, copy)
+            except FileNotFoundError:
+                continue
+            # The name may have moved on between stat and link: record the version actually kept.
+            self._seen[file].add(os.stat(copy).st_ino)
+            self._kept[file].append(copy)
+
+    def versions(self, file: Path) -> list[Path]:
+        """The kept versions of ``file``, oldest first."""
+        return list(self._kept[file])
+
+
+def last_checkpoint_of_epoch(versions: FileVersions, last: Path, epoch: int) -> dict:
+    """The version of a network's ``last.pt`` written after ``epoch``."""
+    kept = [torch.load(path, weights_only=True) for path in versions.versions(last)]
+    found = [state for state in kept if state["epoch"] == epoch]
+    assert found, f"no version of {last} from epoch {epoch} was caught (saw epochs {[s['epoch'] for s in kept]})"
+    return found[0]
+
+
+def exchange_file(shared: Path, net: int, epoch: int) -> dict:
+    """Network ``net``'s pre-graft exchange file of ``epoch``: ``{'model': state_dict, 'meta': {...}}``."""
+    return torch.load(shared / f"net{net}_epoch{epoch}.pt", weights_only=True)
+
+
+def recomputed_graft(shared: Path, net: int, peer: int, epoch: int, *, level: str) -> dict[str, torch.Tensor]:
+    """Network ``net``'s weights after grafting ``peer``'s file of ``epoch`` into its own, computed here."""
+    config = json.loads((shared / f"net{net}" / "config.json").read_text())
+    own, theirs = exchange_file(shared, net, epoch), exchange_file(shared, peer, epoch)
+    model = models.create(config["model"], num_classes=config["num_classes"])
+    model.load_state_dict(own["model"])
+    if level == "layer":
+        graft_layers(model, theirs["model"], a=config["a"], c=config["c"], rule=config["graft_rule"],
+                     criterion=config["criterion"])
+    else:
+        graft_filters(model, theirs["model"])
+    return model.state_dict()
+
+
+def assert_states_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    """Same entries in the same order; floats within 1e-6, integers (batch counters) exactly."""
+    assert list(actual) == list(expected), f"{what}: different entries"
+    for key, tensor in expected.items():
+        if torch.is_floating_point(tensor):
+            torch.testing.assert_close(actual[key], tensor, rtol=0.0, atol=1e-6, msg=lambda m: f"{what}, {key}: {m}")
+        else:
+            assert torch.equal(actual[key], tensor), f"{what}, {key}: {actual[key]} != {tensor}"
+
+
+def check_ring_grafted_epoch1(shared: Path, num: int, versions: FileVersions, *, level: str = "layer") -> None:
+    """Every network's post-graft weights of epoch 1 equal the grafting of the two pre-graft files."""
+    for net in range(1, num + 1):
+        peer = num if net == 1 else net - 1
+        after = last_checkpoint_of_epoch(versions, shared / f"net{net}" / "last.pt", 1)["model"]
+        expected = recomputed_graft(shared, net, peer, 1, level=level)
+        assert_states_equal(after, expected, f"net {net} after grafting net {peer}'s epoch 1")
+        own = exchange_file(shared, net, 1)["model"]
+        changed = [k for k, v in own.items() if torch.is_floating_point(v) and not torch.equal(v, after[k])]
+        assert len(changed) > len(own) // 2, f"net {net}: grafting left most entries untouched"
+
+
+def watched_last_files(shared: Path, num: int) -> list[Path]:
+    """Every network's resumable checkpoint ``<s>/net<i>/last.pt``."""
+    return [shared / f"net{net}" / "last.pt" for net in range(1, num + 1)]
+
+
+def run_ring(workdir: Path, data: Path, num: int, epochs: int, *extra: str) -> tuple[Path, list[Network], FileVersions]:
+    """Start ``num`` networks side by side, watch their ``last.pt`` and wait for all of them."""
+    shared = workdir / "ring"
+    versions = FileVersions(watched_last_files(shared, num), workdir / "kept")
+    with versions:
+        networks = [launch(workdir, net, ring_flags(data, shared, num, epochs, *extra)) for net in range(1, num + 1)]
+        finish(networks)
+    assert_all_succeeded(networks)
+    return shared, networks, versions
+
+
+def assert_exchange_files(shared: Path, expected: set[str]) -> None:
+    """Exactly these exchange files (and no half-written ones) are left in the shared folder."""
+    assert {p.name for p in shared.glob("net*_epoch*.pt*")} == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Rings
+
+
+def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
+    shared, networks, versions = run_ring(tmp_path, cifar10, 2, 2, "--model", "resnet20", "--keep-all")
+
+    for network in networks:
+        lines = epoch_lines(network.stdout)
+        assert sorted(lines) == [1, 2], network.stdout
+        assert lines[1][2] > 0, "epoch 1 should report the time spent grafting"
+        assert lines[2][1:] == (0.0, 0.0), "the final epoch neither waits nor grafts"
+        assert "layer grafting, name rule" in network.stdout
+        last = torch.load(shared / f"net{network.net}" / "last.pt", weights_only=True)
+        assert last["epoch"] == 2
+        assert (shared / f"net{network.net}" / "best.pt").is_file()
+        assert list((shared / "tb" / f"net{network.net}").glob("events.out.tfevents.*"))
+    # The final epoch publishes nothing: its tested weights are final.
+    assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt"})
+    meta = exchange_file(shared, 2, 1)["meta"]
+    assert (meta["net"], meta["num"], meta["epoch"], meta["model"], meta["num_classes"]) == (2, 2, 1, "resnet20", 10)
+    check_ring_grafted_epoch1(shared, 2, versions)
+    # The networks start from different seeds, so grafting really mixes two different networks.
+    one, two = exchange_file(shared, 1, 1)["model"], exchange_file(shared, 2, 1)["model"]
+    assert not torch.equal(one["conv1.weight"], two["conv1.weight"])
+
+
+def test_three_network_ring(tmp_path: Path, cifar10: Path) -> None:
+    shared, networks, versions = run_ring(tmp_path, cifar10, 3, 2, "--model", "resnet20")
+
+    for network in networks:
+        assert sorted(epoch_lines(network.stdout)) == [1, 2], network.stdout
+    assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt", "net3_epoch1.pt"})
+    check_ring_grafted_epoch1(shared, 3, versions)  # network 1 grafts network 3: the ring closes
+
+
+def test_baseline_exchanges_nothing(tmp_path: Path, cifar10: Path) -> None:
+    # The original torchvision pipeline, without workers, so both data paths run end to end.
+    shared, networks, _ = run_ring(tmp_path, cifar10, 1, 2, "--model", "resnet20", "--pipeline", "torchvision",
+                                   "--workers", "0")
+
+    log = networks[0].stdout
+    assert "no grafting (baseline)" in log
+    assert "data pipeline: torchvision" in log
+    lines = epoch_lines(log)
+    assert sorted(lines) == [1, 2], log
+    assert all(wait == 0.0 and graft == 0.0 for _, wait, graft in lines.values())
+    assert_exchange_files(shared, set())
+    assert torch.load(shared / "net1" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_cifar100_ring(tmp_path: Path, cifar100: Path) -> None:
+    shared, networks, versions = run_ring(tmp_path, cifar100, 2, 2, "--model", "resnet20", "--cifar", "100")
+
+    for network in networks:
+        assert "CIFAR-100: 200 training and 100 test images" in network.stdout
+        assert sorted(epoch_lines(network.stdout)) == [1, 2], network.stdout
+    state = exchange_file(shared, 1, 1)
+    assert state["meta"]["num_classes"] == 100
+    assert state["model"]["linear.weight"].shape[0] == 100
+    check_ring_grafted_epoch1(shared, 2, versions)
+
+
+def test_filter_level_grafting_with_vgg(tmp_path: Path, cifar10_tiny: Path) -> None:
+    shared, networks, versions = run_ring(tmp_path, cifar10_tiny, 2, 2, "--model", "vgg11", "--level", "filter")
+
+    for network in networks:
+        assert "filter grafting" in network.stdout
+        assert sorted(epoch_lines(network.stdout)) == [1, 2], network.stdout
+    check_ring_grafted_epoch1(shared, 2, versions, level="filter")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming
+
+
+def test_resumed_network_rejoins_the_ring(tmp_path: Path, cifar10: Path) -> None:
+    shared = tmp_path / "ring"
+    flags = ring_flags(cifar10, shared, 2, 3, "--model", "resnet20")
+    networks = [launch(tmp_path, net, flags) for net in (1, 2)]
+    last = shared / "net2" / "last.pt"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    # Network 2 crashes as soon as its first epoch is saved (SIGKILL: no clean-up runs).
+    while not last.exists() and networks[1].process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    networks[1].process.send_signal(signal.SIGKILL)
+    networks[1].process.wait()
+    assert last.exists(), logs(networks)
+    stopped_after = torch.load(last, weights_only=True)["epoch"]
+    assert stopped_after < 3, "network 2 finished before it could be stopped"
+
+    # Network 1 waits for network 2 (its predecessor) and goes on once the restarted network catches up.
+    restarted = launch(tmp_path, 2, [*flags, "--resume"], log_name="net2-resumed")
+    finish([networks[0], restarted])
+    assert_all_succeeded([networks[0], restarted])
+
+    resumed_log = restarted.stdout
+    assert f"resumed from {last}: epoch {stopped_after} done" in resumed_log
+    assert sorted(epoch_lines(resumed_log)) == list(range(stopped_after + 1, 4)), resumed_log
+    assert sorted(epoch_lines(networks[0].stdout)) == [1, 2, 3], networks[0].stdout
+    for net in (1, 2):
+        assert torch.load(shared / f"net{net}" / "last.pt", weights_only=True)["epoch"] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad flags
+
+
+BAD_FLAGS = {
+    "i-zero": (["--num", "2", "--i", "0"], "--i"),
+    "i-beyond-num": (["--num", "2", "--i", "3"], "--i"),
+    "unknown-model": (["--model", "resnet7"], "--model"),
+    "cifar-7": (["--cifar", "7"], "--cifar"),
+    "missing-data": (["--data", "no-such-folder"], "--data"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory: pytest.TempPathFactory, cifar10: Path) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every bad command line, run at once (each in its own empty folder) to save start-up time."""
+    started = {}
+    for case, (flags, _) in BAD_FLAGS.items():
+        workdir = tmp_path_factory.mktemp(case)
+        data = [] if "--data" in flags else ["--data", str(cifar10)]
+        command = [sys.executable, str(SCRIPT), "--s", "shared", *data, "--device", "cpu", "--threads", "1", *flags]
+        process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=child_env())
+        started[case] = (workdir, command, process)
+    done = {}
+    for case, (workdir, command, process) in started.items():
+        stdout, stderr = process.communicate(timeout=120)
+        done[case] = (workdir, subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return done
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags_give_one_line_and_exit_2(case: str, bad_flag_runs: dict) -> None:
+    workdir, result = bad_flag_runs[case]
+    flag = BAD_FLAGS[case][1]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert flag in lines[0], lines[0]
+    assert result.returncode == 2, result.stderr
+    assert list(workdir.iterdir()) == [], "a rejected command line must write nothing (no --s folder)"
+
+
+# ----------------------------------------------------------------------------------------------
+# The console entry point
+
+
+def test_graft_cifar_console_script_runs_this_checkout(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "graft-cifar"
+    assert script.is_file(), f"{script} is missing: run `source scripts/env.sh` (it pip-installs this checkout)"
+    env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}  # only the installation may resolve it
+
+    usage = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert usage.returncode == 0, usage.stderr
+    assert usage.stdout.startswith("usage: graft-cifar"), usage.stdout
+    assert "--resume" in usage.stdout and "--keep-all" in usage.stdout
+
+    bad = subprocess.run([str(script), "--num", "2", "--i", "3", "--s", "shared"], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert list(tmp_path.iterdir()) == []
+
+    where = subprocess.run([sys.executable, "-c", "import grafting_cifar.train as t; print(t.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).resolve() == SCRIPT.resolve(), "the installed graft-cifar runs another checkout"

@@ -1,0 +1,172 @@
+"""End-to-end runs of grafting_cifar/train.py with distillation (issue 6) and the ablation sources
+(issue 10) on generated CIFAR data, as real processes; and the two shell scripts under DRY=1."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from grafting.checkpoint import load_file
+from grafting.data.fake import write_fake_cifar
+from grafting_cifar.train import parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "grafting_cifar" / "train.py"
+# Small and quick: resnet20, 256 training images, one thread per process; lr low enough for 2 epochs.
+COMMON = ["--model", "resnet20", "--epochs", "2", "--device", "cpu", "--threads", "1", "--batch-size", "64",
+          "--lr", "0.02", "--print_frequence", "1000"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(folder, train_size=256, test_size=100)
+    return folder
+
+
+def start(data: Path, shared: Path, num: int, i: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(TRAIN), "--data", str(data), "--s", str(shared), "--num", str(num), "--i", str(i),
+            *COMMON, *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def run_ring(data: Path, shared: Path, num: int, *extra: str) -> list[str]:
+    """Start networks 1..num side by side, wait, and return their logs (each must exit 0)."""
+    procs = [start(data, shared, num, i, *extra) for i in range(1, num + 1)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log
+    return logs
+
+
+def epoch_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "| train loss" in line]
+
+
+def part(line: str, name: str) -> float:
+    """The value of a loss part in an epoch line: '(ce 2.1 kd 0.3)'."""
+    words = line.split("(", 1)[1].split(")", 1)[0].split()
+    return float(words[words.index(name) + 1])
+
+
+def tensorboard_tags(folder: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_two_networks_distil_from_their_peers(data: Path, tmp_path: Path) -> None:
+    logs = run_ring(data, tmp_path, 2, "--distill", "peers")
+    for net, log in zip((1, 2), logs):
+        lines = epoch_lines(log)
+        assert len(lines) == 2, log
+        # Epoch 1 has no teacher yet (the first exchange comes after it); epoch 2 learns from the peer.
+        assert part(lines[0], "kd") == 0.0 and part(lines[0], "ce") > 0
+        assert part(lines[1], "kd") > 0 and part(lines[1], "ce") > 0
+        tags = tensorboard_tags(tmp_path / "tb" / f"net{net}")
+        assert len(tags["train/ce"]) == 2 and tags["train/kd"][1] > 0
+        for epoch in range(2):
+            assert tags["train/loss"][epoch] == pytest.approx(tags["train/ce"][epoch] + tags["train/kd"][epoch], rel=1e-4)
+        # The teacher of the last epoch is resumable: the predecessor's pre-graft weights of epoch 1.
+        last = load_file(tmp_path / f"net{net}" / "last.pt")
+        peer = load_file(tmp_path / f"net{2 if net == 1 else 1}_epoch1.pt")["model"]
+        assert torch.equal(last["extra"]["distill_teacher"]["conv1.weight"], peer["conv1.weight"])
+        config = json.loads((tmp_path / f"net{net}" / "config.json").read_text())
+        assert (config["distill"], config["source"], config["criterion"]) == ("peers", "external", "entropy")
+
+
+def test_one_network_distils_from_two_teachers_in_the_authors_form(data: Path, tmp_path: Path) -> None:
+    teachers = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        path = tmp_path / f"teacher{seed}.pt"
+        torch.save({"net": models.create("resnet20", num_classes=10).state_dict(), "acc": 50.0}, path)
+        teachers += ["--teacher", str(path)]
+    shared = tmp_path / "run"
+    (log,) = run_ring(data, shared, 1, "--distill", "teacher", *teachers, "--kd-temperature", "2",
+                      "--no-kd-soften-teacher")
+    assert "distillation from 2 resnet20 teacher(s) (T 2, lambda 1, authors' form" in log
+    for line in epoch_lines(log):
+        assert part(line, "ce") > 0 and part(line, "kd") > 0
+    tags = tensorboard_tags(shared / "tb" / "net1")
+    assert len(tags["train/ce"]) == 2 and len(tags["train/kd"]) == 2
+
+
+def test_a_teacher_that_does_not_fit_stops_before_training(data: Path, tmp_path: Path) -> None:
+    path = tmp_path / "teacher.pt"
+    torch.save(models.create("resnet20", num_classes=100).state_dict(), path)
+    shared = tmp_path / "run"
+    proc = start(data, shared, 1, 1, "--distill", "teacher", "--teacher", str(path))
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2, out
+    assert f"error: --teacher {path} has 100 classes but this run trains 10" in out
+    assert not (shared / "net1").exists()  # nothing of the run was written
+
+
+@pytest.mark.parametrize("source", ["noise", "internal"])
+def test_noise_and_internal_grafting_report_the_touched_filters(data: Path, tmp_path: Path, source: str) -> None:
+    # A high threshold makes some of a fresh network's filters invalid, so the count is not trivially 0.
+    (log,) = run_ring(data, tmp_path, 1, "--graft-source", source, "--invalid-threshold", "6")
+    lines = epoch_lines(log)
+    touched = int(lines[0].split("| touched ")[1].split()[0])
+    assert touched > 0, lines[0]
+    assert "touched" not in lines[1]  # the last epoch's weights are final: nothing is grafted
+    assert f"{source} grafting of invalid filters (l1 < 6)" in log
+    assert tensorboard_tags(tmp_path / "tb" / "net1")["graft/invalid_touched"] == [touched]
+    config = json.loads((tmp_path / "net1" / "config.json").read_text())
+    assert (config["source"], config["criterion"], config["invalid_threshold"]) == (source, "entropy", 6.0)
+    assert not list(tmp_path.glob("net1_epoch*.pt"))
+
+
+def test_two_networks_averaging(data: Path, tmp_path: Path) -> None:
+    # A vanishing lr keeps epoch 2 from moving the conv weights, so the final weights show the average.
+    logs = run_ring(data, tmp_path, 2, "--graft-source", "average", "--criterion", "l1", "--lr", "1e-9")
+    assert all("plain averaging of 2 networks" in log for log in logs)
+    published = [load_file(tmp_path / f"net{i}_epoch1.pt")["model"] for i in (1, 2)]
+    final = [load_file(tmp_path / f"net{i}" / "last.pt")["model"] for i in (1, 2)]
+    for key in ("conv1.weight", "layer2.0.conv1.weight", "linear.weight"):
+        mean = (published[0][key] + published[1][key]) / 2
+        assert not torch.allclose(published[0][key], mean, atol=1e-4)
+        for state in final:
+            torch.testing.assert_close(state[key], mean, atol=1e-6, rtol=0)
+    configs = [json.loads((tmp_path / f"net{i}" / "config.json").read_text()) for i in (1, 2)]
+    assert all((c["source"], c["criterion"]) == ("average", "l1") for c in configs)
+
+
+@pytest.mark.parametrize("script", ["cifar_cultivation.sh", "cifar_ablations.sh"])
+def test_scripts_dry_run_commands_parse(script: str, tmp_path: Path) -> None:
+    env = {**os.environ, "DRY": "1", "GPUS": "0,1", "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "data"),
+           "EPOCHS": "3"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / script)], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line and not line.startswith("#")]
+    assert commands
+    seen = set()
+    for line in commands:
+        words = shlex.split(line)
+        words = words[: words.index(">")] if ">" in words else words
+        argv = words[words.index(str(TRAIN)) + 1:]
+        args = parse_args(argv)
+        assert args.epochs == 3
+        seen.add((args.num, args.source, args.criterion, args.distill, args.kd_temperature, args.kd_soften_teacher,
+                  len(args.teacher)))
+    if script == "cifar_ablations.sh":
+        # The whole set: baseline, noise, internal (one network); external entropy and l1, average (two).
+        assert {(n, s, c) for n, s, c, *_ in seen} == {(1, "external", "entropy"), (1, "noise", "entropy"),
+                                                      (1, "internal", "entropy"), (2, "external", "entropy"),
+                                                      (2, "external", "l1"), (2, "average", "entropy")}
+        assert len(commands) == 2 * (3 + 3 * 2)  # two datasets
+    else:
+        assert {(d, t, soft, k) for _, _, _, d, t, soft, k in seen} == {
+            ("peers", 4.0, True, 0), ("teacher", 4.0, True, 1), ("teacher", 2.0, False, 2)}

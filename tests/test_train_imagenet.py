@@ -1,0 +1,383 @@
+"""End-to-end tests of the ImageNet script (grafting_imagenet/train.py) on a generated ImageFolder tree.
+
+Training runs are real processes (one per network, or a torchrun of two gloo ranks on the CPU);
+evaluation, flag checks and model construction run in this process. Images are small (32 px
+crops of ~40 px JPEG files, 3 classes) so that ResNet-18 and MobileNetV2 train in seconds.
+
+Catching the grafted weights of epoch 1 needs no race with the writer: network 2 is given one
+epoch more than network 1. Network 1's last epoch (2) publishes nothing, so network 2, after
+grafting epoch 1 and saving ``last.pt``, publishes epoch 2 and then waits for a file that never
+comes. Its ``last.pt`` is then exactly the grafted state of epoch 1, next to both networks'
+pre-graft exchange files of epoch 1, and the test kills it there, as a crash would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from grafting.checkpoint import load_file
+from grafting.data.fake import write_fake_imagefolder
+from grafting.errors import UsageError
+from grafting.graft import graft_layers
+from grafting_imagenet import train as imagenet_train
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "grafting_imagenet" / "train.py"
+FAST = ["--device", "cpu", "--threads", "1", "-j", "0", "-b", "16", "--image-size", "32", "-p", "0"]
+TIMEOUT_S = 240.0
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \| .*\| test loss ([\d.]+) acc ([\d.]+) top5 ([\d.]+) ")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes, 16 training and 8 validation JPEG files per class, about 40 px."""
+    return write_fake_imagefolder(tmp_path_factory.mktemp("imagefolder"), num_classes=3, train_per_class=16,
+                                  val_per_class=8, image_size=40)
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def start(log: Path, *args: str, torchrun: int = 0) -> subprocess.Popen:
+    """Start the script (under ``torchrun --nproc_per_node N`` when ``torchrun``) with output to ``log``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun),
+                "--"] if torchrun else [sys.executable]
+    with open(log, "w") as out:
+        return subprocess.Popen([*launcher, str(SCRIPT), *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=child_env(), cwd=REPO)
+
+
+def finish(process: subprocess.Popen, log: Path) -> str:
+    """Wait for ``process``; assert it succeeded; return its output."""
+    try:
+        process.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"timed out:\n{log.read_text()}")
+    text = log.read_text()
+    assert process.returncode == 0, text
+    return text
+
+
+def epoch_lines(text: str) -> dict[int, tuple[float, float, float]]:
+    """Epoch number -> (test loss, top-1, top-5) from the epoch lines of a log."""
+    lines = {}
+    for match in EPOCH_LINE.finditer(text):
+        epoch = int(match.group(1))
+        assert epoch not in lines, f"epoch {epoch} logged twice:\n{text}"
+        lines[epoch] = (float(match.group(3)), float(match.group(4)), float(match.group(5)))
+    return lines
+
+
+def ring_until_graft(workdir: Path, data: Path, arch: str, *extra: str) -> Path:
+    """Networks 1 (2 epochs) and 2 (3 epochs) side by side; network 2 is killed while waiting in epoch 2.
+
+    Returns the shared folder: ``net2/last.pt`` then holds network 2's grafted weights of epoch 1.
+    """
+    shared = workdir / "ring"
+    common = [*FAST, "--data", str(data), "--s", str(shared), "--num", "2", "-a", arch, "--keep-all", *extra]
+    net1 = start(workdir / "net1.log", *common, "--i", "1", "--epochs", "2")
+    net2 = start(workdir / "net2.log", *common, "--i", "2", "--epochs", "3")
+    try:
+        text1 = finish(net1, workdir / "net1.log")
+        assert sorted(epoch_lines(text1)) == [1, 2], text1
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (shared / "net2_epoch2.pt").exists():  # published after last.pt of epoch 1, before waiting
+            assert net2.poll() is None, (workdir / "net2.log").read_text()
+            assert time.monotonic() < deadline, (workdir / "net2.log").read_text()
+            time.sleep(0.05)
+    finally:
+        net2.send_signal(signal.SIGKILL)
+        net2.wait()
+    return shared
+
+
+def assert_last_is_graft_of_epoch1(shared: Path, arch: str, rule: str) -> None:
+    """net2/last.pt == net2's epoch-1 file grafted with net1's, recomputed here."""
+    saved = load_file(shared / "net2" / "last.pt")
+    assert saved["epoch"] == 1
+    own = load_file(shared / "net2_epoch1.pt")["model"]
+    peer = load_file(shared / "net1_epoch1.pt")["model"]
+    model = imagenet_train.create_model(arch, 3)
+    model.load_state_dict(own)
+    records = graft_layers(model, peer, a=0.4, c=500.0, rule=rule, criterion="entropy")
+    assert len({r.alpha for r in records}) > 1, "every layer got the same coefficient: nothing to tell apart"
+    expected = model.state_dict()
+    assert list(saved["model"]) == list(expected)
+    changed = 0
+    for key, tensor in expected.items():
+        assert saved["model"][key].dtype == tensor.dtype, key
+        torch.testing.assert_close(saved["model"][key], tensor, rtol=0, atol=1e-6, msg=key)
+        changed += not torch.equal(own[key], tensor)
+    assert changed > len(expected) // 2, f"grafting changed only {changed} of {len(expected)} tensors"
+    assert json.loads((shared / "net2" / "config.json").read_text())["graft_rule"] == rule
+
+
+@pytest.fixture
+def in_process_logs() -> Iterator[None]:
+    """main() points the root logger at stdout; put pytest's handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Call the script's main in this process; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        imagenet_train.main(argv)
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def evaluated(out: str) -> tuple[float, float, float]:
+    """(top-1, top-5, loss) from the line -e prints."""
+    match = re.search(r"evaluate .*: top-1 ([\d.]+) top-5 ([\d.]+) loss ([\d.]+)", out)
+    assert match, out
+    return float(match.group(1)), float(match.group(2)), float(match.group(3))
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Two ResNet-18 networks (name rule), resume, evaluation
+
+
+@pytest.fixture(scope="module")
+def resnet_ring(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Path:
+    """A ResNet-18 ring stopped with network 2's grafted epoch 1 in last.pt (see the module docstring)."""
+    workdir = tmp_path_factory.mktemp("resnet_ring")
+    shared = ring_until_graft(workdir, image_folder, "resnet18")
+    os.link(shared / "net2" / "last.pt", workdir / "net2_last_epoch1.pt")  # the resume test replaces last.pt
+    return shared
+
+
+def test_resnet18_networks_graft_each_other_with_the_name_rule(resnet_ring: Path) -> None:
+    assert_last_is_graft_of_epoch1(resnet_ring, "resnet18", "name")
+    epochs = epoch_lines((resnet_ring.parent / "net1.log").read_text())
+    assert all(0.0 <= top1 <= top5 <= 100.0 for _, top1, top5 in epochs.values())
+    assert {p.name for p in resnet_ring.glob("*.pt")} == {"net1_epoch1.pt", "net2_epoch1.pt", "net2_epoch2.pt"}
+
+
+def test_killed_network_resumes_from_its_last_checkpoint(resnet_ring: Path, image_folder: Path) -> None:
+    log = resnet_ring.parent / "net2_resume.log"
+    # Network 1 is done after 2 epochs, so network 2 finishes at 2 as well (epoch 2 is then its last).
+    args = [*FAST, "--data", str(image_folder), "--s", str(resnet_ring), "--num", "2", "--i", "2", "--epochs", "2",
+            "--keep-all", "--resume"]
+    text = finish(start(log, *args), log)
+    assert "resumed from" in text and "epoch 1 done" in text, text
+    assert sorted(epoch_lines(text)) == [2], text
+    resumed = load_file(resnet_ring / "net2" / "last.pt")
+    before = load_file(resnet_ring.parent / "net2_last_epoch1.pt")
+    assert resumed["epoch"] == 2
+    # Epoch 2 continued the saved schedule and momentum rather than starting afresh.
+    assert resumed["scheduler"]["last_epoch"] == 2 * before["scheduler"]["last_epoch"]
+    assert not torch.equal(resumed["model"]["conv1.weight"], before["model"]["conv1.weight"])
+
+
+def test_evaluate_reports_the_best_checkpoint_and_writes_nothing(resnet_ring: Path, image_folder: Path,
+                                                                capsys: pytest.CaptureFixture,
+                                                                in_process_logs: None) -> None:
+    before = folder_state(resnet_ring)
+    code, out, err = run_main([*FAST, "--data", str(image_folder), "--s", str(resnet_ring), "--num", "2", "--i", "1",
+                               "-e"], capsys)
+    assert code == 0, err
+    top1, top5, _ = evaluated(out)
+    best = load_file(resnet_ring / "net1" / "best.pt")
+    assert top1 == pytest.approx(best["acc"], abs=0.005)
+    assert top1 <= top5
+    assert folder_state(resnet_ring) == before
+
+
+def test_evaluate_a_checkpoint_file_in_another_layout(resnet_ring: Path, image_folder: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture, in_process_logs: None) -> None:
+    last = load_file(resnet_ring / "net1" / "last.pt")
+    wrapped = tmp_path / "ddp_style.pth"  # what a DDP training script of another project saves
+    torch.save({"state_dict": {f"module.{k}": v for k, v in last["model"].items()}, "epoch": 2}, wrapped)
+    code, out, err = run_main([*FAST, "--data", str(image_folder), "-e", "--checkpoint", str(wrapped)], capsys)
+    assert code == 0, err
+    top1, top5, loss = evaluated(out)
+    final_loss, final_top1, final_top5 = epoch_lines((resnet_ring.parent / "net1.log").read_text())[2]
+    # The final epoch's tested weights are last.pt's: the same numbers as the training run's own test.
+    assert (top1, top5) == pytest.approx((final_top1, final_top5), abs=0.005)
+    assert loss == pytest.approx(final_loss, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("case, expected_code, message", [
+    ("missing", 2, "no checkpoint at"),
+    ("other_arch", 1, "does not fit -a resnet18"),
+])
+def test_evaluate_rejects_missing_or_unfitting_checkpoints(case: str, expected_code: int, message: str,
+                                                           image_folder: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture,
+                                                           in_process_logs: None) -> None:
+    path = tmp_path / "model.pth"
+    if case == "other_arch":
+        torch.save(imagenet_train.create_model("mobilenet_v2", 3).state_dict(), path)
+    code, out, err = run_main([*FAST, "--data", str(image_folder), "-e", "--checkpoint", str(path)], capsys)
+    assert code == expected_code
+    assert message in err and str(path) in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------------------------
+# A non-ResNet architecture: the module rule
+
+
+def test_mobilenet_v2_networks_graft_with_the_module_rule(tmp_path: Path, image_folder: Path) -> None:
+    shared = ring_until_graft(tmp_path, image_folder, "mobilenet_v2", "--steplr")
+    assert_last_is_graft_of_epoch1(shared, "mobilenet_v2", "module")
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes for one network: torchrun with gloo on the CPU
+
+
+def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
+        tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture, in_process_logs: None) -> None:
+    shared = tmp_path / "ring"
+    common = [*FAST, "--data", str(image_folder), "--s", str(shared), "--num", "2", "--steplr", "--keep-all"]
+    ddp = start(tmp_path / "net1.log", *common, "--i", "1", "--epochs", "2", torchrun=2)
+    single = start(tmp_path / "net2.log", *common, "--i", "2", "--epochs", "2")
+    text = finish(ddp, tmp_path / "net1.log")
+    finish(single, tmp_path / "net2.log")
+
+    # Rank 0 alone logs the epoch lines and owns the shared folder.
+    assert "[net 1/2 rank 0]" in text and "[net 1/2 rank 1]" not in text, text
+    assert sorted(epoch_lines(text)) == [1, 2]
+    names = {p.name for p in shared.iterdir()}
+    assert names == {"net1", "net2", "tb", "net1.lock", "net2.lock", "net1.alive", "net2.alive",
+                     "net1_epoch1.pt", "net2_epoch1.pt"}, names
+    config = json.loads((shared / "net1" / "config.json").read_text())
+    assert (config["world_size"], config["batch_size"], config["batch_size_per_process"]) == (2, 16, 8)
+
+    def check_final_epoch_matches_last_pt(log_text: str, epoch: int) -> None:
+        # The ranks each test half of the validation set with their own copy of the weights; the summed
+        # result equals one process testing last.pt only if every rank held rank 0's weights (grafted
+        # or resumed) and BatchNorm statistics.
+        code, out, err = run_main([*FAST, "--data", str(image_folder), "-e", "--checkpoint",
+                                   str(shared / "net1" / "last.pt")], capsys)
+        assert code == 0, err
+        top1, top5, loss = evaluated(out)
+        logged_loss, logged_top1, logged_top5 = epoch_lines(log_text)[epoch]
+        assert (top1, top5) == pytest.approx((logged_top1, logged_top5), abs=0.005)
+        assert loss == pytest.approx(logged_loss, rel=1e-4, abs=1e-4)
+
+    check_final_epoch_matches_last_pt(text, 2)
+
+    # Resume under torchrun: rank 0 reads last.pt and hands weights, optimizer and schedule to rank 1.
+    resumed = start(tmp_path / "net1_resume.log", *common, "--i", "1", "--epochs", "3", "--resume", torchrun=2)
+    text = finish(resumed, tmp_path / "net1_resume.log")
+    assert "resumed from" in text and sorted(epoch_lines(text)) == [3], text
+    check_final_epoch_matches_last_pt(text, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags, models, --pretrained and --start-epoch (in this process)
+
+
+def test_flags_follow_the_original_names() -> None:
+    args = imagenet_train.parse_args(["-a", "mobilenet_v2", "--a", "0.3", "-p", "5", "--wd", "5e-5", "-j", "2",
+                                      "-b", "64", "--steplr", "--gpu", "1"])
+    assert (args.arch, args.a, args.print_freq, args.weight_decay, args.workers, args.batch_size) == \
+        ("mobilenet_v2", 0.3, 5, 5e-5, 2, 64)
+    assert args.cos is False and args.gpu == 1
+    defaults = imagenet_train.parse_args([])
+    assert (defaults.arch, defaults.epochs, defaults.batch_size, defaults.lr, defaults.weight_decay,
+            defaults.print_freq, defaults.workers, defaults.cos, defaults.difflr) == \
+        ("resnet18", 90, 256, 0.1, 1e-4, 10, 4, True, False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-a", "resnet81"], "did you mean resnet18"),
+    (["--gpu", "0", "--device", "cpu"], "--gpu N is short for --device cuda:N"),
+    (["--checkpoint", "x.pt"], "--checkpoint only applies with -e/--evaluate"),
+    (["--start-epoch", "5", "--epochs", "4"], "--start-epoch must lie in 1..--epochs"),
+])
+def test_bad_flags_are_one_line_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        imagenet_train.parse_args(argv)
+
+
+def test_batch_size_must_split_over_the_processes() -> None:
+    procs = imagenet_train.Processes(rank=0, local_rank=0, world_size=3)
+    assert imagenet_train.per_process(12, procs, "-b") == 4
+    with pytest.raises(UsageError, match="divisible by the 3 processes"):
+        imagenet_train.per_process(16, procs, "-b")
+
+
+def test_pretrained_without_cached_weights_names_the_file_and_downloads_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(UsageError, match=re.escape(str(expected))):
+        imagenet_train.create_model("resnet18", 3, pretrained=True)
+    assert not expected.exists()
+
+
+@pytest.mark.parametrize("arch, classifier", [("resnet18", "fc"), ("squeezenet1_1", "classifier.1")])
+def test_pretrained_weights_load_from_the_cache_and_the_classifier_is_resized(
+        arch: str, classifier: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = imagenet_train.create_model(arch, 1000)  # stands in for the published file
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    path = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True)
+    torch.save(cached.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="grafting"):
+        model = imagenet_train.create_model(arch, 3, pretrained=True)
+    state, reference = model.state_dict(), cached.state_dict()
+    layer = model.get_submodule(classifier)
+    assert (layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels) == 3
+    kept = [k for k in reference if not k.startswith(classifier + ".")]
+    assert kept and all(torch.equal(state[k], reference[k]) for k in kept)
+    assert f"'{classifier}'" in caplog.text and "1000-class" in caplog.text
+
+
+def test_start_epoch_without_resume_moves_the_schedule_on(tmp_path: Path, image_folder: Path,
+                                                          capsys: pytest.CaptureFixture, in_process_logs: None) -> None:
+    shared = tmp_path / "run"
+    code, out, err = run_main([*FAST, "--data", str(image_folder), "--s", str(shared), "--epochs", "3",
+                               "--start-epoch", "3", "--steplr", "--step-epochs", "1", "-a", "squeezenet1_1"], capsys)
+    assert code == 0, err
+    assert "--start-epoch 3 without --resume" in out
+    assert sorted(epoch_lines(out)) == [3]
+    assert re.search(r"epoch 3/3 .*\| lr 0\.00100 \|", out), out  # 0.1 * 0.1 ** 2
+    assert load_file(shared / "net1" / "last.pt")["epoch"] == 3
+
+
+def test_evaluate_pretrained_weights_from_the_cache(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture, in_process_logs: None) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.get_model_weights("squeezenet1_1").DEFAULT.url
+    path = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True)
+    torch.save(imagenet_train.create_model("squeezenet1_1", 1000).state_dict(), path)
+    before = folder_state(tmp_path)
+    code, out, err = run_main([*FAST, "--data", str(image_folder), "--s", str(tmp_path / "unused"), "-a",
+                               "squeezenet1_1", "--pretrained", "-e"], capsys)
+    assert code == 0, err
+    assert "evaluate torchvision's pretrained squeezenet1_1" in out and "replaced" in out
+    top1, top5, _ = evaluated(out)
+    assert 0.0 <= top1 <= top5 <= 100.0
+    assert folder_state(tmp_path) == before
