@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import extract_state_dict, load_file
+from .distributed import is_distributed
 from .errors import GraftingError, UsageError
 from .graft import unwrap_model
 from .grafter import GraftReport
@@ -156,10 +157,6 @@ def load_teachers(paths: Sequence[str], build_model: ModelBuilder, model_name: s
     return teachers[0] if len(teachers) == 1 else TeacherEnsemble(teachers)
 
 
-def _is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 class Distiller:
     """The training loop's hook for distillation (``grafting.loop.EpochHook``).
 
@@ -228,7 +225,7 @@ class Distiller:
     @torch.no_grad()
     def sync_ranks(self) -> None:
         """Under torch.distributed, give every rank rank 0's teacher (only rank 0 reads files)."""
-        if not (self.follow_peers and _is_distributed()):
+        if not (self.follow_peers and is_distributed()):
             return
         device = next(self.teacher.parameters()).device
         ready = torch.tensor([int(self.ready)], device=device)

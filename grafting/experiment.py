@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .distributed import broadcast_from_main, is_distributed
 from .distill import Distiller, ModelBuilder, make_distiller
 from .errors import UsageError
 from .graft import unwrap_model
@@ -20,10 +21,9 @@ from .loop import EpochHook, fit
 from .schedule import dlr_factor, make_scheduler
 from .session import ResumeState, load_last, prepare_run_files
 
-__all__ = ["amp_dtype_for", "default_model_builder", "run_ring", "broadcast_from_main", "share_resumed_state"]
+__all__ = ["amp_dtype_for", "default_model_builder", "run_ring", "share_resumed_state"]
 
 log = logging.getLogger("grafting")
-T = TypeVar("T")
 
 
 def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -149,34 +149,6 @@ def _grafting_summary(args: argparse.Namespace, rule: str) -> str:
     return text if distill == "none" else f"{text}, distillation from {distill}"
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _cpu_copy(obj: Any) -> Any:
-    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {key: _cpu_copy(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(value) for value in obj)
-    return obj
-
-
-def broadcast_from_main(obj: T) -> T:
-    """Rank 0's ``obj`` on every rank of the torch.distributed group; ``obj`` itself when not distributed.
-
-    Every rank must call it. Tensors travel as CPU tensors, so no rank unpickles one onto a GPU
-    that belongs to another rank; ``load_state_dict`` moves them where they belong.
-    """
-    if not _distributed():
-        return obj
-    box = [_cpu_copy(obj) if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def share_resumed_state(state: ResumeState, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler,
                         scaler: torch.amp.GradScaler | None) -> ResumeState:
@@ -186,7 +158,7 @@ def share_resumed_state(state: ResumeState, *, model: nn.Module, optimizer: torc
     ``broadcast_object_list``. Their random generators are not restored (each rank keeps its own
     seeded stream; the data order does not depend on them). Without torch.distributed nothing happens.
     """
-    if not _distributed():
+    if not is_distributed():
         return state
     payload = None
     if torch.distributed.get_rank() == 0:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .ablation import SOURCES, average_into_, internal_graft_, noise_graft_
+from .distributed import is_distributed
 from .errors import GraftingError
 from .exchange import Exchange
 from .graft import CRITERIA, RULES, FilterRecord, LayerRecord, graft_filters, graft_layers, unwrap_model
@@ -85,14 +86,6 @@ class GraftReport:
                 f"waited {self.waited_s:.1f} s, {self.graft_ms:.1f} ms")
 
 
-def _is_rank_zero() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
-def _is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 class Grafter:
     """Owns the shared folder for network ``net`` of ``num`` and performs the per-epoch grafting step.
 
@@ -145,7 +138,7 @@ class Grafter:
         self.source, self.invalid_threshold = source, invalid_threshold
         self.peer_timeout = peer_timeout
         self.meta = {"net": net, "num": num, "source": source, **dict(meta or {})}
-        self._rank_zero = _is_rank_zero()
+        self._rank_zero = not is_distributed() or torch.distributed.get_rank() == 0
         # Under DDP only rank 0 touches the shared folder (on other nodes it may not even be mounted).
         self.exchange: Exchange | None = Exchange(root, net, num, keep_all=keep_all) if self._rank_zero else None
 
@@ -216,7 +209,7 @@ class Grafter:
                 report.peer_state = peer_state
             _synchronize(module)
             report.graft_ms = (time.perf_counter() - start) * 1000
-        if _is_distributed():
+        if is_distributed():
             _broadcast_state(module)
         return report
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import is_distributed
 from .errors import GraftingError
 from .filters import count_invalid_filters
 from .grafter import Grafter, GraftReport
@@ -161,8 +162,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
     rank 0's BatchNorm statistics, and the counts are summed over the ranks, so all ranks return
     the numbers of the whole set.
     """
-    sharded = (bool(getattr(loader, "sharded", False)) and torch.distributed.is_available()
-               and torch.distributed.is_initialized())
+    sharded = bool(getattr(loader, "sharded", False)) and is_distributed()
     if sharded:
         # The shards differ in length: DDP's per-forward collectives would not line up across ranks.
         model = unwrap_model(model)

@@ -21,10 +21,7 @@ import argparse
 import difflib
 import logging
 import math
-import os
 import sys
-import urllib.parse
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +29,6 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torchvision
 from torch import nn
 
 from grafting.checkpoint import extract_state_dict, load_file
@@ -40,18 +36,17 @@ from grafting.cli import ArgumentParser, add_grafting_args, check_grafting_args,
 from grafting.data.cifar import EpochLoader
 from grafting.data.imagenet import imagenet_loaders
 from grafting.errors import CheckpointError, UsageError
-from grafting.experiment import amp_dtype_for, broadcast_from_main, run_ring
+from grafting.distributed import Processes, broadcast_from_main, choose_process_device, per_process
+from grafting.experiment import amp_dtype_for, run_ring
+from grafting.imagenet_models import ARCHS, create_model, model_classes, pretrained_weights
 from grafting.graft import default_rule
 from grafting.log import setup_console
 from grafting.loop import evaluate
-from grafting.runtime import choose_device, configure_threads, seed_everything
+from grafting.runtime import configure_threads, seed_everything
 from grafting.session import RunFiles
 
 log = logging.getLogger("grafting")
 
-ARCHS = sorted(torchvision.models.list_models(module=torchvision.models))
-# Their auxiliary heads make the model return a tuple while training; the loop trains the main output only.
-AUX_HEAD_ARCHS = ("googlenet", "inception_v3")
 # Other ranks wait in a collective while rank 0 waits for its ring predecessor, which may be a whole
 # epoch behind: the process group must not give up before the grafting wait itself does.
 PROCESS_GROUP_TIMEOUT = timedelta(days=7)
@@ -124,121 +119,6 @@ def check_imagenet_args(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models
-
-
-def pretrained_weights(arch: str) -> tuple[torchvision.models.WeightsEnum, Path]:
-    """torchvision's default weights of ``arch`` and the torch hub cache file they must already be in."""
-    try:
-        weights = torchvision.models.get_model_weights(arch).DEFAULT
-    except (ValueError, KeyError, AttributeError):
-        raise UsageError(f"--pretrained: torchvision has no pretrained weights for '{arch}'") from None
-    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    if not path.is_file():
-        raise UsageError(f"--pretrained: {arch} weights are not in the torch cache (expected {path}); this script "
-                         f"never downloads: fetch them with `curl -L --create-dirs -o {path} {weights.url}`")
-    return weights, path
-
-
-def _replace_classifier(model: nn.Module, old_classes: int, new_classes: int) -> str:
-    """Swap the last layer that outputs ``old_classes`` for a fresh one with ``new_classes``; return its name."""
-    found = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module.out_features == old_classes:
-            found = name, module
-        elif isinstance(module, nn.Conv2d) and module.out_channels == old_classes:  # SqueezeNet
-            found = name, module
-    if found is None:
-        raise UsageError(f"--pretrained: cannot find the {old_classes}-class output layer to resize to "
-                         f"{new_classes} classes; use as many class folders or train without --pretrained")
-    name, layer = found
-    if isinstance(layer, nn.Linear):
-        fresh: nn.Module = nn.Linear(layer.in_features, new_classes, bias=layer.bias is not None)
-    else:
-        fresh = nn.Conv2d(layer.in_channels, new_classes, layer.kernel_size, layer.stride, layer.padding,
-                          bias=layer.bias is not None)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, fresh)
-    return name
-
-
-def create_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """torchvision's ``arch`` with ``num_classes`` outputs; with ``pretrained`` its cached default weights,
-    the final layer replaced (and logged) when the class count differs from theirs."""
-    extra = {"aux_logits": False} if arch in AUX_HEAD_ARCHS else {}
-    if not pretrained:
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
-    weights, path = pretrained_weights(arch)
-    try:
-        model = torchvision.models.get_model(arch, weights=weights, **extra)
-    except RuntimeError as err:  # a truncated file or a hash that does not match its name
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is damaged ({first}); delete it and fetch it again") from None
-    classes = len(weights.meta["categories"])
-    if classes != num_classes:
-        name = _replace_classifier(model, classes, num_classes)
-        log.info(f"--pretrained: replaced {arch}'s {classes}-class layer '{name}' by a fresh "
-                 f"{num_classes}-class one (the folder has {num_classes} classes)")
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes
-
-
-@dataclass(frozen=True)
-class Processes:
-    """Where this process sits in a torchrun launch: world_size 1 when started directly."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        """Whether torchrun started several processes for this network."""
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that logs, writes files and does the exchange."""
-        return self.rank == 0
-
-    @classmethod
-    def from_environment(cls) -> Processes:
-        """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE."""
-        return cls(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                   world_size=int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def choose_process_device(args: argparse.Namespace, procs: Processes) -> torch.device:
-    """The device of this process: --device / --gpu, or under torchrun cuda:LOCAL_RANK (CPU with --device cpu)."""
-    requested = f"cuda:{args.gpu}" if args.gpu is not None else args.device
-    if not procs.distributed:
-        return choose_device(requested)
-    device = choose_device(requested if requested == "cpu" else None)
-    if device.type != "cuda":
-        return device
-    if requested not in (None, "cuda"):
-        log.warning(f"--gpu/--device {requested} ignored under torchrun: rank {procs.rank} uses "
-                    f"cuda:{procs.local_rank}")
-    if procs.local_rank >= torch.cuda.device_count():
-        raise UsageError(f"torchrun started {procs.world_size} processes but only {torch.cuda.device_count()} "
-                         f"GPU(s) are visible; lower --nproc_per_node")
-    torch.cuda.set_device(procs.local_rank)
-    return torch.device("cuda", procs.local_rank)
-
-
-def per_process(total: int, procs: Processes, flag: str) -> int:
-    """``total`` (a network's batch size) split evenly over the processes of a torchrun."""
-    if total % procs.world_size:
-        raise UsageError(f"{flag} {total} is the network's total; it must be divisible by the "
-                         f"{procs.world_size} processes of this torchrun")
-    return total // procs.world_size
-
-
-# ----------------------------------------------------------------------------------------------
 # Evaluation only
 
 
@@ -278,11 +158,6 @@ def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, val_loader: 
     stats = evaluate(model, val_loader, amp_dtype=amp_dtype_for(device, args.amp))
     log.info(f"evaluate {source}: top-1 {stats.top1:.2f} top-5 {stats.top5:.2f} loss {stats.loss:.4f}")
 
-
-def model_classes(model: nn.Module) -> int:
-    """The number of outputs of the model's last Linear/Conv layer (for messages)."""
-    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from grafting.data.fake import write_fake_imagefolder
 from grafting.errors import UsageError
 from grafting.graft import graft_layers
 from grafting_imagenet import train as imagenet_train
+from grafting.distributed import Processes, per_process
+from grafting.imagenet_models import create_model
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "grafting_imagenet" / "train.py"
@@ -111,7 +113,7 @@ def assert_last_is_graft_of_epoch1(shared: Path, arch: str, rule: str) -> None:
     assert saved["epoch"] == 1
     own = load_file(shared / "net2_epoch1.pt")["model"]
     peer = load_file(shared / "net1_epoch1.pt")["model"]
-    model = imagenet_train.create_model(arch, 3)
+    model = create_model(arch, 3)
     model.load_state_dict(own)
     records = graft_layers(model, peer, a=0.4, c=500.0, rule=rule, criterion="entropy")
     assert len({r.alpha for r in records}) > 1, "every layer got the same coefficient: nothing to tell apart"
@@ -232,7 +234,7 @@ def test_evaluate_rejects_missing_or_unfitting_checkpoints(case: str, expected_c
                                                            in_process_logs: None) -> None:
     path = tmp_path / "model.pth"
     if case == "other_arch":
-        torch.save(imagenet_train.create_model("mobilenet_v2", 3).state_dict(), path)
+        torch.save(create_model("mobilenet_v2", 3).state_dict(), path)
     code, out, err = run_main([*FAST, "--data", str(image_folder), "-e", "--checkpoint", str(path)], capsys)
     assert code == expected_code
     assert message in err and str(path) in err
@@ -319,10 +321,10 @@ def test_bad_flags_are_one_line_usage_errors(argv: list[str], message: str) -> N
 
 
 def test_batch_size_must_split_over_the_processes() -> None:
-    procs = imagenet_train.Processes(rank=0, local_rank=0, world_size=3)
-    assert imagenet_train.per_process(12, procs, "-b") == 4
+    procs = Processes(rank=0, local_rank=0, world_size=3)
+    assert per_process(12, procs, "-b") == 4
     with pytest.raises(UsageError, match="divisible by the 3 processes"):
-        imagenet_train.per_process(16, procs, "-b")
+        per_process(16, procs, "-b")
 
 
 def test_pretrained_without_cached_weights_names_the_file_and_downloads_nothing(
@@ -330,7 +332,7 @@ def test_pretrained_without_cached_weights_names_the_file_and_downloads_nothing(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(UsageError, match=re.escape(str(expected))):
-        imagenet_train.create_model("resnet18", 3, pretrained=True)
+        create_model("resnet18", 3, pretrained=True)
     assert not expected.exists()
 
 
@@ -339,13 +341,13 @@ def test_pretrained_weights_load_from_the_cache_and_the_classifier_is_resized(
         arch: str, classifier: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = imagenet_train.create_model(arch, 1000)  # stands in for the published file
+    cached = create_model(arch, 1000)  # stands in for the published file
     url = torchvision.models.get_model_weights(arch).DEFAULT.url
     path = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
     path.parent.mkdir(parents=True)
     torch.save(cached.state_dict(), path)
     with caplog.at_level(logging.INFO, logger="grafting"):
-        model = imagenet_train.create_model(arch, 3, pretrained=True)
+        model = create_model(arch, 3, pretrained=True)
     state, reference = model.state_dict(), cached.state_dict()
     layer = model.get_submodule(classifier)
     assert (layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels) == 3
@@ -372,7 +374,7 @@ def test_evaluate_pretrained_weights_from_the_cache(image_folder: Path, tmp_path
     url = torchvision.models.get_model_weights("squeezenet1_1").DEFAULT.url
     path = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
     path.parent.mkdir(parents=True)
-    torch.save(imagenet_train.create_model("squeezenet1_1", 1000).state_dict(), path)
+    torch.save(create_model("squeezenet1_1", 1000).state_dict(), path)
     before = folder_state(tmp_path)
     code, out, err = run_main([*FAST, "--data", str(image_folder), "--s", str(tmp_path / "unused"), "-a",
                                "squeezenet1_1", "--pretrained", "-e"], capsys)

@@ -1,0 +1,103 @@
+"""Several processes (torchrun, DistributedDataParallel) training ONE network: where this process
+sits, its device, and handing rank 0's objects to the other ranks. Rank 0 alone talks to the
+shared folder; everything the others need comes from it through these broadcasts."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from .errors import UsageError
+from .runtime import choose_device
+
+__all__ = ["Processes", "choose_process_device", "per_process", "is_distributed", "broadcast_from_main"]
+
+log = logging.getLogger("grafting")
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group is running."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: _cpu_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(value) for value in obj)
+    return obj
+
+
+def broadcast_from_main(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank of the torch.distributed group; ``obj`` itself when not distributed.
+
+    Every rank must call it. Tensors travel as CPU tensors, so no rank unpickles one onto a GPU
+    that belongs to another rank; ``load_state_dict`` moves them where they belong.
+    """
+    if not is_distributed():
+        return obj
+    box = [_cpu_copy(obj) if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process sits in a torchrun launch: world_size 1 when started directly."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        """Whether torchrun started several processes for this network."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, writes files and does the exchange."""
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Processes:
+        """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE."""
+        return cls(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def choose_process_device(args: argparse.Namespace, procs: Processes) -> torch.device:
+    """The device of this process: --device / --gpu, or under torchrun cuda:LOCAL_RANK (CPU with --device cpu)."""
+    requested = f"cuda:{args.gpu}" if args.gpu is not None else args.device
+    if not procs.distributed:
+        return choose_device(requested)
+    device = choose_device(requested if requested == "cpu" else None)
+    if device.type != "cuda":
+        return device
+    if requested not in (None, "cuda"):
+        log.warning(f"--gpu/--device {requested} ignored under torchrun: rank {procs.rank} uses "
+                    f"cuda:{procs.local_rank}")
+    if procs.local_rank >= torch.cuda.device_count():
+        raise UsageError(f"torchrun started {procs.world_size} processes but only {torch.cuda.device_count()} "
+                         f"GPU(s) are visible; lower --nproc_per_node")
+    torch.cuda.set_device(procs.local_rank)
+    return torch.device("cuda", procs.local_rank)
+
+
+def per_process(total: int, procs: Processes, flag: str) -> int:
+    """``total`` (a network's batch size) split evenly over the processes of a torchrun."""
+    if total % procs.world_size:
+        raise UsageError(f"{flag} {total} is the network's total; it must be divisible by the "
+                         f"{procs.world_size} processes of this torchrun")
+    return total // procs.world_size
+
+

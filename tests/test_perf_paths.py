@@ -1,0 +1,265 @@
+"""The speed options on the CPU (issue 7): --amp, channels_last, torch.compile, batched entropies, and
+the benchmark script in a tiny configuration.
+
+The real ``torch.compile`` (inductor) needs 45-60 s to compile even ResNet-20 on a 2-core machine, so
+here it runs with dynamo's ``eager`` backend, which traces the model exactly as the default does and
+exercises everything this project adds around a compiled model; ``scripts/bench.py -- --compile``
+measures the real thing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from grafting import entropy as entropy_module
+from grafting.data.cifar import cifar_loaders
+from grafting.data.fake import write_fake_cifar
+from grafting.entropy import entropy_tensor, entropy_tensors, layer_entropies, layer_entropy
+from grafting.experiment import amp_dtype_for
+from grafting.graft import graft_layers
+from grafting.grafter import Grafter
+from grafting.loop import evaluate, train_one_epoch
+from grafting.schedule import make_scheduler
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO / "grafting_cifar" / "train.py"
+BENCH_SCRIPT = REPO / "scripts" / "bench.py"
+RUN_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated CIFAR-10 of 96 training and 40 test images."""
+    return write_fake_cifar(tmp_path_factory.mktemp("cifar_perf"), 10, train_size=96, test_size=40)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, restored afterwards: other test files may run beside this one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_script(data: Path, shared: Path, *flags: str) -> str:
+    """Run grafting_cifar/train.py as a user would (one network, 1 epoch) and return its output."""
+    command = [sys.executable, str(TRAIN_SCRIPT), "--data", str(data), "--s", str(shared), "--model", "resnet20",
+               "--epochs", "1", "--device", "cpu", "--threads", "1", "--batch-size", "32",
+               "--test-batch-size", "40", *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def conv_weights(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [t for k, t in state.items() if "conv" in k and t.dim() == 4]
+
+
+def tiny_epoch(model: nn.Module, loader, amp_dtype: torch.dtype | None = None):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    scheduler = make_scheduler(optimizer, cosine=True, epochs=1, iters_per_epoch=len(loader), step_epochs=60)
+    loader.set_epoch(1)
+    return train_one_epoch(model, loader, optimizer, scheduler, epoch=1, amp_dtype=amp_dtype, print_freq=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# --amp on the CPU
+
+
+def test_amp_on_the_cpu_is_bf16_without_a_scaler() -> None:
+    assert amp_dtype_for(torch.device("cpu"), True) == torch.bfloat16
+    assert amp_dtype_for(torch.device("cpu"), False) is None
+
+
+def test_amp_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(cifar: Path) -> None:
+    train, test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    model = models.create("resnet20", num_classes=10)
+    seen: list[torch.dtype] = []
+    model.conv1.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    before = model.conv1.weight.detach().clone()
+    stats = tiny_epoch(model, train, amp_dtype=torch.bfloat16)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert math.isfinite(stats.loss) and stats.images_per_s > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(model.conv1.weight, before)  # it learned
+    result = evaluate(model, test, amp_dtype=torch.bfloat16)
+    assert math.isfinite(result.loss) and 0.0 <= result.top1 <= 100.0
+
+
+def test_train_script_with_amp_on_the_cpu(cifar: Path, tmp_path: Path) -> None:
+    output = train_script(cifar, tmp_path / "amp", "--amp")
+    assert "amp bfloat16" in output
+    line = re.search(r"epoch 1/1 \| train loss ([\d.]+) .*\| (\d+) img/s \(test (\d+)\)", output)
+    assert line is not None, output
+    assert math.isfinite(float(line.group(1))) and int(line.group(2)) > 0
+    # the default memory format on the CPU is channels_last: the checkpoint's conv weights say so
+    state = torch.load(tmp_path / "amp" / "net1" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(state))
+
+
+# ----------------------------------------------------------------------------------------------
+# channels_last on the CPU
+
+
+def test_no_channels_last_keeps_the_plain_layout(cifar: Path, tmp_path: Path) -> None:
+    train_script(cifar, tmp_path / "nchw", "--no-channels-last")
+    state = torch.load(tmp_path / "nchw" / "net1" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    weights = [w for w in conv_weights(state) if w.shape[2] > 1]
+    assert weights and all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+                           for w in weights)
+
+
+def test_channels_last_loader_and_model_compute_what_the_plain_layout_computes(cifar: Path) -> None:
+    plain_train, plain_test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40,
+                                               device=torch.device("cpu"), seed=5)
+    last_train, last_test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40,
+                                             device=torch.device("cpu"), seed=5, channels_last=True)
+    images, _ = next(iter(last_train))
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    plain = models.create("resnet20", num_classes=10)
+    fast = models.create("resnet20", num_classes=10)
+    fast.load_state_dict(plain.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    a, b = tiny_epoch(plain, plain_train), tiny_epoch(fast, last_train)
+    # Same batches, same arithmetic; only the summation order inside the kernels differs.
+    assert a.loss == pytest.approx(b.loss, rel=1e-4)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    assert evaluate(plain, plain_test).top1 == pytest.approx(evaluate(fast, last_test).top1, abs=2.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# a compiled model in the loop and the exchange
+
+
+def test_compiled_model_trains_publishes_and_grafts(cifar: Path, tmp_path: Path) -> None:
+    train, _, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    compiled = torch.compile(models.create("resnet20", num_classes=10), backend="eager")
+    torch.manual_seed(1)
+    peer = models.create("resnet20", num_classes=10)
+    assert math.isfinite(tiny_epoch(compiled, train).loss)
+    meta = {"model": "resnet20", "num_classes": 10}
+    with Grafter(tmp_path, 1, 2, meta=meta) as mine, Grafter(tmp_path, 2, 2, meta=meta) as other:
+        path = mine.publish(compiled, 1)
+        other.publish(peer, 1)
+        own_before = {k: v.clone() for k, v in compiled._orig_mod.state_dict().items()}
+        report = mine.graft(compiled, 1)
+    published = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    assert list(published) == list(own_before)  # plain keys, no "_orig_mod." prefix
+    assert report.peer == 2 and len(report.layers) > 0 and report.graft_ms > 0
+    expected = models.create("resnet20", num_classes=10)
+    expected.load_state_dict(own_before)
+    graft_layers(expected, peer.state_dict())
+    for key, value in expected.state_dict().items():
+        assert torch.equal(compiled._orig_mod.state_dict()[key], value), key
+
+
+# ----------------------------------------------------------------------------------------------
+# batched entropies (what grafting uses)
+
+
+def mixed_tensors() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    same_shape = [torch.randn(16, 8, 3, 3, generator=generator) * (i + 1) for i in range(5)]
+    on_edges = torch.arange(-50, 51, dtype=torch.float32) / 10  # many values exactly on bin edges
+    return [
+        *same_shape,
+        torch.randn(300, generator=generator).to(torch.float16),
+        torch.randn(300, generator=generator).to(torch.bfloat16),
+        torch.randn(300, generator=generator).to(torch.float64),
+        torch.full((16,), 3.0),  # constant: entropy 0
+        torch.full((16,), -1.5),
+        torch.tensor([0, 1, 1, 2, 10]),  # integers are histogrammed as floats
+        torch.empty(0),
+        on_edges,
+        same_shape[0].clone(),
+    ]
+
+
+def test_entropy_tensors_equal_the_single_tensor_entropies_exactly() -> None:
+    tensors = mixed_tensors() + list(models.create("resnet20", num_classes=10).state_dict().values())
+    batched = entropy_tensors(tensors)
+    assert batched.dtype == torch.float64 and batched.shape == (len(tensors),)
+    assert batched.tolist() == [float(entropy_tensor(t)) for t in tensors]
+    assert layer_entropies(tensors) == [layer_entropy(t) for t in tensors]
+    assert entropy_tensors([]).shape == (0,)
+
+
+def test_entropy_tensors_split_large_groups_without_changing_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = mixed_tensors()
+    whole = entropy_tensors(tensors)
+    monkeypatch.setattr(entropy_module, "_BATCH_ELEMENTS", 2000)  # 16x8x3x3 = 1152 values: one per batch
+    assert torch.equal(entropy_tensors(tensors), whole)
+
+
+def test_graft_layers_scores_are_the_per_layer_entropies() -> None:
+    torch.manual_seed(3)
+    model, peer = models.create("resnet20", num_classes=10), models.create("resnet20", num_classes=10)
+    own_state = {k: v.clone() for k, v in model.state_dict().items()}
+    records = graft_layers(model, peer.state_dict())
+    assert len(records) == 19  # every conv of ResNet-20 by the name rule
+    for record in records:
+        assert record.h_self == layer_entropy(own_state[record.key])
+        assert record.h_peer == layer_entropy(peer.state_dict()[record.key])
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark script
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_parses_the_epoch_line_of_the_loop() -> None:
+    bench = load_bench()
+    log = ("10:00:01 [net 1/2] epoch 1/2 | train loss 2.1000 acc 20.00 | test loss 2.0 acc 25.00 top5 70.00 | best 25.00 "
+           "| lr 0.10000 | wait 1.5 s | graft 48.2 ms | 341 img/s (test 1290) | mem 1.25 GiB\n"
+           "10:00:02 [net 1/2] epoch 2 [10/40] loss 2.0 acc 20.00% lr 0.10000 300 img/s\n"
+           "10:00:09 [net 1/2] epoch 2/2 | train loss 1.9000 acc 30.00 | test loss 1.8 acc 35.00 top5 80.00 | best 35.00 "
+           "| lr 0.10000 | wait 0.0 s | graft 0.0 ms | 359 img/s (test 1310)\n")
+    rows = bench.parse_epoch_lines(log)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["wait_s"] == 1.5 and rows[0]["graft_ms"] == 48.2 and rows[0]["gpu_gib"] == 1.25
+    assert rows[1]["train_img_s"] == 359 and rows[1]["test_img_s"] == 1310 and math.isnan(rows[1]["gpu_gib"])
+    assert bench.harmonic_mean([300.0, 600.0]) == pytest.approx(400.0)
+    assert bench.per_bin_loop_entropy(torch.arange(10.0)) == pytest.approx(layer_entropy(torch.arange(10.0)))
+
+
+def test_bench_runs_in_a_tiny_configuration(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH_SCRIPT), "--model", "resnet20", "--train-size", "96", "--test-size", "40",
+         "--epochs", "2", "--nets", "1", "2", "--graft-model", "resnet20", "--repeat", "1", "--device", "cpu",
+         "--work", str(tmp_path / "work"), "--json", str(out), "--", "--batch-size", "32"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for heading in ("== train:", "== entropy:", "== graft:", "2 networks:"):
+        assert heading in done.stdout
+    results = json.loads(out.read_text())
+    one, two = results["train"]["1"], results["train"]["2"]
+    assert len(one) == 1 and len(two) == 2
+    assert one[0]["graft_ms"] is None and one[0]["train_img_s"] > 0 and one[0]["rss_gib"] > 0
+    for run in two:
+        assert run["train_img_s"] > 0 and run["test_img_s"] > 0 and len(run["epochs"]) == 2
+        assert run["graft_ms"] > 0 and run["wait_s"] >= 0 and run["cpu_s"] > 0
+    assert results["entropy"]["max_difference"] < 1e-12 and results["entropy"]["layer_entropies_ms"] > 0
+    assert results["graft"]["grafter_ms"] > 0 and results["graft"]["coefficients"] == 19
