@@ -24,6 +24,9 @@ The pieces, for use on their own:
 - ``count_invalid_filters(state_dict, threshold)``: the paper's invalid-filter count.
 - ``load_state_dict_file(path)``: a state_dict from any common checkpoint layout.
 - ``Exchange``: the shared folder (atomic files, waiting, locking) under ``Grafter``.
+- ``grafting.distill``: distillation losses and teachers (cultivation); ``grafting.ablation``: the
+  paper's noise, internal and averaging alternatives; ``grafting.tools``: invalid-filter tables,
+  ensembles and results summaries.
 
 Training scripts: ``graft-cifar`` (grafting_cifar/train.py) and ``graft-imagenet``
 (grafting_imagenet/train.py); see the README.

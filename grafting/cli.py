@@ -23,6 +23,7 @@ class ArgumentParser(argparse.ArgumentParser):
     (the same form as every other error of the scripts)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Print ``error: message (see --help)`` on stderr and exit with code 2."""
         self.exit(2, f"error: {message} (see --help)\n")
 
 

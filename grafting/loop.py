@@ -42,10 +42,17 @@ class NonFiniteLossError(GraftingError):
 class EpochHook(Protocol):
     """Something that adds to the loss and learns from each exchange (distillation)."""
 
-    def criterion(self, base: Criterion) -> Criterion: ...
-    def after_exchange(self, report: GraftReport) -> None: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def criterion(self, base: Criterion) -> Criterion:
+        """The training criterion to use, built on ``base`` (e.g. cross-entropy plus a distillation term)."""
+
+    def after_exchange(self, report: GraftReport) -> None:
+        """Learn from the epoch's grafting step (e.g. take the peer's weights as the next teacher)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a resume, stored in ``last.pt``."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

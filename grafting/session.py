@@ -41,22 +41,27 @@ class RunFiles:
 
     @property
     def folder(self) -> Path:
+        """This network's own folder, ``<s>/net<i>``."""
         return self.root / f"net{self.net}"
 
     @property
     def config(self) -> Path:
+        """The run's settings, written at the start and checked on --resume."""
         return self.folder / "config.json"
 
     @property
     def last(self) -> Path:
+        """The resumable checkpoint of the last finished epoch."""
         return self.folder / "last.pt"
 
     @property
     def best(self) -> Path:
+        """The weights of the best test accuracy so far."""
         return self.folder / "best.pt"
 
     @property
     def tensorboard(self) -> Path:
+        """TensorBoard event folder ``<s>/tb/net<i>``."""
         return self.root / "tb" / f"net{self.net}"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import models
@@ -127,19 +128,35 @@ def test_channels_last_loader_and_model_compute_what_the_plain_layout_computes(c
                                                device=torch.device("cpu"), seed=5)
     last_train, last_test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40,
                                              device=torch.device("cpu"), seed=5, channels_last=True)
-    images, _ = next(iter(last_train))
-    assert images.is_contiguous(memory_format=torch.channels_last)
+    for loader in (plain_train, last_train):
+        loader.set_epoch(1)
+    for (x1, y1), (x2, y2) in zip(plain_train, last_train):
+        assert x2.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
     torch.manual_seed(0)
     plain = models.create("resnet20", num_classes=10)
     fast = models.create("resnet20", num_classes=10)
     fast.load_state_dict(plain.state_dict())
     fast = fast.to(memory_format=torch.channels_last)
+
+    # One well-conditioned pass (BatchNorm on its running statistics): equal up to fp32 rounding.
+    images, labels = next(iter(plain_train))
+    plain.eval(), fast.eval()
+    logits = [plain(images), fast(images.contiguous(memory_format=torch.channels_last))]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    for logit in logits:
+        F.cross_entropy(logit, labels).backward()
+    for (name, p1), (_, p2) in zip(plain.named_parameters(), fast.named_parameters()):
+        assert (p2.grad - p1.grad).norm() <= 1e-4 * p1.grad.norm() + 1e-7, name
+        p1.grad, p2.grad = None, None
+
+    # A training epoch: the backward through batch statistics amplifies rounding (float32 itself is
+    # ~0.3% off a float64 reference in the first layers' gradients here, either layout), so looser.
     a, b = tiny_epoch(plain, plain_train), tiny_epoch(fast, last_train)
-    # Same batches, same arithmetic; only the summation order inside the kernels differs.
-    assert a.loss == pytest.approx(b.loss, rel=1e-4)
+    assert a.loss == pytest.approx(b.loss, rel=1e-3)
     for key, value in plain.state_dict().items():
-        torch.testing.assert_close(fast.state_dict()[key], value, rtol=1e-3, atol=1e-4, msg=key)
-    assert evaluate(plain, plain_test).top1 == pytest.approx(evaluate(fast, last_test).top1, abs=2.5)
+        torch.testing.assert_close(fast.state_dict()[key], value, rtol=1e-2, atol=2e-3, msg=key)
+    assert evaluate(plain, plain_test).top1 == pytest.approx(evaluate(fast, last_test).top1, abs=5.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +242,7 @@ def test_graft_layers_scores_are_the_per_layer_entropies() -> None:
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench", BENCH_SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
@@ -249,7 +267,7 @@ def test_bench_runs_in_a_tiny_configuration(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH_SCRIPT), "--model", "resnet20", "--train-size", "96", "--test-size", "40",
          "--epochs", "2", "--nets", "1", "2", "--graft-model", "resnet20", "--repeat", "1", "--device", "cpu",
-         "--work", str(tmp_path / "work"), "--json", str(out), "--", "--batch-size", "32"],
+         "--work", str(tmp_path / "work"), "--json", str(out), "--", "--batch-size", "32", "--threads", "1"],
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     for heading in ("== train:", "== entropy:", "== graft:", "2 networks:"):
