@@ -171,6 +171,27 @@ def test_incomplete_or_damaged_cifar_is_reported(tmp_path):
         load_cifar(root, 10)
 
 
+def test_present_files_are_neither_hashed_nor_downloaded_and_failed_downloads_are_reported(cifar10, tmp_path,
+                                                                                       monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.cifar as torchvision_cifar
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(torchvision_cifar, "check_integrity", forbidden)  # the md5 check
+    monkeypatch.setattr(torchvision_cifar, "download_and_extract_archive", forbidden)
+    assert len(load_cifar(cifar10, 10, download=True)[0]) == TRAIN_SIZE
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision_cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DatasetNotFoundError, match="could not download CIFAR-100 into .*no network.*by hand"):
+        load_cifar(tmp_path, 100, download=True)
+
+
 def test_bad_arguments_raise_grafting_errors(cifar10):
     with pytest.raises(GraftingError, match="--cifar 10 or --cifar 100"):
         load_cifar(cifar10, 7)

@@ -11,15 +11,24 @@ Two pipelines give the same training distribution (random 32-pixel crop of the i
 * ``"tensor"``: the whole split as one uint8 tensor on the device; each batch is gathered, cropped,
   flipped and normalised there with a handful of batched tensor operations.
 
-``"auto"`` picks ``tensor`` on every device. Measured on the 2-core CPU machine this project is
-developed on (torch 2.14.1, batch 128, seconds per epoch of 50 000 images, median of 3):
+``"auto"`` picks ``tensor`` on every device. On CUDA it takes the CPU out of the input pipeline.
+On the CPU it was measured on the project's 2-core development machine (torch 2.14.1, a
+generated 50 000-image CIFAR-10, batch 128, seconds per epoch; the machine was shared with
+other jobs, load 2-5, so wall times are medians of interleaved runs):
 
-==============================  =============  ===============================
-what                            ``tensor``     ``torchvision`` (2 workers)
-==============================  =============  ===============================
-data path alone                 {DATA_TENSOR}  {DATA_TV}
-data + ResNet-32 train step     {STEP_TENSOR}  {STEP_TV}
-==============================  =============  ===============================
+============================================  ==========  ==============================
+what                                          ``tensor``  ``torchvision``
+============================================  ==========  ==============================
+data path alone, CPU s incl. workers          0.52        7.78 (1 worker), 7.73 (2)
+data path alone, wall, 1 thread / 1 worker    0.71        8.57
+data path alone, wall, 2 threads / 2 workers  0.36        5.71
+ResNet-32 SGD step included, wall,            305         311
+1 thread / 1 worker, 5 paired runs            (faster in all 5 pairs, by 1-8 %)
+============================================  ==========  ==============================
+
+The step dominates, but the tensor path costs 15 times less CPU, and on 2 cores every
+CPU-second the workers spend is taken from the training step. (Wall times with 2 training
+threads were too disturbed by the other jobs to report.)
 
 The loaders in this module that are not CIFAR-specific (:class:`EpochLoader`,
 :class:`SeededSampler`, :class:`SeededTransformDataset`, :class:`DataLoaderEpochLoader`) are
@@ -39,6 +48,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor
+from torchvision import transforms
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from grafting.errors import DatasetNotFoundError, GraftingError
@@ -103,6 +113,12 @@ def _device_generator(device: torch.device, seed: int) -> torch.Generator:
 # The files
 
 
+def _files_present(root: Path, dataset_class: type[torchvision.datasets.CIFAR10]) -> bool:
+    folder = root / dataset_class.base_folder
+    names = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
+    return all((folder / name).is_file() for name in names + [dataset_class.meta["filename"]])
+
+
 class _FilesPresentCheck:
     """Replaces torchvision's md5 check with a presence check.
 
@@ -139,12 +155,6 @@ class _CIFAR100Files(_FilesPresentCheck, torchvision.datasets.CIFAR100):
 _CIFAR_CLASSES: dict[int, type[torchvision.datasets.CIFAR10]] = {10: _CIFAR10Files, 100: _CIFAR100Files}
 
 
-def _files_present(root: Path, dataset_class: type[torchvision.datasets.CIFAR10]) -> bool:
-    folder = root / dataset_class.base_folder
-    names = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
-    return all((folder / name).is_file() for name in names + [dataset_class.meta["filename"]])
-
-
 def load_cifar(root: str | Path, num_classes: int, download: bool = False
                ) -> tuple[torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR10]:
     """The CIFAR-10 (``num_classes=10``) or CIFAR-100 training and test sets found under ``root``.
@@ -169,10 +179,13 @@ def load_cifar(root: str | Path, num_classes: int, download: bool = False
         raise DatasetNotFoundError(
             f"{name} files in {root / dataset_class.base_folder} are unreadable ({type(err).__name__}: {err}); "
             f"delete that folder and pass --download to fetch it again") from err
-    except OSError as err:  # network or disk trouble while downloading
-        raise DatasetNotFoundError(
-            f"could not download {name} into {root} ({err}); fetch {dataset_class.url} by hand, unpack it there "
-            f"and run without --download") from err
+    except OSError as err:
+        if download:  # no network, or the download broke off
+            raise DatasetNotFoundError(
+                f"could not download {name} into {root} ({err}); fetch {dataset_class.url} by hand, unpack it "
+                f"there and run without --download") from err
+        raise DatasetNotFoundError(f"cannot read {name} from {root / dataset_class.base_folder} ({err}); check "
+                                   f"that the files are readable") from err
     logger.info("%s: %d training and %d test images from %s", name, len(train_set), len(test_set), root)
     return train_set, test_set
 
@@ -366,7 +379,7 @@ class DataLoaderEpochLoader:
         self.mean = channel_stats(mean, self.device) if mean is not None else None
         self.std = channel_stats(std, self.device) if std is not None else None
         self.channels_last = channels_last
-        # The loader draws a base seed from this generator each epoch; a private one keeps the
+        # The DataLoader draws its workers' base seed from this generator; a private one keeps the
         # global random stream untouched (samples are seeded by the sampler anyway).
         loader_generator = torch.Generator()
         loader_generator.manual_seed(sampler.seed)
@@ -394,8 +407,6 @@ class DataLoaderEpochLoader:
 
 def _torchvision_loader(dataset: torchvision.datasets.CIFAR10, batch_size: int, *, train: bool, device: torch.device,
                         workers: int, seed: int, channels_last: bool) -> DataLoaderEpochLoader:
-    from torchvision import transforms
-
     steps: list[Callable[[Any], Any]] = []
     if train:
         steps += [transforms.RandomCrop(32, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
@@ -405,14 +416,14 @@ def _torchvision_loader(dataset: torchvision.datasets.CIFAR10, batch_size: int, 
                                  device=device, workers=workers, channels_last=channels_last)
 
 
-def _choose_pipeline(pipeline: str, device: torch.device) -> str:
+def _choose_pipeline(pipeline: str) -> str:
     if pipeline not in CIFAR_PIPELINES:
         raise GraftingError(f"unknown data pipeline {pipeline!r}; pass --pipeline {'/'.join(CIFAR_PIPELINES)}")
     if pipeline != "auto":
         return pipeline
-    # On CUDA the device-side path removes the CPU from the input pipeline entirely. On CPU it is
-    # also the faster one (see the table in the module docstring): batched gathers beat per-image
-    # PIL work, and with 2 cores the workers compete with the training step for the same cores.
+    # On CUDA the device-side path removes the CPU from the input pipeline entirely. On the CPU it
+    # is also the faster one (table in the module docstring): batched gathers cost 15x less CPU
+    # than per-image PIL work, and on few cores the workers take their CPU from the training step.
     return "tensor"
 
 
@@ -428,10 +439,10 @@ def cifar_loaders(root: str | Path, num_classes: int, batch_size: int = 128, tes
     ``pipeline`` is ``"tensor"``, ``"torchvision"`` or ``"auto"`` (see the module docstring).
     """
     device = torch.device(device)
-    chosen = _choose_pipeline(pipeline, device)
+    chosen = _choose_pipeline(pipeline)
     if batch_size < 1 or test_batch_size < 1:
-        raise GraftingError(f"--batch-size and --test-batch-size must be positive, got {batch_size} and "
-                           f"{test_batch_size}")
+        raise GraftingError(
+            f"--batch-size and --test-batch-size must be positive, got {batch_size} and {test_batch_size}")
     train_set, test_set = load_cifar(root, num_classes, download=download)
     if chosen == "tensor":
         train_images, train_labels = _split_as_tensors(train_set, device)
