@@ -33,7 +33,7 @@ from torch import nn
 
 from grafting.checkpoint import extract_state_dict, load_file
 from grafting.cli import ArgumentParser, add_grafting_args, check_grafting_args, entry_point
-from grafting.data.cifar import EpochLoader
+from grafting.data.loading import EpochLoader
 from grafting.data.imagenet import imagenet_loaders
 from grafting.errors import CheckpointError, UsageError
 from grafting.distributed import Processes, broadcast_from_main, choose_process_device, per_process

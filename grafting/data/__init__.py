@@ -7,17 +7,19 @@ from grafting.data.cifar import (
     CIFAR_MEAN,
     CIFAR_PIPELINES,
     CIFAR_STD,
+    TensorCifarLoader,
+    cifar_loaders,
+    load_cifar,
+    random_crop_flip,
+)
+from grafting.data.loading import (
     DataLoaderEpochLoader,
     EpochLoader,
     SeededSampler,
     SeededTransformDataset,
-    TensorCifarLoader,
     channel_stats,
-    cifar_loaders,
     epoch_seed,
-    load_cifar,
     normalise,
-    random_crop_flip,
 )
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_loaders, read_rgb

@@ -30,9 +30,8 @@ The step dominates, but the tensor path costs 15 times less CPU, and on 2 cores 
 CPU-second the workers spend is taken from the training step. (Wall times with 2 training
 threads were too disturbed by the other jobs to report.)
 
-The loaders in this module that are not CIFAR-specific (:class:`EpochLoader`,
-:class:`SeededSampler`, :class:`SeededTransformDataset`, :class:`DataLoaderEpochLoader`) are
-reused by :mod:`grafting.data.imagenet`.
+The machinery that is not CIFAR-specific (the epoch-loader contract, seeding, DataLoader wrapper)
+lives in :mod:`grafting.data.loading`, shared with :mod:`grafting.data.imagenet`.
 """
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ import math
 import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,25 +48,19 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 from torchvision import transforms
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from grafting.data.loading import (DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset,
+                                   channel_stats, device_generator, epoch_seed, normalise)
 from grafting.errors import DatasetNotFoundError, GraftingError
 
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
     "CIFAR_PIPELINES",
-    "EpochLoader",
-    "epoch_seed",
     "load_cifar",
     "cifar_loaders",
     "random_crop_flip",
-    "normalise",
-    "channel_stats",
     "TensorCifarLoader",
-    "SeededSampler",
-    "SeededTransformDataset",
-    "DataLoaderEpochLoader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,41 +69,6 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 CIFAR_PIPELINES = ("auto", "tensor", "torchvision")
 CROP_PADDING = 4
-
-
-@runtime_checkable
-class EpochLoader(Protocol):
-    """An iterable of ``(images, labels)`` batches on the training device, reproducible per epoch."""
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield the batches of the epoch last given to :meth:`set_epoch`."""
-        ...
-
-    def __len__(self) -> int:
-        """Number of batches per epoch (the last one may be partial)."""
-        ...
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffling and augmentation the next iteration uses."""
-        ...
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed that depends only on ``(seed, epoch)``, well mixed so nearby epochs are unrelated."""
-    # SeedSequence only takes non-negative entropy; masking keeps negative seeds distinct.
-    words = np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch & 0xFFFF_FFFF_FFFF_FFFF])
-    high, low = (int(word) for word in words.generate_state(2, dtype=np.uint32))
-    return (high << 31) | (low >> 1)
-
-
-def _device_generator(device: torch.device, seed: int) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
-# ----------------------------------------------------------------------------------------------
-# The files
 
 
 def _files_present(root: Path, dataset_class: type[torchvision.datasets.CIFAR10]) -> bool:
@@ -215,28 +173,6 @@ def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 
     return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
 
 
-def channel_stats(values: Sequence[float] | Tensor, device: torch.device) -> Tensor:
-    """Per-channel mean or std as a float32 (C, 1, 1) tensor on ``device``, made once per loader: building
-    it from a list at every batch would copy from pageable memory and stall a CUDA stream."""
-    return torch.as_tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
-
-
-def normalise(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
-              channels_last: bool = False) -> Tensor:
-    """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, in the operation order of torchvision's
-    ``ToTensor`` + ``Normalize`` so both paths give the same floats. ``mean``/``std`` are best given
-    as :func:`channel_stats` tensors on the images' device."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    mean_t = channel_stats(mean, images.device)
-    std_t = channel_stats(std, images.device)
-    return images.float().div_(255).sub_(mean_t).div_(std_t)
-
-
-# ----------------------------------------------------------------------------------------------
-# The "tensor" pipeline
-
-
 class TensorCifarLoader:
     """One CIFAR split held as a single uint8 (N, 3, 32, 32) tensor on the device.
 
@@ -275,7 +211,7 @@ class TensorCifarLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         count = len(self.images)
-        generator = _device_generator(self.device, epoch_seed(self.seed, self.epoch))
+        generator = device_generator(self.device, epoch_seed(self.seed, self.epoch))
         if self.train:
             order = torch.randperm(count, generator=generator, device=self.device)
         else:
@@ -296,113 +232,6 @@ def _split_as_tensors(dataset: torchvision.datasets.CIFAR10, device: torch.devic
 
 # ----------------------------------------------------------------------------------------------
 # DataLoader-based pipelines (also used for ImageNet)
-
-
-class SeededSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, sample_seed)``: the order and every sample's augmentation seed follow ``(seed, epoch)``.
-
-    DataLoader workers that persist across epochs keep their own random state, so seeding them
-    once cannot make epoch ``e`` reproducible on its own. Instead each sample carries a seed derived
-    from ``(seed, epoch, index)`` and :class:`SeededTransformDataset` seeds its transform with it;
-    the result is also independent of the number of workers. With ``index_sampler`` (for example a
-    ``DistributedSampler``) the order comes from it and its ``set_epoch`` is called.
-    """
-
-    def __init__(self, num_samples: int, *, shuffle: bool, seed: int = 0,
-                 index_sampler: Optional[Sampler[int]] = None) -> None:
-        self.num_samples = num_samples
-        self.shuffle = shuffle
-        self.seed = seed
-        self.index_sampler = index_sampler
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the next iteration (forwarded to the index sampler when it has one)."""
-        self.epoch = epoch
-        if self.index_sampler is not None and hasattr(self.index_sampler, "set_epoch"):
-            self.index_sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.index_sampler) if self.index_sampler is not None else self.num_samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        base = epoch_seed(self.seed, self.epoch)
-        if self.index_sampler is not None:
-            indices: Sequence[int] = list(self.index_sampler)
-        elif self.shuffle:
-            indices = torch.randperm(self.num_samples, generator=_device_generator(torch.device("cpu"), base)).tolist()
-        else:
-            indices = range(self.num_samples)
-        for index in indices:
-            yield index, (base + index) % (1 << 63)
-
-
-class SeededTransformDataset(Dataset):
-    """Wraps a dataset whose items are ``(sample, label)``; applies ``transform`` under the seed the sampler gives.
-
-    Indexed by ``(index, sample_seed)`` pairs from :class:`SeededSampler`. Seeding touches only
-    the CPU generator; in the main process (``workers=0``) its state is restored afterwards so the
-    training's own random stream is left alone.
-    """
-
-    def __init__(self, base: Dataset, transform: Callable[[Any], Any]) -> None:
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any]:
-        index, sample_seed = key
-        sample, label = self.base[index]
-        if get_worker_info() is not None:
-            torch.default_generator.manual_seed(sample_seed)
-            return self.transform(sample), label
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed)
-            return self.transform(sample), label
-
-
-class DataLoaderEpochLoader:
-    """A DataLoader over a :class:`SeededSampler` whose batches are moved to ``device``.
-
-    With ``mean``/``std`` the workers deliver uint8 batches (a quarter of the bytes to copy) and
-    the conversion to normalised float32 happens on the device; without, batches are used as
-    they come. Workers persist across epochs; memory is pinned when the device is CUDA.
-    """
-
-    def __init__(self, dataset: SeededTransformDataset, sampler: SeededSampler, batch_size: int, *,
-                 device: torch.device, workers: int = 2, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None, channels_last: bool = False) -> None:
-        self.sampler = sampler
-        self.device = torch.device(device)
-        self.mean = channel_stats(mean, self.device) if mean is not None else None
-        self.std = channel_stats(std, self.device) if std is not None else None
-        self.channels_last = channels_last
-        # The DataLoader draws its workers' base seed from this generator; a private one keeps the
-        # global random stream untouched (samples are seeded by the sampler anyway).
-        loader_generator = torch.Generator()
-        loader_generator.manual_seed(sampler.seed)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                 persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
-                                 drop_last=False, generator=loader_generator)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration uses."""
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            if self.mean is not None and self.std is not None:
-                images = normalise(images, self.mean, self.std, self.channels_last)
-            elif self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images, labels
 
 
 def _torchvision_loader(dataset: torchvision.datasets.CIFAR10, batch_size: int, *, train: bool, device: torch.device,

@@ -10,6 +10,7 @@ augmentation depend only on ``(seed, e)``.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from grafting.data.cifar import DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset
+from grafting.data.loading import DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset
 from grafting.errors import DatasetNotFoundError, GraftingError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_loaders", "read_rgb"]
@@ -32,7 +33,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def read_rgb(path: str) -> torch.Tensor:
     """Decode an image file to a uint8 (3, H, W) RGB tensor (greyscale and CMYK files are converted)."""
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            # torchvision 0.29 announces a move of its decoders to TorchCodec on every call; the
+            # decoder is current here and that extra dependency would buy nothing.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(path, mode=ImageReadMode.RGB)
     except RuntimeError as err:
         raise GraftingError(f"cannot decode image {path} ({err}); replace or remove that file") from err
 
