@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import models
+from flags import parse_grafting_flags
 from grafting.ablation import (NOISE_DECAY, average_states, conv_weights, internal_graft_, noise_graft_)
 from grafting.checkpoint import load_file
-from grafting.cli import ArgumentParser, add_grafting_args, check_grafting_args
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
 from grafting.filters import filter_l1_norms
 from grafting.graft import graft_layers
@@ -288,12 +288,7 @@ def test_average_states_checks_shapes_and_needs_states() -> None:
 
 # ---------------------------------------------------------------- flags
 
-def parse(*argv: str):
-    parser = ArgumentParser(prog="t")
-    add_grafting_args(parser)
-    args = parser.parse_args(list(argv))
-    check_grafting_args(args)
-    return args
+parse = parse_grafting_flags
 
 
 def test_flags_of_the_ablations() -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import models
-from grafting.cli import ArgumentParser, add_grafting_args, check_grafting_args
+from flags import parse_grafting_flags
 from grafting.distill import (Distiller, TeacherEnsemble, freeze_, kd_loss, load_teacher, load_teachers,
                               make_distiller)
 from grafting.errors import CheckpointError, UsageError
@@ -229,12 +229,7 @@ def test_make_distiller_modes(tmp_path) -> None:
 
 # ---------------------------------------------------------------- flags
 
-def parse(*argv: str):
-    parser = ArgumentParser(prog="t")
-    add_grafting_args(parser)
-    args = parser.parse_args(list(argv))
-    check_grafting_args(args)
-    return args
+parse = parse_grafting_flags
 
 
 def test_distill_flags() -> None:
