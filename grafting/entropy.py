@@ -3,9 +3,10 @@
 The entropy is what the arctan weighting multiplies by c = 500, so bin membership must match
 the published code exactly: the bins are half-open, ``[edge_k, edge_k+1)``, against the explicit
 edge vector ``lo + k * width`` computed in the tensor's own dtype, and values equal to the last
-edge (normally the maximum) fall in no bin. ``torch.searchsorted`` against that edge vector makes
-the same comparisons as the original per-bin loop, in one pass and without leaving the device; many
-tensors of one shape share the pass (one row of edges each).
+edge (normally the maximum) fall in no bin. ``torch.bucketize`` against that edge vector makes the
+same comparisons as the original per-bin loop, in one pass and without leaving the device; tensors
+of one size are searched together (``torch.searchsorted``, one row of edges each), which gives the
+same bins with far fewer kernels.
 """
 from __future__ import annotations
 
@@ -16,22 +17,10 @@ import torch
 __all__ = ["entropy_tensor", "entropy_tensors", "layer_entropy", "layer_entropies", "layer_l1"]
 
 
-def _row_entropies(rows: torch.Tensor, bins: int) -> torch.Tensor:
-    """Entropy of every row of a 2-D float tensor, as a float64 vector; one set of kernels for all rows."""
-    lo, hi = torch.aminmax(rows, dim=1)
-    width = (hi - lo) / bins
-    # Edges in the rows' dtype, as the published loop computed them: lo + k * width.
-    edges = lo[:, None] + torch.arange(bins + 1, device=rows.device, dtype=rows.dtype) * width[:, None]
-    # right=True: index i means edges[i-1] <= v < edges[i]; bins 1..bins are the real ones,
-    # 0 is below the first edge and bins+1 is at or above the last (the excluded maximum).
-    index = torch.searchsorted(edges, rows, right=True)
-    # A fixed-size scatter_add_, not bincount: on CUDA bincount reads the index's min and max back to
-    # the host to size its output, two hidden synchronisations per tensor.
-    counts = torch.zeros(rows.shape[0], bins + 2, dtype=torch.int64, device=rows.device)
-    ones = torch.ones((), dtype=torch.int64, device=rows.device).expand_as(index)  # a view, no n-sized fill
-    counts = counts.scatter_add_(1, index, ones)[:, 1 : bins + 1]
-    # A constant row has width 0: every value equals every edge and lands in no bin -> entropy 0.
-    p = counts.to(torch.float64) / rows.shape[1]
+def _entropy_from_counts(counts: torch.Tensor, numel: int) -> torch.Tensor:
+    """Entropy of every row of bin counts (rows x bins) as float64; one code path for one or many tensors,
+    so a batched value is bit for bit the single one."""
+    p = counts.to(torch.float64) / numel
     terms = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
     return -terms.sum(dim=1)
 
@@ -45,22 +34,51 @@ def entropy_tensor(w: torch.Tensor, bins: int = 10) -> torch.Tensor:
 
     Use this to compute many entropies and synchronise once; :func:`layer_entropy` wraps it.
     """
-    flat = _as_float(w).reshape(1, -1)
+    flat = _as_float(w).reshape(-1)
     if flat.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=w.device)
-    return _row_entropies(flat, bins)[0]
+    lo, hi = torch.aminmax(flat)
+    width = (hi - lo) / bins
+    # Edges in w's dtype, as the published loop computed them: lo + k * width.
+    edges = lo + torch.arange(bins + 1, device=flat.device, dtype=flat.dtype) * width
+    # right=True: index i means edges[i-1] <= v < edges[i]; bins 1..bins are the real ones,
+    # 0 is below the first edge and bins+1 is at or above the last (the excluded maximum).
+    index = torch.bucketize(flat, edges, right=True)
+    # A fixed-size scatter_add_, not bincount: on CUDA bincount reads the index's min and max back to
+    # the host to size its output, two hidden synchronisations per tensor.
+    counts = torch.zeros(bins + 2, dtype=torch.int64, device=flat.device)
+    ones = torch.ones((), dtype=torch.int64, device=flat.device).expand_as(index)  # a view, no n-sized fill
+    counts = counts.scatter_add_(0, index, ones)[1 : bins + 1]
+    # A constant tensor has width 0: every value equals every edge and lands in no bin -> entropy 0.
+    return _entropy_from_counts(counts[None], flat.numel())[0]
+
+
+def _row_entropies(rows: torch.Tensor, bins: int) -> torch.Tensor:
+    """:func:`entropy_tensor` of every row of a 2-D tensor at once: the same edges, comparisons and counts."""
+    lo, hi = torch.aminmax(rows, dim=1)
+    width = (hi - lo) / bins
+    edges = lo[:, None] + torch.arange(bins + 1, device=rows.device, dtype=rows.dtype) * width[:, None]
+    index = torch.searchsorted(edges, rows, right=True)  # each row against its own edges
+    counts = torch.zeros(rows.shape[0], bins + 2, dtype=torch.int64, device=rows.device)
+    ones = torch.ones((), dtype=torch.int64, device=rows.device).expand_as(index)
+    counts = counts.scatter_add_(1, index, ones)[:, 1 : bins + 1]
+    return _entropy_from_counts(counts, rows.shape[1])
 
 
 # Elements stacked into one batch of :func:`entropy_tensors`: bounds the int64 bin index to 256 MiB.
 _BATCH_ELEMENTS = 1 << 25
+# On the CPU the per-row search costs ~1.5x the 1-D one per value, so only tensors small enough for the
+# per-call overhead to dominate are stacked there (measured crossover ~10 k values); GPUs stack all.
+_CPU_BATCH_MAX_NUMEL = 8192
 
 
 def entropy_tensors(tensors: Sequence[torch.Tensor], bins: int = 10) -> torch.Tensor:
     """Entropies of many tensors as one float64 vector on the first tensor's device (no host sync).
 
     Tensors of equal size, dtype and device are stacked and binned together, so a whole network
-    costs a few dozen kernels rather than about twenty per tensor, which is what dominates on a GPU.
-    Every value is the one :func:`entropy_tensor` gives for that tensor alone.
+    costs a few dozen kernels rather than about twenty per tensor, which is what dominates on a GPU
+    (on the CPU only small tensors are stacked). Every value is the one :func:`entropy_tensor` gives
+    for that tensor alone.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
@@ -70,14 +88,18 @@ def entropy_tensors(tensors: Sequence[torch.Tensor], bins: int = 10) -> torch.Te
         groups.setdefault((flat.numel(), flat.dtype, flat.device), []).append(i)
     device = tensors[0].device
     values: list[torch.Tensor | None] = [None] * len(flats)
-    for (numel, _, _), members in groups.items():
+    for (numel, _, group_device), members in groups.items():
         if numel == 0:
             for i in members:
                 values[i] = torch.zeros((), dtype=torch.float64, device=device)
             continue
-        per_batch = max(1, _BATCH_ELEMENTS // numel)
+        alone = group_device.type == "cpu" and numel > _CPU_BATCH_MAX_NUMEL
+        per_batch = 1 if alone else max(1, _BATCH_ELEMENTS // numel)
         for first in range(0, len(members), per_batch):
             batch = members[first : first + per_batch]
+            if len(batch) == 1:  # the 1-D search is the faster kernel
+                values[batch[0]] = entropy_tensor(flats[batch[0]], bins).to(device)
+                continue
             rows = _row_entropies(torch.stack([flats[i] for i in batch]), bins).to(device)
             for row, i in enumerate(batch):
                 values[i] = rows[row]

@@ -163,9 +163,9 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
 def bench_train(args: argparse.Namespace, work: Path) -> dict:
     """The train section: table of every ring size in --nets."""
     data, described = prepare_data(args, work)
-    flags = " ".join(args.train_args) if args.train_args else "defaults: batch 128, test batch 100"
+    flags = f" + {' '.join(args.train_args)}" if args.train_args else ""
     print(f"\n== train: {args.model} on {device_name(args.device)}, {described}, {args.epochs} epochs, "
-          f"grafting_cifar/train.py processes ({flags}) ==")
+          f"grafting_cifar/train.py processes (defaults: batch 128, test batch 100{flags}) ==")
     rings: dict[int, list[NetRun]] = {}
     for nets in args.nets:
         tries = [run_ring(nets, args, data, work) for _ in range(args.train_repeat)]

@@ -65,10 +65,12 @@ def train_script(data: Path, shared: Path, *flags: str) -> str:
 
 
 def conv_weights(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The 4-D conv weights of a state_dict (by the paper's key rule)."""
     return [t for k, t in state.items() if "conv" in k and t.dim() == 4]
 
 
 def tiny_epoch(model: nn.Module, loader, amp_dtype: torch.dtype | None = None):
+    """One epoch of the recipe's SGD (cosine schedule) through the library's train_one_epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     scheduler = make_scheduler(optimizer, cosine=True, epochs=1, iters_per_epoch=len(loader), step_epochs=60)
     loader.set_epoch(1)
@@ -191,6 +193,7 @@ def test_compiled_model_trains_publishes_and_grafts(cifar: Path, tmp_path: Path)
 
 
 def mixed_tensors() -> list[torch.Tensor]:
+    """Tensors that exercise every branch of the entropy: shared sizes, dtypes, constants, edges, empty."""
     generator = torch.Generator().manual_seed(7)
     same_shape = [torch.randn(16, 8, 3, 3, generator=generator) * (i + 1) for i in range(5)]
     on_edges = torch.arange(-50, 51, dtype=torch.float32) / 10  # many values exactly on bin edges
@@ -208,7 +211,11 @@ def mixed_tensors() -> list[torch.Tensor]:
     ]
 
 
-def test_entropy_tensors_equal_the_single_tensor_entropies_exactly() -> None:
+@pytest.mark.parametrize("stack_large", [False, True], ids=["cpu-rule", "stack-all-as-on-gpu"])
+def test_entropy_tensors_equal_the_single_tensor_entropies_exactly(stack_large: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if stack_large:  # the per-row search for every size, as on a GPU
+        monkeypatch.setattr(entropy_module, "_CPU_BATCH_MAX_NUMEL", 1 << 40)
     tensors = mixed_tensors() + list(models.create("resnet20", num_classes=10).state_dict().values())
     batched = entropy_tensors(tensors)
     assert batched.dtype == torch.float64 and batched.shape == (len(tensors),)
@@ -240,6 +247,7 @@ def test_graft_layers_scores_are_the_per_layer_entropies() -> None:
 
 
 def load_bench():
+    """scripts/bench.py as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("bench", BENCH_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
