@@ -287,5 +287,6 @@ def test_bench_runs_in_a_tiny_configuration(tmp_path: Path) -> None:
     for run in two:
         assert run["train_img_s"] > 0 and run["test_img_s"] > 0 and len(run["epochs"]) == 2
         assert run["graft_ms"] > 0 and run["wait_s"] >= 0 and run["cpu_s"] > 0
-    assert results["entropy"]["max_difference"] < 1e-12 and results["entropy"]["layer_entropies_ms"] > 0
+    # The yardstick is the published loop, which sums p*ln(p) in float32; the library sums in float64.
+    assert results["entropy"]["max_difference"] < 1e-5 and results["entropy"]["layer_entropies_ms"] > 0
     assert results["graft"]["grafter_ms"] > 0 and results["graft"]["coefficients"] == 19

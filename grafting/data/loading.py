@@ -40,6 +40,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def device_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A random generator on ``device`` seeded with ``seed`` (the shuffles and crops of one epoch)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
