@@ -31,7 +31,7 @@ The pieces, for use on their own:
 Training scripts: ``graft-cifar`` (grafting_cifar/train.py) and ``graft-imagenet``
 (grafting_imagenet/train.py); see the README.
 """
-from .checkpoint import extract_state_dict, load_file, save_atomic
+from .checkpoint import extract_state_dict, load_file, load_state_dict_file, save_atomic
 from .entropy import layer_entropies, layer_entropy, layer_l1
 from .errors import (CheckpointError, DatasetNotFoundError, GraftingError, LockError, PeerMismatchError,
                      PeerTimeoutError, UsageError)
@@ -40,12 +40,6 @@ from .filters import count_invalid_filters
 from .graft import FilterRecord, LayerRecord, default_rule, graft_filters, graft_layers
 from .grafter import Grafter, GraftReport
 from .weighting import graft_coefficient
-
-
-def load_state_dict_file(path: str) -> dict:
-    """The state_dict in checkpoint ``path``, whatever its layout (``{'net': ...}`` .t7 files,
-    ``{'model': ...}``, ``{'state_dict': ...}``, ``module.`` prefixes, bare state_dicts)."""
-    return extract_state_dict(load_file(path, weights_only=True), source=str(path))
 
 
 __all__ = [

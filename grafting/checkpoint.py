@@ -220,6 +220,23 @@ def extract_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, tor
     )
 
 
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict in checkpoint ``path``, whatever its layout (see :func:`extract_state_dict`),
+    loaded with ``weights_only=True``."""
+    return extract_state_dict(load_file(path, weights_only=True), source=str(path))
+
+
+def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, expected: str,
+                      advice: str) -> None:
+    """``model.load_state_dict(state)``; a mismatch (other architecture or class count) becomes one
+    CheckpointError line: ``<source> does not fit <expected> (<torch's first line>); <advice>``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{source} does not fit {expected} ({first}); {advice}") from None
+
+
 def capture_rng_state() -> dict[str, Any]:
     """The state of every random generator training touches, as plain data that ``weights_only`` loads.
 

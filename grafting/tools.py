@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import extract_state_dict, load_file
+from .checkpoint import load_file, load_state_dict_file, load_weights_into
 from .cli import ArgumentParser, entry_point
 from .errors import CheckpointError, GraftingError, UsageError
 from .filters import count_invalid_filters
@@ -184,17 +184,13 @@ def _split_label(text: str) -> tuple[str, Path]:
     return text, Path(text)
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return extract_state_dict(load_file(path, weights_only=True), source=str(path))
-
-
 def count_filters(checkpoints: Sequence[str], thresholds: Sequence[float]) -> list[FilterRow]:
     """Invalid/total filters (METHOD.md §1: conv keys, l1 norm below t) of each checkpoint at each
     threshold. Entries are paths or ``label=path``; any layout ``extract_state_dict`` accepts."""
     rows = []
     for entry in checkpoints:
         label, path = _split_label(entry)
-        state = _load_weights(path)
+        state = load_state_dict_file(path)
         counts = {t: count_invalid_filters(state, t) for t in thresholds}
         if all(total == 0 for _, total in counts.values()):
             raise CheckpointError(f"{path} has no convolution weights whose key contains 'conv'; "
@@ -274,13 +270,9 @@ def _network_from_checkpoint(path: Path, model: str, num_classes: int, device: t
     import models  # the registry of CIFAR architectures
 
     network = models.create(model, num_classes=num_classes)
-    state = _load_weights(path)
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path} does not fit --model {model} with {num_classes} classes ({first}); "
-                              "pass the model and --cifar it was trained with") from None
+    load_weights_into(network, load_state_dict_file(path), source=str(path),
+                      expected=f"--model {model} with {num_classes} classes",
+                      advice="pass the model and --cifar it was trained with")
     return network.to(device)
 
 

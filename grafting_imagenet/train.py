@@ -31,11 +31,11 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch
 from torch import nn
 
-from grafting.checkpoint import extract_state_dict, load_file
+from grafting.checkpoint import load_state_dict_file, load_weights_into
 from grafting.cli import ArgumentParser, add_grafting_args, check_grafting_args, entry_point
 from grafting.data.loading import EpochLoader
 from grafting.data.imagenet import imagenet_loaders
-from grafting.errors import CheckpointError, UsageError
+from grafting.errors import UsageError
 from grafting.distributed import Processes, broadcast_from_main, choose_process_device, per_process
 from grafting.experiment import amp_dtype_for, run_ring
 from grafting.imagenet_models import ARCHS, create_model, model_classes, pretrained_weights
@@ -147,14 +147,9 @@ def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, val_loader: 
         source = f"torchvision's pretrained {args.arch}"
     else:
         source = str(path)
-        state = extract_state_dict(load_file(path), source=source) if procs.is_main else None
-        state = broadcast_from_main(state)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
-            raise CheckpointError(f"{path} does not fit -a {args.arch} with {model_classes(model)} classes "
-                                  f"({first}); pass the matching --arch and --data") from None
+        state = broadcast_from_main(load_state_dict_file(path) if procs.is_main else None)
+        load_weights_into(model, state, source=source, expected=f"-a {args.arch} with {model_classes(model)} classes",
+                          advice="pass the matching --arch and --data")
     stats = evaluate(model, val_loader, amp_dtype=amp_dtype_for(device, args.amp))
     log.info(f"evaluate {source}: top-1 {stats.top1:.2f} top-5 {stats.top5:.2f} loss {stats.loss:.4f}")
 
