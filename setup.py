@@ -6,17 +6,19 @@ setup(
     description="Filter grafting (Meng et al., CVPR 2020) with distillation: one process per network, "
     "entropy-weighted grafting through a shared directory.",
     python_requires=">=3.9",
-    packages=find_packages(include=["grafting", "grafting.*", "models", "models.*",
-                                    "grafting_cifar", "grafting_imagenet"]),
+    # models/ is installed as grafting_models: a top-level 'models' would collide with users' own packages.
+    packages=find_packages(include=["grafting", "grafting.*", "grafting_cifar", "grafting_imagenet"])
+    + ["grafting_models"],
+    package_dir={"grafting_models": "models"},
     install_requires=["torch", "torchvision", "numpy", "tensorboard"],
     extras_require={"test": ["pytest"]},
     entry_points={
         "console_scripts": [
             "graft-cifar=grafting_cifar.train:main",
             "graft-imagenet=grafting_imagenet.train:main",
-            "graft-filters=grafting.tools:filters_main",
-            "graft-ensemble=grafting.tools:ensemble_main",
-            "graft-summary=grafting.tools:summary_main",
+            "graft-filters=grafting.tools.filters:main",
+            "graft-ensemble=grafting.tools.ensemble:main",
+            "graft-summary=grafting.tools.summary:main",
         ]
     },
 )

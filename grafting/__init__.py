@@ -24,23 +24,29 @@ The pieces, for use on their own:
 - ``count_invalid_filters(state_dict, threshold)``: the paper's invalid-filter count.
 - ``load_state_dict_file(path)``: a state_dict from any common checkpoint layout.
 - ``Exchange``: the shared folder (atomic files, waiting, locking) under ``Grafter``.
-- ``grafting.distill``: distillation losses and teachers (cultivation); ``grafting.ablation``: the
-  paper's noise, internal and averaging alternatives; ``grafting.tools``: invalid-filter tables,
-  ensembles and results summaries.
+
+The layers of the package:
+
+- ``grafting.method``: the numerics of docs/METHOD.md (entropy, weighting, grafting, invalid filters,
+  the paper's ablations, distillation);
+- ``grafting.ring``: the ring protocol (the shared folder's files, the exchange, the ``Grafter``);
+- ``grafting.train``: the run machinery of the training scripts (configuration, loop, checkpoints);
+- ``grafting.tools``: results next to the paper (``graft-summary``, ``graft-filters``, ``graft-ensemble``);
+- ``grafting.data``: CIFAR and ImageNet pipelines and their generated stand-ins;
+- ``grafting.archs``: the CIFAR architectures of the repository's ``models/`` folder.
 
 Training scripts: ``graft-cifar`` (grafting_cifar/train.py) and ``graft-imagenet``
 (grafting_imagenet/train.py); see the README.
 """
-from .checkpoint import extract_state_dict, load_file, load_state_dict_file, save_atomic
-from .entropy import layer_entropies, layer_entropy, layer_l1
-from .errors import (CheckpointError, DatasetNotFoundError, GraftingError, LockError, PeerMismatchError,
-                     PeerTimeoutError, UsageError)
-from .exchange import Exchange
-from .filters import count_invalid_filters
-from .graft import FilterRecord, LayerRecord, default_rule, graft_filters, graft_layers
-from .grafter import Grafter, GraftReport
-from .weighting import graft_coefficient
-
+from grafting.checkpoint import extract_state_dict, load_file, load_state_dict_file, save_atomic
+from grafting.errors import (CheckpointError, DatasetNotFoundError, GraftingError, LockError, PeerMismatchError,
+                             PeerTimeoutError, UsageError)
+from grafting.method.entropy import layer_entropies, layer_entropy, layer_l1
+from grafting.method.filters import count_invalid_filters
+from grafting.method.graft import FilterRecord, LayerRecord, default_rule, graft_filters, graft_layers
+from grafting.method.weighting import graft_coefficient
+from grafting.ring.exchange import Exchange
+from grafting.ring.grafter import Grafter, GraftReport
 
 __all__ = [
     "Grafter", "GraftReport", "Exchange",

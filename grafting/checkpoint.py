@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grafting.errors import CheckpointError
+from grafting.errors import CheckpointError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +93,50 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write ``text`` to ``path`` the way :func:`save_atomic` writes checkpoints (temporary file, rename)."""
+    path = Path(path)
+    temp = _temp_path(path)
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise CheckpointError(f"could not write {path}: {err.strerror or err}; free space or fix the permissions "
+                              f"of its folder") from None
+
+
+def remove_temp_files(folder: str | Path, names: re.Pattern[str] | None = None) -> list[Path]:
+    """Delete the half-written ``<name>.tmp-<pid>`` files a killed writer left in ``folder``; return them.
+
+    Only names whose ``<name>`` part matches ``names`` (all, when None). Call it only while holding
+    the lock of the network that writes these files, so that no live writer owns them.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            name, sep, pid = entry.name.rpartition(".tmp-")
+            if not (sep and pid.isdigit() and entry.is_file(follow_symlinks=False)):
+                continue
+            if names is not None and not names.fullmatch(name):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+                logger.info("removed %s, left by an interrupted write", entry.path)
+    return removed
+
+
 def _short_reason(err: BaseException) -> str:
     """One short line describing why ``torch.load`` failed, without torch's multi-paragraph advice."""
     text = str(err)
     unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     if unpickler:
         text = unpickler.group(1)
-    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    line = text.strip().splitlines()[0] if text.strip() else ""
     # torch's messages continue with advice after the first sentence; keep only the diagnosis.
-    first_sentence = first_line.split(". ")[0].rstrip(".")
+    first_sentence = line.split(". ")[0].rstrip(".")
     if len(first_sentence) > 120:
         first_sentence = first_sentence[:117] + "..."
     name = type(err).__name__
@@ -226,15 +261,51 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return extract_state_dict(load_file(path, weights_only=True), source=str(path))
 
 
+def class_count_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """'has K classes but this run trains J' when the last weight matrix differs in its output count
+    only, else ''."""
+    classifier = next((k for k in reversed(list(expected)) if expected[k].dim() >= 2), None)
+    if classifier is None or not isinstance(given.get(classifier), torch.Tensor):
+        return ""
+    mine, theirs = tuple(expected[classifier].shape), tuple(given[classifier].shape)
+    if len(mine) == len(theirs) and mine[1:] == theirs[1:] and mine[0] != theirs[0]:
+        return f"has {theirs[0]} classes but this run trains {mine[0]} ('{classifier}')"
+    return ""
+
+
+def state_dict_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """Why ``given`` cannot stand in for ``expected`` ('' when it can): the same keys, each with the same
+    shape, and a floating dtype wherever ``expected`` has one. A different class count is named as such."""
+    classes = class_count_misfit(expected, given)
+    if classes:
+        return classes
+    for key, tensor in expected.items():
+        if key not in given:
+            return f"has no entry '{key}'"
+        other = given[key]
+        if not isinstance(other, torch.Tensor):
+            return f"holds a {type(other).__name__} for '{key}', not a tensor"
+        if tuple(other.shape) != tuple(tensor.shape):
+            return f"has shape {tuple(other.shape)} for '{key}' where {tuple(tensor.shape)} is expected"
+        if tensor.is_floating_point() and not other.is_floating_point():
+            return f"has dtype {other.dtype} for '{key}' where a floating dtype ({tensor.dtype}) is expected"
+    extra = next((k for k in given if k not in expected), None)
+    if extra is not None:
+        return f"has an entry '{extra}' that the architecture lacks"
+    return ""
+
+
 def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, expected: str,
                       advice: str) -> None:
     """``model.load_state_dict(state)``; a mismatch (other architecture or class count) becomes one
-    CheckpointError line: ``<source> does not fit <expected> (<torch's first line>); <advice>``."""
+    CheckpointError line: ``<source> does not fit <expected>: it <reason>; <advice>``."""
+    problem = state_dict_misfit(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{source} does not fit {expected}: it {problem}; {advice}")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{source} does not fit {expected} ({first}); {advice}") from None
+        raise CheckpointError(f"{source} does not fit {expected} ({first_line(err)}); {advice}") from None
 
 
 def capture_rng_state() -> dict[str, Any]:

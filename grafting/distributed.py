@@ -3,20 +3,16 @@ sits, its device, and handing rank 0's objects to the other ranks. Rank 0 alone 
 shared folder; everything the others need comes from it through these broadcasts."""
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from .errors import UsageError
-from .runtime import choose_device
+from grafting.errors import UsageError
 
-__all__ = ["Processes", "choose_process_device", "per_process", "is_distributed", "broadcast_from_main"]
+__all__ = ["Processes", "per_process", "is_distributed", "broadcast_from_main"]
 
-log = logging.getLogger("grafting")
 T = TypeVar("T")
 
 
@@ -49,7 +45,6 @@ def broadcast_from_main(obj: T) -> T:
     return box[0]
 
 
-
 @dataclass(frozen=True)
 class Processes:
     """Where this process sits in a torchrun launch: world_size 1 when started directly."""
@@ -75,29 +70,9 @@ class Processes:
                    world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def choose_process_device(args: argparse.Namespace, procs: Processes) -> torch.device:
-    """The device of this process: --device / --gpu, or under torchrun cuda:LOCAL_RANK (CPU with --device cpu)."""
-    requested = f"cuda:{args.gpu}" if args.gpu is not None else args.device
-    if not procs.distributed:
-        return choose_device(requested)
-    device = choose_device(requested if requested == "cpu" else None)
-    if device.type != "cuda":
-        return device
-    if requested not in (None, "cuda"):
-        log.warning(f"--gpu/--device {requested} ignored under torchrun: rank {procs.rank} uses "
-                    f"cuda:{procs.local_rank}")
-    if procs.local_rank >= torch.cuda.device_count():
-        raise UsageError(f"torchrun started {procs.world_size} processes but only {torch.cuda.device_count()} "
-                         f"GPU(s) are visible; lower --nproc_per_node")
-    torch.cuda.set_device(procs.local_rank)
-    return torch.device("cuda", procs.local_rank)
-
-
 def per_process(total: int, procs: Processes, flag: str) -> int:
     """``total`` (a network's batch size) split evenly over the processes of a torchrun."""
     if total % procs.world_size:
         raise UsageError(f"{flag} {total} is the network's total; it must be divisible by the "
                          f"{procs.world_size} processes of this torchrun")
     return total // procs.world_size
-
-

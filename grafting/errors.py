@@ -1,4 +1,8 @@
 """Errors a user can cause and fix. Each message is one line that says what to do."""
+from __future__ import annotations
+
+__all__ = ["GraftingError", "DatasetNotFoundError", "CheckpointError", "PeerTimeoutError", "PeerMismatchError",
+           "LockError", "UsageError", "first_line"]
 
 
 class GraftingError(Exception):
@@ -18,7 +22,7 @@ class PeerTimeoutError(GraftingError):
 
 
 class PeerMismatchError(GraftingError):
-    """A peer's checkpoint does not fit this network (model, classes, --num)."""
+    """A peer's checkpoint does not fit this network (model, classes, --num, grafting settings)."""
 
 
 class LockError(GraftingError):
@@ -27,3 +31,10 @@ class LockError(GraftingError):
 
 class UsageError(GraftingError):
     """A flag has an impossible value (exit code 2, nothing written)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (or its type's name when it has none), for one-line errors
+    that quote a library's multi-line message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

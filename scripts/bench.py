@@ -47,7 +47,7 @@ TRAIN_SCRIPT = REPO / "grafting_cifar" / "train.py"
 SECTIONS = ("train", "entropy", "graft")
 # The epoch line of grafting/loop.py: "... | wait 0.3 s | graft 48.1 ms | 342 img/s (test 1380) | mem 1.20 GiB"
 EPOCH_LINE = re.compile(
-    r"epoch (\d+)/(\d+) \|.*\| wait ([\d.]+) s \| graft ([\d.]+) ms.*?\| (\d+) img/s \(test (\d+)\)"
+    r"epoch (\d+)/(\d+) \|.*\| (?:wait ([\d.]+) s \| graft ([\d.]+) ms|no graft[^|]*).*?\| (\d+) img/s \(test (\d+)\)"
     r"(?: \| mem ([\d.]+) GiB)?")
 
 
@@ -77,7 +77,7 @@ def parse_epoch_lines(text: str) -> list[dict[str, float]]:
     rows = []
     for match in EPOCH_LINE.finditer(text):
         epoch, _, wait, graft, train, test, mem = match.groups()
-        rows.append({"epoch": int(epoch), "wait_s": float(wait), "graft_ms": float(graft),
+        rows.append({"epoch": int(epoch), "wait_s": float(wait or 0), "graft_ms": float(graft or 0),
                      "train_img_s": float(train), "test_img_s": float(test),
                      "gpu_gib": float(mem) if mem is not None else math.nan})
     return rows
@@ -242,8 +242,8 @@ def _sync(device: torch.device) -> None:
 
 def bench_entropy(args: argparse.Namespace) -> dict:
     """The entropy section: per-bin loop vs vectorised over every float tensor of --graft-model."""
-    import models
-    from grafting.entropy import layer_entropies, layer_entropy
+    from grafting.archs import cifar_models as models
+    from grafting.method.entropy import layer_entropies, layer_entropy
 
     device = torch.device(args.device)
     tensors = [t for t in models.create(args.graft_model, num_classes=10).to(device).state_dict().values()
@@ -265,9 +265,9 @@ def bench_entropy(args: argparse.Namespace) -> dict:
 
 def bench_graft(args: argparse.Namespace, work: Path) -> dict:
     """The graft section: the Grafter's step (file in, graft) and graft_layers alone, on --graft-model."""
-    import models
-    from grafting.graft import graft_layers
-    from grafting.grafter import Grafter
+    from grafting.archs import cifar_models as models
+    from grafting.method.graft import graft_layers
+    from grafting.ring.grafter import Grafter
 
     device = torch.device(args.device)
     torch.manual_seed(1)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         if "train" in args.what:
             results["train"] = bench_train(args, work)
         if "entropy" in args.what or "graft" in args.what:
-            from grafting.runtime import configure_threads
+            from grafting.train.runtime import configure_threads
 
             configure_threads(None, 1, torch.device(args.device))  # one network's share: every core
         if "entropy" in args.what:

@@ -1,6 +1,6 @@
 """Invalid filters per checkpoint and threshold, as the paper's table (graft-filters).
 
-Run with --help for the flags; the logic lives in grafting/tools.py.
+Run with --help for the flags; the logic lives in grafting/tools/filters.py.
 """
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from grafting.tools import filters_main
+from grafting.tools.filters import main
 
 if __name__ == "__main__":
-    filters_main()
+    main()

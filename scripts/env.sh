@@ -1,13 +1,43 @@
-# Sourced by the other scripts: creates (once) and activates the project's virtual environment.
-# The environment lives outside the clone so that fresh clones and CI reuse it instead of
-# reinstalling torch (5.6 GB). Override its location with GRAFTING_VENV.
+# Sourced by the other scripts: creates (once) and activates the project's Python environment.
+#
+# Two layers, so that torch (5.6 GB) is installed once per machine and every checkout still runs its own code:
+#   ~/.cache/filter-grafting/venv   shared: torch 2.14.1, torchvision 0.29.1, numpy, tensorboard, pytest
+#                                   (override the place with GRAFTING_VENV)
+#   <checkout>/.venv                this checkout's own: sees the shared packages and holds an editable
+#                                   install of this checkout (graft-cifar & co. run this checkout's code)
+# A second checkout gets its own .venv in seconds and never repoints another checkout's commands.
 GRAFTING_VENV="${GRAFTING_VENV:-$HOME/.cache/filter-grafting/venv}"
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if ! "$GRAFTING_VENV/bin/python" -c "import torch, torchvision, numpy, tensorboard, pytest" 2>/dev/null; then
+_local="$_repo/.venv"
+_has() {  # _has PYTHON MODULE...: every module is importable (looked up, not imported: fast)
+    local python="$1"; shift
+    "$python" -c 'import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))' \
+        "$@" 2>/dev/null
+}
+if ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest setuptools pip; then
     echo "[env] creating $GRAFTING_VENV (torch 2.14.1, torchvision 0.29.1; a few minutes, once)"
     python3 -m venv "$GRAFTING_VENV" || return 1
-    "$GRAFTING_VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 numpy tensorboard pytest || return 1
+    "$GRAFTING_VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 numpy tensorboard pytest setuptools \
+        || return 1
 fi
-# Editable install of this checkout: cheap, and points the console scripts at this clone.
-"$GRAFTING_VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$_repo" >/dev/null || return 1
-export PATH="$GRAFTING_VENV/bin:$PATH"
+# Earlier versions installed a checkout into the shared environment itself; remove it, or it would shadow.
+if "$GRAFTING_VENV/bin/python" -c 'import importlib.metadata as m; m.version("filter-grafting")' 2>/dev/null; then
+    "$GRAFTING_VENV/bin/pip" uninstall -q -y filter-grafting >/dev/null || return 1
+fi
+if ! _has "$_local/bin/python" torch; then
+    rm -rf "$_local"
+    "$GRAFTING_VENV/bin/python" -m venv --without-pip "$_local" || return 1
+    "$GRAFTING_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+        > "$("$_local/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/filter_grafting_shared.pth" \
+        || return 1  # the shared packages, searched after this environment's own
+fi
+# Editable install of this checkout into its own environment (pip comes from the shared one), redone only
+# when setup.py or setup.cfg (packages, console commands) changed since.
+_stamp="$(cat "$_repo/setup.py" "$_repo/setup.cfg" 2>/dev/null | cksum)"
+if [ "$(cat "$_local/.installed" 2>/dev/null)" != "$_stamp" ]; then
+    "$_local/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_repo" >/dev/null || return 1
+    echo "$_stamp" > "$_local/.installed"
+fi
+export PATH="$_local/bin:$PATH"
+export VIRTUAL_ENV="$_local"
+unset -f _has

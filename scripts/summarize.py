@@ -1,6 +1,6 @@
 """Markdown table of run folders next to the paper's numbers (graft-summary).
 
-Run with --help for the flags; the logic lives in grafting/tools.py.
+Run with --help for the flags; the logic lives in grafting/tools/summary.py.
 """
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from grafting.tools import summary_main
+from grafting.tools.summary import main
 
 if __name__ == "__main__":
-    summary_main()
+    main()

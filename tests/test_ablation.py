@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from flags import parse_grafting_flags
-from grafting.ablation import (NOISE_DECAY, average_states, conv_weights, internal_graft_, noise_graft_)
+from grafting.archs import cifar_models as models
+from grafting_cifar.train import parse_args
+from grafting.method.ablation import (NOISE_DECAY, average_states, conv_weights, internal_graft_, noise_graft_)
 from grafting.checkpoint import load_file
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
-from grafting.filters import filter_l1_norms
-from grafting.graft import graft_layers
-from grafting.grafter import Grafter
+from grafting.method.filters import filter_l1_norms
+from grafting.method.graft import graft_layers
+from grafting.ring.grafter import Grafter
 
 torch.set_num_threads(1)
 
@@ -288,7 +288,11 @@ def test_average_states_checks_shapes_and_needs_states() -> None:
 
 # ---------------------------------------------------------------- flags
 
-parse = parse_grafting_flags
+
+
+def parse(*argv: str):
+    """The CIFAR script's configuration of ``argv`` (the grafting flags are shared by both scripts)."""
+    return parse_args(list(argv))
 
 
 def test_flags_of_the_ablations() -> None:

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from flags import parse_grafting_flags
-from grafting.distill import (Distiller, TeacherEnsemble, freeze_, kd_loss, load_teacher, load_teachers,
+from grafting.archs import cifar_models as models
+from grafting_cifar.train import parse_args
+from grafting.method.distill import (Distiller, TeacherEnsemble, freeze_, kd_loss, load_teacher, load_teachers,
                               make_distiller)
 from grafting.errors import CheckpointError, UsageError
-from grafting.grafter import GraftReport
-from grafting.loop import cross_entropy
+from grafting.ring.grafter import GraftReport
+from grafting.train.loop import cross_entropy
 
 torch.set_num_threads(1)
 
@@ -229,7 +229,11 @@ def test_make_distiller_modes(tmp_path) -> None:
 
 # ---------------------------------------------------------------- flags
 
-parse = parse_grafting_flags
+
+
+def parse(*argv: str):
+    """The CIFAR script's configuration of ``argv`` (the grafting flags are shared by both scripts)."""
+    return parse_args(list(argv))
 
 
 def test_distill_flags() -> None:

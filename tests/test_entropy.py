@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grafting.entropy import entropy_tensor, layer_entropies, layer_entropy, layer_l1
+from grafting.method.entropy import entropy_tensor, layer_entropies, layer_entropy, layer_l1
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

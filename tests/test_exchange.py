@@ -23,7 +23,7 @@ from torch import nn
 
 from grafting.checkpoint import load_file
 from grafting.errors import CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError
-from grafting.exchange import Exchange, format_duration
+from grafting.ring.exchange import Exchange, format_duration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 META = {"model": "resnet32", "num_classes": 10}
@@ -33,7 +33,7 @@ HOLD_LOCK = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-from grafting.exchange import Exchange
+from grafting.ring.exchange import Exchange
 exchange = Exchange(sys.argv[1], 2, 3, heartbeat_interval=0.05)
 exchange.acquire()
 print("locked", flush=True)
@@ -45,7 +45,7 @@ REWRITE_FOREVER = """
 import itertools, sys
 import torch
 torch.set_num_threads(1)
-from grafting.exchange import Exchange
+from grafting.ring.exchange import Exchange
 exchange = Exchange(sys.argv[1], 1, 2)
 print("writing", flush=True)
 for step in itertools.count():
@@ -155,7 +155,7 @@ def test_load_refuses_a_peer_of_another_model(tmp_path: Path) -> None:
     path = tmp_path / "net2_epoch5.pt"
     assert str(caught.value) == (
         f"network 2's checkpoint {path} has model=resnet56, this network has model=resnet32; "
-        "all networks of a ring must use the same --model, --cifar and --num"
+        "start every network of the ring with the same model"
     )
 
     with pytest.raises(PeerMismatchError, match=r"has num_classes=10, this network has num_classes=100"):
@@ -182,6 +182,7 @@ def test_load_of_a_truncated_peer_file_names_it(tmp_path: Path) -> None:
         Exchange(tmp_path, 1, 2).load(2, 1)
 
 
+@pytest.mark.e2e
 def test_reader_never_sees_a_half_written_file_even_when_the_writer_is_killed(tmp_path: Path) -> None:
     writer = start_child(REWRITE_FOREVER, str(tmp_path))
     reader = Exchange(tmp_path, 2, 2)
@@ -252,7 +253,7 @@ def test_wait_for_times_out(tmp_path: Path) -> None:
 
 def test_wait_for_logs_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, log_every=0.1)
-    with caplog.at_level(logging.INFO, logger="grafting.exchange"):
+    with caplog.at_level(logging.INFO, logger="grafting.ring.exchange"):
         with pytest.raises(PeerTimeoutError):
             reader.wait_for(2, 5, timeout=0.45)
     lines = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
@@ -267,7 +268,7 @@ def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pyt
     os.utime(alive, (old, old))
     reader = Exchange(tmp_path, 1, 2, poll_interval=0.02)
 
-    with caplog.at_level(logging.WARNING, logger="grafting.exchange"):
+    with caplog.at_level(logging.WARNING, logger="grafting.ring.exchange"):
         with pytest.raises(PeerTimeoutError):
             reader.wait_for(2, 5, timeout=0.3)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -278,7 +279,7 @@ def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pyt
 def test_fresh_or_missing_heartbeat_gives_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     reader = Exchange(tmp_path, 1, 3, poll_interval=0.02)
     (tmp_path / "net3.alive").write_text("now\n")
-    with caplog.at_level(logging.WARNING, logger="grafting.exchange"):
+    with caplog.at_level(logging.WARNING, logger="grafting.ring.exchange"):
         for peer in (2, 3):  # network 2 has no heartbeat file at all, network 3 a fresh one
             with pytest.raises(PeerTimeoutError):
                 reader.wait_for(peer, 1, timeout=0.1)
@@ -320,6 +321,7 @@ def test_lock_is_exclusive_and_released_by_the_context_manager(tmp_path: Path) -
         pass
 
 
+@pytest.mark.e2e
 def test_lock_held_by_another_process_and_freed_by_sigkill(tmp_path: Path) -> None:
     owner = start_child(HOLD_LOCK, str(tmp_path))
     try:

@@ -30,18 +30,20 @@ from typing import Callable
 import pytest
 import torch
 
-import models
+from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
-from grafting.exchange import Exchange
-from grafting.session import RunFiles, load_last, prepare_run_files
+from grafting.ring.exchange import Exchange
+from conftest import CIFAR_SCRIPT, REPO, Proc, child_env, finish, kill, one_line, start_script, wait_until
+from grafting.ring.layout import NetworkFiles
+from grafting.train.config import CifarConfig
+from grafting.train.files import load_last, prepare_run_files
 
-REPO = Path(__file__).resolve().parent.parent
-CIFAR_SCRIPT = REPO / "grafting_cifar" / "train.py"
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 TRAIN_IMAGES, TEST_IMAGES, BATCH = 256, 64, 32
 BATCHES = TRAIN_IMAGES // BATCH
 RING_EPOCHS = 5  # long enough that the exchange cleanup removes files while networks are killed
-RUN_TIMEOUT_S = 300.0
 SEED = 3
 
 
@@ -49,77 +51,10 @@ SEED = 3
 # Processes
 
 
-@dataclass
-class Net:
-    """One training process; its stdout and stderr go to files so a test can watch them while it runs."""
-
-    name: str
-    process: subprocess.Popen
-    out: Path
-    err: Path
-
-    @property
-    def log(self) -> str:
-        """Everything the process printed to stdout so far."""
-        return self.out.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        """Everything the process printed to stderr so far."""
-        return self.err.read_text(errors="replace")
-
-    def report(self) -> str:
-        """Exit status and both outputs, for assertion messages."""
-        return f"--- {self.name} (exit {self.process.poll()}) stdout:\n{self.log}\n--- stderr:\n{self.stderr}"
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a training process: this checkout importable, one OpenMP thread."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
-
-
 def start(workdir: Path, name: str, flags: list[str], *, env: dict[str, str] | None = None,
-          preexec_fn: Callable[[], None] | None = None) -> Net:
+          preexec_fn: Callable[[], None] | None = None) -> Proc:
     """Start the CIFAR script with ``flags``; its output goes to ``workdir/logs/<name>.out|.err``."""
-    logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    out, err = logs / f"{name}.out", logs / f"{name}.err"
-    with open(out, "w") as out_file, open(err, "w") as err_file:
-        process = subprocess.Popen([sys.executable, str(CIFAR_SCRIPT), *flags], cwd=workdir, stdout=out_file,
-                                   stderr=err_file, env=env or child_env(), preexec_fn=preexec_fn)
-    return Net(name, process, out, err)
-
-
-def finish(nets: list[Net], timeout: float = RUN_TIMEOUT_S) -> list[int]:
-    """Wait for every process; kill them all and fail with their logs if one takes too long."""
-    deadline = time.monotonic() + timeout
-    try:
-        return [net.process.wait(timeout=max(1.0, deadline - time.monotonic())) for net in nets]
-    except subprocess.TimeoutExpired:
-        for net in nets:
-            kill(net)
-        pytest.fail("a training process did not finish in time:\n" + "\n".join(net.report() for net in nets))
-
-
-def kill(net: Net) -> None:
-    """SIGKILL (no clean-up runs: no finally, no atexit, the lock is dropped by the kernel) and reap."""
-    if net.process.poll() is None:
-        os.kill(net.process.pid, signal.SIGKILL)
-    net.process.wait(timeout=30)
-
-
-def wait_until(condition: Callable[[], bool], what: str, nets: list[Net], timeout: float = RUN_TIMEOUT_S) -> float:
-    """Poll ``condition`` until true and return the time (monotonic); fail if a process dies first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        exited = [net for net in nets if net.process.poll() is not None]
-        if exited or time.monotonic() > deadline:
-            for net in nets:
-                kill(net)
-            reason = "a process exited" if exited else "timed out"
-            pytest.fail(f"waiting for {what}: {reason}\n" + "\n".join(net.report() for net in nets))
-        time.sleep(0.02)
-    return time.monotonic()
+    return start_script(CIFAR_SCRIPT, flags, workdir, name, env=env, preexec_fn=preexec_fn)
 
 
 def flags_for(data: Path, shared: Path, *, num: int, i: int, epochs: int = RING_EPOCHS, model: str = "resnet20",
@@ -128,13 +63,6 @@ def flags_for(data: Path, shared: Path, *, num: int, i: int, epochs: int = RING_
     return ["--data", str(data), "--s", str(shared), "--num", str(num), "--i", str(i), "--epochs", str(epochs),
             "--model", model, "--device", "cpu", "--threads", "1", "--batch-size", str(BATCH),
             "--test-batch-size", str(TEST_IMAGES), "--print-freq", "2", "--seed", str(SEED), *extra]
-
-
-def one_line(text: str) -> str:
-    """The single line of ``text``; fails when there are more (or none)."""
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{text}"
-    return lines[0]
 
 
 def last_state(shared: Path, net: int) -> dict:
@@ -279,12 +207,13 @@ import itertools, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-import models
-from grafting.session import RunFiles, save_last
+from grafting.archs import cifar_models as models
+from grafting.ring.layout import NetworkFiles
+from grafting.train.files import save_last
 model = models.create("resnet110", num_classes=10)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-files = RunFiles(Path(sys.argv[1]), 1)
+files = NetworkFiles(Path(sys.argv[1]), 1)
 files.folder.mkdir(parents=True, exist_ok=True)
 print("saving", flush=True)
 for epoch in itertools.count(int(sys.argv[2])):
@@ -293,7 +222,7 @@ for epoch in itertools.count(int(sys.argv[2])):
             parameter.fill_(float(epoch))
     save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, epoch=epoch, best_acc=0.0)
 """
-    files = RunFiles(tmp_path, 1)
+    files = NetworkFiles(tmp_path, 1)
     chance = random.Random(8)
     interrupted_saves, rounds, leftovers = 0, 0, set()
     # About two kills in three land inside a save; go on until one has (almost surely within 10 rounds).
@@ -327,7 +256,8 @@ for epoch in itertools.count(int(sys.argv[2])):
     assert interrupted_saves > 0, "no kill landed inside a save; the test proved nothing"
 
     # The next owner of the network removes the half-written files when it prepares its run files.
-    prepare_run_files(tmp_path, 1, {"model": "resnet110"}, resume=True)
+    files.last.unlink()  # keep the settings check out of this test: only the clean-up matters
+    prepare_run_files(CifarConfig(s=str(tmp_path), model="resnet110"))
     assert temp_files(files.folder) == []
 
 
@@ -666,7 +596,7 @@ def test_bad_flags_in_real_processes(tmp_path: Path, data: Path, image_folder: P
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
         started.append((f"{script} {case}", workdir, named, process))
     for name, workdir, named, process in started:
-        _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+        _, stderr = process.communicate(timeout=300)
         line = one_line(stderr)
         assert process.returncode == 2, f"{name}: {stderr}"
         assert named in line and "Traceback" not in stderr, f"{name}: {line}"

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import models
-from grafting.filters import conv_filter_keys, count_invalid_filters, filter_l1_norms
+from grafting.archs import cifar_models as models
+from grafting.method.filters import conv_filter_keys, count_invalid_filters, filter_l1_norms
 
 
 def filters_with_norms(norms: list[float], shape: tuple[int, ...] = (2, 3, 3)) -> torch.Tensor:

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from grafting.entropy import layer_entropy
+from grafting.archs import cifar_models as models
+from grafting.method.entropy import layer_entropy
 from grafting.errors import GraftingError, PeerMismatchError
-from grafting.graft import FilterRecord, LayerRecord, graft_filters, graft_layers
-from grafting.weighting import graft_coefficient
+from grafting.method.graft import FilterRecord, LayerRecord, graft_filters, graft_layers
+from grafting.method.weighting import graft_coefficient
 
 LAYER_MODELS = ("resnet32", "mobilenetv2", "vgg16")
 

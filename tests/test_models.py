@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models
+from grafting.archs import cifar_models as models
 from grafting.errors import GraftingError
-from models.resnet import PadShortcut
+from grafting_models.resnet import PadShortcut
 
 torch.set_num_threads(2)
 

@@ -22,16 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
-from grafting import entropy as entropy_module
+from grafting.archs import cifar_models as models
+from grafting.method import entropy as entropy_module
 from grafting.data.cifar import cifar_loaders
 from grafting.data.fake import write_fake_cifar
-from grafting.entropy import entropy_tensor, entropy_tensors, layer_entropies, layer_entropy
-from grafting.experiment import amp_dtype_for
-from grafting.graft import graft_layers
-from grafting.grafter import Grafter
-from grafting.loop import evaluate, train_one_epoch
-from grafting.schedule import make_scheduler
+from grafting.method.entropy import entropy_tensor, entropy_tensors, layer_entropies, layer_entropy
+from grafting.train.report import EpochRecord
+from grafting.train.run import amp_dtype_for
+from grafting.method.graft import graft_layers
+from grafting.ring.grafter import Grafter
+from grafting.train.loop import evaluate, train_one_epoch
+from grafting.train.schedule import make_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "grafting_cifar" / "train.py"
@@ -102,6 +103,7 @@ def test_amp_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(cifar: Path) -
     assert math.isfinite(result.loss) and 0.0 <= result.top1 <= 100.0
 
 
+@pytest.mark.e2e
 def test_train_script_with_amp_on_the_cpu(cifar: Path, tmp_path: Path) -> None:
     output = train_script(cifar, tmp_path / "amp", "--amp")
     assert "amp bfloat16" in output
@@ -117,6 +119,7 @@ def test_train_script_with_amp_on_the_cpu(cifar: Path, tmp_path: Path) -> None:
 # channels_last on the CPU
 
 
+@pytest.mark.e2e
 def test_no_channels_last_keeps_the_plain_layout(cifar: Path, tmp_path: Path) -> None:
     train_script(cifar, tmp_path / "nchw", "--no-channels-last")
     state = torch.load(tmp_path / "nchw" / "net1" / "last.pt", map_location="cpu", weights_only=True)["model"]
@@ -257,11 +260,14 @@ def load_bench():
 
 def test_bench_parses_the_epoch_line_of_the_loop() -> None:
     bench = load_bench()
-    log = ("10:00:01 [net 1/2] epoch 1/2 | train loss 2.1000 acc 20.00 | test loss 2.0 acc 25.00 top5 70.00 | best 25.00 "
-           "| lr 0.10000 | wait 1.5 s | graft 48.2 ms | 341 img/s (test 1290) | mem 1.25 GiB\n"
+    first = EpochRecord(epoch=1, epochs=2, train_loss=2.1, train_acc=20.0, test_loss=2.0, test_acc=25.0, test_acc5=70.0,
+                        best_acc=25.0, lr=0.1, grafted=True, waited_s=1.5, graft_ms=48.2, train_images_per_s=341,
+                        test_images_per_s=1290, gpu_memory_gib=1.25)
+    final = EpochRecord(epoch=2, epochs=2, train_loss=1.9, train_acc=30.0, test_loss=1.8, test_acc=35.0, test_acc5=80.0,
+                        best_acc=35.0, lr=0.1, train_images_per_s=359, test_images_per_s=1310)
+    log = (f"10:00:01 [net 1/2] {first.line()}\n"
            "10:00:02 [net 1/2] epoch 2 [10/40] loss 2.0 acc 20.00% lr 0.10000 300 img/s\n"
-           "10:00:09 [net 1/2] epoch 2/2 | train loss 1.9000 acc 30.00 | test loss 1.8 acc 35.00 top5 80.00 | best 35.00 "
-           "| lr 0.10000 | wait 0.0 s | graft 0.0 ms | 359 img/s (test 1310)\n")
+           f"10:00:09 [net 1/2] {final.line()}\n")
     rows = bench.parse_epoch_lines(log)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[0]["wait_s"] == 1.5 and rows[0]["graft_ms"] == 48.2 and rows[0]["gpu_gib"] == 1.25
@@ -270,6 +276,7 @@ def test_bench_parses_the_epoch_line_of_the_loop() -> None:
     assert bench.per_bin_loop_entropy(torch.arange(10.0)) == pytest.approx(layer_entropy(torch.arange(10.0)))
 
 
+@pytest.mark.e2e
 def test_bench_runs_in_a_tiny_configuration(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, finish, start_process
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 
 
 def readme_example() -> str:
@@ -23,13 +27,11 @@ def readme_example() -> str:
 def run_copies(folder: Path, argvs: list[list[str]]) -> list[str]:
     script = folder / "own_loop.py"
     script.write_text(readme_example())
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), *argv], cwd=folder, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for argv in argvs]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out
-    return outputs
+    procs = [start_process([sys.executable, str(script), *argv], folder, f"copy{n}", merge_output=True)
+             for n, argv in enumerate(argvs)]
+    for proc, code in zip(procs, finish(procs)):
+        assert code == 0, proc.report()
+    return [proc.log for proc in procs]
 
 
 def test_readme_example_grafts_two_copies(tmp_path: Path) -> None:

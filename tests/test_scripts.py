@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from grafting import tools
+from grafting.tools import ensemble as ensemble_tool, runs as runs_tool
 from grafting.data.fake import write_fake_cifar
 from grafting_cifar.train import parse_args as parse_cifar_args
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if "lib/launch.sh" in p.read_text())
@@ -89,7 +91,7 @@ def parsed(command: Command):
         imagenet = pytest.importorskip("grafting_imagenet.train", reason="grafting_imagenet/train.py is not there yet")
         return imagenet.parse_args(command.args)
     if command.program.endswith("scripts/ensemble.py"):
-        return tools.parse_ensemble_args(command.args)
+        return ensemble_tool.parse_args(command.args)
     raise AssertionError(f"a command of an unexpected program: {command.program}")
 
 
@@ -171,7 +173,7 @@ def test_ensemble_members_are_seeded_apart_and_evaluated_afterwards(tmp_path):
     assert all(a.model == "mobilenetv2" and a.cifar == 100 for a in members)
     [ensemble] = [c for c in commands if c.program.endswith("ensemble.py")]
     assert commands[-1] is ensemble, "the ensemble is evaluated after its members have trained"
-    flags = tools.parse_ensemble_args(ensemble.args)
+    flags = ensemble_tool.parse_args(ensemble.args)
     assert flags.checkpoints == [f"{a.s}/net1/best.pt" for a in members]
     assert (flags.model, flags.cifar) == ("mobilenetv2", 100)
 
@@ -330,6 +332,6 @@ def test_grafting_script_trains_one_epoch_on_the_cpu(tmp_path):
         last = torch.load(ring / f"net{i}" / "last.pt", weights_only=True)
         assert last["epoch"] == 1 and 0.0 <= last["acc"] <= 100.0
         finals.append(last["acc"])
-    [run] = tools.find_runs([tmp_path / "out"])
+    [run] = runs_tool.find_runs([tmp_path / "out"])
     assert (run.model, run.dataset, run.method, run.epochs) == ("resnet20", "cifar10", "dlr", 1)
     assert [n.final for n in run.networks] == finals

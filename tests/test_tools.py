@@ -1,4 +1,4 @@
-"""The comparison tools (grafting/tools.py): invalid-filter tables, ensembles, run-folder summaries.
+"""The comparison tools (grafting/tools/): invalid-filter tables, ensembles, run-folder summaries.
 
 Every input is generated here with an answer known by construction: checkpoints with chosen
 filters zeroed, networks whose logits are a fixed table, run folders written by hand.
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from grafting import tools
+from grafting.archs import cifar_models as models
+from grafting.tools import ensemble as ensemble_tool, filters as filters_tool, published as published_tool, runs as runs_tool, summary as summary_tool
 from grafting.data.fake import write_fake_cifar
 from grafting.errors import CheckpointError, UsageError
 
@@ -26,14 +26,14 @@ torch.set_num_threads(1)
 
 
 def test_published_table_holds_every_row_of_method_section_8():
-    cifar_rows = [k for k in tools.PUBLISHED if k[1].startswith("cifar")]
+    cifar_rows = [k for k in published_tool.PUBLISHED if k[1].startswith("cifar")]
     # 4 models x 3 methods, 4 more network counts, the ensemble, 3 leaky x 2, VGG x 3, 5 c + 6 a values: x 2 datasets
     assert len(cifar_rows) == 2 * (12 + 4 + 1 + 6 + 3 + 11)
-    assert len([k for k in tools.PUBLISHED if k[1] == "imagenet"]) == 6
-    assert tools.PUBLISHED[("resnet110", "cifar100", "dlr")] == 75.27
-    assert tools.PUBLISHED[("mobilenetv2", "cifar100", "dlr x6")] == 78.32
-    assert tools.PUBLISHED_TOP5[("resnet50", "imagenet", "grafting")] == 93.34
-    assert tools.PUBLISHED_INVALID[("mobilenetv2", "baseline", 0.01)] == (9834, 17088)
+    assert len([k for k in published_tool.PUBLISHED if k[1] == "imagenet"]) == 6
+    assert published_tool.PUBLISHED[("resnet110", "cifar100", "dlr")] == 75.27
+    assert published_tool.PUBLISHED[("mobilenetv2", "cifar100", "dlr x6")] == 78.32
+    assert published_tool.PUBLISHED_TOP5[("resnet50", "imagenet", "grafting")] == 93.34
+    assert published_tool.PUBLISHED_INVALID[("mobilenetv2", "baseline", 0.01)] == (9834, 17088)
 
 
 @pytest.mark.parametrize("config, label", [
@@ -55,20 +55,20 @@ def test_published_table_holds_every_row_of_method_section_8():
     ({"num": 2, "steplr": True, "cos": False}, "slr"),
 ])
 def test_method_label(config, label):
-    assert tools.method_label(config) == label
+    assert published_tool.method_label(config) == label
 
 
 def test_published_accuracy_falls_back_to_grafting_where_the_paper_names_no_schedule():
-    assert tools.published_accuracy("resnet32", "cifar10", "slr") == 93.33
-    assert tools.published_accuracy("resnet32", "cifar10", "cos") is None  # the main table names its schedules
-    assert tools.published_accuracy("resnet56_leaky", "cifar100", "dlr") == 73.14
-    assert tools.published_accuracy("vgg16", "cifar10", "filter slr") == 94.26
-    assert tools.published_accuracy("vgg16", "cifar10", "dlr") == 94.02
-    assert tools.published_accuracy("mobilenetv2", "cifar10", "slr a=0.4 c=1") == 93.19
-    assert tools.published_accuracy("mobilenetv2", "cifar100", "dlr a=1 c=100") == 72.27
-    assert tools.published_accuracy("resnet34", "imagenet", "cos") == 74.58
-    assert tools.published_accuracy("resnet34", "imagenet", "cos", top5=True) == 92.05
-    assert tools.published_accuracy("resnet20", "cifar10", "dlr") is None
+    assert published_tool.published_accuracy("resnet32", "cifar10", "slr") == 93.33
+    assert published_tool.published_accuracy("resnet32", "cifar10", "cos") is None  # the main table names its schedules
+    assert published_tool.published_accuracy("resnet56_leaky", "cifar100", "dlr") == 73.14
+    assert published_tool.published_accuracy("vgg16", "cifar10", "filter slr") == 94.26
+    assert published_tool.published_accuracy("vgg16", "cifar10", "dlr") == 94.02
+    assert published_tool.published_accuracy("mobilenetv2", "cifar10", "slr a=0.4 c=1") == 93.19
+    assert published_tool.published_accuracy("mobilenetv2", "cifar100", "dlr a=1 c=100") == 72.27
+    assert published_tool.published_accuracy("resnet34", "imagenet", "cos") == 74.58
+    assert published_tool.published_accuracy("resnet34", "imagenet", "cos", top5=True) == 92.05
+    assert published_tool.published_accuracy("resnet20", "cifar10", "dlr") is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def test_count_filters_in_every_checkpoint_layout(tmp_path):
         "state_dict": {"state_dict": state},
     }
     paths = [f"{name}={_save(obj, tmp_path / f'{name}.pt')}" for name, obj in layouts.items()]
-    rows = tools.count_filters(paths, [0.1, 0.01])
+    rows = filters_tool.count_filters(paths, [0.1, 0.01])
     assert [row.name for row in rows] == list(layouts)
     for row in rows:
         assert row.counts == {0.1: (14, 1136), 0.01: (8, 1136)}
@@ -110,15 +110,15 @@ def test_count_filters_in_every_checkpoint_layout(tmp_path):
 
 def test_paper_totals_come_out_of_the_tool(tmp_path):
     path = _save(models.create("mobilenetv2").state_dict(), tmp_path / "m.pt")
-    [row] = tools.count_filters([path], [1e-9])
+    [row] = filters_tool.count_filters([path], [1e-9])
     assert row.name == path
     assert row.counts[1e-9] == (0, 17088)
 
 
 def test_filter_table_is_the_papers_layout():
-    rows = [tools.FilterRow("baseline", {0.1: (36, 1136), 0.01: (35, 1136)}),
-            tools.FilterRow("grafted", {0.1: (14, 1136), 0.01: (8, 1136)})]
-    assert tools.filter_table(rows, [0.1, 0.01], model="resnet32").splitlines() == [
+    rows = [filters_tool.FilterRow("baseline", {0.1: (36, 1136), 0.01: (35, 1136)}),
+            filters_tool.FilterRow("grafted", {0.1: (14, 1136), 0.01: (8, 1136)})]
+    assert filters_tool.filter_table(rows, [0.1, 0.01], model="resnet32").splitlines() == [
         "| checkpoint | t = 0.1 | t = 0.01 |",
         "|---|---|---|",
         "| baseline | 36/1136 | 35/1136 |",
@@ -126,12 +126,12 @@ def test_filter_table_is_the_papers_layout():
         "| paper: resnet32 baseline | 36/1136 | 35/1136 |",
         "| paper: resnet32 grafting | 14/1136 | 8/1136 |",
     ]
-    assert "| paper: resnet20 baseline | - |" in tools.filter_table(rows, [0.1], model="resnet20")
+    assert "| paper: resnet20 baseline | - |" in filters_tool.filter_table(rows, [0.1], model="resnet20")
 
 
 def test_filters_cli_prints_the_table(tmp_path, capsys):
     path = _save({"net": _resnet32_with_zeroed_filters(zeroed=3, small=0)}, tmp_path / "ckpt.t7")
-    tools.filters_main([f"mine={path}", "-t", "0.1,0.5"])
+    filters_tool.main([f"mine={path}", "-t", "0.1,0.5"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| checkpoint | t = 0.1 | t = 0.5 |"
     assert out[2] == "| mine | 3/1136 | 3/1136 |"
@@ -139,15 +139,15 @@ def test_filters_cli_prints_the_table(tmp_path, capsys):
 
 def test_filters_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tools.filters_main([str(tmp_path / "missing.pt")])
+        filters_tool.main([str(tmp_path / "missing.pt")])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.pt does not exist" in err
     no_convs = _save({"fc.weight": torch.ones(2, 2)}, tmp_path / "fc.pt")
     with pytest.raises(CheckpointError, match="no convolution weights"):
-        tools.count_filters([no_convs], [0.1])
+        filters_tool.count_filters([no_convs], [0.1])
     with pytest.raises(SystemExit) as exit_info:
-        tools.parse_filters_args([no_convs, "-t", "0.1,zero"])
+        filters_tool.parse_args([no_convs, "-t", "0.1,zero"])
     assert exit_info.value.code == 2
 
 
@@ -175,14 +175,14 @@ def test_ensemble_averages_probabilities_not_logits_or_votes():
     second = _FixedLogits([[0, 2], [0, 0.5]])
     third = _FixedLogits([[0, 2], [0, 0.5]])
     batches = [(torch.eye(2)[:1], labels[:1]), (torch.eye(2)[1:], labels[1:])]
-    result = tools.ensemble_accuracy([first, second, third], batches)
+    result = ensemble_tool.ensemble_accuracy([first, second, third], batches)
     assert result.members == [50.0, 50.0, 50.0]
     assert result.ensemble == 100.0
     assert result.images == 2
-    alone = tools.ensemble_accuracy([first], batches)  # a lone network is its own ensemble
+    alone = ensemble_tool.ensemble_accuracy([first], batches)  # a lone network is its own ensemble
     assert alone.ensemble == alone.members[0] == 50.0
     with pytest.raises(UsageError):
-        tools.ensemble_accuracy([], batches)
+        ensemble_tool.ensemble_accuracy([], batches)
 
 
 def _fake_cifar(tmp_path: Path) -> Path:
@@ -191,7 +191,7 @@ def _fake_cifar(tmp_path: Path) -> Path:
 
 def test_ensemble_cli_on_generated_cifar(tmp_path, capsys):
     data = _fake_cifar(tmp_path)
-    loader = tools.cifar_test_loader(data, 10, batch_size=25)
+    loader = ensemble_tool.cifar_test_loader(data, 10, batch_size=25)
     torch.manual_seed(1)
     nets = [models.create("resnet20", num_classes=10) for _ in range(2)]
     for net in nets:
@@ -210,7 +210,7 @@ def test_ensemble_cli_on_generated_cifar(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({"model": "resnet20", "num_classes": 10}))
 
     # The expected numbers, computed here directly.
-    expected = tools.ensemble_accuracy(nets, loader)
+    expected = ensemble_tool.ensemble_accuracy(nets, loader)
     hits = 0
     with torch.no_grad():
         for images, labels in loader:
@@ -221,7 +221,7 @@ def test_ensemble_cli_on_generated_cifar(tmp_path, capsys):
     assert len(set(expected.members)) == 2, "the two networks should not agree everywhere"
 
     # The model and dataset come from the config.json next to the first checkpoint.
-    tools.ensemble_main([second, first, "--data", str(data), "--device", "cpu", "--batch-size", "7"])
+    ensemble_tool.main([second, first, "--data", str(data), "--device", "cpu", "--batch-size", "7"])
     out = capsys.readouterr().out
     assert f"| {second} | {expected.members[1]:.2f} |" in out
     assert f"| {first} | {expected.members[0]:.2f} |" in out
@@ -233,12 +233,12 @@ def test_ensemble_cli_reports_a_checkpoint_of_another_model(tmp_path, capsys):
     data = _fake_cifar(tmp_path)
     path = _save(models.create("resnet20").state_dict(), tmp_path / "r20.pt")
     with pytest.raises(SystemExit) as exit_info:
-        tools.ensemble_main([path, "--model", "resnet32", "--cifar", "10", "--data", str(data), "--device", "cpu"])
+        ensemble_tool.main([path, "--model", "resnet32", "--cifar", "10", "--data", str(data), "--device", "cpu"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not fit --model resnet32" in err
     with pytest.raises(SystemExit) as exit_info:
-        tools.ensemble_main([path, "--data", str(data)])  # no config.json and no --model
+        ensemble_tool.main([path, "--data", str(data)])  # no config.json and no --model
     assert exit_info.value.code == 2
     assert "pass --model and --cifar" in capsys.readouterr().err
 
@@ -274,7 +274,7 @@ def test_summary_of_generated_run_folders(tmp_path, capsys):
                               "num_classes": 1000, "epochs": 90, "num": 2, "steplr": False, "cos": True},
                [(71.0, 70.9, 90), (71.4, 71.2, 90)])
 
-    found = tools.find_runs([runs])
+    found = runs_tool.find_runs([runs])
     assert [(r.model, r.dataset, r.method) for r in found] == [
         ("mobilenetv2", "cifar100", "dlr x3"), ("resnet18", "imagenet", "cos"),
         ("resnet32", "cifar10", "baseline"), ("resnet32", "cifar10", "dlr")]
@@ -286,7 +286,7 @@ def test_summary_of_generated_run_folders(tmp_path, capsys):
     assert r18.published == 71.19
     assert base.published == 92.83
 
-    tools.summary_main([str(runs)])
+    summary_tool.main([str(runs)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("| run | model | dataset | method | epochs | best | final | mean best | mean final "
                         "| paper | diff |")
@@ -303,21 +303,21 @@ def test_summary_of_a_single_run_folder_and_of_an_unknown_row(tmp_path):
     folder = tmp_path / "r20"
     _write_run(folder, {"model": "resnet20", "dataset": "cifar10", "epochs": 2, "num": 2, "difflr": True},
                [(None, None, 1), (40.0, None, 1)])
-    [run] = tools.find_runs([folder])
+    [run] = runs_tool.find_runs([folder])
     assert run.folder == folder and run.method == "dlr" and run.published is None
-    table = tools.summary_table([run], base=folder)
+    table = summary_tool.summary_table([run], base=folder)
     assert table.splitlines()[2] == "| . | resnet20 | cifar10 | dlr | 1/2 | - / 40.00 | - / - | - | - | - | - |"
 
 
 def test_summary_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tools.summary_main([str(tmp_path)])
+        summary_tool.main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no runs" in capsys.readouterr().err
     with pytest.raises(UsageError, match="is not a folder"):
-        tools.find_runs([tmp_path / "nowhere"])
+        runs_tool.find_runs([tmp_path / "nowhere"])
     bad = tmp_path / "bad" / "net1"
     bad.mkdir(parents=True)
     (bad / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json is unreadable"):
-        tools.find_runs([tmp_path])
+        runs_tool.find_runs([tmp_path])

@@ -18,22 +18,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-import models
+from conftest import CIFAR_SCRIPT, REPO, Proc, child_env, finish, start_script
+from grafting.archs import cifar_models as models
 from grafting import graft_filters, graft_layers
 from grafting.data.fake import write_fake_cifar
+from grafting.train.report import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "grafting_cifar" / "train.py"
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
+SCRIPT = CIFAR_SCRIPT
 # Small batches keep an epoch of a few hundred images at a couple of seconds on one CPU thread.
 FAST_FLAGS = ["--device", "cpu", "--threads", "1", "--batch-size", "32", "--test-batch-size", "64"]
-RUN_TIMEOUT_S = 300.0
-EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \|.*\| wait ([\d.]+) s \| graft ([\d.]+) ms")
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \| train loss")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,88 +63,26 @@ def cifar100(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Launching networks
 
 
-@dataclass
-class Network:
-    """One training process of a ring and the files its output goes to."""
-
-    net: int
-    process: subprocess.Popen
-    stdout_path: Path
-    stderr_path: Path
-
-    @property
-    def stdout(self) -> str:
-        """What the process printed on stdout so far (its log lines)."""
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        """What the process printed on stderr so far (empty for a good run)."""
-        return self.stderr_path.read_text()
-
-
-_launched: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def no_network_outlives_its_test() -> Iterator[None]:
-    """Kill what a failed test left running: a network whose peer died waits for it forever."""
-    yield
-    while _launched:
-        process = _launched.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def child_env() -> dict[str, str]:
-    """The test's environment with single-threaded math libraries: the processes share 2 cores."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def launch(workdir: Path, net: int, flags: list[str], log_name: str | None = None) -> Network:
+def launch(workdir: Path, net: int, flags: list[str], log_name: str | None = None) -> Proc:
     """Start ``train.py --i net`` with ``flags`` in ``workdir``; stdout and stderr go to files there."""
-    name = log_name or f"net{net}"
-    out, err = workdir / f"{name}.out", workdir / f"{name}.err"
-    with open(out, "w") as out_handle, open(err, "w") as err_handle:
-        process = subprocess.Popen([sys.executable, str(SCRIPT), "--i", str(net), *flags], cwd=workdir,
-                                   stdout=out_handle, stderr=err_handle, env=child_env())
-    _launched.append(process)
-    return Network(net, process, out, err)
+    return start_script(SCRIPT, ["--i", str(net), *flags], workdir, log_name or f"net{net}")
 
 
-def finish(networks: list[Network], timeout: float = RUN_TIMEOUT_S) -> None:
-    """Wait for every network; on a timeout kill them all and fail with their logs."""
-    deadline = time.monotonic() + timeout
-    try:
-        for network in networks:
-            network.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for network in networks:
-            if network.process.poll() is None:
-                network.process.kill()
-                network.process.wait()
-        pytest.fail(f"the ring did not finish within {timeout:.0f} s\n{logs(networks)}")
-
-
-def logs(networks: list[Network]) -> str:
+def logs(networks: list[Proc]) -> str:
     """Everything the networks printed, for failure messages."""
-    return "\n".join(f"--- net {n.net} (exit {n.process.returncode})\n{n.stdout}{n.stderr}" for n in networks)
+    return "\n".join(n.report() for n in networks)
 
 
-def assert_all_succeeded(networks: list[Network]) -> None:
+def assert_all_succeeded(networks: list[Proc]) -> None:
     """Every network exited 0 and wrote nothing on stderr."""
     for network in networks:
         assert network.process.returncode == 0, logs(networks)
         assert network.stderr == "", logs(networks)
 
 
-def epoch_lines(log: str) -> dict[int, tuple[int, float, float]]:
-    """epoch -> (total epochs, seconds waited, ms grafting) from a network's epoch lines."""
-    found = {}
-    for match in EPOCH_LINE.finditer(log):
-        found[int(match.group(1))] = (int(match.group(2)), float(match.group(3)), float(match.group(4)))
-    return found
+def epoch_lines(log: str) -> dict[int, int]:
+    """epoch -> total epochs, from a network's epoch lines (the epochs that process ran)."""
+    return {int(m.group(1)): int(m.group(2)) for m in EPOCH_LINE.finditer(log)}
 
 
 def ring_flags(data: Path, shared: Path, num: int, epochs: int, *extra: str) -> list[str]:
@@ -263,7 +202,7 @@ def watched_last_files(shared: Path, num: int) -> list[Path]:
     return [shared / f"net{net}" / "last.pt" for net in range(1, num + 1)]
 
 
-def run_ring(workdir: Path, data: Path, num: int, epochs: int, *extra: str) -> tuple[Path, list[Network], FileVersions]:
+def run_ring(workdir: Path, data: Path, num: int, epochs: int, *extra: str) -> tuple[Path, list[Proc], FileVersions]:
     """Start ``num`` networks side by side, watch their ``last.pt`` and wait for all of them."""
     shared = workdir / "ring"
     versions = FileVersions(watched_last_files(shared, num), workdir / "kept")
@@ -287,14 +226,23 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
     shared, networks, versions = run_ring(tmp_path, cifar10, 2, 2, "--model", "resnet20", "--keep-all")
 
     for network in networks:
-        lines = epoch_lines(network.stdout)
-        assert sorted(lines) == [1, 2], network.stdout
-        assert lines[1][2] > 0, "epoch 1 should report the time spent grafting"
-        assert lines[2][1:] == (0.0, 0.0), "the final epoch neither waits nor grafts"
-        assert "layer grafting, name rule" in network.stdout
-        last = torch.load(shared / f"net{network.net}" / "last.pt", weights_only=True)
+        assert sorted(epoch_lines(network.log)) == [1, 2], network.log
+        first, final = read_metrics(shared / network.name / "metrics.jsonl")
+        assert (first["epoch"], final["epoch"]) == (1, 2)
+        assert first["grafted"] and first["graft_ms"] > 0, "epoch 1 should report the time spent grafting"
+        assert first["peer"] == 3 - int(network.name[3:]) and first["waited_s"] >= 0
+        assert len(first["alphas"]) == 19 and first["alphas"].keys() == first["entropies"].keys()  # resnet20's convs
+        assert all(0.3 <= alpha <= 0.7 for alpha in first["alphas"].values())
+        assert first["entropies"].keys() == first["peer_entropies"].keys()
+        assert first["total_filters"] > 0 and set(first["invalid_filters"]) == {"0.1", "0.01"}
+        assert first["lr"] == 0.1 and first["test_acc"] == pytest.approx(float(re.search(
+            r"epoch 1/2 .*\| test loss [\d.]+ acc ([\d.]+)", network.log).group(1)), abs=0.005)
+        assert not final["grafted"] and final["graft_ms"] is None, "the final epoch neither waits nor grafts"
+        assert "no graft (last epoch)" in network.log
+        assert "layer grafting, name rule" in network.log
+        last = torch.load(shared / network.name / "last.pt", weights_only=True)
         assert last["epoch"] == 2
-        assert (shared / f"net{network.net}" / "best.pt").is_file()
+        assert (shared / network.name / "best.pt").is_file()
         assert list((shared / "tb" / f"net{network.net}").glob("events.out.tfevents.*"))
     # The final epoch publishes nothing: its tested weights are final.
     assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt"})
@@ -310,7 +258,7 @@ def test_three_network_ring(tmp_path: Path, cifar10: Path) -> None:
     shared, networks, versions = run_ring(tmp_path, cifar10, 3, 2, "--model", "resnet20")
 
     for network in networks:
-        assert sorted(epoch_lines(network.stdout)) == [1, 2], network.stdout
+        assert sorted(epoch_lines(network.log)) == [1, 2], network.log
     assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt", "net3_epoch1.pt"})
     check_ring_grafted_epoch1(shared, 3, versions)  # network 1 grafts network 3: the ring closes
 
@@ -320,12 +268,11 @@ def test_baseline_exchanges_nothing(tmp_path: Path, cifar10: Path) -> None:
     shared, networks, _ = run_ring(tmp_path, cifar10, 1, 2, "--model", "resnet20", "--pipeline", "torchvision",
                                    "--workers", "0")
 
-    log = networks[0].stdout
+    log = networks[0].log
     assert "no grafting (baseline)" in log
     assert "data pipeline: torchvision" in log
-    lines = epoch_lines(log)
-    assert sorted(lines) == [1, 2], log
-    assert all(wait == 0.0 and graft == 0.0 for _, wait, graft in lines.values())
+    assert sorted(epoch_lines(log)) == [1, 2], log
+    assert [r["grafted"] for r in read_metrics(shared / "net1" / "metrics.jsonl")] == [False, False]
     assert_exchange_files(shared, set())
     assert torch.load(shared / "net1" / "last.pt", weights_only=True)["epoch"] == 2
 
@@ -334,8 +281,8 @@ def test_cifar100_ring(tmp_path: Path, cifar100: Path) -> None:
     shared, networks, versions = run_ring(tmp_path, cifar100, 2, 2, "--model", "resnet20", "--cifar", "100")
 
     for network in networks:
-        assert "CIFAR-100: 200 training and 100 test images" in network.stdout
-        assert sorted(epoch_lines(network.stdout)) == [1, 2], network.stdout
+        assert "CIFAR-100: 200 training and 100 test images" in network.log
+        assert sorted(epoch_lines(network.log)) == [1, 2], network.log
     state = exchange_file(shared, 1, 1)
     assert state["meta"]["num_classes"] == 100
     assert state["model"]["linear.weight"].shape[0] == 100
@@ -346,8 +293,8 @@ def test_filter_level_grafting_with_vgg(tmp_path: Path, cifar10_tiny: Path) -> N
     shared, networks, versions = run_ring(tmp_path, cifar10_tiny, 2, 2, "--model", "vgg11", "--level", "filter")
 
     for network in networks:
-        assert "filter grafting" in network.stdout
-        assert sorted(epoch_lines(network.stdout)) == [1, 2], network.stdout
+        assert "filter grafting" in network.log
+        assert sorted(epoch_lines(network.log)) == [1, 2], network.log
     check_ring_grafted_epoch1(shared, 2, versions, level="filter")
 
 
@@ -360,7 +307,7 @@ def test_resumed_network_rejoins_the_ring(tmp_path: Path, cifar10: Path) -> None
     flags = ring_flags(cifar10, shared, 2, 3, "--model", "resnet20")
     networks = [launch(tmp_path, net, flags) for net in (1, 2)]
     last = shared / "net2" / "last.pt"
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    deadline = time.monotonic() + 300
     # Network 2 crashes as soon as its first epoch is saved (SIGKILL: no clean-up runs).
     while not last.exists() and networks[1].process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -375,10 +322,10 @@ def test_resumed_network_rejoins_the_ring(tmp_path: Path, cifar10: Path) -> None
     finish([networks[0], restarted])
     assert_all_succeeded([networks[0], restarted])
 
-    resumed_log = restarted.stdout
+    resumed_log = restarted.log
     assert f"resumed from {last}: epoch {stopped_after} done" in resumed_log
     assert sorted(epoch_lines(resumed_log)) == list(range(stopped_after + 1, 4)), resumed_log
-    assert sorted(epoch_lines(networks[0].stdout)) == [1, 2, 3], networks[0].stdout
+    assert sorted(epoch_lines(networks[0].log)) == [1, 2, 3], networks[0].log
     for net in (1, 2):
         assert torch.load(shared / f"net{net}" / "last.pt", weights_only=True)["epoch"] == 3
 

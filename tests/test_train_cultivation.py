@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar
+from conftest import CIFAR_SCRIPT, REPO, Proc, finish, start_script
 from grafting_cifar.train import parse_args
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "grafting_cifar" / "train.py"
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 # Small and quick: resnet20, 256 training images, one thread per process; lr low enough for 2 epochs.
 COMMON = ["--model", "resnet20", "--epochs", "2", "--device", "cpu", "--threads", "1", "--batch-size", "64",
           "--lr", "0.02", "--print_frequence", "1000"]
@@ -31,20 +32,18 @@ def data(tmp_path_factory) -> Path:
     return folder
 
 
-def start(data: Path, shared: Path, num: int, i: int, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, str(TRAIN), "--data", str(data), "--s", str(shared), "--num", str(num), "--i", str(i),
-            *COMMON, *extra]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+def start(data: Path, shared: Path, num: int, i: int, *extra: str) -> Proc:
+    flags = ["--data", str(data), "--s", str(shared), "--num", str(num), "--i", str(i), *COMMON, *extra]
+    return start_script(CIFAR_SCRIPT, flags, shared.parent, f"{shared.name}-net{i}", merge_output=True)
 
 
 def run_ring(data: Path, shared: Path, num: int, *extra: str) -> list[str]:
     """Start networks 1..num side by side, wait, and return their logs (each must exit 0)."""
     procs = [start(data, shared, num, i, *extra) for i in range(1, num + 1)]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log
-    return logs
+    codes = finish(procs, 240)
+    for proc, code in zip(procs, codes):
+        assert code == 0, proc.report()
+    return [proc.log for proc in procs]
 
 
 def epoch_lines(log: str) -> list[str]:

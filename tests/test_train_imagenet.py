@@ -30,13 +30,15 @@ import torchvision
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_imagefolder
 from grafting.errors import UsageError
-from grafting.graft import graft_layers
+from grafting.method.graft import graft_layers
 from grafting_imagenet import train as imagenet_train
 from grafting.distributed import Processes, per_process
-from grafting.imagenet_models import create_model
+from conftest import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
+from grafting.train.imagenet_models import create_model
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "grafting_imagenet" / "train.py"
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
+SCRIPT = IMAGENET_SCRIPT
 FAST = ["--device", "cpu", "--threads", "1", "-j", "0", "-b", "16", "--image-size", "32", "-p", "0"]
 TIMEOUT_S = 240.0
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \| .*\| test loss ([\d.]+) acc ([\d.]+) top5 ([\d.]+) ")
@@ -49,29 +51,19 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                   val_per_class=8, image_size=40)
 
 
-def child_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def start(log: Path, *args: str, torchrun: int = 0) -> subprocess.Popen:
-    """Start the script (under ``torchrun --nproc_per_node N`` when ``torchrun``) with output to ``log``."""
+def start(log: Path, *args: str, torchrun: int = 0) -> Proc:
+    """Start the script (under ``torchrun --nproc_per_node N`` when ``torchrun``) with its output in ``log``."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun),
                 "--"] if torchrun else [sys.executable]
-    with open(log, "w") as out:
-        return subprocess.Popen([*launcher, str(SCRIPT), *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=child_env(), cwd=REPO)
+    proc = start_process([*launcher, str(SCRIPT), *args], log.parent, log.stem, merge_output=True)
+    return proc
 
 
-def finish(process: subprocess.Popen, log: Path) -> str:
-    """Wait for ``process``; assert it succeeded; return its output."""
-    try:
-        process.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"timed out:\n{log.read_text()}")
-    text = log.read_text()
-    assert process.returncode == 0, text
-    return text
+def succeeded(proc: Proc) -> str:
+    """Wait for ``proc``; assert it succeeded; return its output."""
+    [code] = finish([proc], TIMEOUT_S)
+    assert code == 0, proc.log
+    return proc.log
 
 
 def epoch_lines(text: str) -> dict[int, tuple[float, float, float]]:
@@ -85,25 +77,20 @@ def epoch_lines(text: str) -> dict[int, tuple[float, float, float]]:
 
 
 def ring_until_graft(workdir: Path, data: Path, arch: str, *extra: str) -> Path:
-    """Networks 1 (2 epochs) and 2 (3 epochs) side by side; network 2 is killed while waiting in epoch 2.
+    """Networks 1 and 2 (2 epochs) side by side; network 2 is killed in epoch 2, as soon as its last.pt of
+    epoch 1 exists, and network 1 finishes (its last epoch needs no peer).
 
     Returns the shared folder: ``net2/last.pt`` then holds network 2's grafted weights of epoch 1.
     """
     shared = workdir / "ring"
-    common = [*FAST, "--data", str(data), "--s", str(shared), "--num", "2", "-a", arch, "--keep-all", *extra]
-    net1 = start(workdir / "net1.log", *common, "--i", "1", "--epochs", "2")
-    net2 = start(workdir / "net2.log", *common, "--i", "2", "--epochs", "3")
-    try:
-        text1 = finish(net1, workdir / "net1.log")
-        assert sorted(epoch_lines(text1)) == [1, 2], text1
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (shared / "net2_epoch2.pt").exists():  # published after last.pt of epoch 1, before waiting
-            assert net2.poll() is None, (workdir / "net2.log").read_text()
-            assert time.monotonic() < deadline, (workdir / "net2.log").read_text()
-            time.sleep(0.05)
-    finally:
-        net2.send_signal(signal.SIGKILL)
-        net2.wait()
+    common = [*FAST, "--data", str(data), "--s", str(shared), "--num", "2", "-a", arch, "--keep-all",
+              "--epochs", "2", *extra]
+    net1 = start(workdir / "net1.log", *common, "--i", "1")
+    net2 = start(workdir / "net2.log", *common, "--i", "2")
+    wait_until(lambda: (shared / "net2" / "last.pt").exists(), "network 2's last.pt of epoch 1", [net2], TIMEOUT_S)
+    kill(net2)
+    text1 = succeeded(net1)
+    assert sorted(epoch_lines(text1)) == [1, 2], text1
     return shared
 
 
@@ -177,15 +164,15 @@ def test_resnet18_networks_graft_each_other_with_the_name_rule(resnet_ring: Path
     assert_last_is_graft_of_epoch1(resnet_ring, "resnet18", "name")
     epochs = epoch_lines((resnet_ring.parent / "net1.log").read_text())
     assert all(0.0 <= top1 <= top5 <= 100.0 for _, top1, top5 in epochs.values())
-    assert {p.name for p in resnet_ring.glob("*.pt")} == {"net1_epoch1.pt", "net2_epoch1.pt", "net2_epoch2.pt"}
+    assert {p.name for p in resnet_ring.glob("*.pt")} == {"net1_epoch1.pt", "net2_epoch1.pt"}
 
 
 def test_killed_network_resumes_from_its_last_checkpoint(resnet_ring: Path, image_folder: Path) -> None:
     log = resnet_ring.parent / "net2_resume.log"
-    # Network 1 is done after 2 epochs, so network 2 finishes at 2 as well (epoch 2 is then its last).
+    # Epoch 2 is the last: network 2 finishes it without a peer.
     args = [*FAST, "--data", str(image_folder), "--s", str(resnet_ring), "--num", "2", "--i", "2", "--epochs", "2",
             "--keep-all", "--resume"]
-    text = finish(start(log, *args), log)
+    text = succeeded(start(log, *args))
     assert "resumed from" in text and "epoch 1 done" in text, text
     assert sorted(epoch_lines(text)) == [2], text
     resumed = load_file(resnet_ring / "net2" / "last.pt")
@@ -260,8 +247,8 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
     common = [*FAST, "--data", str(image_folder), "--s", str(shared), "--num", "2", "--steplr", "--keep-all"]
     ddp = start(tmp_path / "net1.log", *common, "--i", "1", "--epochs", "2", torchrun=2)
     single = start(tmp_path / "net2.log", *common, "--i", "2", "--epochs", "2")
-    text = finish(ddp, tmp_path / "net1.log")
-    finish(single, tmp_path / "net2.log")
+    text = succeeded(ddp)
+    succeeded(single)
 
     # Rank 0 alone logs the epoch lines and owns the shared folder.
     assert "[net 1/2 rank 0]" in text and "[net 1/2 rank 1]" not in text, text
@@ -270,7 +257,7 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
     assert names == {"net1", "net2", "tb", "net1.lock", "net2.lock", "net1.alive", "net2.alive",
                      "net1_epoch1.pt", "net2_epoch1.pt"}, names
     config = json.loads((shared / "net1" / "config.json").read_text())
-    assert (config["world_size"], config["batch_size"], config["batch_size_per_process"]) == (2, 16, 8)
+    assert (config["world_size"], config["batch_size"]) == (2, 16)
 
     def check_final_epoch_matches_last_pt(log_text: str, epoch: int) -> None:
         # The ranks each test half of the validation set with their own copy of the weights; the summed
@@ -288,7 +275,7 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
 
     # Resume under torchrun: rank 0 reads last.pt and hands weights, optimizer and schedule to rank 1.
     resumed = start(tmp_path / "net1_resume.log", *common, "--i", "1", "--epochs", "3", "--resume", torchrun=2)
-    text = finish(resumed, tmp_path / "net1_resume.log")
+    text = succeeded(resumed)
     assert "resumed from" in text and sorted(epoch_lines(text)) == [3], text
     check_final_epoch_matches_last_pt(text, 3)
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from grafting.weighting import graft_coefficient
+from grafting.method.weighting import graft_coefficient
 
 
 def is_two_decimals(x: float) -> bool:

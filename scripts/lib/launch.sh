@@ -40,6 +40,8 @@ _is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
         PYTHON="$VIRTUAL_ENV/bin/python"
+    elif [[ -x "$REPO/.venv/bin/python" ]]; then
+        PYTHON="$REPO/.venv/bin/python"  # this checkout's environment (scripts/env.sh)
     elif [[ -x "${GRAFTING_VENV:-$HOME/.cache/filter-grafting/venv}/bin/python" ]]; then
         PYTHON="${GRAFTING_VENV:-$HOME/.cache/filter-grafting/venv}/bin/python"
     else

@@ -8,9 +8,10 @@ import random
 import numpy as np
 import torch
 
-from .errors import UsageError
+from grafting.distributed import Processes
+from grafting.errors import UsageError
 
-__all__ = ["choose_device", "configure_threads", "seed_everything", "available_cores"]
+__all__ = ["choose_device", "choose_process_device", "configure_threads", "seed_everything", "available_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,24 @@ def choose_device(requested: str | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
+
+
+def choose_process_device(requested: str | None, procs: Processes) -> torch.device:
+    """The device of this process: ``requested`` (--device, or cuda:N from --gpu N), or under torchrun
+    cuda:LOCAL_RANK (the CPU with --device cpu)."""
+    if not procs.distributed:
+        return choose_device(requested)
+    device = choose_device(requested if requested == "cpu" else None)
+    if device.type != "cuda":
+        return device
+    if requested not in (None, "cuda"):
+        log.warning(f"--gpu/--device {requested} ignored under torchrun: rank {procs.rank} uses "
+                    f"cuda:{procs.local_rank}")
+    if procs.local_rank >= torch.cuda.device_count():
+        raise UsageError(f"torchrun started {procs.world_size} processes but only {torch.cuda.device_count()} "
+                         f"GPU(s) are visible; lower --nproc_per_node")
+    torch.cuda.set_device(procs.local_rank)
+    return torch.device("cuda", procs.local_rank)
 
 
 def configure_threads(threads: int | None, num_processes: int, device: torch.device) -> int:

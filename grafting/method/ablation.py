@@ -1,4 +1,4 @@
-"""The alternatives to external grafting that the CVPR paper compares against (METHOD.md §9).
+"""The alternatives to external grafting that the CVPR paper compares against (docs/METHOD.md §9).
 
 - noise grafting: every invalid filter (l1 norm below a threshold) of the network itself gets
   Gaussian noise whose scale decays as ``0.975 ** epoch``;
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .errors import GraftingError, PeerMismatchError
-from .filters import conv_filter_keys, filter_l1_norms
-from .graft import RULES, unwrap_model
+from grafting.errors import GraftingError, UsageError
+from grafting.method.filters import conv_filter_keys, filter_l1_norms
+from grafting.method.graft import check_peer_state, check_rule, unwrap_model
 
-__all__ = ["SOURCES", "NOISE_DECAY", "conv_weights", "noise_graft_", "internal_graft_", "average_states",
+__all__ = ["SOURCES", "NOISE_DECAY", "check_source", "conv_weights", "noise_graft_", "internal_graft_", "average_states",
            "average_into_"]
 
 # Where a network's new weights come from after an epoch: the method and its ablations.
@@ -34,10 +34,15 @@ SOURCES = ("external", "internal", "noise", "average")
 NOISE_DECAY = 0.975
 
 
+def check_source(source: str) -> None:
+    """Raise :class:`UsageError` unless ``source`` is one of :data:`SOURCES`."""
+    if source not in SOURCES:
+        raise UsageError(f"unknown graft source '{source}' (--graft-source); choose one of: {', '.join(SOURCES)}")
+
+
 def conv_weights(model: nn.Module, rule: str = "name") -> dict[str, torch.Tensor]:
     """The conv weight tensors of ``model`` (live, so in-place edits change the model), by key."""
-    if rule not in RULES:
-        raise GraftingError(f"unknown graft rule '{rule}'; choose one of: {', '.join(RULES)}")
+    check_rule(rule)
     model = unwrap_model(model)
     state = model.state_dict(keep_vars=True)
     if rule == "name":
@@ -117,13 +122,7 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, to
         raise GraftingError("nothing to average: no state_dicts given")
     first = states[0]
     for other in states[1:]:
-        for key, tensor in first.items():
-            if key not in other:
-                raise PeerMismatchError(f"a peer's weights have no entry '{key}'; all networks must be the same architecture")
-            if tuple(other[key].shape) != tuple(tensor.shape):
-                raise PeerMismatchError(
-                    f"entry '{key}' has shape {tuple(other[key].shape)} in a peer's weights but {tuple(tensor.shape)} "
-                    f"here; all networks must be the same architecture and class count")
+        check_peer_state(first, other, "a peer's weights")
     mean = {}
     for key, tensor in first.items():
         total = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)

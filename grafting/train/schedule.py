@@ -1,4 +1,4 @@
-"""Learning-rate recipes of METHOD.md §6: the dlr factor, step and per-iteration cosine schedules.
+"""Learning-rate recipes of docs/METHOD.md §6: the dlr factor, step and per-iteration cosine schedules.
 
 Both schedules are stepped once per batch (a LambdaLR over the iteration count), so a resumed run
 restores one counter and the step schedule equals the original's per-epoch StepLR.

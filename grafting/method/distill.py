@@ -1,4 +1,4 @@
-"""Cultivation: grafting plus knowledge distillation (METHOD.md §7).
+"""Cultivation: grafting plus knowledge distillation (docs/METHOD.md §7).
 
 The student's loss becomes cross-entropy plus a distillation term against a frozen teacher::
 
@@ -15,25 +15,37 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import extract_state_dict, load_file
-from .distributed import is_distributed
-from .errors import GraftingError, UsageError
-from .graft import unwrap_model
-from .grafter import GraftReport
+from grafting.checkpoint import class_count_misfit, load_state_dict_file, state_dict_misfit
+from grafting.distributed import is_distributed
+from grafting.errors import GraftingError, UsageError, first_line
+from grafting.method.graft import unwrap_model
 
-__all__ = ["DISTILL_MODES", "kd_loss", "TeacherEnsemble", "freeze_", "load_teacher", "load_teachers", "Distiller",
+if TYPE_CHECKING:
+    from grafting.ring.grafter import GraftReport
+
+__all__ = ["DISTILL_MODES", "check_distillation", "kd_loss", "TeacherEnsemble", "freeze_", "load_teacher", "load_teachers", "Distiller",
            "ModelBuilder", "make_distiller"]
 
 log = logging.getLogger(__name__)
 
 DISTILL_MODES = ("none", "teacher", "peers")
+
+
+def check_distillation(temperature: float, weight: float) -> None:
+    """Raise :class:`UsageError` unless the temperature is positive and finite and the weight finite and >= 0."""
+    if not 0 < temperature < math.inf:
+        raise UsageError(f"--kd-temperature must be positive and finite, got {temperature}")
+    if not 0 <= weight < math.inf:
+        raise UsageError(f"--kd-weight must be >= 0 and finite, got {weight}")
+
 # The entry of a resumable checkpoint's 'extra' that holds the peers' teacher.
 _TEACHER_KEY = "distill_teacher"
 
@@ -95,24 +107,6 @@ class TeacherEnsemble(nn.Module):
         return torch.stack([member(x) for member in self.members]).mean(dim=0)
 
 
-def _misfit(own: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor]) -> tuple[str, bool]:
-    """Why ``theirs`` does not load into ``own`` ('' when it does), and whether only the class count differs."""
-    classifier = next((k for k in reversed(list(own)) if own[k].dim() >= 2), None)
-    if classifier is not None and classifier in theirs:
-        mine, other = own[classifier].shape, theirs[classifier].shape
-        if len(mine) == len(other) and mine[1:] == other[1:] and mine[0] != other[0]:
-            return f"has {other[0]} classes but this run trains {mine[0]}", True
-    for key, tensor in own.items():
-        if key not in theirs:
-            return f"has no entry '{key}'", False
-        if tuple(theirs[key].shape) != tuple(tensor.shape):
-            return f"has shape {tuple(theirs[key].shape)} for '{key}' where {tuple(tensor.shape)} is expected", False
-    extra = next((k for k in theirs if k not in own), None)
-    if extra is not None:
-        return f"has an entry '{extra}' the architecture lacks", False
-    return "", False
-
-
 def _match_memory_format(teacher: nn.Module, student: nn.Module | None) -> nn.Module:
     """channels_last teacher for a channels_last student, so both read the batch the same way."""
     if student is None:
@@ -135,12 +129,12 @@ def load_teacher(path: str, build_model: ModelBuilder, model_name: str, num_clas
     try:
         teacher = build_model(model_name, num_classes)
     except (GraftingError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--teacher-model: cannot build '{model_name}' ({first})") from None
-    state = extract_state_dict(load_file(path, weights_only=True), source=str(path))
-    problem, classes_only = _misfit(teacher.state_dict(), state)
-    if classes_only:
-        raise UsageError(f"--teacher {path} {problem}; give a teacher trained on the same dataset")
+        raise UsageError(f"--teacher-model: cannot build '{model_name}' ({first_line(err)})") from None
+    state = load_state_dict_file(path)
+    classes = class_count_misfit(teacher.state_dict(), state)
+    if classes:
+        raise UsageError(f"--teacher {path} {classes}; give a teacher trained on the same dataset")
+    problem = state_dict_misfit(teacher.state_dict(), state)
     if problem:
         raise UsageError(f"--teacher {path} does not fit --teacher-model {model_name}: it {problem}; "
                          f"pass the architecture it was trained with as --teacher-model")
@@ -174,10 +168,7 @@ class Distiller:
 
     def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, weight: float = 1.0,
                  soften_teacher: bool = True, follow_peers: bool = False) -> None:
-        if temperature <= 0:
-            raise UsageError(f"--kd-temperature must be positive, got {temperature}")
-        if weight < 0:
-            raise UsageError(f"--kd-weight must be >= 0, got {weight}")
+        check_distillation(temperature, weight)
         self.teacher = freeze_(teacher)
         self.temperature, self.weight, self.soften_teacher = temperature, weight, soften_teacher
         self.follow_peers = follow_peers

@@ -1,4 +1,4 @@
-"""Layer information (METHOD.md §2 and §9): the entropy of a weight histogram, and the l1 norm.
+"""Layer information (docs/METHOD.md §2 and §9): the entropy of a weight histogram, and the l1 norm.
 
 The entropy is what the arctan weighting multiplies by c = 500, so bin membership must match
 the published code exactly: the bins are half-open, ``[edge_k, edge_k+1)``, against the explicit
@@ -108,7 +108,7 @@ def entropy_tensors(tensors: Sequence[torch.Tensor], bins: int = 10) -> torch.Te
 def layer_entropy(w: torch.Tensor, bins: int = 10) -> float:
     """Entropy (natural log) of the histogram of ``w``'s values with ``bins`` equal-width bins.
 
-    Exactly METHOD.md §2: bins ``[lo + k*width, lo + (k+1)*width)``, the maximum in no bin, a constant
+    Exactly docs/METHOD.md §2: bins ``[lo + k*width, lo + (k+1)*width)``, the maximum in no bin, a constant
     tensor gives 0. Works on CPU and CUDA tensors of any float dtype with one host synchronisation.
     Counts are exact; the sum is taken in float64.
     """
@@ -123,5 +123,5 @@ def layer_entropies(tensors: list[torch.Tensor], bins: int = 10) -> list[float]:
 
 
 def layer_l1(w: torch.Tensor) -> float:
-    """The l1 norm of ``w`` (sum of absolute values), the alternative criterion of METHOD.md §9."""
+    """The l1 norm of ``w`` (sum of absolute values), the alternative criterion of docs/METHOD.md §9."""
     return float(w.detach().abs().sum(dtype=torch.float64).item())

@@ -35,7 +35,6 @@ import fcntl
 import logging
 import math
 import os
-import re
 import socket
 import threading
 import time
@@ -45,10 +44,22 @@ from typing import Any
 
 import torch
 
-from grafting.checkpoint import extract_state_dict, load_file, save_atomic
-from grafting.errors import CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError
+from grafting.checkpoint import extract_state_dict, load_file, remove_temp_files, save_atomic
+from grafting.errors import (CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError,
+                             UsageError)
+from grafting.ring.layout import SharedFolder
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Exchange", "check_ring_position", "format_duration", "seconds_from_env"]
+
+
+def check_ring_position(net: int, num: int) -> None:
+    """Raise :class:`UsageError` unless ``1 <= net <= num`` (whole numbers): network ``net`` of a ring of ``num``."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise UsageError(f"--num must be a whole number >= 1 (1 = baseline), got {num!r}")
+    if isinstance(net, bool) or not isinstance(net, int) or not 1 <= net <= num:
+        raise UsageError(f"--i must be between 1 and --num ({num}), got {net!r}; networks are numbered 1 to --num")
 
 
 def format_duration(seconds: float) -> str:
@@ -125,11 +136,9 @@ class Exchange:
             heartbeat_interval = seconds_from_env(HEARTBEAT_ENV, 10.0)
         if stale_after is None:
             stale_after = seconds_from_env(STALE_ENV, 120.0)
-        if num < 1:
-            raise GraftingError(f"--num must be at least 1 (got {num})")
-        if not 1 <= net <= num:
-            raise GraftingError(f"network index {net} is outside 1..{num}; networks are numbered 1 to --num")
-        self.root = Path(root)
+        check_ring_position(net, num)
+        self.folder = SharedFolder(Path(root))
+        self.root = self.folder.root
         self.net = net
         self.num = num
         self.keep_all = keep_all
@@ -141,6 +150,9 @@ class Exchange:
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._heartbeat_failed = False
+
+    def _make_root(self) -> None:
+        """Create the shared folder (when this network first writes to it)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -157,15 +169,15 @@ class Exchange:
     @property
     def lock_path(self) -> Path:
         """This network's lock file."""
-        return self.root / f"net{self.net}.lock"
+        return self.folder.lock(self.net)
 
     def alive_path(self, net: int) -> Path:
         """Network ``net``'s heartbeat file."""
-        return self.root / f"net{net}.alive"
+        return self.folder.alive(net)
 
     def path(self, net: int, epoch: int) -> Path:
         """The exchange file of network ``net`` after epoch ``epoch``."""
-        return self.root / f"net{net}_epoch{epoch}.pt"
+        return self.folder.exchange(net, epoch)
 
     # ---------------------------------------------------------------- lock and heartbeat
 
@@ -176,6 +188,7 @@ class Exchange:
         """
         if self._lock_fd is not None:
             return
+        self._make_root()
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -198,7 +211,7 @@ class Exchange:
             # The owner record only feeds an error message; a full disk must not stop training.
             os.ftruncate(fd, 0)
             os.pwrite(fd, record, 0)
-        self._remove_own_temp_files()
+        remove_temp_files(self.root, self.folder.exchange_pattern(self.net))
         self._beat()
         self._heartbeat_stop.clear()
         self._heartbeat_thread = threading.Thread(
@@ -245,16 +258,6 @@ class Exchange:
             return f"pid {fields[0]} on host {fields[1]}"
         return "another process"
 
-    def _remove_own_temp_files(self) -> None:
-        """Delete half-written files of this network left by a killed earlier owner of the lock."""
-        pattern = re.compile(rf"^net{self.net}_epoch\d+\.pt\.tmp-\d+$")
-        with contextlib.suppress(OSError):
-            for name in os.listdir(self.root):
-                if pattern.match(name):
-                    with contextlib.suppress(OSError):
-                        (self.root / name).unlink()
-                        logger.info("removed %s, left by an interrupted write", self.root / name)
-
     def _beat(self) -> None:
         """Rewrite the heartbeat file; its modification time is what peers look at."""
         try:
@@ -291,6 +294,7 @@ class Exchange:
         }
         full_meta = {**meta, "net": self.net, "num": self.num, "epoch": epoch}
         target = self.path(self.net, epoch)
+        self._make_root()
         save_atomic({"model": weights, "meta": full_meta}, target)
         return target
 
@@ -365,7 +369,7 @@ class Exchange:
                 continue
             raise PeerMismatchError(
                 f"network {net}'s checkpoint {target} has {found}, this network has {key}={wanted}; "
-                "all networks of a ring must use the same --model, --cifar and --num"
+                f"start every network of the ring with the same {key}"
             )
         return state_dict, meta
 
@@ -383,7 +387,7 @@ class Exchange:
         last_unneeded = epoch - self.num - 1
         if last_unneeded < 1:
             return []
-        pattern = re.compile(rf"^net{self.net}_epoch(\d+)\.pt$")
+        pattern = self.folder.exchange_pattern(self.net)
         removed: list[Path] = []
         try:
             names = os.listdir(self.root)
@@ -391,7 +395,7 @@ class Exchange:
             logger.warning("could not list %s to remove old exchange files: %s", self.root, err.strerror or err)
             return []
         for name in names:
-            match = pattern.match(name)
+            match = pattern.fullmatch(name)
             if match is None or int(match.group(1)) > last_unneeded:
                 continue
             try:
@@ -402,5 +406,5 @@ class Exchange:
                 logger.warning("could not remove %s: %s", self.root / name, err.strerror or err)
                 continue
             removed.append(self.root / name)
-        removed.sort(key=lambda file: int(pattern.match(file.name).group(1)))
+        removed.sort(key=lambda file: int(pattern.fullmatch(file.name).group(1)))
         return removed

@@ -19,17 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import is_distributed
-from .errors import GraftingError
-from .filters import count_invalid_filters
-from .grafter import Grafter, GraftReport
-from .graft import LayerRecord, unwrap_model
-from .log import MetricsWriter
-from .session import RunFiles, save_best, save_last
+from grafting.distributed import is_distributed
+from grafting.errors import GraftingError
+from grafting.method.filters import count_invalid_filters
+from grafting.method.graft import LayerRecord, unwrap_model
+from grafting.ring.grafter import Grafter, GraftReport
+from grafting.ring.layout import NetworkFiles
+from grafting.train.files import save_best, save_last
+from grafting.train.report import EpochRecord, RunReporter
 
 __all__ = ["Criterion", "cross_entropy", "train_one_epoch", "evaluate", "fit", "EpochStats", "NonFiniteLossError"]
 
-log = logging.getLogger("grafting")
+log = logging.getLogger(__name__)
 
 # criterion(logits, targets, images) -> (loss to minimise, named parts of it for the logs)
 Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -201,28 +202,36 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
                       images_per_s=seen / seconds if seconds > 0 else 0.0, seconds=seconds)
 
 
-def _epoch_scalars(train: EpochStats, test: EpochStats, lr: float, report: GraftReport,
-                   model: nn.Module) -> dict[str, float]:
-    values = {"train/loss": train.loss, "train/acc": train.top1, "test/loss": test.loss, "test/acc": test.top1,
-              "lr": lr, "graft/wait_s": report.waited_s, "graft/ms": report.graft_ms,
-              "speed/train_img_per_s": train.images_per_s, "speed/test_img_per_s": test.images_per_s}
-    if report.invalid_touched is not None:  # noise or internal grafting (METHOD.md §9)
-        values["graft/invalid_touched"] = report.invalid_touched
-    values.update({f"train/{k}": v for k, v in train.parts.items()})
-    if test.top5 is not None:
-        values["test/acc5"] = test.top5
-    for record in report.layers:
-        if isinstance(record, LayerRecord):
-            values[f"alpha/{record.key}"] = record.alpha
-            values[f"entropy/{record.key}"] = record.h_self
+# The paper's thresholds of the invalid-filter count (docs/METHOD.md §8).
+INVALID_THRESHOLDS = (0.1, 0.01)
+
+
+def epoch_record(epoch: int, epochs: int, train: EpochStats, test: EpochStats, *, best_acc: float, lr: float,
+                 report: GraftReport, model: nn.Module, epoch_s: float) -> EpochRecord:
+    """Everything ``epoch`` produced, for the epoch line, metrics.jsonl and TensorBoard."""
+    record = EpochRecord(epoch=epoch, epochs=epochs, train_loss=train.loss, train_acc=train.top1,
+                         test_loss=test.loss, test_acc=test.top1, test_acc5=test.top5, best_acc=best_acc, lr=lr,
+                         loss_parts=dict(train.parts), grafted=report.grafted, source=report.source,
+                         peer=report.peer, waited_s=report.waited_s,
+                         graft_ms=report.graft_ms if report.grafted else None,
+                         invalid_touched=report.invalid_touched, train_images_per_s=train.images_per_s,
+                         test_images_per_s=test.images_per_s, epoch_s=epoch_s)
+    for layer in report.layers:
+        if isinstance(layer, LayerRecord):
+            record.alphas[layer.key] = layer.alpha
+            record.entropies[layer.key] = layer.h_self
+            record.peer_entropies[layer.key] = layer.h_peer
         else:
-            values[f"filter_w/{record.key}"] = record.mean_w
+            record.filter_weights[layer.key] = layer.mean_w
     state = unwrap_model(model).state_dict()
-    for threshold in (0.1, 0.01):
-        invalid, total = count_invalid_filters(state, threshold)
-        if total:
-            values[f"invalid_filters/t={threshold}"] = invalid
-    return values
+    for threshold in INVALID_THRESHOLDS:
+        invalid, record.total_filters = count_invalid_filters(state, threshold)
+        if record.total_filters:
+            record.invalid_filters[str(threshold)] = invalid
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        record.gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return record
 
 
 def fit(
@@ -233,7 +242,7 @@ def fit(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     grafter: Grafter,
-    files: RunFiles | None,
+    files: NetworkFiles | None,
     epochs: int,
     start_epoch: int = 1,
     best_acc: float = 0.0,
@@ -242,19 +251,19 @@ def fit(
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     print_freq: int = 100,
-    writer: MetricsWriter | None = None,
+    reporter: RunReporter | None = None,
     extra_state: Callable[[], dict[str, Any]] | None = None,
-    tag: str = "",
 ) -> float:
     """Train epochs ``start_epoch..epochs`` with grafting after each; returns the best test top-1.
 
     ``files`` is None on DDP ranks other than 0: they train and receive the grafted weights but
-    write nothing. ``extra_state`` adds entries to the resumable checkpoint (e.g. a distillation
-    teacher).
+    write nothing. ``reporter`` writes the epoch line, metrics.jsonl and TensorBoard. ``extra_state``
+    adds entries to the resumable checkpoint (e.g. a distillation teacher).
     """
-    device = next(model.parameters()).device
+    reporter = reporter or RunReporter(None, None)
     loss_fn = hook.criterion(criterion) if hook is not None else criterion
     for epoch in range(start_epoch, epochs + 1):
+        started = time.perf_counter()
         train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_loader, optimizer, scheduler, epoch=epoch, criterion=loss_fn,
@@ -271,19 +280,8 @@ def fit(
         report = grafter.graft(model, epoch) if not final else GraftReport(epoch=epoch)
         if hook is not None:
             hook.after_exchange(report)
-
-        memory = ""
-        if device.type == "cuda":
-            memory = f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-        parts = " ".join(f"{k} {v:.4f}" for k, v in train.parts.items()) if len(train.parts) > 1 else ""
-        top5 = f" top5 {test.top5:.2f}" if test.top5 is not None else ""
-        touched = f" | touched {report.invalid_touched} invalid" if report.invalid_touched is not None else ""
-        log.info(f"{tag}epoch {epoch}/{epochs} | train loss {train.loss:.4f} acc {train.top1:.2f}"
-                 f"{' (' + parts + ')' if parts else ''} | test loss {test.loss:.4f} acc {test.top1:.2f}{top5} "
-                 f"| best {best_acc:.2f} | lr {lr:.5f} | wait {report.waited_s:.1f} s | graft {report.graft_ms:.1f} ms{touched} "
-                 f"| {train.images_per_s:.0f} img/s (test {test.images_per_s:.0f}){memory}")
-        if writer is not None:
-            writer.scalars(_epoch_scalars(train, test, lr, report, model), epoch)
+        reporter.epoch(epoch_record(epoch, epochs, train, test, best_acc=best_acc, lr=lr, report=report, model=model,
+                                    epoch_s=time.perf_counter() - started))
         if files is not None:
             save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                       best_acc=best_acc, extra=extra_state() if extra_state else None, acc=test.top1, acc5=test.top5)

@@ -1,4 +1,4 @@
-"""Invalid-filter counting (METHOD.md §1): filters whose l1 norm is below a threshold."""
+"""Invalid-filter counting (docs/METHOD.md §1): filters whose l1 norm is below a threshold."""
 from __future__ import annotations
 
 from typing import Mapping

@@ -1,4 +1,4 @@
-"""The per-epoch grafting step, as one object any training loop can call (METHOD.md §5).
+"""The per-epoch grafting step, as one object any training loop can call (docs/METHOD.md §5).
 
     grafter = Grafter("runs/r32", net=1, num=2)      # network 1 of a ring of 2
     with grafter:                                     # takes the per-network lock
@@ -9,7 +9,7 @@
 
 ``step`` is ``publish`` (this network's pre-graft weights to the shared folder, atomically)
 followed by ``graft`` (wait for the ring predecessor's file of the same epoch, check that it fits,
-graft it in). The ``source`` option selects the paper's ablations instead (METHOD.md §9):
+graft it in). The ``source`` option selects the paper's ablations instead (docs/METHOD.md §9):
 ``internal`` and ``noise`` change the network's own invalid filters and exchange nothing;
 ``average`` waits for every network's file and replaces the weights by the plain mean. A loop may call the two halves apart, e.g. evaluate in between so the peer's file
 arrives while this network tests. Under torch.distributed only rank 0 touches the folder; the
@@ -17,6 +17,7 @@ grafted weights are broadcast to the other ranks.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +26,19 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .ablation import SOURCES, average_into_, internal_graft_, noise_graft_
-from .distributed import is_distributed
-from .errors import GraftingError
-from .exchange import Exchange
-from .graft import CRITERIA, RULES, FilterRecord, LayerRecord, graft_filters, graft_layers, unwrap_model
+from grafting.distributed import is_distributed
+from grafting.errors import UsageError
+from grafting.method.ablation import average_into_, check_source, internal_graft_, noise_graft_
+from grafting.method.graft import (FilterRecord, LayerRecord, check_criterion, check_rule, graft_filters,
+                                   graft_layers, unwrap_model)
+from grafting.method.weighting import DEFAULT_A, DEFAULT_C, check_weighting
+from grafting.ring.exchange import Exchange, check_ring_position
 
-__all__ = ["Grafter", "GraftReport", "LEVELS"]
+__all__ = ["Grafter", "GraftReport", "LEVELS", "check_grafting"]
 
 LEVELS = ("layer", "filter")
-# Fields a peer's file must share with this network before any weights are mixed.
-MATCHING_META = ("model", "num_classes", "num", "source")
+# Meta entries that differ between the networks of one ring by design.
+_OWN_META = ("net", "epoch")
 # Sources that read other networks' files; the others work on the network alone.
 EXCHANGING_SOURCES = ("external", "average")
 
@@ -54,6 +57,7 @@ class GraftReport:
         source: where the new weights came from (``external``, ``internal``, ``noise``, ``average``).
         peers: every network whose file was read (``average`` reads all the others).
         invalid_touched: how many invalid filters ``noise`` or ``internal`` grafting changed (else None).
+        grafted: whether the step changed the weights (False for a baseline or an epoch that does not graft).
     """
 
     epoch: int
@@ -65,6 +69,7 @@ class GraftReport:
     source: str = "external"
     peers: tuple[int, ...] = ()
     invalid_touched: int | None = None
+    grafted: bool = False
 
     @property
     def alphas(self) -> list[float]:
@@ -86,19 +91,38 @@ class GraftReport:
                 f"waited {self.waited_s:.1f} s, {self.graft_ms:.1f} ms")
 
 
+def check_grafting(*, net: int, num: int, a: float, c: float, level: str, rule: str, criterion: str, source: str,
+                   invalid_threshold: float, peer_timeout: float | None) -> None:
+    """Raise :class:`UsageError` for the first impossible grafting setting (the one check both the
+    :class:`Grafter` and the training scripts' configuration use)."""
+    check_ring_position(net, num)
+    check_weighting(a, c)
+    if level not in LEVELS:
+        raise UsageError(f"unknown grafting level '{level}' (--level); choose one of: {', '.join(LEVELS)}")
+    check_rule(rule)
+    check_criterion(criterion)
+    check_source(source)
+    if not 0 <= invalid_threshold < math.inf:
+        raise UsageError(f"--invalid-threshold must be >= 0 and finite, got {invalid_threshold}")
+    if peer_timeout is not None and not 0 < peer_timeout <= math.inf:
+        raise UsageError(f"--peer-timeout must be positive seconds, got {peer_timeout}")
+    if source == "average" and num < 2:
+        raise UsageError("--graft-source average needs --num 2 or more networks to average")
+
+
 class Grafter:
     """Owns the shared folder for network ``net`` of ``num`` and performs the per-epoch grafting step.
 
     Args:
         root: the shared folder all networks of the ring use (``--s``).
         net, num: this network's number (1-based) and the ring size; ``num == 1`` never grafts.
-        a, c: weighting hyper-parameters (METHOD.md §3).
+        a, c: weighting hyper-parameters (docs/METHOD.md §3).
         level: ``"layer"`` (entropy-weighted per layer) or ``"filter"`` (per channel by BN scale).
         rule: ``"name"`` (published key rule) or ``"module"`` (by module type), for layer level.
         criterion: ``"entropy"`` or ``"l1"``.
         source: ``"external"`` (the method: the ring predecessor's weights), ``"internal"`` or
             ``"noise"`` (the network's own invalid filters, no exchange), ``"average"`` (plain mean of
-            all ``num`` networks); METHOD.md §9.
+            all ``num`` networks); docs/METHOD.md §9.
         invalid_threshold: l1 norm below which a filter counts as invalid (``internal``, ``noise``).
         peer_timeout: seconds to wait for a peer before failing (None: forever).
         keep_all: keep every exchange file instead of removing those no peer still needs.
@@ -112,8 +136,8 @@ class Grafter:
         net: int,
         num: int,
         *,
-        a: float = 0.4,
-        c: float = 500.0,
+        a: float = DEFAULT_A,
+        c: float = DEFAULT_C,
         level: str = "layer",
         rule: str = "name",
         criterion: str = "entropy",
@@ -123,21 +147,15 @@ class Grafter:
         keep_all: bool = False,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        if not 1 <= net <= num:
-            raise GraftingError(f"network number must be between 1 and num={num}, got {net}")
-        if level not in LEVELS:
-            raise GraftingError(f"unknown grafting level '{level}'; choose one of: {', '.join(LEVELS)}")
-        if rule not in RULES:
-            raise GraftingError(f"unknown graft rule '{rule}'; choose one of: {', '.join(RULES)}")
-        if criterion not in CRITERIA:
-            raise GraftingError(f"unknown criterion '{criterion}'; choose one of: {', '.join(CRITERIA)}")
-        if source not in SOURCES:
-            raise GraftingError(f"unknown graft source '{source}'; choose one of: {', '.join(SOURCES)}")
+        check_grafting(net=net, num=num, a=a, c=c, level=level, rule=rule, criterion=criterion, source=source,
+                       invalid_threshold=invalid_threshold, peer_timeout=peer_timeout)
         self.net, self.num = net, num
         self.a, self.c, self.level, self.rule, self.criterion = a, c, level, rule, criterion
         self.source, self.invalid_threshold = source, invalid_threshold
         self.peer_timeout = peer_timeout
-        self.meta = {"net": net, "num": num, "source": source, **dict(meta or {})}
+        # What a peer's file must agree on: the grafting settings, and whatever the caller adds (model, classes, recipe).
+        self.meta = {"num": num, "a": a, "c": c, "level": level, "rule": rule, "criterion": criterion,
+                     "source": source, "invalid_threshold": invalid_threshold, **dict(meta or {}), "net": net}
         self._rank_zero = not is_distributed() or torch.distributed.get_rank() == 0
         # Under DDP only rank 0 touches the shared folder (on other nodes it may not even be mounted).
         self.exchange: Exchange | None = Exchange(root, net, num, keep_all=keep_all) if self._rank_zero else None
@@ -185,6 +203,7 @@ class Grafter:
         if not (self.active or own_only):
             return report
         module = unwrap_model(model)
+        report.grafted = True
         if self._rank_zero:
             if own_only:
                 start = time.perf_counter()
@@ -214,7 +233,7 @@ class Grafter:
         return report
 
     def _expected_meta(self) -> dict[str, Any]:
-        return {k: self.meta[k] for k in MATCHING_META if k in self.meta}
+        return {k: v for k, v in self.meta.items() if k not in _OWN_META}
 
     def _average(self, module: nn.Module, epoch: int, report: GraftReport) -> float:
         """Wait for every other network's file of ``epoch`` and replace ``module`` by the mean of all.

@@ -1,4 +1,4 @@
-"""Grafting one network's weights into another (METHOD.md §4).
+"""Grafting one network's weights into another, in memory (docs/METHOD.md §4).
 
 Layer level: every group of state_dict entries shares one coefficient alpha, computed from the
 information (entropy, or l1 norm) of the group's scoring tensor in both networks. Two rules decide
@@ -23,14 +23,28 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .entropy import entropy_tensor, entropy_tensors
-from .errors import GraftingError, PeerMismatchError
-from .weighting import graft_coefficient
+from grafting.checkpoint import state_dict_misfit
+from grafting.errors import GraftingError, PeerMismatchError, UsageError
+from grafting.method.entropy import entropy_tensor, entropy_tensors
+from grafting.method.weighting import DEFAULT_A, DEFAULT_C, graft_coefficient
 
-__all__ = ["LayerRecord", "FilterRecord", "graft_layers", "graft_filters", "unwrap_model", "default_rule", "RULES", "CRITERIA"]
+__all__ = ["LayerRecord", "FilterRecord", "graft_layers", "graft_filters", "unwrap_model", "default_rule",
+           "check_peer_state", "check_rule", "check_criterion", "RULES", "CRITERIA"]
 
 RULES = ("name", "module")
 CRITERIA = ("entropy", "l1")
+
+
+def check_rule(rule: str) -> None:
+    """Raise :class:`UsageError` unless ``rule`` is one of :data:`RULES`."""
+    if rule not in RULES:
+        raise UsageError(f"unknown graft rule '{rule}' (--graft-rule); choose one of: {', '.join(RULES)}")
+
+
+def check_criterion(criterion: str) -> None:
+    """Raise :class:`UsageError` unless ``criterion`` is one of :data:`CRITERIA`."""
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown grafting criterion '{criterion}' (--criterion); choose one of: {', '.join(CRITERIA)}")
 
 
 @dataclass(frozen=True)
@@ -75,17 +89,14 @@ def default_rule(model: nn.Module) -> str:
     return "name" if "conv" in first else "module"
 
 
-def _check_peer(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor]) -> None:
-    for key, tensor in own.items():
-        if key not in peer:
-            raise PeerMismatchError(
-                f"the peer's weights have no entry '{key}'; both networks must be the same architecture"
-            )
-        if tuple(peer[key].shape) != tuple(tensor.shape):
-            raise PeerMismatchError(
-                f"entry '{key}' has shape {tuple(peer[key].shape)} in the peer's weights but "
-                f"{tuple(tensor.shape)} here; both networks must be the same architecture and class count"
-            )
+def check_peer_state(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor], source: str = "the peer's weights"
+                     ) -> None:
+    """Raise :class:`PeerMismatchError` unless ``peer`` has exactly ``own``'s keys and shapes (and floats
+    where ``own`` has floats): grafting another architecture in is never what a user wants."""
+    problem = state_dict_misfit(own, peer)
+    if problem:
+        raise PeerMismatchError(f"{source} {problem}; all networks of a ring must be the same architecture "
+                                f"with the same number of classes")
 
 
 def _name_rule_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]:
@@ -149,11 +160,10 @@ def _module_rule_groups(model: nn.Module, state: Mapping[str, torch.Tensor]) -> 
 
 
 def _score_fn(criterion: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    check_criterion(criterion)
     if criterion == "entropy":
         return entropy_tensor
-    if criterion == "l1":
-        return lambda t: t.detach().abs().sum(dtype=torch.float64)
-    raise GraftingError(f"unknown grafting criterion '{criterion}'; choose one of: {', '.join(CRITERIA)}")
+    return lambda t: t.detach().abs().sum(dtype=torch.float64)
 
 
 def _peer_tensors(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -179,12 +189,12 @@ def _blend_(own: list[torch.Tensor], peer: list[torch.Tensor], alphas: list[floa
 def graft_layers(
     model: nn.Module,
     peer_state: Mapping[str, torch.Tensor],
-    a: float = 0.4,
-    c: float = 500.0,
+    a: float = DEFAULT_A,
+    c: float = DEFAULT_C,
     rule: str = "name",
     criterion: str = "entropy",
 ) -> list[LayerRecord]:
-    """Graft ``peer_state`` into ``model`` in place, layer by layer (METHOD.md §3-§4).
+    """Graft ``peer_state`` into ``model`` in place, layer by layer (docs/METHOD.md §3-§4).
 
     Args:
         model: the network to update (wrappers such as DDP are looked through).
@@ -196,11 +206,11 @@ def graft_layers(
     Returns:
         One :class:`LayerRecord` per coefficient, in state_dict order.
     """
-    if rule not in RULES:
-        raise GraftingError(f"unknown graft rule '{rule}'; choose one of: {', '.join(RULES)}")
+    check_rule(rule)
+    check_criterion(criterion)
     model = unwrap_model(model)
     own = model.state_dict()
-    _check_peer(own, peer_state)
+    check_peer_state(own, peer_state)
     groups = _name_rule_groups(own) if rule == "name" else _module_rule_groups(model, own)
     peer = _peer_tensors(own, peer_state)
 
@@ -243,7 +253,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, _BatchNo
 
 @torch.no_grad()
 def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> list[FilterRecord]:
-    """Graft ``peer_state`` into ``model`` in place, filter by filter (METHOD.md §4, the VGG table).
+    """Graft ``peer_state`` into ``model`` in place, filter by filter (docs/METHOD.md §4, the VGG table).
 
     For each conv followed by a BatchNorm with scales g1 (own) and g2 (peer), channel j gets
     ``w_j = |g1_j| / (|g1_j| + |g2_j|)`` (0.5 where both are 0). Filter j of the conv (and its bias),
@@ -255,7 +265,7 @@ def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> l
     """
     model = unwrap_model(model)
     own = model.state_dict()
-    _check_peer(own, peer_state)
+    check_peer_state(own, peer_state)
     peer = _peer_tensors(own, peer_state)
     pairs = _conv_bn_pairs(model)
     if not pairs:

@@ -11,11 +11,11 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import CheckpointError, UsageError
+from grafting.errors import CheckpointError, UsageError, first_line
 
 __all__ = ["ARCHS", "create_model", "pretrained_weights", "model_classes"]
 
-log = logging.getLogger("grafting")
+log = logging.getLogger(__name__)
 
 ARCHS = sorted(torchvision.models.list_models(module=torchvision.models))
 # Their auxiliary heads make the model return a tuple while training; the loop trains the main output only.
@@ -69,8 +69,7 @@ def create_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Mo
     try:
         model = torchvision.models.get_model(arch, weights=weights, **extra)
     except RuntimeError as err:  # a truncated file or a hash that does not match its name
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is damaged ({first}); delete it and fetch it again") from None
+        raise CheckpointError(f"{path} is damaged ({first_line(err)}); delete it and fetch it again") from None
     classes = len(weights.meta["categories"])
     if classes != num_classes:
         name = _replace_classifier(model, classes, num_classes)

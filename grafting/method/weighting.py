@@ -1,0 +1,31 @@
+"""The adaptive weighting coefficient of docs/METHOD.md §3, and the defaults of its hyper-parameters."""
+from __future__ import annotations
+
+import math
+
+from grafting.errors import UsageError
+
+__all__ = ["DEFAULT_A", "DEFAULT_C", "graft_coefficient", "check_weighting"]
+
+# The paper's defaults; its a/c study varies them (docs/METHOD.md §8).
+DEFAULT_A = 0.4
+DEFAULT_C = 500.0
+
+
+def check_weighting(a: float, c: float) -> None:
+    """Raise :class:`UsageError` unless ``0 <= a <= 1`` and ``c`` is finite and ``>= 0`` (NaN fails both)."""
+    if not 0.0 <= a <= 1.0:
+        raise UsageError(f"--a must lie in [0, 1], got {a}")
+    if not 0 <= c < math.inf:
+        raise UsageError(f"--c must be a finite number >= 0, got {c}")
+
+
+def graft_coefficient(h_self: float, h_peer: float, a: float = DEFAULT_A, c: float = DEFAULT_C) -> float:
+    """``alpha = (a / pi) * arctan(c * (h_self - h_peer)) + 0.5``, rounded to 2 decimals.
+
+    The network whose layer holds more information keeps more of it; alpha lies in
+    ``(0.5 - a/2, 0.5 + a/2)``. Rounding is numpy's (round half to even on ``alpha * 100``), which
+    is what the published code applied to its float64 value.
+    """
+    alpha = (a / math.pi) * math.atan(c * (h_self - h_peer)) + 0.5
+    return round(alpha * 100) / 100

@@ -1,0 +1,90 @@
+"""The command line of the training scripts, built from the run configuration's fields, and the
+top-level error handling (one line on stderr, exit code 2 for bad input, 1 for failures)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from typing import Callable, TypeVar
+
+from grafting.errors import DatasetNotFoundError, GraftingError, UsageError
+from grafting.train.config import RunConfig
+
+__all__ = ["ArgumentParser", "build_parser", "parse_config", "entry_point"]
+
+C = TypeVar("C", bound=RunConfig)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: message (see --help)`` and exit code 2, no usage dump
+    (the same form as every other error of the scripts)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print ``error: message (see --help)`` on stderr and exit with code 2."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _default_text(value: object, action: str | None) -> str:
+    """How --help shows a default: 'off' for switches, nothing for 'no value'."""
+    if action == "store_true":
+        return "off"
+    if action == "boolean":
+        return {True: "on", False: "off"}.get(value, "")  # type: ignore[arg-type]
+    if value is None or value == []:
+        return ""
+    return str(value)
+
+
+def build_parser(config_cls: type[RunConfig], prog: str, description: str) -> ArgumentParser:
+    """A parser with one flag per field of ``config_cls`` that has flags, grouped as the fields say;
+    every help line ends with the default."""
+    parser = ArgumentParser(prog=prog, description=description)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in config_cls.settings():
+        flags = f.metadata["flags"]
+        if not flags:
+            continue  # derived by the script
+        group_name = f.metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        kwargs = dict(f.metadata["argparse"])
+        action = kwargs.get("action")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = _default_text(default, action)
+        help_text = f.metadata["help"] + (f" (default: {shown})" if shown and "default:" not in f.metadata["help"]
+                                          else "")
+        if action == "boolean":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        groups[group_name].add_argument(*flags, dest=f.name, default=default, help=help_text.replace("%", "%%"),
+                                        **kwargs)
+    return parser
+
+
+def parse_config(config_cls: type[C], argv: list[str] | None, *, prog: str, description: str) -> C:
+    """The checked configuration the flags ``argv`` describe (raises :class:`UsageError`)."""
+    namespace = build_parser(config_cls, prog, description).parse_args(argv)
+    config = config_cls(**vars(namespace))
+    config.check()
+    return config
+
+
+def entry_point(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
+    """Wrap a script's main: a GraftingError becomes one line on stderr and an exit code
+    (2 for bad flags or a missing dataset, 1 for failures during the run); Ctrl-C exits 130."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> None:
+        try:
+            main(argv)
+        except (UsageError, DatasetNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except GraftingError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted; restart with --resume to continue from the last finished epoch", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,157 @@
+"""Everything between "the model and the data exist" and "the run is over", shared by the CIFAR
+and ImageNet scripts: optimizer and schedule, mixed precision, the grafter and its lock, the run's
+files, resumption, distillation, and the epoch loop."""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from grafting.distributed import broadcast_from_main, is_distributed
+from grafting.method.distill import Distiller, ModelBuilder, make_distiller
+from grafting.method.graft import unwrap_model
+from grafting.ring.grafter import Grafter
+from grafting.train.config import RunConfig
+from grafting.train.files import ResumeState, load_last, prepare_run_files
+from grafting.train.loop import fit
+from grafting.train.report import RunReporter
+from grafting.train.schedule import dlr_factor, make_scheduler
+
+__all__ = ["amp_dtype_for", "run_ring", "share_resumed_state"]
+
+log = logging.getLogger(__name__)
+
+
+def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the device supports it, else fp16 (which then needs a grad scaler); None when off."""
+    if not enabled:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _distiller(config: RunConfig, model: nn.Module, build_model: ModelBuilder) -> Distiller | None:
+    """The --distill hook, its teacher loaded and checked now, before any file of the run is written."""
+    return make_distiller(
+        config.distill, model, teachers=config.teacher, teacher_model=config.teacher_model or config.model,
+        num_classes=config.num_classes, build_model=build_model, temperature=config.kd_temperature,
+        weight=config.kd_weight, soften_teacher=config.kd_soften_teacher)
+
+
+def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader: Any, *,
+             build_model: ModelBuilder, is_main: bool = True) -> float:
+    """Train network ``config.i`` of ``config.num`` to ``config.epochs``; returns its best test top-1.
+
+    ``config`` holds the resolved settings (graft rule, device, threads ...) and is what config.json
+    stores. ``model`` is already on its device (wrapped in DDP when several GPUs train it). Only the
+    main rank (``is_main``) writes files; the grafter broadcasts grafted weights to the others.
+    ``build_model(name, num_classes)`` constructs a --teacher-model.
+    """
+    device = next(model.parameters()).device
+    lr = config.lr * (dlr_factor(config.i, config.num) if config.difflr else 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    scheduler = make_scheduler(optimizer, cosine=config.cos, epochs=config.epochs, iters_per_epoch=len(train_loader),
+                               step_epochs=config.step_epochs)
+    amp_dtype = amp_dtype_for(device, config.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    log.info(f"network {config.i} of {config.num}: {config.model} on {device}, lr {lr:.4f} "
+             f"({'cosine' if config.cos else f'x0.1 every {config.step_epochs} epochs'}), "
+             f"{_grafting_summary(config)}"
+             f"{', amp ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''}")
+
+    # The hook first: a teacher that does not fit fails before the lock, the run files or training.
+    hook = _distiller(config, model, build_model)
+    grafter = Grafter(config.s, config.i, config.num, a=config.a, c=config.c, level=config.level,
+                      rule=config.graft_rule, criterion=config.criterion, source=config.source,
+                      invalid_threshold=config.invalid_threshold, peer_timeout=config.peer_timeout,
+                      keep_all=config.keep_all, meta=config.peer_settings())
+    with grafter:
+        files = prepare_run_files(config) if is_main else None
+        state = ResumeState()
+        if config.resume and files is not None:
+            state = load_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            if hook is not None and state.extra:
+                hook.load_state_dict(state.extra)
+        if config.resume:  # under DDP only rank 0 read last.pt: the other ranks get the same state from it
+            state = share_resumed_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        state = _apply_start_epoch(config, state, scheduler, len(train_loader))
+        if hook is not None:
+            hook.sync_ranks()  # under DDP only rank 0 read last.pt: share a resumed peers teacher
+        if state.start_epoch > config.epochs:
+            log.info(f"nothing to do: {config.epochs} epochs already done (best {state.best_acc:.2f})")
+            return state.best_acc
+        reporter = RunReporter(files.metrics if files else None, files.tensorboard if files else None,
+                               start_epoch=state.start_epoch)
+        try:
+            best = fit(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler, grafter=grafter,
+                       files=files, epochs=config.epochs, start_epoch=state.start_epoch, best_acc=state.best_acc,
+                       hook=hook, amp_dtype=amp_dtype, scaler=scaler, print_freq=config.print_freq,
+                       reporter=reporter, extra_state=hook.state_dict if hook is not None else None)
+        finally:
+            reporter.close()
+    log.info(f"done: best test accuracy {best:.2f}")
+    return best
+
+
+def _grafting_summary(config: RunConfig) -> str:
+    """What happens after each epoch, for the start-up line."""
+    if config.source in ("internal", "noise"):
+        text = f"{config.source} grafting of invalid filters (l1 < {config.invalid_threshold:g})"
+    elif config.num == 1:
+        text = "no grafting (baseline)"
+    elif config.source == "average":
+        text = f"plain averaging of {config.num} networks"
+    else:
+        text = f"{config.level} grafting, {config.graft_rule} rule, {config.criterion}"
+    return text if config.distill == "none" else f"{text}, distillation from {config.distill}"
+
+
+def share_resumed_state(state: ResumeState, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler,
+                        scaler: torch.amp.GradScaler | None) -> ResumeState:
+    """Give every DDP rank what rank 0 restored from last.pt: weights, optimizer, schedule, scaler, epoch.
+
+    Only rank 0 reads the shared folder; the others receive the restored state dicts with one
+    ``broadcast_object_list``. Their random generators are not restored (each rank keeps its own
+    seeded stream; the data order does not depend on them). Without torch.distributed nothing happens.
+    """
+    if not is_distributed():
+        return state
+    payload = None
+    if torch.distributed.get_rank() == 0:
+        payload = {"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+                   "resume": state}
+    payload = broadcast_from_main(payload)
+    if torch.distributed.get_rank() != 0:
+        unwrap_model(model).load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload["scaler"]:
+            scaler.load_state_dict(payload["scaler"])
+    return payload["resume"]
+
+
+def _apply_start_epoch(config: RunConfig, state: ResumeState,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler, iters_per_epoch: int) -> ResumeState:
+    """--start-epoch (ImageNet script, 1-based): with --resume the resumed epoch wins; without, fresh
+    weights start at that epoch with the learning-rate schedule moved on to it."""
+    start = config.start_epoch
+    if start is None or start == state.start_epoch:
+        return state
+    if config.resume:
+        log.warning(f"--start-epoch {start} ignored: --resume continues at epoch {state.start_epoch}")
+        return state
+    log.warning(f"--start-epoch {start} without --resume: fresh weights start at epoch {start} and the "
+                f"learning-rate schedule skips the epochs before it; use --resume to continue a run")
+    skipped = (start - 1) * iters_per_epoch
+    scheduler.last_epoch = skipped - 1
+    with warnings.catch_warnings():  # "scheduler stepped before optimizer": intended, nothing was trained
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return ResumeState(start_epoch=start, best_acc=state.best_acc, extra=state.extra)
