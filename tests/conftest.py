@@ -86,13 +86,15 @@ def no_process_outlives_its_test() -> Iterator[None]:
 
 
 def start_process(argv: Sequence[str], workdir: Path, name: str, *, env: dict[str, str] | None = None,
-                  merge_output: bool = False, preexec_fn: Callable[[], None] | None = None) -> Proc:
+                  merge_output: bool = False, output: Path | None = None,
+                  preexec_fn: Callable[[], None] | None = None) -> Proc:
     """Start ``argv`` in ``workdir`` with ``child_env()`` (or ``env``); output goes to
-    ``workdir/logs/<name>.out`` and ``.err`` (one file with ``merge_output``)."""
+    ``workdir/logs/<name>.out`` and ``.err`` (one file with ``merge_output``; both to ``output`` when given)."""
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    out = logs / f"{name}.out"
-    err = out if merge_output else logs / f"{name}.err"
+    out = output or logs / f"{name}.out"
+    err = out if merge_output or output else logs / f"{name}.err"
+    merge_output = merge_output or output is not None
     with open(out, "w") as out_file, open(err, "a") as err_file:
         process = subprocess.Popen(list(argv), cwd=workdir, stdout=out_file,
                                    stderr=subprocess.STDOUT if merge_output else err_file,

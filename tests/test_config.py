@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grafting.errors import PeerMismatchError, UsageError
+from grafting.errors import GraftingError, PeerMismatchError, UsageError
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C
 from grafting.ring.grafter import Grafter
 from grafting.train.cli import build_parser
@@ -72,6 +72,7 @@ def test_config_json_round_trip(tmp_path: Path) -> None:
 CHANGED_ON_RESUME = [
     (["--a", "0.3"], "--a was 0.4", "is 0.3"),
     (["--c", "100"], "--c was 500.0", "is 100.0"),
+    (["--wd", "1e-3"], "--wd/--weight-decay was 0.0005", "is 0.001"),
     (["--level", "filter"], "--level was 'layer'", "is 'filter'"),
     (["--criterion", "l1"], "--criterion was 'entropy'", "is 'l1'"),
     (["--graft-source", "noise"], "--graft-source was 'external'", "is 'noise'"),
@@ -84,7 +85,7 @@ def test_resume_with_a_changed_grafting_setting_is_one_line_naming_both_values(t
                                                                                after) -> None:
     base = ["--s", str(tmp_path), "--num", "2", "--i", "1"]
     prepare_run_files(parse_cifar(base))
-    with pytest.raises(UsageError) as caught:
+    with pytest.raises(GraftingError) as caught:
         prepare_run_files(parse_cifar([*base, *changed, "--resume"]))
     message = str(caught.value)
     assert "\n" not in message and before in message and after in message, message
@@ -130,5 +131,5 @@ def test_bad_values_are_usage_errors(argv: list[str], message: str) -> None:
 def test_a_subclass_field_keeps_the_base_fields_meaning() -> None:
     fields = {f.name: f for f in RunConfig.settings()}
     assert fields["epochs"].metadata["help"] == {f.name: f for f in CifarConfig.settings()}["epochs"].metadata["help"]
-    assert CifarConfig.flag_of("print_freq") == "--print_frequence"
+    assert CifarConfig.flag_of("print_freq") == "--print_frequence/--print-freq"
     assert ImagenetConfig.flag_of("model") == "--arch"

@@ -270,6 +270,7 @@ MISMATCHES = {
     "model": ({"num": 2, "model": "resnet20"}, {"num": 2, "model": "resnet32"}, "model=resnet20"),
     "classes": ({"num": 2, "extra": ("--cifar", "10")}, {"num": 2, "extra": ("--cifar", "100")}, "num_classes=10"),
     "num": ({"num": 2}, {"num": 3}, "num=2"),
+    "a": ({"num": 2, "extra": ("--a", "0.4")}, {"num": 2, "extra": ("--a", "0.2")}, "a=0.4"),
 }
 
 
@@ -285,7 +286,7 @@ def test_peers_that_do_not_match_fail_at_the_first_exchange(tmp_path: Path, data
         assert codes == [1, 1], f"{case}: " + "\n".join(net.report() for net in nets)
         for net in nets:
             line = one_line(net.stderr)
-            assert "checkpoint" in line and "all networks of a ring must use the same" in line, line
+            assert "checkpoint" in line and "start every network of the ring with the same" in line, line
             assert "epoch 1/2 |" not in net.log, f"{case}: {net.name} went on after the exchange"
         told = one_line(nets[1].stderr)
         assert f"network 1's checkpoint {shared / 'net1_epoch1.pt'} has {MISMATCHES[case][2]}" in told, told

@@ -217,7 +217,7 @@ def test_imagenet_networks_on_several_gpus_use_torchrun(tmp_path):
         from torch.distributed.run import get_args_parser
         run = get_args_parser().parse_args(command.launcher[2:] + [command.program] + command.args)
         assert run.training_script == command.program and run.training_script_args == command.args
-        assert args.arch == "resnet50" and args.steplr and args.batch_size == 256 and args.num == 2
+        assert args.model == "resnet50" and args.steplr and args.batch_size == 256 and args.num == 2
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -55,8 +55,7 @@ def start(log: Path, *args: str, torchrun: int = 0) -> Proc:
     """Start the script (under ``torchrun --nproc_per_node N`` when ``torchrun``) with its output in ``log``."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun),
                 "--"] if torchrun else [sys.executable]
-    proc = start_process([*launcher, str(SCRIPT), *args], log.parent, log.stem, merge_output=True)
-    return proc
+    return start_process([*launcher, str(SCRIPT), *args], log.parent, log.stem, output=log)
 
 
 def succeeded(proc: Proc) -> str:
@@ -287,11 +286,11 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
 def test_flags_follow_the_original_names() -> None:
     args = imagenet_train.parse_args(["-a", "mobilenet_v2", "--a", "0.3", "-p", "5", "--wd", "5e-5", "-j", "2",
                                       "-b", "64", "--steplr", "--gpu", "1"])
-    assert (args.arch, args.a, args.print_freq, args.weight_decay, args.workers, args.batch_size) == \
+    assert (args.model, args.a, args.print_freq, args.weight_decay, args.workers, args.batch_size) == \
         ("mobilenet_v2", 0.3, 5, 5e-5, 2, 64)
     assert args.cos is False and args.gpu == 1
     defaults = imagenet_train.parse_args([])
-    assert (defaults.arch, defaults.epochs, defaults.batch_size, defaults.lr, defaults.weight_decay,
+    assert (defaults.model, defaults.epochs, defaults.batch_size, defaults.lr, defaults.weight_decay,
             defaults.print_freq, defaults.workers, defaults.cos, defaults.difflr) == \
         ("resnet18", 90, 256, 0.1, 1e-4, 10, 4, True, False)
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from grafting.errors import UsageError
+from grafting.errors import GraftingError, UsageError
 from grafting.method.ablation import SOURCES
 from grafting.method.distill import DISTILL_MODES, check_distillation
 from grafting.method.graft import CRITERIA, RULES
@@ -182,9 +182,9 @@ class RunConfig:
 
     @classmethod
     def flag_of(cls, name: str) -> str:
-        """The field's main command-line flag (its longest name), or the name itself when it has none."""
-        flags = cls.__dataclass_fields__[name].metadata.get("flags") or ()
-        return max(flags, key=len) if flags else name
+        """The field's long command-line flags for messages (``--wd/--weight-decay``), or its name when it has none."""
+        flags = [flag for flag in cls.__dataclass_fields__[name].metadata.get("flags") or () if flag.startswith("--")]
+        return "/".join(flags) if flags else name
 
     @classmethod
     def fixed_on_resume(cls) -> tuple[str, ...]:
@@ -239,15 +239,15 @@ class RunConfig:
             raise UsageError(f"--distill peers needs an exchange; --graft-source {self.source} reads no peer weights")
 
     def check_resume(self, saved: Mapping[str, Any], source: str) -> None:
-        """Raise :class:`UsageError` when a setting fixed on resume differs from the ``saved`` configuration
+        """Raise :class:`GraftingError` when a setting fixed on resume differs from the ``saved`` configuration
         (read from ``source``); names the flag and both values."""
         for name in self.fixed_on_resume():
             if name not in saved:
-                raise UsageError(f"--resume: {source} does not record {self.flag_of(name)}; it was written by "
+                raise GraftingError(f"--resume: {source} does not record {self.flag_of(name)}; it was written by "
                                  f"another version or edited by hand: start a new run in another --s")
             now, then = getattr(self, name), saved[name]
             if now != then:
-                raise UsageError(f"--resume: {self.flag_of(name)} was {then!r} in {source} but is {now!r} now; "
+                raise GraftingError(f"--resume: {self.flag_of(name)} was {then!r} in {source} but is {now!r} now; "
                                  f"resume with the same settings or start a new run in another --s")
 
     # ------------------------------------------------------------------ config.json
