@@ -268,7 +268,7 @@ for epoch in itertools.count(int(sys.argv[2])):
 MISMATCHES = {
     # case: (network 1's settings, network 2's settings, what network 2 is told about network 1's file)
     "model": ({"num": 2, "model": "resnet20"}, {"num": 2, "model": "resnet32"}, "model=resnet20"),
-    "classes": ({"num": 2, "extra": ("--cifar", "10")}, {"num": 2, "extra": ("--cifar", "100")}, "num_classes=10"),
+    "classes": ({"num": 2, "extra": ("--cifar", "10")}, {"num": 2, "extra": ("--cifar", "100")}, "dataset=cifar10"),
     "num": ({"num": 2}, {"num": 3}, "num=2"),
     "a": ({"num": 2, "extra": ("--a", "0.4")}, {"num": 2, "extra": ("--a", "0.2")}, "a=0.4"),
 }
@@ -368,7 +368,7 @@ def test_resume_checks_the_saved_configuration(tmp_path: Path, data: Path, inter
             start(tmp_path, "no-resume", flags_for(data, fresh, num=1, i=1, epochs=3))]
     assert finish(nets) == [1, 1, 1], "\n".join(net.report() for net in nets)
     lr_line, wd_line, fresh_line = (one_line(net.stderr) for net in nets)
-    assert f"--resume: lr was 0.1 in {lr / 'net1' / 'config.json'} but is 0.05 now" in lr_line, lr_line
+    assert f"--resume: --lr was 0.1 in {lr / 'net1' / 'config.json'} but is 0.05 now" in lr_line, lr_line
     assert "--resume: weight_decay was 0.0005" in wd_line and "0.001" in wd_line, wd_line
     assert f"{fresh / 'net1' / 'last.pt'} already exists; pass --resume" in fresh_line, fresh_line
     for shared, digests in before.items():

@@ -243,7 +243,7 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
         last = torch.load(shared / network.name / "last.pt", weights_only=True)
         assert last["epoch"] == 2
         assert (shared / network.name / "best.pt").is_file()
-        assert list((shared / "tb" / f"net{network.net}").glob("events.out.tfevents.*"))
+        assert list((shared / "tb" / network.name).glob("events.out.tfevents.*"))
     # The final epoch publishes nothing: its tested weights are final.
     assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt"})
     meta = exchange_file(shared, 2, 1)["meta"]
