@@ -369,7 +369,7 @@ def test_resume_checks_the_saved_configuration(tmp_path: Path, data: Path, inter
     assert finish(nets) == [1, 1, 1], "\n".join(net.report() for net in nets)
     lr_line, wd_line, fresh_line = (one_line(net.stderr) for net in nets)
     assert f"--resume: --lr was 0.1 in {lr / 'net1' / 'config.json'} but is 0.05 now" in lr_line, lr_line
-    assert "--resume: weight_decay was 0.0005" in wd_line and "0.001" in wd_line, wd_line
+    assert "--resume: --wd/--weight-decay was 0.0005" in wd_line and "0.001" in wd_line, wd_line
     assert f"{fresh / 'net1' / 'last.pt'} already exists; pass --resume" in fresh_line, fresh_line
     for shared, digests in before.items():
         assert (digest(shared / "net1" / "config.json"), digest(shared / "net1" / "last.pt")) == digests
