@@ -93,7 +93,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def naive_name_rule(
     own: dict[str, torch.Tensor], h_own: dict[str, float], h_peer: dict[str, float], a: float, c: float
 ) -> list[tuple[str, float, list[str]]]:
-    """METHOD.md §4, layer level by key name: (conv key, alpha, keys blended with it) in order.
+    """docs/METHOD.md §4, layer level by key name: (conv key, alpha, keys blended with it) in order.
 
     ``h_own`` and ``h_peer`` map weight keys to their layer_entropy in each network.
     """
@@ -122,7 +122,7 @@ def _leaf_state_keys(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
 def naive_module_rule(
     model: nn.Module, h_own: dict[str, float], h_peer: dict[str, float], a: float, c: float
 ) -> list[tuple[str, float, list[str]]]:
-    """METHOD.md §4, layer level by module type: each Conv2d/Linear weight its own alpha, shared by
+    """docs/METHOD.md §4, layer level by module type: each Conv2d/Linear weight its own alpha, shared by
     its bias and by the BatchNorm that comes right after it."""
     groups: list[tuple[str, float, list[str]]] = []
     bn_may_join = False
