@@ -102,7 +102,7 @@ def test_noise_with_another_std() -> None:
 
 
 def mobilenet_with_weak_layers(seed: int = 0) -> nn.Module:
-    """A MobileNetV2 where every fifth conv layer (1x1 and depthwise) has 80 % of its filters invalid at threshold 0.1."""
+    """A MobileNetV2 where every fifth conv layer (1x1 or depthwise) has 80 % of its filters invalid at 0.1."""
     torch.manual_seed(seed)
     model = models.create("mobilenetv2", num_classes=10)
     with torch.no_grad():

@@ -28,8 +28,8 @@ from grafting.errors import GraftingError, UsageError
 from grafting.method.filters import conv_filter_keys, filter_l1_norms
 from grafting.method.graft import check_peer_state, check_rule, unwrap_model
 
-__all__ = ["SOURCES", "NOISE_DECAY", "NOISE_STD", "check_source", "conv_weights", "noise_graft_", "internal_graft_", "average_states",
-           "average_into_"]
+__all__ = ["SOURCES", "NOISE_DECAY", "NOISE_STD", "check_source", "conv_weights", "noise_graft_", "internal_graft_",
+           "average_states", "average_into_"]
 
 # Where a network's new weights come from after an epoch: the method and its ablations.
 SOURCES = ("external", "internal", "noise", "average")
@@ -70,9 +70,9 @@ def noise_graft_(
 ) -> int:
     """Add Gaussian noise to every invalid filter of ``model`` in place; returns how many were touched.
 
-    ``epoch`` counts finished epochs from 0, as the published loop did: the noise after the first
-    epoch has standard deviation ``std`` (1, the paper's), after the e-th ``std * 0.975 ** (e - 1)``.
-    Each invalid filter ``W[j]`` (l1 norm below ``threshold``) gets ``W[j] += randn(W[j].shape) * scale``,
+    ``epoch`` numbers the epoch just finished from 0, as the published loop did, and the noise has
+    standard deviation ``std * 0.975 ** epoch``: ``std`` (1, the paper's unit Gaussian) after the first
+    epoch. Each invalid filter ``W[j]`` (l1 norm below ``threshold``) gets ``W[j] += randn(W[j].shape) * scale``,
     one draw per filter, layer by layer in state_dict order and filter by filter: the published random
     stream, so with the same generator state the result is the published code's to the bit. The draws
     are in the standard layout whatever the weight's memory format. Valid filters are left as they were.
@@ -85,9 +85,10 @@ def noise_graft_(
     first = 0
     for weight in weights:
         flags, first = invalid[first : first + weight.shape[0]], first + weight.shape[0]
-        for j in (j for j, bad in enumerate(flags) if bad):
-            noise = torch.randn(weight.shape[1:], generator=generator, device=weight.device, dtype=weight.dtype)
-            weight[j] += noise * scale
+        for j, bad in enumerate(flags):
+            if bad:
+                noise = torch.randn(weight.shape[1:], generator=generator, device=weight.device, dtype=weight.dtype)
+                weight[j] += noise * scale
     return sum(invalid)
 
 
