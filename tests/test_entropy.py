@@ -296,7 +296,7 @@ def test_ten_thousand_tensors_give_the_published_float32_values(
 
     # Zero coefficient differences. The comparison is at the last bit: the float64 sum of the same bins
     # (the project's arithmetic before) differs from nearly every value, and flips a coefficient of
-    # nearly equal layers about 5 times in 10,000 (test_the_published_example_coefficient shows one).
+    # similar layers a few times in 10,000 (test_the_published_example_coefficient shows one).
     assert _coefficients(values) == _coefficients(expected)
     textbook = [float64_sum(c, t.numel()) for c, t in zip(counts, tensors)]
     filled = [i for i, c in enumerate(counts) if sum(map(bool, c)) > 1]
