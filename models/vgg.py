@@ -40,6 +40,10 @@ class ConvBNReLU(nn.Module):
 class CifarVGG(nn.Module):
     """VGG-BN built from ``config`` (channel counts and "M" pools), with a 512 -> classes linear head."""
 
+    # Layer-level grafting blends the convolutions and BatchNorms only, as the published VGG script did:
+    # the classifier and the batch counters keep this network's values (docs/METHOD.md §4).
+    layer_grafting_keeps = ("classifier.*", "*.num_batches_tracked")
+
     def __init__(self, config: Sequence[Union[int, str]], num_classes: int = 10) -> None:
         super().__init__()
         layers: list[nn.Module] = []

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The CVPR paper's ablations (METHOD.md §9): why external grafting with the entropy criterion. For each model
+# The CVPR paper's ablations (docs/METHOD.md §9): why external grafting with the entropy criterion. For each model
 # and dataset it runs the whole set, one ring folder per ablation under $OUT:
 #
 #   baseline   one network, no grafting                                  (--num 1)
 #   noise      one network; after each epoch Gaussian noise on its invalid filters, scale x0.975 per epoch
-#              (std = the layer's weight std x 0.975^epoch)               (--num 1 --graft-source noise)
-#   internal   one network; each layer's weakest invalid filters get its strongest added
-#                                                                         (--num 1 --graft-source internal)
+#              (a unit Gaussian after the first epoch, as published)     (--num 1 --graft-source noise)
+#   internal   one network; each layer's invalid filters, weakest first, get the filter at the mirrored
+#              position of the l1 ranking added                            (--num 1 --graft-source internal)
 #   external   NUM networks, ring grafting with the entropy criterion (the method)
 #   l1         NUM networks, ring grafting with the l1 norm as the criterion            (--criterion l1)
 #   average    NUM networks, each replaced by the plain mean of all NUM               (--graft-source average)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CIFAR baselines: one network per row, no grafting (--num 1). METHOD.md §8, the "baseline" rows of the first
+# CIFAR baselines: one network per row, no grafting (--num 1). docs/METHOD.md §8, the "baseline" rows of the first
 # table: ResNet-32/56/110 and MobileNetV2 on CIFAR-10 and CIFAR-100 (8 runs). The leaky-ReLU and VGG-16
 # baselines are in leaky_resnets.sh and vgg16_grafting.sh.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cultivation: grafting plus knowledge distillation (METHOD.md §7), next to the plain grafting runs of
+# Cultivation: grafting plus knowledge distillation (docs/METHOD.md §7), next to the plain grafting runs of
 # scripts/cifar_grafting.sh. Three variants per model and dataset, each a ring of NUM grafting networks:
 #
 #   peers    each network also distils from its ring predecessor's weights of the latest exchange

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Grafting with two networks, slr and dlr. METHOD.md §8, the "grafting (slr)" and "grafting (dlr)" rows of the
+# Grafting with two networks, slr and dlr. docs/METHOD.md §8, the "grafting (slr)" and "grafting (dlr)" rows of the
 # first table: ResNet-32/56/110 and MobileNetV2 on CIFAR-10 and CIFAR-100 (16 rings of 2 networks).
 #
 #   scripts/cifar_grafting.sh                         all 16 rings, queued in the background

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ImageNet: ResNet-18/34/50, baseline vs grafting with two networks. METHOD.md §8, "ImageNet top-1 / top-5"
+# ImageNet: ResNet-18/34/50, baseline vs grafting with two networks. docs/METHOD.md §8, "ImageNet top-1 / top-5"
 # (6 runs: 3 baselines, 3 rings of 2 networks). torchvision architectures, batch 256 and lr 0.1 per network,
 # weight decay 1e-4, 90 epochs, cosine per iteration (RECIPE=step: x0.1 every 30 epochs).
 #

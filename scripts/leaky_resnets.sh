@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Leaky-ReLU ResNets (slope 0.01), baseline vs grafting. METHOD.md §8, "Leaky-ReLU ResNets": ResNet-32/56/110
+# Leaky-ReLU ResNets (slope 0.01), baseline vs grafting. docs/METHOD.md §8, "Leaky-ReLU ResNets": ResNet-32/56/110
 # with leaky ReLU on CIFAR-10 and CIFAR-100 (12 runs: 6 baselines, 6 rings of 2 networks).
 #
 #   scripts/leaky_resnets.sh                          everything, queued in the background

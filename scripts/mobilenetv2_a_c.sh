@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The a and c study. METHOD.md §8, "MobileNetV2, hyper-parameters": two networks on CIFAR-10 and CIFAR-100 with
+# The a and c study. docs/METHOD.md §8, "MobileNetV2, hyper-parameters": two networks on CIFAR-10 and CIFAR-100 with
 # a = 0.4 and c = 1, 5, 10, 50, 500, then c = 100 and a = 0, 0.2, 0.4, 0.6, 0.8, 1 (22 rings of 2 networks).
 #
 #   scripts/mobilenetv2_a_c.sh                        all 22 rings, queued in the background

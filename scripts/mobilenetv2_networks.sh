@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MobileNetV2 with more networks. METHOD.md §8, "MobileNetV2, number of networks": grafting (dlr) with 2, 3, 4, 6
+# MobileNetV2 with more networks. docs/METHOD.md §8, "MobileNetV2, number of networks": grafting (dlr) with 2, 3, 4, 6
 # and 8 networks on CIFAR-10 and CIFAR-100, and the "6 models ensemble" row: 6 independently trained baselines
 # whose softmax outputs are averaged (scripts/ensemble.py runs when they have finished). The baseline row
 # comes from cifar_baselines.sh.

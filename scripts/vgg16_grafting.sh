@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# VGG-16 (BN): baseline, layer grafting and filter grafting. METHOD.md §8, "VGG-16 (BN)": CIFAR-10 and CIFAR-100
+# VGG-16 (BN): baseline, layer grafting and filter grafting. docs/METHOD.md §8, "VGG-16 (BN)": CIFAR-10 and CIFAR-100
 # (6 runs: 2 baselines, 2 rings of layer grafting, 2 rings of filter grafting; 2 networks per ring).
 #
 #   scripts/vgg16_grafting.sh                         everything, queued in the background
 #   DRY=1 scripts/vgg16_grafting.sh                   print the commands, run nothing
 #   DATASETS=10 METHODS=filter scripts/vgg16_grafting.sh
 #
-# layer = entropy-weighted layers (--level layer); filter = per-channel weights from the BatchNorm scales
-# (--level filter). The paper does not say which schedule; RECIPE=dlr is the default for both grafting rows.
+# layer = entropy-weighted layers (--level layer; the convs and BatchNorms, the classifier keeps its own weights);
+# filter = per-channel weights from the BatchNorm scales (--level filter). Both grafting rows use the published
+# VGG script's recipe by default: the same lr 0.1 for both networks, x0.1 every 60 epochs (RECIPE=slr);
+# RECIPE=dlr gives the networks different learning rates and the cosine schedule instead.
 # Queue: one network per GPU, rings start as GPUs free up. Results: python scripts/summarize.py $OUT.
 set -euo pipefail
 
@@ -17,7 +19,7 @@ OUT="${OUT:-runs/vgg16_grafting}"
 EPOCHS="${EPOCHS:-200}"
 DATASETS="${DATASETS:-10 100}"
 METHODS="${METHODS:-baseline layer filter}"
-RECIPE="${RECIPE:-dlr}"                                 # schedule of the grafting rows: slr or dlr
+RECIPE="${RECIPE:-slr}"                                 # schedule of the grafting rows: slr (published) or dlr
 MODEL=vgg16
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"

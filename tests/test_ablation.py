@@ -1,8 +1,10 @@
-"""Tests for the paper's ablations (grafting.ablation and the Grafter's ``source`` option, METHOD.md §9):
-noise and internal grafting on hand-built layers, the l1 criterion against a hand computation, and plain
+"""Tests for the paper's ablations (grafting.method.ablation and the Grafter's ``source`` option,
+docs/METHOD.md §9): noise and internal grafting on hand-built layers and against the published loops
+(tests/published_code.py) on whole state_dicts, the l1 criterion against a hand computation, and plain
 averaging of three networks exchanging real files."""
 from __future__ import annotations
 
+import copy
 import math
 import threading
 
@@ -12,14 +14,16 @@ from torch import nn
 
 from grafting.archs import cifar_models as models
 from grafting_cifar.train import parse_args
-from grafting.method.ablation import (NOISE_DECAY, average_states, conv_weights, internal_graft_, noise_graft_)
+from grafting.method.ablation import average_states, conv_weights, internal_graft_, noise_graft_
 from grafting.checkpoint import load_file
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
 from grafting.method.filters import filter_l1_norms
 from grafting.method.graft import graft_layers
 from grafting.ring.grafter import Grafter
+from published_code import published_inside, published_noise
 
 torch.set_num_threads(1)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 class TwoConvs(nn.Module):
@@ -74,30 +78,71 @@ def test_noise_touches_exactly_the_invalid_filters() -> None:
         assert torch.equal(after[key], before[key])
 
 
-def test_noise_is_gaussian_scaled_by_layer_std_and_decays_per_epoch() -> None:
+def test_noise_is_a_unit_gaussian_decaying_from_the_first_epoch() -> None:
     weight = layer_with_norms([0.01, 2.0, 0.02, 3.0, 1.5])
-    invalid = torch.tensor([True, False, True, False, False]).view(-1, 1, 1, 1)
-    deltas = {}
-    for epoch in (1, 2, 10, 40):
+    for epoch in (0, 1, 10, 40):
         model = OneConv(weight)
-        noise_graft_(model, epoch, threshold=0.1, generator=torch.Generator().manual_seed(3))
-        deltas[epoch] = model.conv.weight.detach() - weight
-        # By hand: the same draws, the layer's std (before the noise) times 0.975 ** epoch, invalid filters only.
-        draws = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
-        expected = draws * weight.std(correction=0) * 0.975 ** epoch * invalid
-        torch.testing.assert_close(deltas[epoch], expected, rtol=1e-5, atol=1e-7)
-    for epoch in (2, 10, 40):
-        ratio = deltas[epoch][invalid.expand_as(weight)] / deltas[1][invalid.expand_as(weight)]
-        torch.testing.assert_close(ratio, torch.full_like(ratio, NOISE_DECAY ** (epoch - 1)), rtol=1e-5, atol=0)
+        assert noise_graft_(model, epoch, threshold=0.1, generator=torch.Generator().manual_seed(3)) == 2
+        # By hand: one draw per invalid filter (0, then 2), unit Gaussian times 0.975 ** epoch
+        # (epochs counted from 0: the noise after the first epoch is a unit Gaussian).
+        generator = torch.Generator().manual_seed(3)
+        expected = weight.clone()
+        for j in (0, 2):
+            expected[j] += torch.randn(1, 2, 2, generator=generator) * 0.975 ** epoch
+        assert torch.equal(model.conv.weight.detach(), expected), epoch
 
 
-def test_noise_with_a_fixed_std() -> None:
+def test_noise_with_another_std() -> None:
     weight = layer_with_norms([0.0, 1.0])
     model = OneConv(weight)
     noise_graft_(model, 4, std=0.5, generator=torch.Generator().manual_seed(1))
-    draws = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(model.conv.weight[0].detach(), draws[0] * 0.5 * 0.975 ** 4)
+    draw = torch.randn(1, 2, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.conv.weight[0].detach(), weight[0] + draw * (0.5 * 0.975 ** 4))
     assert torch.equal(model.conv.weight[1].detach(), weight[1])
+
+
+def mobilenet_with_weak_layers(seed: int = 0) -> nn.Module:
+    """A MobileNetV2 where every fifth conv layer (1x1 or depthwise) has 80 % of its filters invalid at 0.1."""
+    torch.manual_seed(seed)
+    model = models.create("mobilenetv2", num_classes=10)
+    with torch.no_grad():
+        for weight in list(conv_weights(model).values())[::5]:
+            weak = torch.rand(weight.shape[0]) < 0.8
+            weight[weak] *= 1e-3
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_is_the_published_loop(device: str) -> None:
+    model = mobilenet_with_weak_layers().to(device)
+    published = copy.deepcopy(model)
+    torch.manual_seed(5)
+    published_noise(published, 7)
+    torch.manual_seed(5)
+    assert noise_graft_(model, 7) > 500
+    for key, tensor in published.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_noise_draws_in_the_standard_layout_whatever_the_memory_format() -> None:
+    plain = mobilenet_with_weak_layers()
+    channels_last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    noise_graft_(plain, 2, generator=torch.Generator().manual_seed(8))
+    noise_graft_(channels_last, 2, generator=torch.Generator().manual_seed(8))
+    for key, tensor in plain.state_dict().items():
+        assert torch.equal(channels_last.state_dict()[key], tensor), key
+
+
+def test_the_grafters_first_noise_is_a_unit_gaussian(tmp_path) -> None:
+    # The Grafter counts epochs from 1, the published decay from 0: after epoch 1 the noise has scale 1.
+    model = OneConv(layer_with_norms([0.01, 2.0, 0.03, 1.0]))
+    published = copy.deepcopy(model)
+    torch.manual_seed(4)
+    published_noise(published, 0)
+    torch.manual_seed(4)
+    with Grafter(tmp_path, 1, 1, source="noise", invalid_threshold=0.1) as grafter:
+        assert grafter.step(model, 1).invalid_touched == 2
+    assert torch.equal(model.conv.weight, published.conv.weight)
 
 
 # ---------------------------------------------------------------- internal grafting
@@ -116,16 +161,55 @@ def test_internal_pairs_weakest_with_strongest_until_the_first_valid() -> None:
     assert torch.equal(model.conv.weight.detach(), expected)
 
 
-def test_internal_stops_where_weak_and_strong_ends_meet() -> None:
-    norms = [0.01, 0.03, 0.02, 0.04, 4.0]  # four invalid of five: only two pairs fit
+def test_internal_goes_on_past_the_middle() -> None:
+    norms = [0.01, 0.03, 0.02, 0.04, 4.0]  # four invalid of five
     weight = layer_with_norms(norms)
     model = OneConv(weight)
     touched = internal_graft_(model, threshold=0.1)
-    expected = weight.clone()
-    expected[0] += weight[4]  # weakest gets strongest
-    expected[2] += weight[3]  # second weakest gets second strongest (itself invalid but still a giver)
-    assert touched == 2
+    # Ascending order 0, 2, 1, 3, 4. j = 0: 0 += 4; j = 1: 2 += 3; j = 2: the middle filter 1 += itself;
+    # j = 3: 3 += filter 2 as changed at j = 1; j = 4: filter 4 is valid, stop.
+    w = weight
+    expected = w.clone()
+    expected[0] = w[0] + w[4]
+    expected[2] = w[2] + w[3]
+    expected[1] = w[1] + w[1]
+    expected[3] = w[3] + (w[2] + w[3])
+    assert touched == 4
     assert torch.equal(model.conv.weight.detach(), expected)
+
+
+def test_internal_with_13_of_16_filters_invalid() -> None:
+    # Filters 0..15; the 13 invalid ones have norms 0.001 * (1..13) in a shuffled order, the three
+    # valid ones 2.0, 3.0 and 5.0. Ascending ranks r0..r15 name the filters below.
+    invalid_norms = {3: 0.001, 7: 0.002, 0: 0.003, 12: 0.004, 9: 0.005, 1: 0.006, 14: 0.007, 5: 0.008,
+                     10: 0.009, 2: 0.010, 15: 0.011, 8: 0.012, 4: 0.013}
+    valid_norms = {11: 2.0, 6: 3.0, 13: 5.0}
+    norms = [{**invalid_norms, **valid_norms}[j] for j in range(16)]
+    weight = layer_with_norms(norms)
+    r = list(invalid_norms) + list(valid_norms)  # r[k]: the filter of rank k
+    model = OneConv(weight)
+    touched = internal_graft_(model, threshold=0.1)
+    w, expected = weight, weight.clone()
+    # First half, j = 0..7: rank j gets rank 15 - j, unchanged so far (the three valid filters first).
+    for j in range(8):
+        expected[r[j]] = w[r[j]] + w[r[15 - j]]
+    # Past the middle, j = 8..12: rank j (still invalid, unchanged) gets rank 15 - j as changed above.
+    for j in range(8, 13):
+        expected[r[j]] = w[r[j]] + (w[r[15 - j]] + w[r[j]])
+    # j = 13: filter 11 (norm 2.0) is valid, stop; the valid filters keep their weights.
+    assert touched == 13
+    assert torch.equal(model.conv.weight.detach(), expected)
+    assert all(torch.equal(model.conv.weight[j].detach(), w[j]) for j in valid_norms)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_internal_is_the_published_loop(device: str) -> None:
+    model = mobilenet_with_weak_layers().to(device)
+    published = copy.deepcopy(model)
+    published_inside(published)
+    assert internal_graft_(model) > 500
+    for key, tensor in published.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
 
 
 def test_internal_leaves_a_healthy_layer_alone() -> None:
@@ -157,8 +241,9 @@ def test_l1_criterion_alphas_by_hand() -> None:
     records = graft_layers(own, peer_state, a=a, c=c, rule="name", criterion="l1")
 
     def by_hand(key: str) -> float:
-        l1_self = sum(abs(v) for v in own_state[key].flatten().tolist())
-        l1_peer = sum(abs(v) for v in peer_state[key].flatten().tolist())
+        # The published criterion: each layer's float32 torch.norm(u, p=1).
+        l1_self, l1_peer = float(torch.norm(own_state[key], p=1)), float(torch.norm(peer_state[key], p=1))
+        assert l1_self == pytest.approx(sum(abs(v) for v in own_state[key].flatten().tolist()), rel=1e-5)
         return round(a / math.pi * math.atan(c * (l1_self - l1_peer)) + 0.5, 2)
 
     assert [r.key for r in records] == ["conv1.weight", "conv2.weight"]

@@ -1,4 +1,4 @@
-"""Tests for grafting.filters (invalid-filter counting, METHOD.md §1)."""
+"""Tests for grafting.filters (invalid-filter counting, docs/METHOD.md §1)."""
 import pytest
 import torch
 

@@ -164,6 +164,10 @@ def test_the_a_and_c_study_and_vgg_levels(tmp_path):
     levels = [(a.num, a.level) for _, a in training(commands) if a.i == 1]
     assert levels == [(1, "layer"), (2, "layer"), (2, "filter")]
     assert {a.model for _, a in training(commands)} == {"vgg16"}
+    # The published VGG recipe: the same lr for both networks, step schedule; dlr on request.
+    assert all((a.difflr, a.cos, a.lr) == (False, False, 0.1) for _, a in training(commands))
+    _, commands = dry_commands("vgg16_grafting.sh", tmp_path, DATASETS="100", METHODS="layer", RECIPE="dlr")
+    assert [(a.difflr, a.cos) for _, a in training(commands)] == [(True, True)] * 2
 
 
 def test_ensemble_members_are_seeded_apart_and_evaluated_afterwards(tmp_path):

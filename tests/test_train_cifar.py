@@ -235,8 +235,8 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
         assert all(0.3 <= alpha <= 0.7 for alpha in first["alphas"].values())
         assert first["entropies"].keys() == first["peer_entropies"].keys()
         assert first["total_filters"] > 0 and set(first["invalid_filters"]) == {"0.1", "0.01"}
-        assert first["lr"] == 0.1 and first["test_acc"] == pytest.approx(float(re.search(
-            r"epoch 1/2 .*\| test loss [\d.]+ acc ([\d.]+)", network.log).group(1)), abs=0.0051)
+        assert first["lr"] == 0.1 and f"{first['test_acc']:.2f}" == re.search(  # the epoch line's rounding
+            r"epoch 1/2 .*\| test loss [\d.]+ acc ([\d.]+)", network.log).group(1)
         assert not final["grafted"] and final["graft_ms"] is None, "the final epoch neither waits nor grafts"
         assert "no graft (last epoch)" in network.log
         assert "layer grafting, name rule" in network.log

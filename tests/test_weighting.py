@@ -1,10 +1,11 @@
-"""Tests for grafting.weighting.graft_coefficient against METHOD.md §3."""
+"""Tests for grafting.weighting.graft_coefficient against docs/METHOD.md §3."""
 import math
 import random
 
 import pytest
 
 from grafting.method.weighting import graft_coefficient
+from published_code import published_coefficient
 
 
 def is_two_decimals(x: float) -> bool:
@@ -78,3 +79,13 @@ def test_range_after_rounding(a: float) -> None:
         seen.add(alpha)
     # The coefficient really moves across the range (not stuck at 0.5) whenever a > 0.
     assert (len(seen) > 10) == (a > 0)
+
+
+def test_the_published_numpy_arithmetic_to_the_bit() -> None:
+    # round(a / np.pi * np.arctan(c * (h1 - h2)) + 0.5, 2) on numpy floats, as the published code wrote it.
+    rng = random.Random(4)
+    for _ in range(20000):
+        h1 = rng.uniform(0.0, 2.3)
+        h2 = h1 + rng.gauss(0.0, rng.choice([0.0005, 0.003, 0.05]))
+        a, c = rng.choice([0.0, 0.2, 0.4, 0.6, 1.0]), rng.choice([1, 5, 10, 50, 100, 500])
+        assert graft_coefficient(h1, h2, a=a, c=c) == published_coefficient(h1, h2, a, c)

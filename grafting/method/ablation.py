@@ -1,10 +1,13 @@
 """The alternatives to external grafting that the CVPR paper compares against (docs/METHOD.md §9).
 
-- noise grafting: every invalid filter (l1 norm below a threshold) of the network itself gets
-  Gaussian noise whose scale decays as ``0.975 ** epoch``;
-- internal grafting: within each conv layer the weakest filters borrow from the strongest ones of
-  the same layer (weakest + strongest, second weakest + second strongest, ...), as long as the
-  weak one is invalid;
+Both own-weights ablations follow the loops of the authors' early code, to the bit:
+
+- noise grafting: every invalid filter (l1 norm below a threshold) of the network itself gets unit
+  Gaussian noise times ``0.975 ** e``, where ``e`` counts finished epochs from 0; one draw per invalid
+  filter, in state_dict order, so the random stream is the published one;
+- internal grafting: within each conv layer, sorted by l1 norm ascending, the j-th weakest filter gets
+  the j-th strongest added to it, in place, for j = 0, 1, ... until the first filter whose norm is not
+  below the threshold. Past the middle of the layer the added filters are ones already changed;
 - plain averaging: every network becomes the unweighted mean of all N networks.
 
 The l1-norm criterion needs nothing here: it is external grafting with another layer score
@@ -25,13 +28,15 @@ from grafting.errors import GraftingError, UsageError
 from grafting.method.filters import conv_filter_keys, filter_l1_norms
 from grafting.method.graft import check_peer_state, check_rule, unwrap_model
 
-__all__ = ["SOURCES", "NOISE_DECAY", "check_source", "conv_weights", "noise_graft_", "internal_graft_", "average_states",
-           "average_into_"]
+__all__ = ["SOURCES", "NOISE_DECAY", "NOISE_STD", "check_source", "conv_weights", "noise_graft_", "internal_graft_",
+           "average_states", "average_into_"]
 
 # Where a network's new weights come from after an epoch: the method and its ablations.
 SOURCES = ("external", "internal", "noise", "average")
 # The noise scale is multiplied by this once per epoch (the authors' choice).
 NOISE_DECAY = 0.975
+# The standard deviation of the noise before the decay: the published unit Gaussian.
+NOISE_STD = 1.0
 
 
 def check_source(source: str) -> None:
@@ -53,11 +58,6 @@ def conv_weights(model: nn.Module, rule: str = "name") -> dict[str, torch.Tensor
     return {key: state[key].data for key in keys}
 
 
-def _per_filter(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A per-filter (output channel) vector shaped to broadcast over ``weight``."""
-    return mask.view(-1, *([1] * (weight.dim() - 1)))
-
-
 @torch.no_grad()
 def noise_graft_(
     model: nn.Module,
@@ -65,49 +65,67 @@ def noise_graft_(
     *,
     threshold: float = 0.1,
     rule: str = "name",
-    std: float | None = None,
+    std: float = NOISE_STD,
     generator: torch.Generator | None = None,
 ) -> int:
     """Add Gaussian noise to every invalid filter of ``model`` in place; returns how many were touched.
 
-    The noise of layer W has standard deviation ``base * 0.975 ** epoch``, where ``base`` is ``std``
-    when given and otherwise the standard deviation of all of W's weights (measured before the
-    noise). A fixed ``std = 1`` would swamp a layer whose typical weight is ~0.05; scaling by the layer
-    gives an invalid filter the magnitude of its neighbours, which is what "reactivating" it means.
-    ``epoch`` is the epoch just finished (1-based). Valid filters are left exactly as they were.
+    ``epoch`` numbers the epoch just finished from 0, as the published loop did, and the noise has
+    standard deviation ``std * 0.975 ** epoch``: ``std`` (1, the paper's unit Gaussian) after the first
+    epoch. Each invalid filter ``W[j]`` (l1 norm below ``threshold``) gets ``W[j] += randn(W[j].shape) * scale``,
+    one draw per filter, layer by layer in state_dict order and filter by filter: the published random
+    stream, so with the same generator state the result is the published code's to the bit. The draws
+    are in the standard layout whatever the weight's memory format. Valid filters are left as they were.
     """
-    scale = NOISE_DECAY ** epoch
-    touched = []
-    for weight in conv_weights(model, rule).values():
-        invalid = filter_l1_norms(weight) < threshold
-        base = weight.float().std(correction=0) if std is None else torch.tensor(float(std), device=weight.device)
-        noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=torch.float32)
-        weight.add_((noise * (base * scale) * _per_filter(invalid, weight)).to(weight.dtype))
-        touched.append(invalid.sum())
-    return int(torch.stack(touched).sum()) if touched else 0
+    scale = std * NOISE_DECAY ** epoch
+    weights = list(conv_weights(model, rule).values())
+    if not weights:
+        return 0
+    invalid = torch.cat([filter_l1_norms(w) < threshold for w in weights]).tolist()  # one sync
+    first = 0
+    for weight in weights:
+        flags, first = invalid[first : first + weight.shape[0]], first + weight.shape[0]
+        for j, bad in enumerate(flags):
+            if bad:
+                noise = torch.randn(weight.shape[1:], generator=generator, device=weight.device, dtype=weight.dtype)
+                weight[j] += noise * scale
+    return sum(invalid)
 
 
 @torch.no_grad()
 def internal_graft_(model: nn.Module, *, threshold: float = 0.1, rule: str = "name") -> int:
     """Graft each conv layer's strongest filters onto its invalid ones, in place; returns how many.
 
-    Filters are sorted by l1 norm. The k-th weakest gets the k-th strongest added to it (weakest
-    plus strongest first), for k = 0, 1, ... until the k-th weakest is valid (l1 >= ``threshold``) or
-    the two ends meet in the middle, so a filter is never both giver and receiver. Every sum uses
-    the weights from before the step.
+    The published loop, vectorised: with the filters sorted by l1 norm ascending (``order``), for
+    j = 0, 1, ... ``W[order[j]] += W[order[n-1-j]]`` in place, stopping at the first j whose filter is
+    valid (l1 >= ``threshold``). A filter's turn comes before anything changes it, so the stop is
+    decided on the norms measured first. Past the middle the filter added is one that received in the
+    first half (its new value), and the middle filter of an odd layer is added to itself.
     """
     touched = []
     for weight in conv_weights(model, rule).values():
         norms = filter_l1_norms(weight)
         n = norms.numel()
-        order = torch.argsort(norms, stable=True)  # weakest first
+        order = torch.argsort(norms)  # ascending, the published call
         rank = torch.arange(n, device=weight.device)
-        # Sorted ascending, so "the k-th weakest is invalid" holds for a prefix of the ranks.
-        pairs = (norms[order] < threshold) & (rank < n // 2)
-        donors = weight[order.flip(0)] * _per_filter(pairs, weight).to(weight.dtype)
-        weight.index_add_(0, order, donors)
-        touched.append(pairs.sum())
+        # The receivers: the ranks before the first valid filter (cumprod keeps the prefix only).
+        active = (norms[order] < threshold).to(torch.int8).cumprod(0).bool()
+        mirror = n - 1 - rank
+        first_half = active & (rank <= mirror)  # the donor is unchanged (the middle filter: itself)
+        second_half = active & (rank > mirror)  # the donor received at step `mirror`, earlier
+        sorted_w = weight[order]
+        receivers = _per_filter(first_half, sorted_w)
+        after_first = torch.where(receivers, sorted_w + sorted_w.flip(0), sorted_w)
+        receivers = _per_filter(second_half, sorted_w)
+        after_second = torch.where(receivers, sorted_w + after_first.flip(0), after_first)
+        weight[order] = after_second
+        touched.append(active.sum())
     return int(torch.stack(touched).sum()) if touched else 0
+
+
+def _per_filter(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A per-filter (output channel) vector shaped to broadcast over ``weight``."""
+    return mask.view(-1, *([1] * (weight.dim() - 1)))
 
 
 @torch.no_grad()

@@ -14,8 +14,16 @@ def conv_filter_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def filter_l1_norms(weight: torch.Tensor) -> torch.Tensor:
-    """l1 norm of each output filter ``weight[j]``."""
-    return weight.detach().abs().flatten(1).sum(dim=1)
+    """l1 norm of each output filter ``weight[j]``, in the weight's dtype.
+
+    Computed as the published code did (``torch.norm(u, p=1, dim=(1, 2, 3))``) on the standard layout:
+    a channels_last weight sums its values in another order, which moves a norm by an ulp, and a filter
+    whose norm sits at the threshold would then be counted differently.
+    """
+    weight = weight.detach().contiguous()
+    if weight.dim() < 2:  # one value per filter
+        return weight.abs()
+    return torch.linalg.vector_norm(weight, ord=1, dim=tuple(range(1, weight.dim())))
 
 
 def count_invalid_filters(state_dict: Mapping[str, torch.Tensor], threshold: float) -> tuple[int, int]:

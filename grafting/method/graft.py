@@ -10,13 +10,20 @@ the groups:
   each Conv or Linear weight starts a group that holds its bias and the BatchNorm right after it
   (when the channel counts agree); any other module with state forms its own group.
 
+A model may declare entries that layer grafting leaves alone (``layer_grafting_keeps``, see
+:func:`kept_entries`): the CIFAR VGGs keep their classifier and batch counters, as the published VGG
+script grafted the convolutions and BatchNorms only. Blending follows the published arithmetic:
+``own * alpha + peer * (1 - alpha)`` in the tensors' dtype, and integer counters go through float32
+and are truncated back, as loading the published code's float32 blend into an int64 buffer did.
+
 Filter level: per output channel j of each conv followed by a BatchNorm, ``w_j = |g1_j| / (|g1_j| +
 |g2_j|)`` blends filter j, BatchNorm channel j and input slice j of the next conv.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from fnmatch import fnmatchcase
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -25,14 +32,16 @@ from torch.nn.modules.conv import _ConvNd
 
 from grafting.checkpoint import state_dict_misfit
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
-from grafting.method.entropy import entropy_tensor, entropy_tensors
+from grafting.method.entropy import entropy_tensors, l1_tensor
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C, graft_coefficient
 
 __all__ = ["LayerRecord", "FilterRecord", "graft_layers", "graft_filters", "unwrap_model", "default_rule",
-           "check_peer_state", "check_rule", "check_criterion", "RULES", "CRITERIA"]
+           "kept_entries", "check_peer_state", "check_rule", "check_criterion", "RULES", "CRITERIA", "KEEPS_ATTRIBUTE"]
 
 RULES = ("name", "module")
 CRITERIA = ("entropy", "l1")
+# The model attribute that lists (fnmatch patterns of) state_dict keys layer grafting leaves alone.
+KEEPS_ATTRIBUTE = "layer_grafting_keeps"
 
 
 def check_rule(rule: str) -> None:
@@ -87,6 +96,19 @@ def default_rule(model: nn.Module) -> str:
     setting, e.g. CIFAR and torchvision ResNets), else ``"module"``."""
     first = next(iter(unwrap_model(model).state_dict()), "")
     return "name" if "conv" in first else "module"
+
+
+def kept_entries(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+    """The state_dict keys of ``model`` that layer-level grafting leaves as they are, in state_dict order.
+
+    A model declares them with a class attribute ``layer_grafting_keeps``: shell-style patterns
+    (``fnmatch``, case-sensitive) matched against the full keys, e.g. ``("classifier.*",
+    "*.num_batches_tracked")`` for the CIFAR VGGs. Models without the attribute keep nothing.
+    """
+    model = unwrap_model(model)
+    patterns = tuple(getattr(model, KEEPS_ATTRIBUTE, ()))
+    keys = model.state_dict() if state is None else state
+    return [k for k in keys if any(fnmatchcase(k, p) for p in patterns)]
 
 
 def check_peer_state(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor], source: str = "the peer's weights"
@@ -159,13 +181,6 @@ def _module_rule_groups(model: nn.Module, state: Mapping[str, torch.Tensor]) -> 
     return groups
 
 
-def _score_fn(criterion: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    check_criterion(criterion)
-    if criterion == "entropy":
-        return entropy_tensor
-    return lambda t: t.detach().abs().sum(dtype=torch.float64)
-
-
 def _peer_tensors(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # non_blocking only towards the GPU: a copy to the CPU must be complete before it is read.
     return {k: peer[k].to(device=t.device, dtype=t.dtype, non_blocking=t.device.type == "cuda") for k, t in own.items()}
@@ -173,7 +188,12 @@ def _peer_tensors(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tens
 
 @torch.no_grad()
 def _blend_(own: list[torch.Tensor], peer: list[torch.Tensor], alphas: list[float]) -> None:
-    """own <- alpha * own + (1 - alpha) * peer, in place, tensor by tensor; integers stay integers."""
+    """own <- own * alpha + peer * (1 - alpha), in place, tensor by tensor, as the published code computed it.
+
+    Floats: both products and the sum in the tensor's dtype (the Python float alpha rounded to it).
+    Integers (``num_batches_tracked``): the published blend of an int64 tensor with a Python float is a
+    float32 tensor, and loading it back into the int64 buffer truncates toward zero; so here.
+    """
     float_idx = [i for i, t in enumerate(own) if torch.is_floating_point(t)]
     if float_idx:
         mine = [own[i] for i in float_idx]
@@ -181,8 +201,8 @@ def _blend_(own: list[torch.Tensor], peer: list[torch.Tensor], alphas: list[floa
         torch._foreach_add_(mine, torch._foreach_mul([peer[i] for i in float_idx], [1 - alphas[i] for i in float_idx]))
     for i, t in enumerate(own):
         if not torch.is_floating_point(t):  # num_batches_tracked and friends
-            mixed = t.double() * alphas[i] + peer[i].double() * (1 - alphas[i])
-            t.copy_(torch.round(mixed).to(t.dtype))
+            mixed = t.to(torch.float32) * alphas[i] + peer[i].to(torch.float32) * (1 - alphas[i])
+            t.copy_(mixed)  # float -> int conversion truncates toward zero
 
 
 @torch.no_grad()
@@ -203,6 +223,9 @@ def graft_layers(
         rule: ``"name"`` (published, key contains ``conv``) or ``"module"`` (by module type).
         criterion: ``"entropy"`` (the method) or ``"l1"`` (the ablation of §9).
 
+    Entries the model declares in ``layer_grafting_keeps`` (:func:`kept_entries`) are neither scored
+    nor blended, under either rule.
+
     Returns:
         One :class:`LayerRecord` per coefficient, in state_dict order.
     """
@@ -211,15 +234,18 @@ def graft_layers(
     model = unwrap_model(model)
     own = model.state_dict()
     check_peer_state(own, peer_state)
-    groups = _name_rule_groups(own) if rule == "name" else _module_rule_groups(model, own)
-    peer = _peer_tensors(own, peer_state)
+    kept = set(kept_entries(model, own))
+    grafted = {k: t for k, t in own.items() if k not in kept}
+    groups = _name_rule_groups(grafted) if rule == "name" else _module_rule_groups(model, grafted)
+    peer = _peer_tensors(grafted, peer_state)
 
-    scored = [own[k] for k, _ in groups] + [peer[k] for k, _ in groups]
-    if criterion == "entropy":  # batched by shape: a few dozen kernels for the whole model, not thousands
+    scored = [grafted[k] for k, _ in groups] + [peer[k] for k, _ in groups]
+    if not scored:  # the model keeps every entry
+        scores = []
+    elif criterion == "entropy":  # batched by shape: a few dozen kernels for the whole model, not thousands
         scores = entropy_tensors(scored).tolist()  # one sync
-    else:
-        score = _score_fn(criterion)
-        scores = torch.stack([score(t).to(torch.float64) for t in scored]).tolist()  # one sync
+    else:  # the published float32 torch.norm(u, p=1) of each layer
+        scores = torch.stack([l1_tensor(t).to(scored[0].device) for t in scored]).tolist()  # one sync
     n = len(groups)
     records = []
     alpha_of: dict[str, float] = {}
@@ -228,8 +254,8 @@ def graft_layers(
         records.append(LayerRecord(score_key, scores[g], scores[n + g], alpha, tuple(keys)))
         alpha_of.update(dict.fromkeys(keys, alpha))
 
-    keys = list(own)
-    _blend_([own[k] for k in keys], [peer[k] for k in keys], [alpha_of[k] for k in keys])
+    keys = list(grafted)
+    _blend_([grafted[k] for k in keys], [peer[k] for k in keys], [alpha_of[k] for k in keys])
     return records
 
 
@@ -258,10 +284,10 @@ def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> l
     For each conv followed by a BatchNorm with scales g1 (own) and g2 (peer), channel j gets
     ``w_j = |g1_j| / (|g1_j| + |g2_j|)`` (0.5 where both are 0). Filter j of the conv (and its bias),
     channel j of the BatchNorm (weight, bias, running mean and variance) and input slice j of the next
-    conv are blended ``w_j * own + (1 - w_j) * peer``. An element of a conv that is both a filter of
-    its own BatchNorm and an input slice of the previous one keeps the product of the two weights of
-    its own value, as blending twice would give. Every weight is computed from the pre-graft values.
-    Entries outside these pairs (the classifier, counters) keep their own values.
+    conv are blended ``own * w_j + peer * (1 - w_j)``. A conv that is both blends twice, as the published
+    code did: first its input slices with the previous BatchNorm's weights, then its filters with its
+    own. Every weight is computed from the pre-graft values. Entries outside these pairs (the classifier,
+    counters) keep their own values.
     """
     model = unwrap_model(model)
     own = model.state_dict()
@@ -277,27 +303,27 @@ def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> l
         total = g1 + g2
         weights[conv_name] = torch.where(total > 0, g1 / torch.where(total > 0, total, 1), torch.full_like(g1, 0.5))
 
-    coef: dict[str, torch.Tensor] = {}  # per-element coefficient of each touched entry
-    inputs_of: dict[str, torch.Tensor] = {}
-    for conv_name, _, _, _, next_name in pairs:
-        if next_name is not None:
-            inputs_of[next_name] = weights[conv_name]
+    def as_inputs(w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return w.view(1, -1, *([1] * (weight.dim() - 2)))
+
+    def as_filters(w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return w.view(-1, *([1] * (weight.dim() - 1)))
+
+    inputs_of = {next_name: weights[conv_name] for conv_name, _, _, _, next_name in pairs if next_name is not None}
+    steps: list[tuple[str, torch.Tensor]] = []  # (entry, coefficient broadcast over it), applied in order
     for conv_name, conv, bn_name, _, _ in pairs:
         w = weights[conv_name]
-        out = w.view(-1, *([1] * (conv.weight.dim() - 1)))
         if conv_name in inputs_of:
-            out = out * inputs_of.pop(conv_name).view(1, -1, *([1] * (conv.weight.dim() - 2)))
-        coef[f"{conv_name}.weight"] = out.expand_as(conv.weight)
+            steps.append((f"{conv_name}.weight", as_inputs(inputs_of.pop(conv_name), conv.weight)))
+        steps.append((f"{conv_name}.weight", as_filters(w, conv.weight)))
         if conv.bias is not None:
-            coef[f"{conv_name}.bias"] = w
-        for part in ("weight", "bias", "running_mean", "running_var"):
-            if f"{bn_name}.{part}" in own:
-                coef[f"{bn_name}.{part}"] = w
+            steps.append((f"{conv_name}.bias", w))
+        steps += [(f"{bn_name}.{part}", w) for part in ("weight", "bias", "running_mean", "running_var")
+                  if f"{bn_name}.{part}" in own]
     for conv_name, w_in in inputs_of.items():  # a consumer conv without a BatchNorm of its own
-        weight = own[f"{conv_name}.weight"]
-        coef[f"{conv_name}.weight"] = w_in.view(1, -1, *([1] * (weight.dim() - 2))).expand_as(weight)
+        steps.append((f"{conv_name}.weight", as_inputs(w_in, own[f"{conv_name}.weight"])))
 
-    for key, k in coef.items():
+    for key, k in steps:
         own[key].mul_(k).add_(peer[key] * (1 - k))
     stats = torch.stack([torch.stack([w.mean(), w.min(), w.max()]) for w in weights.values()]).tolist()
     return [FilterRecord(f"{name}.weight", *s) for name, s in zip(weights, stats)]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from grafting.errors import UsageError
 
 __all__ = ["DEFAULT_A", "DEFAULT_C", "graft_coefficient", "check_weighting"]
@@ -21,11 +23,12 @@ def check_weighting(a: float, c: float) -> None:
 
 
 def graft_coefficient(h_self: float, h_peer: float, a: float = DEFAULT_A, c: float = DEFAULT_C) -> float:
-    """``alpha = (a / pi) * arctan(c * (h_self - h_peer)) + 0.5``, rounded to 2 decimals.
+    """``alpha = (a / pi) * arctan(c * (h_self - h_peer)) + 0.5``, rounded to 2 decimals (docs/METHOD.md §3).
 
     The network whose layer holds more information keeps more of it; alpha lies in
-    ``(0.5 - a/2, 0.5 + a/2)``. Rounding is numpy's (round half to even on ``alpha * 100``), which
-    is what the published code applied to its float64 value.
+    ``(0.5 - a/2, 0.5 + a/2)``. The arithmetic is the published code's, in float64: numpy's arctan
+    (which on some CPUs is numpy's own vectorised routine, not the C library's), then numpy's rounding
+    (``alpha * 100`` rounded half to even, divided by 100).
     """
-    alpha = (a / math.pi) * math.atan(c * (h_self - h_peer)) + 0.5
+    alpha = (a / math.pi) * float(np.arctan(c * (h_self - h_peer))) + 0.5
     return round(alpha * 100) / 100

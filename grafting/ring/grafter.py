@@ -210,7 +210,8 @@ class Grafter:
                 if self.source == "internal":
                     report.invalid_touched = internal_graft_(module, threshold=self.invalid_threshold, rule=self.rule)
                 else:
-                    report.invalid_touched = noise_graft_(module, epoch, threshold=self.invalid_threshold,
+                    # noise_graft_ counts finished epochs from 0 (the published decay); ours count from 1.
+                    report.invalid_touched = noise_graft_(module, epoch - 1, threshold=self.invalid_threshold,
                                                           rule=self.rule)
             elif self.source == "average":
                 start = self._average(module, epoch, report)

@@ -117,7 +117,7 @@ check_choices() {
 }
 
 recipe_flags() {
-    # The training flags of a recipe name (METHOD.md §6): baseline and slr = x0.1 steps, lr 0.1 for every
+    # The training flags of a recipe name (docs/METHOD.md §6): baseline and slr = x0.1 steps, lr 0.1 for every
     # network; dlr = cosine per iteration with a different initial lr per network; cos = cosine, same lr.
     case "$1" in
         baseline|slr) ;;
