@@ -178,8 +178,8 @@ class _Plotter:
                 panels.append((network.net, field, keys, records))
         if not panels:
             return
-        figure = self.Figure(figsize=(9, 1.2 + 0.12 * max(len(p[2]) for p in panels) * len(panels)),
-                             layout="constrained")
+        panel_height = max(2.5, 0.6 + 0.12 * max(len(p[2]) for p in panels))  # inches; a label per layer
+        figure = self.Figure(figsize=(9, panel_height * len(panels)), layout="constrained")
         for row, (net, field, keys, records) in enumerate(panels, start=1):
             epochs = [r["epoch"] for r in records]
             grid = [[(r.get(field) or {}).get(k, math.nan) for r in records] for k in keys]

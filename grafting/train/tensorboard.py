@@ -37,9 +37,12 @@ def picture_epochs(epochs: int) -> list[int]:
     return sorted({max(1, round(epochs * part)) for part in (0.0, 0.25, 0.5, 0.75, 1.0)})
 
 
-def _hparam_value(value: Any) -> bool | int | float | str:
-    """A value TensorBoard's hparams accept (numbers, text, booleans)."""
-    if isinstance(value, (bool, int, float, str)):
+def _hparam_value(value: Any) -> int | float | str:
+    """A value TensorBoard's hparams accept: numbers, or text (switches as 'true'/'false', which torch would
+    otherwise store as the numbers 1 and 0)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
         return value
     if value is None:
         return "none"
