@@ -544,6 +544,9 @@ def test_summary_errors(tmp_path, capsys):
     (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": "one", "test_acc": 5}\n'),
      "line 1: 'epoch' is 'one', not a whole number"),
     (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"loss": 1}\n'), "no 'epoch' or 'test_acc'"),
+    (lambda d: [(d / "net1" / "metrics.jsonl").unlink(), (d / "net1" / "metrics.jsonl").mkdir()],
+     "metrics.jsonl ([Errno 21] Is a directory"),
+    (lambda d: (d / "net1" / "metrics.jsonl").write_bytes(b"\xff\xfe{"), "cannot read"),
 ])
 def test_summary_reports_hand_edited_files_in_one_line(edit, message, tmp_path, capsys):
     folder = _write_run(tmp_path / "r", {**CIFAR10, "model": "resnet20", "epochs": 2}, [{1: 40.0, 2: 41.0}])
@@ -600,3 +603,49 @@ def test_every_flag_of_every_command_shows_its_default_and_meaning():
             if "default" not in help_text or len(help_text.split("(default")[0].strip()) < 8:
                 missing.append(f"{command} {flag}: {help_text!r}")
     assert not missing, "flags without a default or a meaning in --help:\n" + "\n".join(missing)
+
+
+# ----------------------------------------------------------------------------------------------
+# graft-data: the README's download command and the stand-in generators
+
+
+def _readme_command(start: str) -> list[str]:
+    """The arguments of the README's first command line that starts with ``start`` (comment removed)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith(start))
+    return line.split("#")[0].split()[1:]
+
+
+def test_the_readme_download_command_fails_in_one_line_offline(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
+    argv = _readme_command("graft-data download")
+    assert argv[:2] == ["download", "data"]
+    with pytest.raises(SystemExit) as exit_info:
+        data_tool.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: could not download CIFAR-10 into data")
+    assert "cifar-10-python.tar.gz" in err and "--download" not in err
+
+
+def test_the_readme_stand_in_commands_write_marked_datasets(tmp_path, capsys, monkeypatch):
+    from grafting.data.cifar import load_cifar
+    from grafting.data.fake import is_generated_stand_in
+
+    monkeypatch.chdir(tmp_path)
+    cifar = _readme_command("graft-data stand-in-cifar")
+    data_tool.main(cifar + ["--train-size", "20", "--test-size", "10"])
+    train, test = load_cifar(cifar[1], 10)
+    assert (len(train), len(test)) == (20, 10) and is_generated_stand_in(cifar[1])
+    folder = _readme_command("graft-data stand-in-imagefolder")
+    data_tool.main(folder + ["--train-per-class", "2", "--val-per-class", "1"])
+    assert len(list((tmp_path / folder[1] / "train").iterdir())) == 10 and is_generated_stand_in(folder[1])
+    out = capsys.readouterr().out
+    assert f"train with --data {cifar[1]}" in out and f"graft-imagenet --data {folder[1]} --image-size 64" in out

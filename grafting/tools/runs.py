@@ -72,7 +72,10 @@ def read_config(path: Path) -> dict[str, Any]:
 def network_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a network's ``metrics.jsonl`` ([] when there is none), their fields checked; a
     last line cut off by a crash is ignored."""
-    records = read_metrics(path)
+    try:
+        records = read_metrics(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read {path} ({err}); fix or delete it") from None
     for number, record in enumerate(records, start=1):
         _check_fields(record, _METRIC_FIELDS, f"{path}, line {number}", "fix or delete that line")
         if not isinstance(record.get("epoch"), int) or not isinstance(record.get("test_acc"), (int, float)):

@@ -64,9 +64,9 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
              f"({'cosine' if config.cos else f'x0.1 every {config.step_epochs} epochs'}), "
              f"{_grafting_summary(config)}"
              f"{', amp ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''}")
-    if config.generated_data:
-        log.warning(f"data: GENERATED stand-in in {config.data} ({MARKER_NAME}), not the real {config.dataset} data: "
-                    f"its accuracies say nothing about the paper")
+    if config.generated_data and is_main:
+        log.warning(f"data: GENERATED stand-in in {config.data} ({MARKER_NAME}), not the real dataset: its "
+                    f"accuracies say nothing about the paper")
 
     # The hook first: a teacher that does not fit fails before the lock, the run files or training.
     hook = _distiller(config, model, build_model)
