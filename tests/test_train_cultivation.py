@@ -102,8 +102,9 @@ def test_a_teacher_that_does_not_fit_stops_before_training(data: Path, tmp_path:
     torch.save(models.create("resnet20", num_classes=100).state_dict(), path)
     shared = tmp_path / "run"
     proc = start(data, shared, 1, 1, "--distill", "teacher", "--teacher", str(path))
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2, out
+    [code] = finish([proc], 120)
+    out = proc.log
+    assert code == 2, out
     assert f"error: --teacher {path} has 100 classes but this run trains 10" in out
     assert not (shared / "net1").exists()  # nothing of the run was written
 
@@ -151,7 +152,7 @@ def test_scripts_dry_run_commands_parse(script: str, tmp_path: Path) -> None:
     for line in commands:
         words = shlex.split(line)
         words = words[: words.index(">")] if ">" in words else words
-        argv = words[words.index(str(TRAIN)) + 1:]
+        argv = words[words.index(str(CIFAR_SCRIPT)) + 1:]
         args = parse_args(argv)
         assert args.epochs == 3
         seen.add((args.num, args.source, args.criterion, args.distill, args.kd_temperature, args.kd_soften_teacher,

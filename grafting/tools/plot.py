@@ -28,7 +28,7 @@ from grafting.errors import GraftingError, UsageError
 from grafting.method.filters import conv_filter_keys, filter_l1_norms
 from grafting.ring.layout import NetworkFiles
 from grafting.tools.checkpoints import load_trained_weights
-from grafting.tools.runs import RunSummary, find_runs, network_metrics
+from grafting.tools.runs import RunSummary, find_runs, network_metrics, run_label
 from grafting.train.cli import ArgumentParser, entry_point
 from grafting.train.report import INVALID_THRESHOLDS, PAPER_THRESHOLD
 
@@ -60,17 +60,6 @@ def _experiment_title(key: tuple[str, str, bool]) -> str:
     return f"{model}, {dataset}" + (" (GENERATED stand-in data)" if stand_in else "")
 
 
-def _run_name(run: RunSummary, base: Path | None) -> str:
-    if base is not None:
-        try:
-            relative = run.folder.resolve().relative_to(base.resolve())
-            if str(relative) != ".":
-                return str(relative)
-        except ValueError:
-            pass
-    return run.folder.resolve().name
-
-
 class _Plotter:
     """Writes the figures of a set of runs into ``out``."""
 
@@ -99,7 +88,7 @@ class _Plotter:
                     continue
                 name = f"{run.method} net{network.net}" if len(run.networks) > 1 else run.method
                 axes.plot(*zip(*points), style, color=colour, alpha=0.85, linewidth=1.2,
-                          label=f"{name} ({_run_name(run, self.base)})")
+                          label=f"{name} ({run_label(run, self.base)})")
                 drawn, lines = True, lines + (run.method != "baseline")
         if drawn:
             axes.set_xlabel("epoch")
@@ -155,7 +144,7 @@ class _Plotter:
             axes.hist(np.clip(values, edges[0], edges[-1]), bins=edges, histtype="step", linewidth=1.5,
                       linestyle="--" if run.method == "baseline" else "-",
                       color="black" if run.method == "baseline" else f"C{index % 10}",
-                      label=f"{run.method} ({_run_name(run, self.base)}): {invalid}/{values.size} below "
+                      label=f"{run.method} ({run_label(run, self.base)}): {invalid}/{values.size} below "
                             f"{PAPER_THRESHOLD:g}")
         for threshold in INVALID_THRESHOLDS:
             axes.axvline(threshold, color="grey", linestyle=":", linewidth=1)
@@ -189,10 +178,10 @@ class _Plotter:
             axes.set_yticks(range(len(keys)), [k.removesuffix(".weight") for k in keys], fontsize=5)
             axes.set_xlabel("epoch")
             name = "alpha" if field == "alphas" else "mean filter weight w"
-            axes.set_title(f"{_run_name(run, self.base)}, network {net}: {name} per layer "
+            axes.set_title(f"{run_label(run, self.base)}, network {net}: {name} per layer "
                            f"(> 0.5: keeps more of its own)", fontsize=9)
             figure.colorbar(image, ax=axes, label=name)
-        self._save(figure, _file_name("alpha", _run_name(run, self.base)))
+        self._save(figure, _file_name("alpha", run_label(run, self.base)))
 
 
 def plot_runs(runs: Sequence[RunSummary], out: str | Path, *, base: str | Path | None = None,

@@ -21,7 +21,7 @@ from grafting.tools.published import PUBLISHED_EPOCHS, method_label, published_a
 from grafting.train.report import read_metrics
 
 __all__ = ["NetworkResult", "RunSummary", "find_runs", "read_config", "read_run", "network_metrics", "dataset_name",
-           "mean_std"]
+           "mean_std", "run_label"]
 
 # The types of the config.json fields the tools read (a field may be missing: older runs, other scripts).
 _WHOLE, _NUMBER, _TEXT, _SWITCH = "a whole number", "a number", "text", "true or false"
@@ -216,6 +216,18 @@ def read_run(folder: Path) -> RunSummary:
     run.networks = [_network_result(NetworkFiles(folder, net), run.epochs, stale_after)
                     for net in sorted(set(nets) | set(range(1, num + 1)))]
     return run
+
+
+def run_label(run: RunSummary, base: str | Path | None) -> str:
+    """How tables and figures name a run: its folder relative to ``base``; a run folder that is ``base``
+    itself by its own name; the whole path without a ``base``."""
+    if base is None:
+        return str(run.folder)
+    try:
+        relative = run.folder.resolve().relative_to(Path(base).resolve())
+    except ValueError:
+        return str(run.folder)
+    return str(relative) if str(relative) != "." else run.folder.resolve().name
 
 
 def find_runs(roots: Sequence[str | Path]) -> list[RunSummary]:

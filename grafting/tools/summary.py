@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from grafting.data.fake import MARKER_NAME
 from grafting.errors import UsageError
-from grafting.tools.runs import RunSummary, find_runs, mean_std
+from grafting.tools.runs import RunSummary, find_runs, mean_std, run_label
 from grafting.tools.table import markdown, number
 from grafting.train.cli import ArgumentParser, entry_point
 
@@ -54,17 +54,6 @@ def _experiment(run: RunSummary) -> tuple[str, str, bool]:
     return run.model, run.dataset, run.generated_data
 
 
-def _run_name(run: RunSummary, base: Path | None) -> str:
-    """The folder relative to ``base``; a run folder given by itself is named by its own name."""
-    if base is None:
-        return str(run.folder)
-    try:
-        relative = run.folder.resolve().relative_to(base.resolve())
-    except ValueError:
-        return str(run.folder)
-    return str(relative) if str(relative) != "." else run.folder.resolve().name
-
-
 def _baseline_best(runs: Sequence[RunSummary], run: RunSummary) -> float | None:
     """The mean best top-1 over every network of the finished baselines of ``run``'s experiment that
     trained as many epochs."""
@@ -76,7 +65,6 @@ def _baseline_best(runs: Sequence[RunSummary], run: RunSummary) -> float | None:
 def summary_rows(runs: Sequence[RunSummary], base: str | Path | None = None) -> list[dict[str, Any]]:
     """One dict per run, in table order (experiment, then baseline, slr, dlr, others): recipe, status,
     mean and std of each metric, per-network values, gain over the baseline, paper and difference."""
-    base = Path(base) if base is not None else None
     ordered = sorted(runs, key=lambda r: (r.model, r.dataset, r.generated_data, _method_order(r.method),
                                           str(r.folder)))
     rows = []
@@ -96,7 +84,7 @@ def summary_rows(runs: Sequence[RunSummary], base: str | Path | None = None) -> 
                 row["diff"] = row["best_mean"] - row["paper"]
             if row["paper_top5"] is not None and row["best_top5_mean"] is not None:
                 row["diff_top5"] = row["best_top5_mean"] - row["paper_top5"]
-        row["run"] = _run_name(run, base)
+        row["run"] = run_label(run, base)
         rows.append(row)
     return rows
 
@@ -149,7 +137,7 @@ def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(list(rows[0]))
     for row in rows:
-        writer.writerow([";".join("" if v is None else f"{v:g}" for v in value) if isinstance(value, list)
+        writer.writerow([";".join("" if v is None else str(v) for v in value) if isinstance(value, list)
                          else "" if value is None else value for value in row.values()])
     return out.getvalue().rstrip("\n")
 
