@@ -539,6 +539,7 @@ def test_summary_errors(tmp_path, capsys):
     (lambda d: (d / "net1" / "config.json").write_text('{"model": "resnet20", "epochs": 2, "num": 1, "a": "x"}'),
      "'a' is 'x', not a number"),
     (lambda d: (d / "net1" / "config.json").write_text('[]'), "does not hold a settings object"),
+    (lambda d: (d / "net1" / "config.json").write_text('{"epochs": 2, "num": 1000000000}'), "not a ring size"),
     (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "high"}\n'),
      "line 1: 'test_acc' is 'high', not a number"),
     (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": "one", "test_acc": 5}\n'),

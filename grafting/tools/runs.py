@@ -208,6 +208,8 @@ def read_run(folder: Path) -> RunSummary:
         raise UsageError(f"{folder} holds no net<i>/{CONFIG_NAME}; pass a run folder (--s) or a folder above runs")
     config = read_config(NetworkFiles(folder, nets[0]).config)
     num = config.get("num") or len(nets)
+    if not 1 <= num <= 10_000:
+        raise CheckpointError(f"{NetworkFiles(folder, nets[0]).config}: 'num' is {num}, not a ring size; fix it")
     run = RunSummary(folder=folder, model=str(config.get("model") or config.get("arch") or "?"),
                      dataset=dataset_name(config), method=method_label(config), epochs=config.get("epochs"),
                      num=num, generated_data=bool(config.get("generated_data")))
