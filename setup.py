@@ -11,7 +11,8 @@ setup(
     + ["grafting_models"],
     package_dir={"grafting_models": "models"},
     install_requires=["torch", "torchvision", "numpy", "tensorboard"],
-    extras_require={"test": ["pytest"]},
+    # plot: graft-plot's figures (matplotlib is imported only there; everything else runs without it)
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
     entry_points={
         "console_scripts": [
             "graft-cifar=grafting_cifar.train:main",
@@ -19,6 +20,8 @@ setup(
             "graft-filters=grafting.tools.filters:main",
             "graft-ensemble=grafting.tools.ensemble:main",
             "graft-summary=grafting.tools.summary:main",
+            "graft-plot=grafting.tools.plot:main",
+            "graft-data=grafting.tools.data:main",
         ]
     },
 )

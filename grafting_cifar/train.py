@@ -18,6 +18,7 @@ import torch
 
 from grafting.archs import cifar_models
 from grafting.data.cifar import cifar_loaders
+from grafting.data.fake import is_generated_stand_in
 from grafting.method.graft import default_rule
 from grafting.train.cli import entry_point, parse_config
 from grafting.train.config import CifarConfig
@@ -28,7 +29,8 @@ from grafting.train.runtime import choose_device, configure_threads, seed_everyt
 
 def parse_args(argv: list[str] | None = None) -> CifarConfig:
     """The checked configuration of ``argv`` (the authors' flags and defaults)."""
-    return parse_config(CifarConfig, argv, prog="graft-cifar", description=__doc__.split("\n")[0])
+    description = f"{__doc__.splitlines()[0]} Models (--model): {', '.join(cifar_models.available())}."
+    return parse_config(CifarConfig, argv, prog="graft-cifar", description=description)
 
 
 @entry_point
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         model = torch.compile(model)
 
     config = config.replace(graft_rule=rule, pipeline=pipeline, threads=threads, workers=workers,
-                            device=str(device), channels_last=channels_last)
+                            device=str(device), channels_last=channels_last,
+                            generated_data=is_generated_stand_in(config.data))
     run_ring(config, model, train_loader, test_loader,
              build_model=lambda name, classes: cifar_models.create(name, num_classes=classes))
 

@@ -1,4 +1,4 @@
-"""Markdown table of run folders next to the paper's numbers (graft-summary).
+"""Results of run folders grouped by experiment, next to the paper's numbers, as markdown, csv or json (graft-summary).
 
 Run with --help for the flags; the logic lives in grafting/tools/summary.py.
 """

@@ -1,12 +1,16 @@
-"""The comparison tools (grafting/tools/): invalid-filter tables, ensembles, run-folder summaries.
+"""The comparison tools (grafting/tools/): invalid-filter tables, ensembles, run-folder summaries,
+the data command, and the --help of every command.
 
 Every input is generated here with an answer known by construction: checkpoints with chosen
-filters zeroed, networks whose logits are a fixed table, run folders written by hand.
+filters zeroed, networks whose logits are a fixed table, run folders (config.json, metrics.jsonl,
+heartbeat) written by hand.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -14,9 +18,11 @@ import torch
 from torch import nn
 
 from grafting.archs import cifar_models as models
-from grafting.tools import ensemble as ensemble_tool, filters as filters_tool, published as published_tool, runs as runs_tool, summary as summary_tool
-from grafting.data.fake import write_fake_cifar
+from grafting.data.fake import MARKER_NAME, write_fake_cifar
 from grafting.errors import CheckpointError, UsageError
+from grafting.method.filters import conv_filter_keys, count_invalid_filters
+from grafting.tools import data as data_tool, ensemble as ensemble_tool, filters as filters_tool, \
+    plot as plot_tool, published as published_tool, runs as runs_tool, summary as summary_tool
 
 torch.set_num_threads(1)
 
@@ -51,8 +57,11 @@ def test_published_table_holds_every_row_of_method_section_8():
     ({"num": 2, "source": "average", "cos": True}, "average cos"),
     ({"num": 2, "difflr": True, "distill": "peers"}, "dlr +distill peers"),
     ({"num": 2, "distill": "none"}, "slr"),
-    ({"num": 2, "steplr": False, "cos": True}, "cos"),  # the ImageNet script: cosine unless --steplr
-    ({"num": 2, "steplr": True, "cos": False}, "slr"),
+    # The ImageNet script (it records steplr): its recipe is the paper's "grafting", cosine unless --steplr.
+    ({"num": 2, "steplr": False, "cos": True}, "grafting"),
+    ({"num": 2, "steplr": True, "cos": False}, "grafting steplr"),
+    ({"num": 2, "steplr": False, "cos": True, "difflr": True}, "grafting dlr"),
+    ({"num": 1, "steplr": False, "cos": True}, "baseline"),
 ])
 def test_method_label(config, label):
     assert published_tool.method_label(config) == label
@@ -68,6 +77,8 @@ def test_published_accuracy_falls_back_to_grafting_where_the_paper_names_no_sche
     assert published_tool.published_accuracy("mobilenetv2", "cifar100", "dlr a=1 c=100") == 72.27
     assert published_tool.published_accuracy("resnet34", "imagenet", "cos") == 74.58
     assert published_tool.published_accuracy("resnet34", "imagenet", "cos", top5=True) == 92.05
+    assert published_tool.published_accuracy("resnet34", "imagenet", "grafting steplr") == 74.58
+    assert published_tool.published_accuracy("resnet18", "imagenet", "grafting dlr", top5=True) == 90.01
     assert published_tool.published_accuracy("resnet20", "cifar10", "dlr") is None
 
 
@@ -126,7 +137,9 @@ def test_filter_table_is_the_papers_layout():
         "| paper: resnet32 baseline | 36/1136 | 35/1136 |",
         "| paper: resnet32 grafting | 14/1136 | 8/1136 |",
     ]
-    assert "| paper: resnet20 baseline | - |" in filters_tool.filter_table(rows, [0.1], model="resnet20")
+    unreported = filters_tool.filter_table(rows, [0.1], model="resnet20")
+    assert "paper:" not in unreported  # the paper counted ResNet-32 and MobileNetV2 only
+    assert "it has no rows for resnet20" in unreported
 
 
 def test_filters_cli_prints_the_table(tmp_path, capsys):
@@ -149,6 +162,55 @@ def test_filters_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         filters_tool.parse_args([no_convs, "-t", "0.1,zero"])
     assert exit_info.value.code == 2
+
+
+def test_per_layer_breakdown_adds_up_to_the_totals(tmp_path, capsys):
+    state = _resnet32_with_zeroed_filters(zeroed=8, small=6)  # 2 chosen filters per layer, from the first layer on
+    path = _save(state, tmp_path / "r32.pt")
+    [row] = filters_tool.count_filters([f"mine={path}"], [0.1, 0.01])
+    keys = conv_filter_keys(state)
+    assert list(row.layers) == keys
+    for key in keys:  # each layer counted as the library counts that layer alone
+        assert row.layers[key][0.1] == count_invalid_filters({key: state[key]}, 0.1)
+    assert [row.layers[k][0.1][0] for k in keys[:5]] == [2, 2, 2, 2, 2]
+    assert [row.layers[k][0.01][0] for k in keys[:5]] == [2, 2, 2, 2, 0]
+
+    filters_tool.main([f"mine={path}", "--per-layer"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| layer | filters | mine, t = 0.1 | mine, t = 0.01 |"
+    assert lines[2] == f"| {keys[0]} | {state[keys[0]].shape[0]} | 2 | 2 |"
+    assert lines[-1] == "| all | 1136 | 14 | 8 |"
+    assert len(lines) == 2 + len(keys) + 1
+
+
+def test_a_nan_checkpoint_is_an_error_not_zero_invalid_filters(tmp_path, capsys):
+    state = _resnet32_with_zeroed_filters(zeroed=0, small=0)
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = _save({"net": state}, tmp_path / "nan.t7")
+    with pytest.raises(SystemExit) as exit_info:
+        filters_tool.main([path])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NaN or infinite values" in err and "layer1.0.conv1.weight" in err
+
+
+def _run_folder_checkpoint(folder: Path, state: dict, **config) -> str:
+    """``folder/net1/best.pt`` next to a config.json holding ``config``."""
+    net = folder / "net1"
+    net.mkdir(parents=True)
+    (net / "config.json").write_text(json.dumps(config))
+    return _save({"model": state, "acc": 50.0}, net / "best.pt")
+
+
+def test_filters_of_a_stand_in_run_are_labelled(tmp_path, capsys):
+    state = _resnet32_with_zeroed_filters(zeroed=3, small=0)
+    fake = _run_folder_checkpoint(tmp_path / "fake", state, model="resnet32", generated_data=True)
+    real = _run_folder_checkpoint(tmp_path / "real", state, model="resnet32", generated_data=False)
+    filters_tool.main([f"fake={fake}", f"real={real}", "-t", "0.1", "--model", "resnet32"])
+    out = capsys.readouterr().out
+    assert "| fake (generated stand-in) | 3/1136 |" in out
+    assert "| real | 3/1136 |" in out
+    assert "generated stand-in: trained on generated data" in out and MARKER_NAME in out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +269,8 @@ def test_ensemble_cli_on_generated_cifar(tmp_path, capsys):
     run = tmp_path / "run" / "net1"
     run.mkdir(parents=True)
     second = _save({"model": nets[1].state_dict(), "acc": 1.0}, run / "best.pt")
-    (run / "config.json").write_text(json.dumps({"model": "resnet20", "num_classes": 10}))
+    (run / "config.json").write_text(json.dumps({"model": "resnet20", "num_classes": 10, "data": str(data),
+                                                 "generated_data": True}))
 
     # The expected numbers, computed here directly.
     expected = ensemble_tool.ensemble_accuracy(nets, loader)
@@ -220,13 +283,14 @@ def test_ensemble_cli_on_generated_cifar(tmp_path, capsys):
     assert expected.images == 60
     assert len(set(expected.members)) == 2, "the two networks should not agree everywhere"
 
-    # The model and dataset come from the config.json next to the first checkpoint.
-    ensemble_tool.main([second, first, "--data", str(data), "--device", "cpu", "--batch-size", "7"])
+    # The model, dataset and data folder come from the config.json next to the first checkpoint.
+    ensemble_tool.main([second, first, "--device", "cpu", "--batch-size", "7"])
     out = capsys.readouterr().out
-    assert f"| {second} | {expected.members[1]:.2f} |" in out
+    assert f"| {second} (generated stand-in) | {expected.members[1]:.2f} |" in out
     assert f"| {first} | {expected.members[0]:.2f} |" in out
     assert f"| ensemble of 2 (mean softmax) | {expected.ensemble:.2f} |" in out
-    assert "top-1 on 60 CIFAR-10 test images" in out
+    assert f"top-1 on 60 GENERATED stand-in test images in {data}" in out
+    assert f"{data} holds {MARKER_NAME}; it is not CIFAR-10" in out
 
 
 def test_ensemble_cli_reports_a_checkpoint_of_another_model(tmp_path, capsys):
@@ -243,70 +307,216 @@ def test_ensemble_cli_reports_a_checkpoint_of_another_model(tmp_path, capsys):
     assert "pass --model and --cifar" in capsys.readouterr().err
 
 
+
+
+@pytest.mark.parametrize("stand_in", [True, False])
+def test_ensemble_on_a_stand_in_shows_no_paper_row(stand_in, tmp_path, capsys, monkeypatch):
+    data = _fake_cifar(tmp_path)
+    if not stand_in:
+        (data / MARKER_NAME).unlink()  # the same files, no longer marked: taken for CIFAR-10
+    monkeypatch.setattr(ensemble_tool, "published_accuracy", lambda *args, **kwargs: 94.09)
+    path = _save(models.create("resnet20").state_dict(), tmp_path / "r20.pt")
+    ensemble_tool.main([path, path, "--model", "resnet20", "--cifar", "10", "--data", str(data), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert ("| paper: resnet20 2 models ensemble | 94.09 |" in out) is not stand_in
+    assert ("GENERATED stand-in" in out) is stand_in
+    assert ("top-1 on 60 CIFAR-10 test images" in out) is not stand_in
+
+
+def test_ensemble_hints_name_its_own_flags_and_work_when_followed(tmp_path, capsys):
+    data = _fake_cifar(tmp_path)
+    path = _save(models.create("resnet20").state_dict(), tmp_path / "r20.pt")
+    missing = tmp_path / "no-data"
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble_tool.main([path, "--model", "resnet20", "--cifar", "10", "--data", str(missing), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--download" not in err and "--data" in err, err
+    # The command it suggests is one graft-data accepts, as printed.
+    command = err.split("fetch it there with: ")[1].split()
+    assert command[:2] == ["graft-data", "download"]
+    args = data_tool.parse_args(command[1:])
+    assert (args.command, args.folder, args.cifar) == ("download", str(missing), [10])
+    # Following the --data advice with the folder that holds CIFAR works.
+    ensemble_tool.main([path, "--model", "resnet20", "--cifar", "10", "--data", str(data), "--device", "cpu"])
+    assert "ensemble of 1" in capsys.readouterr().out
+
+
+def test_ensemble_refuses_a_nan_checkpoint_instead_of_scoring_chance(tmp_path, capsys):
+    data = _fake_cifar(tmp_path)
+    state = models.create("resnet20").state_dict()
+    state["linear.weight"][0, 0] = float("inf")
+    path = _save(state, tmp_path / "inf.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble_tool.main([path, "--model", "resnet20", "--cifar", "10", "--data", str(data), "--device", "cpu"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NaN or infinite values" in err and "linear.weight" in err
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model": "resnet999", "num_classes": 10}, "records model 'resnet999'"),
+    ({"model": "resnet20", "num_classes": "ten"}, "'num_classes' is 'ten', not a whole number"),
+    ({"model": "resnet20", "num_classes": 7}, "records 7 classes"),
+    ({"model": ["resnet20"], "num_classes": 10}, "'model' is ['resnet20'], not text"),
+    ({"model": "resnet20", "num_classes": 10, "data": "gone"}, "the data folder gone"),
+])
+def test_ensemble_reports_a_hand_edited_config_in_one_line(config, message, tmp_path, capsys):
+    path = _run_folder_checkpoint(tmp_path / "run", models.create("resnet20").state_dict(), **config)
+    with pytest.raises(SystemExit):
+        ensemble_tool.main([path, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_ensemble_reports_a_hand_edited_checkpoint_in_one_line(tmp_path, capsys):
+    data = _fake_cifar(tmp_path)
+    cases = {"list.pt": [1, 2, 3], "strings.pt": {"model": {"conv1.weight": "zero"}},
+             "text.pt": None}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is None:
+            path.write_text("edited by hand")
+        else:
+            torch.save(content, path)
+        with pytest.raises(SystemExit) as exit_info:
+            ensemble_tool.main([str(path), "--model", "resnet20", "--cifar", "10", "--data", str(data)])
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err, err
+
+
 # ----------------------------------------------------------------------------------------------
 # Run-folder summaries
 
 
-def _write_run(folder: Path, config: dict, results: list[tuple[float | None, float | None, int]]) -> None:
-    """A run folder as the training scripts leave it: per network config.json, best.pt, last.pt."""
-    for net, (best, final, epoch) in enumerate(results, start=1):
+CIFAR10 = {"dataset": "cifar10", "num_classes": 10, "epochs": 200, "a": 0.4, "c": 500.0, "level": "layer",
+           "criterion": "entropy", "source": "external", "distill": "none", "generated_data": False}
+
+
+def _write_run(folder: Path, config: dict, networks: list[dict[int, float | tuple[float, float]]],
+               alive: list[bool] | None = None) -> Path:
+    """A run folder as the training scripts leave it: per network config.json and metrics.jsonl (one record
+    per given epoch: test top-1, or (top-1, top-5)), and heartbeat files for the networks marked alive
+    (a stale one, an hour old, for the others that are not)."""
+    for net, accuracies in enumerate(networks, start=1):
         sub = folder / f"net{net}"
         sub.mkdir(parents=True)
-        (sub / "config.json").write_text(json.dumps({**config, "i": net}))
-        if best is not None:
-            torch.save({"model": {}, "epoch": epoch, "acc": best}, sub / "best.pt")
-        torch.save({"format": "filter-grafting/1", "epoch": epoch, "best_acc": best, "acc": final}, sub / "last.pt")
+        (sub / "config.json").write_text(json.dumps({**config, "i": net, "num": len(networks)}))
+        lines = []
+        for epoch, acc in accuracies.items():
+            top1, top5 = acc if isinstance(acc, tuple) else (acc, None)
+            lines.append(json.dumps({"epoch": epoch, "epochs": config["epochs"], "test_acc": top1, "test_acc5": top5,
+                                     "train_loss": 1.0}))
+        (sub / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+        if alive is not None:
+            heartbeat = folder / f"net{net}.alive"
+            heartbeat.write_text("0\n")
+            if not alive[net - 1]:
+                old = heartbeat.stat().st_mtime - 3600
+                os.utime(heartbeat, (old, old))
     (folder / "tb").mkdir()
+    return folder
 
 
-def test_summary_of_generated_run_folders(tmp_path, capsys):
+@pytest.fixture
+def cifar_runs(tmp_path) -> Path:
     runs = tmp_path / "runs"
-    cifar = {"dataset": "cifar10", "num_classes": 10, "epochs": 200, "a": 0.4, "c": 500.0, "level": "layer",
-             "criterion": "entropy", "source": "external", "distill": "none"}
-    _write_run(runs / "r32_dlr", {**cifar, "model": "resnet32", "num": 2, "difflr": True, "cos": True},
-               [(94.00, 93.80, 200), (93.90, 93.70, 200)])
-    _write_run(runs / "r32_base", {**cifar, "model": "resnet32", "num": 1, "difflr": False, "cos": False},
-               [(92.50, 92.40, 200)])
-    _write_run(runs / "deep" / "mnv2_x3", {**cifar, "dataset": "cifar100", "model": "mobilenetv2", "num": 3,
-                                           "difflr": True, "cos": True},
-               [(70.0, None, 57), (71.0, None, 57), (72.0, None, 56)])
-    _write_run(runs / "r18", {"model": "resnet18", "arch": "resnet18", "dataset": "imagefolder",
-                              "num_classes": 1000, "epochs": 90, "num": 2, "steplr": False, "cos": True},
-               [(71.0, 70.9, 90), (71.4, 71.2, 90)])
+    base, slr = {**CIFAR10, "model": "resnet32", "difflr": False, "cos": False}, {"difflr": False, "cos": False}
+    _write_run(runs / "r32_base", base, [{1: 50.0, 150: 92.5, 200: 92.4}])
+    _write_run(runs / "r32_slr", {**base, **slr}, [{1: 50.0, 180: 93.4, 200: 93.3}, {1: 51.0, 190: 93.2, 200: 93.1}])
+    _write_run(runs / "r32_dlr", {**base, "difflr": True, "cos": True}, [{200: 94.0}, {200: 93.9}])
+    _write_run(runs / "fake" / "r32_dlr", {**base, "difflr": True, "cos": True, "generated_data": True},
+               [{200: 99.0}, {200: 98.0}])
+    _write_run(runs / "deep" / "mnv2_x3", {**CIFAR10, "dataset": "cifar100", "num_classes": 100,
+                                           "model": "mobilenetv2", "difflr": True, "cos": True},
+               [{1: 10.0, 57: 70.0}, {57: 71.0}, {56: 72.0}], alive=[True, True, True])
+    _write_run(runs / "r56_slr", {**CIFAR10, "model": "resnet56", **slr}, [{30: 80.0}, {31: 81.0}],
+               alive=[False, True])
+    _write_run(runs / "r56_base_short", {**CIFAR10, "model": "resnet56", "epochs": 3, **slr}, [{3: 40.0}])
+    return runs
 
-    found = runs_tool.find_runs([runs])
-    assert [(r.model, r.dataset, r.method) for r in found] == [
-        ("mobilenetv2", "cifar100", "dlr x3"), ("resnet18", "imagenet", "cos"),
-        ("resnet32", "cifar10", "baseline"), ("resnet32", "cifar10", "dlr")]
-    mnv2, r18, base, dlr = found
-    assert math.isclose(dlr.mean_best, 93.95) and math.isclose(dlr.mean_final, 93.75)
-    assert dlr.published == 93.94
-    assert mnv2.mean_best == 71.0 and mnv2.mean_final is None  # not finished: no final accuracy
-    assert mnv2.published == 76.21
-    assert r18.published == 71.19
-    assert base.published == 92.83
 
+def test_summary_groups_experiments_and_compares_only_what_is_comparable(cifar_runs, capsys):
+    summary_tool.main([str(cifar_runs)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| model | dataset | method | nets | epochs | status | best top-1 | final top-1 | gain | paper "
+                        "| diff | run |")
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| model")]
+    assert table == [
+        "| mobilenetv2 | cifar100 | dlr x3 | 3 | 200 | running 56/200 | 71.00 ± 1.00 | - | - | 76.21 | - "
+        "| deep/mnv2_x3 |",
+        # the baseline first, then slr and dlr; gain over the baseline; diff only for finished real runs
+        "| resnet32 | cifar10 | baseline | 1 | 200 | done | 92.50 | 92.40 | - | 92.83 | -0.33 | r32_base |",
+        "|  |  | slr | 2 | 200 | done | 93.30 ± 0.14 | 93.20 ± 0.14 | +0.80 | 93.33 | -0.03 | r32_slr |",
+        "|  |  | dlr | 2 | 200 | done | 93.95 ± 0.07 | 93.95 ± 0.07 | +1.45 | 93.94 | +0.01 | r32_dlr |",
+        # a stand-in is its own experiment and never compared with the paper (today: 98.50 | 93.94 | +4.56)
+        "| resnet32 | cifar10 (generated stand-in) | dlr | 2 | 200 | done | 98.50 ± 0.71 | 98.50 ± 0.71 | - | - | - "
+        "| fake/r32_dlr |",
+        "| resnet56 | cifar10 | baseline | 1 | 3 | partial 3/200 | 40.00 | 40.00 | - | 93.50 | - | r56_base_short |",
+        "|  |  | slr | 2 | 200 | failed 30/200 | 80.50 ± 0.71 | - | - | 94.28 | - | r56_slr |",
+    ]
+    assert any("generated stand-in: trained on data written by grafting.data.fake" in line for line in lines)
+
+
+def test_summary_formats_hold_the_same_numbers(cifar_runs, capsys):
+    rows = summary_tool.summary_rows(runs_tool.find_runs([cifar_runs]), cifar_runs)
+    summary_tool.main([str(cifar_runs), "--format", "json"])
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json == json.loads(json.dumps(rows))
+    slr = next(row for row in as_json if row["run"] == "r32_slr")
+    assert slr["best_per_network"] == [93.4, 93.2] and slr["final_per_network"] == [93.3, 93.1]
+    assert slr["gain"] == pytest.approx(0.8) and slr["diff"] == pytest.approx(-0.03)
+    assert slr["status"] == "done" and slr["generated_stand_in"] is False
+
+    summary_tool.main([str(cifar_runs), "--format", "csv"])
+    import csv
+    import io
+
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["run"] for row in table] == [row["run"] for row in rows]
+    fake = next(row for row in table if row["run"] == "fake/r32_dlr")
+    assert (fake["generated_stand_in"], fake["paper"], fake["diff"], fake["best_per_network"]) == ("True", "", "",
+                                                                                                   "99.0;98.0")
+    assert float(next(row for row in table if row["run"] == "r32_dlr")["gain"]) == pytest.approx(1.45)
+
+
+def test_summary_of_imagenet_recipes_shows_top5(tmp_path, capsys):
+    runs = tmp_path / "imagenet"
+    recipe = {"model": "resnet18", "dataset": "imagefolder", "num_classes": 1000, "epochs": 90, "steplr": False,
+              "cos": True, "generated_data": False}
+    _write_run(runs / "r18_base", recipe, [{90: (69.5, 89.0)}])
+    _write_run(runs / "r18", recipe, [{45: (71.3, 90.3), 90: (71.0, 90.0)}, {90: (71.4, 90.2)}])
+    _write_run(runs / "small", {**recipe, "num_classes": 3, "epochs": 2}, [{2: (60.0, None)}])
     summary_tool.main([str(runs)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("| run | model | dataset | method | epochs | best | final | mean best | mean final "
-                        "| paper | diff |")
-    assert ("| deep/mnv2_x3 | mobilenetv2 | cifar100 | dlr x3 | 56/200 | 70.00 / 71.00 / 72.00 | - / - / - "
-            "| 71.00 | - | 76.21 | -5.21 |") in lines
-    assert "| r32_dlr | resnet32 | cifar10 | dlr | 200/200 | 94.00 / 93.90 | 93.80 / 93.70 | 93.95 | 93.75 " \
-           "| 93.94 | +0.01 |" in lines
-    assert "| r32_base | resnet32 | cifar10 | baseline | 200/200 | 92.50 | 92.40 | 92.50 | 92.40 | 92.83 | -0.33 |" in lines
-    assert "| r18 | resnet18 | imagenet | cos | 90/90 | 71.00 / 71.40 | 70.90 / 71.20 | 71.20 | 71.05 | 71.19 | +0.01 |" \
-        in lines
+    assert lines[0] == ("| model | dataset | method | nets | epochs | status | best top-1 | final top-1 | best top-5 "
+                        "| final top-5 | gain | paper | diff | paper top-5 | diff top-5 | run |")
+    assert ("| resnet18 | imagefolder (3 classes) | baseline | 1 | 2 | done | 60.00 | 60.00 | - | - | - | - | - | - "
+            "| - | small |") in lines
+    assert ("| resnet18 | imagenet | baseline | 1 | 90 | done | 69.50 | 69.50 | 89.00 | 89.00 | - | 69.15 | +0.35 "
+            "| 88.87 | +0.13 | r18_base |") in lines
+    assert ("|  |  | grafting | 2 | 90 | done | 71.35 ± 0.07 | 71.20 ± 0.28 | 90.25 ± 0.07 | 90.10 ± 0.14 | +1.85 "
+            "| 71.19 | +0.16 | 90.01 | +0.24 | r18 |") in lines
 
 
-def test_summary_of_a_single_run_folder_and_of_an_unknown_row(tmp_path):
-    folder = tmp_path / "r20"
-    _write_run(folder, {"model": "resnet20", "dataset": "cifar10", "epochs": 2, "num": 2, "difflr": True},
-               [(None, None, 1), (40.0, None, 1)])
+def test_summary_of_a_single_run_folder_names_it(tmp_path, capsys):
+    folder = _write_run(tmp_path / "r20", {**CIFAR10, "model": "resnet20", "epochs": 2, "difflr": True},
+                        [{}, {1: 40.0}], alive=[False, False])
     [run] = runs_tool.find_runs([folder])
     assert run.folder == folder and run.method == "dlr" and run.published is None
-    table = summary_tool.summary_table([run], base=folder)
-    assert table.splitlines()[2] == "| . | resnet20 | cifar10 | dlr | 1/2 | - / 40.00 | - / - | - | - | - | - |"
+    summary_tool.main([str(folder)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| resnet20 | cifar10 | dlr | 2 | 2 | failed 0/2 | - | - | - | - | - | r20 |"
+
+
+def test_summary_counts_networks_that_never_started(tmp_path):
+    folder = _write_run(tmp_path / "r", {**CIFAR10, "model": "resnet20", "epochs": 2}, [{1: 40.0}], alive=[True])
+    config = json.loads((folder / "net1" / "config.json").read_text())
+    (folder / "net1" / "config.json").write_text(json.dumps({**config, "num": 2}))
+    [run] = runs_tool.find_runs([folder])
+    assert [n.net for n in run.networks] == [1, 2]
+    assert run.status == "failed 0/2"  # network 2 has neither a heartbeat nor a record
 
 
 def test_summary_errors(tmp_path, capsys):
@@ -321,3 +531,122 @@ def test_summary_errors(tmp_path, capsys):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json is unreadable"):
         runs_tool.find_runs([tmp_path])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: (d / "net1" / "config.json").write_text('{"model": "resnet20", "epochs": "abc", "num": 1}'),
+     "'epochs' is 'abc', not a whole number"),
+    (lambda d: (d / "net1" / "config.json").write_text('{"model": "resnet20", "epochs": 2, "num": 1, "a": "x"}'),
+     "'a' is 'x', not a number"),
+    (lambda d: (d / "net1" / "config.json").write_text('[]'), "does not hold a settings object"),
+    (lambda d: (d / "net1" / "config.json").write_text('{"epochs": 2, "num": 1000000000}'), "not a ring size"),
+    (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "high"}\n'),
+     "line 1: 'test_acc' is 'high', not a number"),
+    (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": "one", "test_acc": 5}\n'),
+     "line 1: 'epoch' is 'one', not a whole number"),
+    (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"loss": 1}\n'), "no 'epoch' or 'test_acc'"),
+    (lambda d: [(d / "net1" / "metrics.jsonl").unlink(), (d / "net1" / "metrics.jsonl").mkdir()],
+     "metrics.jsonl ([Errno 21] Is a directory"),
+    (lambda d: (d / "net1" / "metrics.jsonl").write_bytes(b"\xff\xfe{"), "cannot read"),
+])
+def test_summary_reports_hand_edited_files_in_one_line(edit, message, tmp_path, capsys):
+    folder = _write_run(tmp_path / "r", {**CIFAR10, "model": "resnet20", "epochs": 2}, [{1: 40.0, 2: 41.0}])
+    edit(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        summary_tool.main([str(folder)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+# --help of every command: each flag shows its default and what it means
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    from grafting.train.cli import build_parser
+    from grafting.train.config import CifarConfig, ImagenetConfig
+
+    parsers = {"graft-cifar": build_parser(CifarConfig, "graft-cifar", ""),
+               "graft-imagenet": build_parser(ImagenetConfig, "graft-imagenet", "")}
+    for name, module in (("graft-summary", summary_tool), ("graft-filters", filters_tool),
+                         ("graft-ensemble", ensemble_tool), ("graft-plot", plot_tool), ("graft-data", data_tool)):
+        captured = {}
+
+        def keep(self, *args, _name=name, **kwargs):  # the parser a tool builds, without running it
+            captured.setdefault(_name, self)
+            raise SystemExit(0)
+
+        original = argparse.ArgumentParser.parse_args
+        argparse.ArgumentParser.parse_args = keep
+        try:
+            with pytest.raises(SystemExit):
+                module.parse_args(["x"])
+        finally:
+            argparse.ArgumentParser.parse_args = original
+        parsers[name] = captured[name]
+    return parsers
+
+
+def _actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {flag}", help_) for flag, help_ in _actions(sub))
+        elif action.option_strings and not isinstance(action, argparse._HelpAction):
+            yield action.option_strings[-1], action.help or ""
+
+
+def test_every_flag_of_every_command_shows_its_default_and_meaning():
+    missing = []
+    for command, parser in _parsers().items():
+        for flag, help_text in _actions(parser):
+            if "default" not in help_text or len(help_text.split("(default")[0].strip()) < 8:
+                missing.append(f"{command} {flag}: {help_text!r}")
+    assert not missing, "flags without a default or a meaning in --help:\n" + "\n".join(missing)
+
+
+# ----------------------------------------------------------------------------------------------
+# graft-data: the README's download command and the stand-in generators
+
+
+def _readme_command(start: str) -> list[str]:
+    """The arguments of the README's first command line that starts with ``start`` (comment removed)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith(start))
+    return line.split("#")[0].split()[1:]
+
+
+def test_the_readme_download_command_fails_in_one_line_offline(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
+    argv = _readme_command("graft-data download")
+    assert argv[:2] == ["download", "data"]
+    with pytest.raises(SystemExit) as exit_info:
+        data_tool.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: could not download CIFAR-10 into data")
+    assert "cifar-10-python.tar.gz" in err and "--download" not in err
+
+
+def test_the_readme_stand_in_commands_write_marked_datasets(tmp_path, capsys, monkeypatch):
+    from grafting.data.cifar import load_cifar
+    from grafting.data.fake import is_generated_stand_in
+
+    monkeypatch.chdir(tmp_path)
+    cifar = _readme_command("graft-data stand-in-cifar")
+    data_tool.main(cifar + ["--train-size", "20", "--test-size", "10"])
+    train, test = load_cifar(cifar[1], 10)
+    assert (len(train), len(test)) == (20, 10) and is_generated_stand_in(cifar[1])
+    folder = _readme_command("graft-data stand-in-imagefolder")
+    data_tool.main(folder + ["--train-per-class", "2", "--val-per-class", "1"])
+    assert len(list((tmp_path / folder[1] / "train").iterdir())) == 10 and is_generated_stand_in(folder[1])
+    out = capsys.readouterr().out
+    assert f"train with --data {cifar[1]}" in out and f"graft-imagenet --data {folder[1]} --image-size 64" in out

@@ -34,7 +34,6 @@ pytestmark = pytest.mark.e2e  # every test here starts real processes
 SCRIPT = CIFAR_SCRIPT
 # Small batches keep an epoch of a few hundred images at a couple of seconds on one CPU thread.
 FAST_FLAGS = ["--device", "cpu", "--threads", "1", "--batch-size", "32", "--test-batch-size", "64"]
-EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \| train loss")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,9 +79,9 @@ def assert_all_succeeded(networks: list[Proc]) -> None:
         assert network.stderr == "", logs(networks)
 
 
-def epoch_lines(log: str) -> dict[int, int]:
-    """epoch -> total epochs, from a network's epoch lines (the epochs that process ran)."""
-    return {int(m.group(1)): int(m.group(2)) for m in EPOCH_LINE.finditer(log)}
+def epochs_done(shared: Path, net: int) -> list[int]:
+    """The epochs in network ``net``'s metrics.jsonl, in order (each once, resumed runs included)."""
+    return [record["epoch"] for record in read_metrics(shared / f"net{net}" / "metrics.jsonl")]
 
 
 def ring_flags(data: Path, shared: Path, num: int, epochs: int, *extra: str) -> list[str]:
@@ -213,6 +212,17 @@ def run_ring(workdir: Path, data: Path, num: int, epochs: int, *extra: str) -> t
     return shared, networks, versions
 
 
+def assert_tensorboard_run(folder: Path) -> None:
+    """The event file holds the per-epoch histograms and pictures, the peer's entropies and the settings."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    [events] = folder.glob("events.out.tfevents.*")
+    tags = {value.tag for event in EventFileLoader(str(events)).Load() for value in event.summary.value}
+    expected = {"alpha/all_layers", "filters/l1_norm", "filters/l1_norm_distribution", "entropy_peer/conv1.weight",
+                "settings/text_summary", "_hparams_/session_start_info", "test/acc", "graft/coefficient_mean"}
+    assert expected <= tags, expected - tags
+
+
 def assert_exchange_files(shared: Path, expected: set[str]) -> None:
     """Exactly these exchange files (and no half-written ones) are left in the shared folder."""
     assert {p.name for p in shared.glob("net*_epoch*.pt*")} == expected
@@ -226,24 +236,38 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
     shared, networks, versions = run_ring(tmp_path, cifar10, 2, 2, "--model", "resnet20", "--keep-all")
 
     for network in networks:
-        assert sorted(epoch_lines(network.log)) == [1, 2], network.log
         first, final = read_metrics(shared / network.name / "metrics.jsonl")
         assert (first["epoch"], final["epoch"]) == (1, 2)
         assert first["grafted"] and first["graft_ms"] > 0, "epoch 1 should report the time spent grafting"
         assert first["peer"] == 3 - int(network.name[3:]) and first["waited_s"] >= 0
         assert len(first["alphas"]) == 19 and first["alphas"].keys() == first["entropies"].keys()  # resnet20's convs
         assert all(0.3 <= alpha <= 0.7 for alpha in first["alphas"].values())
+        alphas = list(first["alphas"].values())
+        assert (first["alpha_mean"], first["alpha_min"], first["alpha_max"]) == (
+            pytest.approx(sum(alphas) / len(alphas)), min(alphas), max(alphas))
         assert first["entropies"].keys() == first["peer_entropies"].keys()
-        assert first["total_filters"] > 0 and set(first["invalid_filters"]) == {"0.1", "0.01"}
-        assert first["lr"] == 0.1 and f"{first['test_acc']:.2f}" == re.search(  # the epoch line's rounding
-            r"epoch 1/2 .*\| test loss [\d.]+ acc ([\d.]+)", network.log).group(1)
+        assert first["total_filters"] == 688 and set(first["invalid_filters"]) == {"0.1", "0.01"}  # resnet20
+        assert first["lr"] == 0.1 and 0 < first["epoch_s"] <= first["elapsed_s"] < final["elapsed_s"]
+        assert first["eta_s"] > 0 and final["eta_s"] == 0
         assert not final["grafted"] and final["graft_ms"] is None, "the final epoch neither waits nor grafts"
-        assert "no graft (last epoch)" in network.log
+        assert final["alpha_mean"] is None and final["invalid_filters"]
+        # The epoch lines print what metrics.jsonl holds.
+        assert (f"epoch 1/2 | train loss {first['train_loss']:.4f} acc {first['train_acc']:.2f} | test loss "
+                f"{first['test_loss']:.4f} acc {first['test_acc']:.2f} top5 {first['test_acc5']:.2f} "
+                f"| best {first['best_acc']:.2f} | lr 0.10000 (epoch start) | wait") in network.log
+        assert (f"| alpha mean {first['alpha_mean']:.3f} min {first['alpha_min']:.3f} max {first['alpha_max']:.3f} "
+                f"| invalid {first['invalid_filters']['0.1']}/688 (l1 < 0.1) |") in network.log
+        assert re.search(r"epoch 1/2 .* \| elapsed \d+s \| ETA \d+s\n", network.log), network.log
+        assert re.search(r"epoch 2/2 .*\| no graft \(last epoch\) \|.* \| elapsed \d+s\n", network.log), network.log
         assert "layer grafting, name rule" in network.log
+        # The data is a generated stand-in, and every record of the run says so.
+        assert "data: GENERATED stand-in in" in network.log and "(GENERATED stand-in data)" in network.log
+        config = json.loads((shared / network.name / "config.json").read_text())
+        assert config["generated_data"] is True
         last = torch.load(shared / network.name / "last.pt", weights_only=True)
         assert last["epoch"] == 2
         assert (shared / network.name / "best.pt").is_file()
-        assert list((shared / "tb" / network.name).glob("events.out.tfevents.*"))
+        assert_tensorboard_run(shared / "tb" / network.name)
     # The final epoch publishes nothing: its tested weights are final.
     assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt"})
     meta = exchange_file(shared, 2, 1)["meta"]
@@ -258,7 +282,7 @@ def test_three_network_ring(tmp_path: Path, cifar10: Path) -> None:
     shared, networks, versions = run_ring(tmp_path, cifar10, 3, 2, "--model", "resnet20")
 
     for network in networks:
-        assert sorted(epoch_lines(network.log)) == [1, 2], network.log
+        assert epochs_done(shared, int(network.name[3:])) == [1, 2], network.log
     assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt", "net3_epoch1.pt"})
     check_ring_grafted_epoch1(shared, 3, versions)  # network 1 grafts network 3: the ring closes
 
@@ -271,7 +295,7 @@ def test_baseline_exchanges_nothing(tmp_path: Path, cifar10: Path) -> None:
     log = networks[0].log
     assert "no grafting (baseline)" in log
     assert "data pipeline: torchvision" in log
-    assert sorted(epoch_lines(log)) == [1, 2], log
+    assert epochs_done(shared, 1) == [1, 2], log
     assert [r["grafted"] for r in read_metrics(shared / "net1" / "metrics.jsonl")] == [False, False]
     assert_exchange_files(shared, set())
     assert torch.load(shared / "net1" / "last.pt", weights_only=True)["epoch"] == 2
@@ -282,7 +306,7 @@ def test_cifar100_ring(tmp_path: Path, cifar100: Path) -> None:
 
     for network in networks:
         assert "CIFAR-100: 200 training and 100 test images" in network.log
-        assert sorted(epoch_lines(network.log)) == [1, 2], network.log
+        assert epochs_done(shared, int(network.name[3:])) == [1, 2], network.log
     state = exchange_file(shared, 1, 1)
     assert state["meta"]["num_classes"] == 100
     assert state["model"]["linear.weight"].shape[0] == 100
@@ -294,7 +318,9 @@ def test_filter_level_grafting_with_vgg(tmp_path: Path, cifar10_tiny: Path) -> N
 
     for network in networks:
         assert "filter grafting" in network.log
-        assert sorted(epoch_lines(network.log)) == [1, 2], network.log
+        assert epochs_done(shared, int(network.name[3:])) == [1, 2], network.log
+        first = read_metrics(shared / network.name / "metrics.jsonl")[0]
+        assert first["filter_weights"] and not first["alphas"] and "| filter w mean " in network.log
     check_ring_grafted_epoch1(shared, 2, versions, level="filter")
 
 
@@ -324,8 +350,11 @@ def test_resumed_network_rejoins_the_ring(tmp_path: Path, cifar10: Path) -> None
 
     resumed_log = restarted.log
     assert f"resumed from {last}: epoch {stopped_after} done" in resumed_log
-    assert sorted(epoch_lines(resumed_log)) == list(range(stopped_after + 1, 4)), resumed_log
-    assert sorted(epoch_lines(networks[0].log)) == [1, 2, 3], networks[0].log
+    assert f"epoch {stopped_after}/3 |" not in resumed_log and "epoch 3/3 |" in resumed_log, resumed_log
+    for net in (1, 2):  # every epoch once, the resumed ones included; the run's time goes on across the restart
+        assert epochs_done(shared, net) == [1, 2, 3]
+    elapsed = [record["elapsed_s"] for record in read_metrics(shared / "net2" / "metrics.jsonl")]
+    assert elapsed == sorted(elapsed), elapsed
     for net in (1, 2):
         assert torch.load(shared / f"net{net}" / "last.pt", weights_only=True)["epoch"] == 3
 

@@ -16,6 +16,7 @@ from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar
 from conftest import CIFAR_SCRIPT, REPO, Proc, finish, start_script
+from grafting.train.report import read_metrics
 from grafting_cifar.train import parse_args
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
@@ -46,14 +47,9 @@ def run_ring(data: Path, shared: Path, num: int, *extra: str) -> list[str]:
     return [proc.log for proc in procs]
 
 
-def epoch_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if "| train loss" in line]
-
-
-def part(line: str, name: str) -> float:
-    """The value of a loss part in an epoch line: '(ce 2.1 kd 0.3)'."""
-    words = line.split("(", 1)[1].split(")", 1)[0].split()
-    return float(words[words.index(name) + 1])
+def records(shared: Path, net: int) -> list[dict]:
+    """Network ``net``'s metrics.jsonl: one record per epoch."""
+    return read_metrics(shared / f"net{net}" / "metrics.jsonl")
 
 
 def tensorboard_tags(folder: Path) -> dict[str, list[float]]:
@@ -67,11 +63,11 @@ def tensorboard_tags(folder: Path) -> dict[str, list[float]]:
 def test_two_networks_distil_from_their_peers(data: Path, tmp_path: Path) -> None:
     logs = run_ring(data, tmp_path, 2, "--distill", "peers")
     for net, log in zip((1, 2), logs):
-        lines = epoch_lines(log)
-        assert len(lines) == 2, log
+        first, second = (r["loss_parts"] for r in records(tmp_path, net))
         # Epoch 1 has no teacher yet (the first exchange comes after it); epoch 2 learns from the peer.
-        assert part(lines[0], "kd") == 0.0 and part(lines[0], "ce") > 0
-        assert part(lines[1], "kd") > 0 and part(lines[1], "ce") > 0
+        assert first["kd"] == 0.0 and first["ce"] > 0
+        assert second["kd"] > 0 and second["ce"] > 0
+        assert f"(ce {second['ce']:.4f} kd {second['kd']:.4f})" in log
         tags = tensorboard_tags(tmp_path / "tb" / f"net{net}")
         assert len(tags["train/ce"]) == 2 and tags["train/kd"][1] > 0
         for epoch in range(2):
@@ -95,8 +91,8 @@ def test_one_network_distils_from_two_teachers_in_the_authors_form(data: Path, t
     (log,) = run_ring(data, shared, 1, "--distill", "teacher", *teachers, "--kd-temperature", "2",
                       "--no-kd-soften-teacher")
     assert "distillation from 2 resnet20 teacher(s) (T 2, lambda 1, authors' form" in log
-    for line in epoch_lines(log):
-        assert part(line, "ce") > 0 and part(line, "kd") > 0
+    parts = [r["loss_parts"] for r in records(shared, 1)]
+    assert len(parts) == 2 and all(p["ce"] > 0 and p["kd"] > 0 for p in parts)
     tags = tensorboard_tags(shared / "tb" / "net1")
     assert len(tags["train/ce"]) == 2 and len(tags["train/kd"]) == 2
 
@@ -117,10 +113,10 @@ def test_a_teacher_that_does_not_fit_stops_before_training(data: Path, tmp_path:
 def test_noise_and_internal_grafting_report_the_touched_filters(data: Path, tmp_path: Path, source: str) -> None:
     # A high threshold makes some of a fresh network's filters invalid, so the count is not trivially 0.
     (log,) = run_ring(data, tmp_path, 1, "--graft-source", source, "--invalid-threshold", "6")
-    lines = epoch_lines(log)
-    touched = int(lines[0].split("| touched ")[1].split()[0])
-    assert touched > 0, lines[0]
-    assert "touched" not in lines[1]  # the last epoch's weights are final: nothing is grafted
+    first, last = records(tmp_path, 1)
+    touched = first["invalid_touched"]
+    assert touched > 0 and f"| touched {touched} invalid" in log, log
+    assert last["invalid_touched"] is None  # the last epoch's weights are final: nothing is grafted
     assert f"{source} grafting of invalid filters (l1 < 6)" in log
     assert tensorboard_tags(tmp_path / "tb" / "net1")["graft/invalid_touched"] == [touched]
     config = json.loads((tmp_path / "net1" / "config.json").read_text())

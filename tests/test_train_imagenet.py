@@ -35,13 +35,13 @@ from grafting_imagenet import train as imagenet_train
 from grafting.distributed import Processes, per_process
 from conftest import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
 from grafting.train.imagenet_models import create_model
+from grafting.train.report import read_metrics
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 SCRIPT = IMAGENET_SCRIPT
 FAST = ["--device", "cpu", "--threads", "1", "-j", "0", "-b", "16", "--image-size", "32", "-p", "0"]
 TIMEOUT_S = 240.0
-EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \| .*\| test loss ([\d.]+) acc ([\d.]+) top5 ([\d.]+) ")
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +65,11 @@ def succeeded(proc: Proc) -> str:
     return proc.log
 
 
-def epoch_lines(text: str) -> dict[int, tuple[float, float, float]]:
-    """Epoch number -> (test loss, top-1, top-5) from the epoch lines of a log."""
-    lines = {}
-    for match in EPOCH_LINE.finditer(text):
-        epoch = int(match.group(1))
-        assert epoch not in lines, f"epoch {epoch} logged twice:\n{text}"
-        lines[epoch] = (float(match.group(3)), float(match.group(4)), float(match.group(5)))
-    return lines
+def epoch_results(shared: Path, net: int) -> dict[int, tuple[float, float, float | None]]:
+    """Epoch -> (test loss, top-1, top-5) from network ``net``'s metrics.jsonl (top-5 None: 3 classes)."""
+    records = read_metrics(shared / f"net{net}" / "metrics.jsonl")
+    assert len({r["epoch"] for r in records}) == len(records), records
+    return {r["epoch"]: (r["test_loss"], r["test_acc"], r["test_acc5"]) for r in records}
 
 
 def ring_until_graft(workdir: Path, data: Path, arch: str, *extra: str) -> Path:
@@ -89,7 +86,7 @@ def ring_until_graft(workdir: Path, data: Path, arch: str, *extra: str) -> Path:
     wait_until(lambda: (shared / "net2" / "last.pt").exists(), "network 2's last.pt of epoch 1", [net2], TIMEOUT_S)
     kill(net2)
     text1 = succeeded(net1)
-    assert sorted(epoch_lines(text1)) == [1, 2], text1
+    assert sorted(epoch_results(shared, 1)) == [1, 2], text1
     return shared
 
 
@@ -135,11 +132,11 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, 
     return code, out, err
 
 
-def evaluated(out: str) -> tuple[float, float, float]:
-    """(top-1, top-5, loss) from the line -e prints."""
-    match = re.search(r"evaluate .*: top-1 ([\d.]+) top-5 ([\d.]+) loss ([\d.]+)", out)
+def evaluated(out: str) -> tuple[float, float | None, float]:
+    """(top-1, top-5 or None, loss) from the line -e prints (top-5 only for more than 5 classes)."""
+    match = re.search(r"evaluate .*: top-1 ([\d.]+)(?: top-5 ([\d.]+))? loss ([\d.]+)", out)
     assert match, out
-    return float(match.group(1)), float(match.group(2)), float(match.group(3))
+    return float(match.group(1)), float(match.group(2)) if match.group(2) else None, float(match.group(3))
 
 
 def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
@@ -161,8 +158,10 @@ def resnet_ring(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) ->
 
 def test_resnet18_networks_graft_each_other_with_the_name_rule(resnet_ring: Path) -> None:
     assert_last_is_graft_of_epoch1(resnet_ring, "resnet18", "name")
-    epochs = epoch_lines((resnet_ring.parent / "net1.log").read_text())
-    assert all(0.0 <= top1 <= top5 <= 100.0 for _, top1, top5 in epochs.values())
+    epochs = epoch_results(resnet_ring, 1)
+    # Three classes: top-5 is always 100 %, so it is neither logged nor recorded.
+    assert all(0.0 <= top1 <= 100.0 and top5 is None for _, top1, top5 in epochs.values())
+    assert "top5" not in (resnet_ring.parent / "logs" / "net1.out").read_text()
     assert {p.name for p in resnet_ring.glob("*.pt")} == {"net1_epoch1.pt", "net2_epoch1.pt"}
 
 
@@ -173,7 +172,8 @@ def test_killed_network_resumes_from_its_last_checkpoint(resnet_ring: Path, imag
             "--keep-all", "--resume"]
     text = succeeded(start(log, *args))
     assert "resumed from" in text and "epoch 1 done" in text, text
-    assert sorted(epoch_lines(text)) == [2], text
+    assert "epoch 1/2 |" not in text and "epoch 2/2 |" in text, text
+    assert sorted(epoch_results(resnet_ring, 2)) == [1, 2]
     resumed = load_file(resnet_ring / "net2" / "last.pt")
     before = load_file(resnet_ring.parent / "net2_last_epoch1.pt")
     assert resumed["epoch"] == 2
@@ -192,7 +192,8 @@ def test_evaluate_reports_the_best_checkpoint_and_writes_nothing(resnet_ring: Pa
     top1, top5, _ = evaluated(out)
     best = load_file(resnet_ring / "net1" / "best.pt")
     assert top1 == pytest.approx(best["acc"], abs=0.005)
-    assert top1 <= top5
+    assert top5 is None  # three classes
+    assert "(GENERATED stand-in data)" in out
     assert folder_state(resnet_ring) == before
 
 
@@ -204,9 +205,9 @@ def test_evaluate_a_checkpoint_file_in_another_layout(resnet_ring: Path, image_f
     code, out, err = run_main([*FAST, "--data", str(image_folder), "-e", "--checkpoint", str(wrapped)], capsys)
     assert code == 0, err
     top1, top5, loss = evaluated(out)
-    final_loss, final_top1, final_top5 = epoch_lines((resnet_ring.parent / "net1.log").read_text())[2]
+    final_loss, final_top1, final_top5 = epoch_results(resnet_ring, 1)[2]
     # The final epoch's tested weights are last.pt's: the same numbers as the training run's own test.
-    assert (top1, top5) == pytest.approx((final_top1, final_top5), abs=0.005)
+    assert top1 == pytest.approx(final_top1, abs=0.005) and top5 is final_top5 is None
     assert loss == pytest.approx(final_loss, rel=1e-4, abs=1e-4)
 
 
@@ -251,14 +252,14 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
 
     # Rank 0 alone logs the epoch lines and owns the shared folder.
     assert "[net 1/2 rank 0]" in text and "[net 1/2 rank 1]" not in text, text
-    assert sorted(epoch_lines(text)) == [1, 2]
+    assert sorted(epoch_results(shared, 1)) == [1, 2]
     names = {p.name for p in shared.iterdir()}
     assert names == {"net1", "net2", "tb", "net1.lock", "net2.lock", "net1.alive", "net2.alive",
                      "net1_epoch1.pt", "net2_epoch1.pt"}, names
     config = json.loads((shared / "net1" / "config.json").read_text())
     assert (config["world_size"], config["batch_size"]) == (2, 16)
 
-    def check_final_epoch_matches_last_pt(log_text: str, epoch: int) -> None:
+    def check_final_epoch_matches_last_pt(epoch: int) -> None:
         # The ranks each test half of the validation set with their own copy of the weights; the summed
         # result equals one process testing last.pt only if every rank held rank 0's weights (grafted
         # or resumed) and BatchNorm statistics.
@@ -266,17 +267,18 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
                                    str(shared / "net1" / "last.pt")], capsys)
         assert code == 0, err
         top1, top5, loss = evaluated(out)
-        logged_loss, logged_top1, logged_top5 = epoch_lines(log_text)[epoch]
-        assert (top1, top5) == pytest.approx((logged_top1, logged_top5), abs=0.005)
+        logged_loss, logged_top1, _ = epoch_results(shared, 1)[epoch]
+        assert top1 == pytest.approx(logged_top1, abs=0.005)
         assert loss == pytest.approx(logged_loss, rel=1e-4, abs=1e-4)
 
-    check_final_epoch_matches_last_pt(text, 2)
+    check_final_epoch_matches_last_pt(2)
 
     # Resume under torchrun: rank 0 reads last.pt and hands weights, optimizer and schedule to rank 1.
     resumed = start(tmp_path / "net1_resume.log", *common, "--i", "1", "--epochs", "3", "--resume", torchrun=2)
     text = succeeded(resumed)
-    assert "resumed from" in text and sorted(epoch_lines(text)) == [3], text
-    check_final_epoch_matches_last_pt(text, 3)
+    assert "resumed from" in text and "epoch 3/3 |" in text and "epoch 2/3 |" not in text, text
+    assert sorted(epoch_results(shared, 1)) == [1, 2, 3]
+    check_final_epoch_matches_last_pt(3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +294,13 @@ def test_flags_follow_the_original_names() -> None:
     defaults = imagenet_train.parse_args([])
     assert (defaults.model, defaults.epochs, defaults.batch_size, defaults.lr, defaults.weight_decay,
             defaults.print_freq, defaults.workers, defaults.cos, defaults.difflr) == \
-        ("resnet18", 90, 256, 0.1, 1e-4, 10, 4, True, False)
+        ("resnet18", 90, 256, 0.1, 1e-4, 10, None, True, False)  # -j: see the next test
+
+
+@pytest.mark.parametrize("cores, workers", [(2, 2), (4, 4), (64, 4)])
+def test_default_workers_are_capped_by_the_cores(cores: int, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(imagenet_train, "available_cores", lambda: cores)
+    assert imagenet_train.default_workers() == workers
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -349,8 +357,11 @@ def test_start_epoch_without_resume_moves_the_schedule_on(tmp_path: Path, image_
                                "--start-epoch", "3", "--steplr", "--step-epochs", "1", "-a", "squeezenet1_1"], capsys)
     assert code == 0, err
     assert "--start-epoch 3 without --resume" in out
-    assert sorted(epoch_lines(out)) == [3]
-    assert re.search(r"epoch 3/3 .*\| lr 0\.00100 \|", out), out  # 0.1 * 0.1 ** 2
+    [record] = read_metrics(shared / "net1" / "metrics.jsonl")
+    assert record["epoch"] == 3 and record["lr"] == pytest.approx(0.001)  # 0.1 * 0.1 ** 2
+    assert re.search(r"epoch 3/3 .*\| lr 0\.00100 \(epoch start\) \|", out), out
+    config = json.loads((shared / "net1" / "config.json").read_text())
+    assert config["workers"] == 0 and config["generated_data"] is True
     assert load_file(shared / "net1" / "last.pt")["epoch"] == 3
 
 
@@ -367,5 +378,35 @@ def test_evaluate_pretrained_weights_from_the_cache(image_folder: Path, tmp_path
     assert code == 0, err
     assert "evaluate torchvision's pretrained squeezenet1_1" in out and "replaced" in out
     top1, top5, _ = evaluated(out)
-    assert 0.0 <= top1 <= top5 <= 100.0
+    assert 0.0 <= top1 <= 100.0 and top5 is None  # three classes: no top-5
     assert folder_state(tmp_path) == before
+
+
+def test_evaluate_takes_the_recipe_from_the_run_and_reads_only_val(image_folder: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture,
+                                                                   in_process_logs: None) -> None:
+    # A run of network 2 of some ring, trained with a non-default architecture and image size.
+    net2 = tmp_path / "run" / "net2"
+    net2.mkdir(parents=True)
+    (net2 / "config.json").write_text(json.dumps({"model": "squeezenet1_1", "image_size": 40, "num": 3, "i": 2}))
+    torch.manual_seed(0)
+    torch.save({"model": create_model("squeezenet1_1", 3).state_dict(), "acc": 40.0}, net2 / "best.pt")
+    only_val = tmp_path / "only-val"  # no train/: evaluating must not need it
+    only_val.mkdir()
+    (only_val / "val").symlink_to(image_folder / "val")
+    common = ["--device", "cpu", "--threads", "1", "-j", "0", "-b", "8", "--data", str(only_val)]
+
+    code, out, err = run_main([*common, "--s", str(tmp_path / "run"), "--i", "2", "-e"], capsys)  # no -a, no --num
+    assert code == 0, err
+    assert f"evaluate: -a/--arch squeezenet1_1, --image-size 40 from {net2 / 'config.json'}" in out
+    top1, top5, loss = evaluated(out)
+    assert top5 is None  # three classes
+
+    code, out, err = run_main([*common, "-a", "squeezenet1_1", "--image-size", "40", "-e", "--checkpoint",
+                               str(net2 / "best.pt")], capsys)
+    assert code == 0, err
+    assert evaluated(out) == (top1, None, loss)  # the same numbers as with the flags given by hand
+
+    code, out, err = run_main([*common, "--s", str(tmp_path / "run"), "--i", "2", "-e", "-a", "resnet50"], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "-a/--arch resnet50 but" in err and "squeezenet1_1" in err, err

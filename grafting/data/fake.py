@@ -19,7 +19,7 @@ from PIL import Image
 
 from grafting.errors import GraftingError
 
-__all__ = ["write_fake_cifar", "write_fake_imagefolder", "MARKER_NAME"]
+__all__ = ["write_fake_cifar", "write_fake_imagefolder", "MARKER_NAME", "is_generated_stand_in"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,11 @@ def _cifar_rows(labels: np.ndarray, look: _ClassLook, rng: np.random.Generator) 
         chunk = labels[start:start + _CHUNK]
         rows[start:start + len(chunk)] = look.render(chunk, 32, 32, rng).reshape(len(chunk), -1)
     return rows
+
+
+def is_generated_stand_in(folder: str | Path) -> bool:
+    """Whether the data folder ``folder`` holds a stand-in written here (it carries :data:`MARKER_NAME`)."""
+    return (Path(folder).expanduser() / MARKER_NAME).is_file()
 
 
 def _write_marker(root: Path, what: str) -> None:

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 from grafting.data.loading import DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset
 from grafting.errors import DatasetNotFoundError, GraftingError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_loaders", "read_rgb"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_loaders", "imagenet_val_loader", "read_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,38 @@ def _index_sampler(dataset: ImageFolder, *, shuffle: bool, distributed: bool, se
     return DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
 
 
+def _epoch_loader(dataset: ImageFolder, transform: v2.Compose, *, train: bool, batch_size: int, workers: int,
+                  device: torch.device, distributed: bool, seed: int, channels_last: bool) -> DataLoaderEpochLoader:
+    sampler = SeededSampler(len(dataset), shuffle=train, seed=seed,
+                            index_sampler=_index_sampler(dataset, shuffle=train, distributed=distributed, seed=seed))
+    return DataLoaderEpochLoader(SeededTransformDataset(dataset, transform), sampler, batch_size, device=device,
+                                 workers=workers, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last=channels_last)
+
+
+def _val_loader(val_set: ImageFolder, image_size: int, **kwargs) -> DataLoaderEpochLoader:
+    transform = v2.Compose([v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
+    loader = _epoch_loader(val_set, transform, train=False, **kwargs)
+    # Each rank sees a shard of the validation set: grafting.train.loop.evaluate sums the counts over the ranks.
+    loader.sharded = kwargs["distributed"]
+    return loader
+
+
+def imagenet_val_loader(root: str | Path, *, image_size: int = 224, batch_size: int = 256, workers: int = 4,
+                        device: torch.device, distributed: bool = False, channels_last: bool = False
+                        ) -> tuple[EpochLoader, int]:
+    """The validation loader of :func:`imagenet_loaders` alone (``root/train`` is never read: evaluating
+    needs no scan of the training images) and the number of classes."""
+    if image_size < 1 or batch_size < 1:
+        raise GraftingError(f"--image-size and --batch-size must be positive, got {image_size} and {batch_size}")
+    root = Path(root).expanduser().resolve()
+    val_set = _image_folder(root / "val", "val")
+    loader = _val_loader(val_set, image_size, batch_size=batch_size, workers=workers, device=torch.device(device),
+                         distributed=distributed, seed=0, channels_last=channels_last)
+    logger.info("ImageNet folder %s: %d classes, %d validation images", root / "val", len(val_set.classes),
+                len(val_set))
+    return loader, len(val_set.classes)
+
+
 def imagenet_loaders(root: str | Path, *, image_size: int = 224, batch_size: int = 256, workers: int = 4,
                      device: torch.device, distributed: bool = False, seed: int = 0,
                      channels_last: bool = False) -> tuple[EpochLoader, EpochLoader, int]:
@@ -88,17 +120,10 @@ def imagenet_loaders(root: str | Path, *, image_size: int = 224, batch_size: int
             f"{len(train_set.classes)}, or their names differ; both need the same class folders")
 
     train_transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
-    val_transform = v2.Compose([v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
-    loaders = []
-    for dataset, transform, train in ((train_set, train_transform, True), (val_set, val_transform, False)):
-        sampler = SeededSampler(len(dataset), shuffle=train, seed=seed,
-                                index_sampler=_index_sampler(dataset, shuffle=train, distributed=distributed,
-                                                             seed=seed))
-        loaders.append(DataLoaderEpochLoader(SeededTransformDataset(dataset, transform), sampler, batch_size,
-                                             device=device, workers=workers, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                             channels_last=channels_last))
-    # Each rank sees a shard of the validation set: grafting.loop.evaluate sums the counts over the ranks.
-    loaders[1].sharded = distributed
+    loaders = [_epoch_loader(train_set, train_transform, train=True, batch_size=batch_size, workers=workers,
+                             device=device, distributed=distributed, seed=seed, channels_last=channels_last),
+               _val_loader(val_set, image_size, batch_size=batch_size, workers=workers, device=device,
+                           distributed=distributed, seed=seed, channels_last=channels_last)]
     logger.info("ImageNet folders %s: %d classes, %d training and %d validation images", root,
                 len(train_set.classes), len(train_set), len(val_set))
     return loaders[0], loaders[1], len(train_set.classes)

@@ -1,3 +1,4 @@
-"""Comparing runs with the paper: the published numbers (:mod:`.published`), run folders
-(:mod:`.runs`), and the command-line tools ``graft-summary`` (:mod:`.summary`), ``graft-filters``
-(:mod:`.filters`) and ``graft-ensemble`` (:mod:`.ensemble`)."""
+"""Comparing runs with the paper: the published numbers (:mod:`.published`), run folders and their
+metrics (:mod:`.runs`), checkpoints as the tools read them (:mod:`.checkpoints`), and the command-line
+tools ``graft-summary`` (:mod:`.summary`), ``graft-plot`` (:mod:`.plot`), ``graft-filters``
+(:mod:`.filters`), ``graft-ensemble`` (:mod:`.ensemble`) and ``graft-data`` (:mod:`.data`)."""

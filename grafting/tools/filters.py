@@ -1,31 +1,36 @@
 """``graft-filters``: invalid filters (docs/METHOD.md §1: l1 norm below t) per checkpoint and threshold,
-next to the paper's counts.
+next to the paper's counts, or layer by layer.
 
     graft-filters base=runs/b/net1/best.pt graft=runs/g/net1/best.pt -t 0.1,0.01 --model resnet32
+    graft-filters base=runs/b/net1/best.pt graft=runs/g/net1/best.pt --per-layer
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from grafting.checkpoint import load_state_dict_file
+from grafting.data.fake import MARKER_NAME
 from grafting.errors import CheckpointError
-from grafting.method.filters import count_invalid_filters
-from grafting.tools.published import PUBLISHED_INVALID
+from grafting.method.filters import conv_filter_keys, filter_l1_norms
+from grafting.tools.checkpoints import load_trained_weights, run_settings, stand_in_label
+from grafting.tools.published import PUBLISHED_INVALID, published_invalid_models
 from grafting.tools.table import markdown
 from grafting.train.cli import ArgumentParser, entry_point
 
-__all__ = ["FilterRow", "count_filters", "filter_table", "parse_args", "main"]
+__all__ = ["FilterRow", "count_filters", "filter_table", "layer_table", "parse_args", "main"]
 
 
 @dataclass
 class FilterRow:
-    """One line of the invalid-filter table: a name and (invalid, total) per threshold."""
+    """One checkpoint of the invalid-filter table: a name, (invalid, total) per threshold, the same per
+    conv layer, and whether it was trained on a generated stand-in."""
 
     name: str
     counts: dict[float, tuple[int, int]]
+    layers: dict[str, dict[float, tuple[int, int]]] = field(default_factory=dict)
+    stand_in: bool = False
 
 
 def _split_label(text: str) -> tuple[str, Path]:
@@ -38,32 +43,73 @@ def _split_label(text: str) -> tuple[str, Path]:
 
 def count_filters(checkpoints: Sequence[str], thresholds: Sequence[float]) -> list[FilterRow]:
     """Invalid/total filters (docs/METHOD.md §1: conv keys, l1 norm below t) of each checkpoint at each
-    threshold. Entries are paths or ``label=path``; any layout ``extract_state_dict`` accepts."""
+    threshold, in all and per layer. Entries are paths or ``label=path``; any layout
+    ``extract_state_dict`` accepts. A checkpoint with NaN or infinite weights is an error (it would count
+    as having no invalid filters)."""
     rows = []
     for entry in checkpoints:
         label, path = _split_label(entry)
-        state = load_state_dict_file(path)
-        counts = {t: count_invalid_filters(state, t) for t in thresholds}
-        if all(total == 0 for _, total in counts.values()):
+        state = load_trained_weights(path)
+        keys = conv_filter_keys(state)
+        if not keys:
             raise CheckpointError(f"{path} has no convolution weights whose key contains 'conv'; "
                                   "is it a checkpoint of a CNN from this project or the paper?")
-        rows.append(FilterRow(label, counts))
+        layers = {}
+        for key in keys:
+            norms = filter_l1_norms(state[key])
+            layers[key] = {t: (int((norms < t).sum()), norms.numel()) for t in thresholds}
+        counts = {t: (sum(c[t][0] for c in layers.values()), sum(c[t][1] for c in layers.values())) for t in thresholds}
+        stand_in = bool(stand_in_label(run_settings(path)))
+        rows.append(FilterRow(label, counts, layers, stand_in))
     return rows
+
+
+def _name(row: FilterRow) -> str:
+    return row.name + (" (generated stand-in)" if row.stand_in else "")
+
+
+def _notes(rows: Sequence[FilterRow], model: str | None) -> list[str]:
+    notes = []
+    if model is not None and model not in published_invalid_models():
+        notes.append(f"the paper counted invalid filters of {' and '.join(published_invalid_models())} only; "
+                     f"it has no rows for {model}")
+    if any(row.stand_in for row in rows):
+        notes.append(f"generated stand-in: trained on generated data (its folder holds {MARKER_NAME}), not the "
+                     f"real dataset; its counts say nothing about the paper")
+    return notes
 
 
 def filter_table(rows: Sequence[FilterRow], thresholds: Sequence[float], model: str | None = None) -> str:
     """The paper's table as markdown: a row per checkpoint, a column per threshold, cells
-    ``invalid/total``; with ``model``, the paper's baseline and grafting rows follow ('-' if unknown)."""
+    ``invalid/total``; with a ``model`` the paper reported, its baseline and grafting rows follow
+    ('-' for a threshold it did not use). Notes below say what the table cannot show."""
     header = ["checkpoint"] + [f"t = {t:g}" for t in thresholds]
-    body = [[row.name] + [f"{row.counts[t][0]}/{row.counts[t][1]}" for t in thresholds] for row in rows]
-    if model is not None:
+    body = [[_name(row)] + [f"{row.counts[t][0]}/{row.counts[t][1]}" for t in thresholds] for row in rows]
+    if model is not None and model in published_invalid_models():
         for method in ("baseline", "grafting"):
             cells = []
             for t in thresholds:
                 published = PUBLISHED_INVALID.get((model, method, float(t)))
                 cells.append(f"{published[0]}/{published[1]}" if published else "-")
             body.append([f"paper: {model} {method}"] + cells)
-    return markdown(header, body)
+    notes = _notes(rows, model)
+    return markdown(header, body) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def layer_table(rows: Sequence[FilterRow], thresholds: Sequence[float]) -> str:
+    """Markdown, a row per conv layer (in the first checkpoint's order, then any others): its filter
+    count and each checkpoint's invalid filters at each threshold; a last row sums them."""
+    keys = list(dict.fromkeys(key for row in rows for key in row.layers))
+    header = ["layer", "filters"] + [f"{_name(row)}, t = {t:g}" for row in rows for t in thresholds]
+    body = []
+    for key in keys:
+        total = next(row.layers[key][thresholds[0]][1] for row in rows if key in row.layers)
+        body.append([key, str(total)] + [str(row.layers[key][t][0]) if key in row.layers else "-"
+                                         for row in rows for t in thresholds])
+    totals = {row.counts[thresholds[0]][1] for row in rows}
+    body.append(["all", "/".join(map(str, sorted(totals)))] + [str(row.counts[t][0]) for row in rows for t in thresholds])
+    notes = _notes(rows, None)
+    return markdown(header, body) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 def _thresholds(text: str) -> list[float]:
@@ -74,20 +120,25 @@ def _thresholds(text: str) -> list[float]:
             value = float(word)
         except ValueError:
             raise argparse.ArgumentTypeError(f"threshold '{word}' is not a number; write e.g. 0.1,0.01") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"threshold {word} must be positive")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"threshold {word} must be a positive number")
         values.append(value)
     return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-filters``."""
-    parser = ArgumentParser(prog="graft-filters", description="Invalid filters (l1 norm < t) per checkpoint and threshold.")
+    parser = ArgumentParser(prog="graft-filters", description="Invalid filters (l1 norm < t) per checkpoint and "
+                                                              "threshold, in all or layer by layer.")
     parser.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CHECKPOINT",
                         help="checkpoint files (.pt/.pth/.t7, any common layout), optionally named LABEL=PATH")
     parser.add_argument("-t", "--thresholds", type=_thresholds, default=[0.1, 0.01], metavar="T1,T2",
                         help="l1-norm thresholds, comma-separated (default: 0.1,0.01, the paper's)")
-    parser.add_argument("--model", default=None, help="add the paper's rows for this model (resnet32, mobilenetv2)")
+    parser.add_argument("--model", default=None,
+                        help="add the paper's rows for this model; it counted "
+                             f"{' and '.join(published_invalid_models())} (default: no paper rows)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="one row per conv layer instead of one per checkpoint (default: off)")
     return parser.parse_args(argv)
 
 
@@ -95,4 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """``graft-filters``: print the invalid-filter table."""
     args = parse_args(argv)
-    print(filter_table(count_filters(args.checkpoints, args.thresholds), args.thresholds, args.model))
+    rows = count_filters(args.checkpoints, args.thresholds)
+    if args.per_layer:
+        print(layer_table(rows, args.thresholds))
+    else:
+        print(filter_table(rows, args.thresholds, args.model))

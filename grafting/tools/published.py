@@ -5,7 +5,8 @@ from typing import Any, Mapping
 
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C
 
-__all__ = ["PUBLISHED", "PUBLISHED_TOP5", "PUBLISHED_INVALID", "method_label", "published_accuracy"]
+__all__ = ["PUBLISHED", "PUBLISHED_TOP5", "PUBLISHED_INVALID", "PUBLISHED_EPOCHS", "method_label",
+           "published_accuracy", "published_invalid_models"]
 
 
 def _two_datasets(model: str, method: str, cifar10: float, cifar100: float) -> dict[tuple[str, str, str], float]:
@@ -70,7 +71,17 @@ PUBLISHED_INVALID: dict[tuple[str, str, float], tuple[int, int]] = {
 }
 """Invalid filters (invalid, total) on CIFAR-10 by (model, baseline/grafting, threshold)."""
 
-_SCHEDULES = ("slr", "dlr", "cos")
+PUBLISHED_EPOCHS: dict[str, int] = {"cifar10": 200, "cifar100": 200, "imagenet": 90}
+"""The epochs of the paper's recipes by dataset (docs/METHOD.md §6): a shorter run is not comparable."""
+
+
+def published_invalid_models() -> list[str]:
+    """The models whose invalid filters the paper counted."""
+    return sorted({model for model, _, _ in PUBLISHED_INVALID})
+
+
+# Words of a method label that name a schedule; the tables that do not name one are keyed "grafting".
+_SCHEDULES = ("slr", "dlr", "cos", "steplr")
 
 
 def _schedule(config: Mapping[str, Any]) -> str:
@@ -86,8 +97,10 @@ def _schedule(config: Mapping[str, Any]) -> str:
 def method_label(config: Mapping[str, Any]) -> str:
     """A short name for how a run trained, from its config.json: the key of the published tables.
 
-    ``baseline`` (one network); ``slr`` / ``dlr`` / ``cos`` (the schedule) for two networks, with
-    ``filter`` before it for filter-level grafting and `` xN`` after it for N != 2 networks;
+    ``baseline`` (one network); ``slr`` / ``dlr`` / ``cos`` (the schedule) for two networks of the CIFAR
+    script, ``grafting`` (cosine, the paper's ImageNet recipe) with `` dlr`` and `` steplr`` when they
+    apply for the ImageNet script; ``filter`` before it for filter-level grafting and `` xN`` after it for
+    N != 2 networks;
     ``noise``/``internal``/``average`` for the ablation sources; then `` a=.. c=..`` when they are
     not the defaults, the criterion when it is not entropy, and `` +distill <mode>`` with distillation.
     """
@@ -99,7 +112,12 @@ def method_label(config: Mapping[str, Any]) -> str:
     elif num == 1:
         label = "baseline"
     else:
-        label = f"average {schedule}" if source == "average" else schedule
+        if source == "average":
+            label = f"average {schedule}"
+        elif "steplr" in config:  # the ImageNet script: the paper's rows are "grafting"
+            label = "grafting" + (" dlr" if config.get("difflr") else "") + (" steplr" if config.get("steplr") else "")
+        else:
+            label = schedule
         if config.get("level") == "filter":
             label = f"filter {label}"
         if num != 2:
@@ -122,6 +140,8 @@ def published_accuracy(model: str, dataset: str, method: str, *, top5: bool = Fa
     exact = table.get((model, dataset, method))
     if exact is not None:
         return exact
-    words = method.split(" ")
-    generic = " ".join("grafting" if word in _SCHEDULES else word for word in words)
-    return table.get((model, dataset, generic))
+    words: list[str] = []
+    for word in ("grafting" if word in _SCHEDULES else word for word in method.split(" ")):
+        if not words or word != words[-1]:  # "grafting steplr" -> "grafting"
+            words.append(word)
+    return table.get((model, dataset, " ".join(words)))

@@ -1,28 +1,108 @@
 """Finding run folders (the shared folders ``--s`` of finished or running rings) and reading each
-network's results from its files."""
+network's results from its ``config.json`` and ``metrics.jsonl``.
+
+Every value read from these files is checked, so a file edited by hand gives a one-line
+:class:`CheckpointError` that names the file and the field, never a traceback.
+"""
 from __future__ import annotations
 
 import json
+import math
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from grafting.checkpoint import load_file
 from grafting.errors import CheckpointError, UsageError
-from grafting.ring.layout import CONFIG_NAME, NETWORK_FOLDER, NetworkFiles
-from grafting.tools.published import method_label, published_accuracy
+from grafting.ring.exchange import STALE_ENV, seconds_from_env
+from grafting.ring.layout import CONFIG_NAME, NETWORK_FOLDER, NetworkFiles, SharedFolder
+from grafting.tools.published import PUBLISHED_EPOCHS, method_label, published_accuracy
+from grafting.train.report import read_metrics
 
-__all__ = ["NetworkResult", "RunSummary", "find_runs", "read_config"]
+__all__ = ["NetworkResult", "RunSummary", "find_runs", "read_config", "read_run", "network_metrics", "dataset_name",
+           "mean_std", "run_label"]
+
+# The types of the config.json fields the tools read (a field may be missing: older runs, other scripts).
+_WHOLE, _NUMBER, _TEXT, _SWITCH = "a whole number", "a number", "text", "true or false"
+_CONFIG_FIELDS = {
+    "model": _TEXT, "arch": _TEXT, "dataset": _TEXT, "data": _TEXT, "num": _WHOLE, "i": _WHOLE, "epochs": _WHOLE,
+    "num_classes": _WHOLE, "cifar": _WHOLE, "a": _NUMBER, "c": _NUMBER, "level": _TEXT, "criterion": _TEXT,
+    "source": _TEXT, "distill": _TEXT, "difflr": _SWITCH, "cos": _SWITCH, "steplr": _SWITCH,
+    "generated_data": _SWITCH, "image_size": _WHOLE,
+}
+# The metrics.jsonl fields the tools read.
+_METRIC_FIELDS = {"epoch": _WHOLE, "epochs": _WHOLE, "test_acc": _NUMBER, "test_acc5": _NUMBER,
+                  "invalid_filters": "a mapping", "total_filters": _WHOLE}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if value is None:
+        return True
+    if kind == _WHOLE:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == _TEXT:
+        return isinstance(value, str)
+    if kind == _SWITCH:
+        return isinstance(value, bool)
+    return isinstance(value, dict)
+
+
+def _check_fields(values: Mapping[str, Any], kinds: Mapping[str, str], where: str, advice: str) -> None:
+    for name, kind in kinds.items():
+        if not _fits(values.get(name), kind):
+            raise CheckpointError(f"{where}: '{name}' is {values[name]!r}, not {kind}; {advice}")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A run's ``config.json`` as a dict, its fields checked (one-line :class:`CheckpointError` when it
+    is unreadable or a field has the wrong type, e.g. after a hand edit)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err}); fix or delete it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a settings object; fix or delete it")
+    _check_fields(config, _CONFIG_FIELDS, str(path), "fix it (the training script writes it) or delete the run")
+    return config
+
+
+def network_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a network's ``metrics.jsonl`` ([] when there is none), their fields checked; a
+    last line cut off by a crash is ignored."""
+    try:
+        records = read_metrics(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read {path} ({err}); fix or delete it") from None
+    for number, record in enumerate(records, start=1):
+        _check_fields(record, _METRIC_FIELDS, f"{path}, line {number}", "fix or delete that line")
+        if not isinstance(record.get("epoch"), int) or not isinstance(record.get("test_acc"), (int, float)):
+            raise CheckpointError(f"{path}, line {number}: no 'epoch' or 'test_acc'; fix or delete that line")
+    return records
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for one value); (None, None) unless every value is known."""
+    if not values or any(v is None for v in values):
+        return None, None
+    known = [float(v) for v in values]  # type: ignore[arg-type]
+    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else None
 
 
 @dataclass
 class NetworkResult:
-    """One network of a run: best and final test top-1 (%) and the last finished epoch."""
+    """One network of a run: test top-1 (and top-5) at its best epoch and after its last, the last
+    finished epoch, and whether its process is alive (a fresh heartbeat)."""
 
     net: int
-    best: float | None
-    final: float | None
-    epoch: int | None
+    epoch: int | None = None
+    best: float | None = None
+    final: float | None = None
+    best_top5: float | None = None
+    final_top5: float | None = None
+    alive: bool = False
 
 
 @dataclass
@@ -34,64 +114,122 @@ class RunSummary:
     dataset: str
     method: str
     epochs: int | None
+    num: int = 1
+    generated_data: bool = False
     networks: list[NetworkResult] = field(default_factory=list)
 
-    @staticmethod
-    def _mean(values: Sequence[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return sum(known) / len(known) if known and len(known) == len(values) else None
+    @property
+    def finished(self) -> bool:
+        """Every network has trained all its epochs."""
+        return self.epochs is not None and all(n.epoch is not None and n.epoch >= self.epochs for n in self.networks)
+
+    @property
+    def paper_epochs(self) -> int | None:
+        """The epochs of the paper's recipe for this dataset (None: the paper has no such table)."""
+        return PUBLISHED_EPOCHS.get(self.dataset)
+
+    @property
+    def status(self) -> str:
+        """``done``; ``partial E/P`` (finished with fewer epochs than the paper's P); ``running e/E`` (every
+        unfinished network is alive); ``failed e/E`` (a network stopped before its last epoch)."""
+        if self.finished:
+            paper = self.paper_epochs
+            return f"partial {self.epochs}/{paper}" if paper and self.epochs < paper else "done"
+        done = min((n.epoch or 0) for n in self.networks) if self.networks else 0
+        unfinished = [n for n in self.networks if n.epoch is None or self.epochs is None or n.epoch < self.epochs]
+        word = "running" if all(n.alive for n in unfinished) else "failed"
+        return f"{word} {done}/{self.epochs if self.epochs is not None else '?'}"
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the paper's number applies: finished with the paper's epochs, on the real dataset."""
+        return self.status == "done" and not self.generated_data and self.paper_epochs is not None
+
+    def stats(self, what: str) -> tuple[float | None, float | None]:
+        """Mean and standard deviation over the networks of ``best``, ``final``, ``best_top5`` or ``final_top5``."""
+        return mean_std([getattr(n, what) for n in self.networks])
 
     @property
     def mean_best(self) -> float | None:
-        """Mean over the networks of their best accuracy (None unless every network has one)."""
-        return self._mean([n.best for n in self.networks])
+        """Mean over the networks of their best top-1 (None unless every network has one)."""
+        return self.stats("best")[0]
 
     @property
     def mean_final(self) -> float | None:
-        """Mean over the networks of their final accuracy (None unless every network finished)."""
-        return self._mean([n.final for n in self.networks])
+        """Mean over the networks of their final top-1 (None unless every network finished)."""
+        return self.stats("final")[0]
 
     @property
     def published(self) -> float | None:
-        """The paper's top-1 for this model, dataset and method, if it published one."""
-        return published_accuracy(self.model, self.dataset, self.method)
+        """The paper's top-1 for this model, dataset and method (None for a generated stand-in)."""
+        return None if self.generated_data else published_accuracy(self.model, self.dataset, self.method)
+
+    @property
+    def published_top5(self) -> float | None:
+        """The paper's top-5 (ImageNet), as :attr:`published`."""
+        return None if self.generated_data else published_accuracy(self.model, self.dataset, self.method, top5=True)
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """A run's ``config.json`` as a dict (one-line :class:`CheckpointError` when it is unreadable)."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err}); fix or delete it") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} does not hold a settings object; fix or delete it")
-    return config
-
-
-def _network_result(files: NetworkFiles, epochs: int | None) -> NetworkResult:
-    best = final = epoch = None
-    if files.best.exists():
-        best_state = load_file(files.best, weights_only=True)
-        if isinstance(best_state, dict) and best_state.get("acc") is not None:
-            best = float(best_state["acc"])
-    if files.last.exists():
-        last = load_file(files.last, weights_only=True)
-        if isinstance(last, dict):
-            epoch = int(last["epoch"]) if last.get("epoch") is not None else None
-            # The final accuracy is the last epoch's, and only once the run is over.
-            if last.get("acc") is not None and epoch is not None and epoch == epochs:
-                final = float(last["acc"])
-    return NetworkResult(files.net, best, final, epoch)
-
-
-def _dataset_name(config: Mapping[str, Any]) -> str:
-    if config.get("dataset") == "imagefolder" and config.get("num_classes") == 1000:
-        return "imagenet"  # the ImageNet script trains any class-folder dataset; 1000 classes is ImageNet
+def dataset_name(config: Mapping[str, Any]) -> str:
+    """``cifar10``/``cifar100``, ``imagenet`` (an ImageFolder of 1000 classes), else ``imagefolder (N classes)``."""
+    if config.get("dataset") == "imagefolder" or config.get("arch"):
+        classes = config.get("num_classes")
+        return "imagenet" if classes in (None, 1000) else f"imagefolder ({classes} classes)"
     if config.get("dataset"):
         return str(config["dataset"])
     if config.get("cifar"):
         return f"cifar{config['cifar']}"
-    return "imagenet" if config.get("arch") else "?"
+    return "?"
+
+
+def _network_result(files: NetworkFiles, epochs: int | None, stale_after: float) -> NetworkResult:
+    result = NetworkResult(files.net)
+    try:
+        age = time.time() - SharedFolder(files.root).alive(files.net).stat().st_mtime
+        result.alive = age < stale_after
+    except OSError:
+        pass
+    records = network_metrics(files.metrics)
+    if not records:
+        return result
+    best = max(records, key=lambda r: r["test_acc"])  # the first of equal bests, as best.pt
+    last = records[-1]
+    result.epoch, result.best, result.best_top5 = last["epoch"], best["test_acc"], best.get("test_acc5")
+    if epochs is not None and last["epoch"] >= epochs:  # the final accuracy exists once the run is over
+        result.final, result.final_top5 = last["test_acc"], last.get("test_acc5")
+    return result
+
+
+def read_run(folder: Path) -> RunSummary:
+    """The recipe (from the first network's config.json) and every network's results of one run folder."""
+    nets = sorted(int(match.group(1)) for p in folder.iterdir()
+                  if (match := NETWORK_FOLDER.fullmatch(p.name)) and (p / CONFIG_NAME).exists())
+    if not nets:
+        raise UsageError(f"{folder} holds no net<i>/{CONFIG_NAME}; pass a run folder (--s) or a folder above runs")
+    config = read_config(NetworkFiles(folder, nets[0]).config)
+    num = config.get("num") or len(nets)
+    if not 1 <= num <= 10_000:
+        raise CheckpointError(f"{NetworkFiles(folder, nets[0]).config}: 'num' is {num}, not a ring size; fix it")
+    run = RunSummary(folder=folder, model=str(config.get("model") or config.get("arch") or "?"),
+                     dataset=dataset_name(config), method=method_label(config), epochs=config.get("epochs"),
+                     num=num, generated_data=bool(config.get("generated_data")))
+    stale_after = seconds_from_env(STALE_ENV, 120.0)
+    # Networks that have not written their config.json yet (not started) count too: the ring needs them.
+    run.networks = [_network_result(NetworkFiles(folder, net), run.epochs, stale_after)
+                    for net in sorted(set(nets) | set(range(1, num + 1)))]
+    return run
+
+
+def run_label(run: RunSummary, base: str | Path | None) -> str:
+    """How tables and figures name a run: its folder relative to ``base``; a run folder that is ``base``
+    itself by its own name; the whole path without a ``base``."""
+    if base is None:
+        return str(run.folder)
+    try:
+        relative = run.folder.resolve().relative_to(Path(base).resolve())
+    except ValueError:
+        return str(run.folder)
+    return str(relative) if str(relative) != "." else run.folder.resolve().name
 
 
 def find_runs(roots: Sequence[str | Path]) -> list[RunSummary]:
@@ -103,14 +241,5 @@ def find_runs(roots: Sequence[str | Path]) -> list[RunSummary]:
             raise UsageError(f"{root} is not a folder; pass the output folder of an experiment script or of --s")
         folders.update(config.parent.parent for config in root.rglob(f"net*/{CONFIG_NAME}")
                        if NETWORK_FOLDER.fullmatch(config.parent.name))
-    runs = []
-    for folder in folders:
-        nets = sorted(int(match.group(1)) for p in folder.iterdir()
-                      if (match := NETWORK_FOLDER.fullmatch(p.name)) and (p / CONFIG_NAME).exists())
-        config = read_config(NetworkFiles(folder, nets[0]).config)
-        epochs = int(config["epochs"]) if config.get("epochs") is not None else None
-        run = RunSummary(folder=folder, model=str(config.get("model") or config.get("arch") or "?"),
-                         dataset=_dataset_name(config), method=method_label(config), epochs=epochs)
-        run.networks = [_network_result(NetworkFiles(folder, net), epochs) for net in nets]
-        runs.append(run)
+    runs = [read_run(folder) for folder in folders]
     return sorted(runs, key=lambda r: (r.model, r.dataset, r.method, str(r.folder)))

@@ -1,59 +1,169 @@
-"""``graft-summary``: a results table of run folders next to the paper's numbers.
+"""``graft-summary``: a results table of run folders, grouped by experiment, next to the paper's numbers.
 
-    graft-summary runs/
+    graft-summary runs/                      # markdown
+    graft-summary runs/ --format csv > results.csv
+
+One row per run (a ring, or a baseline), grouped by experiment (model and dataset) with the baseline
+first and the grafted recipes after it. Per row: each metric's mean and standard deviation over the
+ring's networks (top-1, and top-5 where the dataset has it), the gain over the experiment's own
+baseline, the paper's number and the difference. Runs on a generated stand-in, unfinished runs and
+runs shorter than the paper's recipe are marked and never compared with the paper.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+from grafting.data.fake import MARKER_NAME
 from grafting.errors import UsageError
-from grafting.tools.runs import RunSummary, find_runs
+from grafting.tools.runs import RunSummary, find_runs, mean_std, run_label
 from grafting.tools.table import markdown, number
 from grafting.train.cli import ArgumentParser, entry_point
 
-__all__ = ["summary_table", "parse_args", "main"]
+__all__ = ["summary_rows", "summary_table", "FORMATS", "parse_args", "main"]
+
+FORMATS = ("markdown", "csv", "json")
+_METRICS = ("best", "final", "best_top5", "final_top5")
+_NOTES = (
+    "best: highest test accuracy of any epoch (top-5 at that epoch); final: after the last epoch; "
+    "mean ± sample std over the ring's networks.",
+    "gain: mean best - the mean best of the same experiment's finished baselines with as many epochs; "
+    "diff: mean best - paper, only for runs that finished the paper's epochs on the real dataset.",
+)
+_STAND_IN_NOTE = (f"generated stand-in: trained on data written by grafting.data.fake (its folder holds "
+                  f"{MARKER_NAME}), not the real dataset; never compared with the paper.")
 
 
-def summary_table(runs: Sequence[RunSummary], base: str | Path | None = None) -> str:
-    """Markdown: a row per run with each network's best and final top-1, their means, the paper's
-    number and mean best minus it. Folders are shown relative to ``base`` when given."""
-    header = ["run", "model", "dataset", "method", "epochs", "best", "final", "mean best", "mean final",
-              "paper", "diff"]
-    body = []
-    for run in runs:
-        done = [n.epoch or 0 for n in run.networks]
-        progress = f"{min(done)}/{run.epochs if run.epochs is not None else '?'}"
-        name = str(run.folder)
-        if base is not None:
-            try:
-                name = str(run.folder.resolve().relative_to(Path(base).resolve())) or "."
-            except ValueError:
-                pass
-        mean_best, published = run.mean_best, run.published
-        diff = f"{mean_best - published:+.2f}" if mean_best is not None and published is not None else "-"
-        body.append([name, run.model, run.dataset, run.method, progress,
-                     " / ".join(number(n.best) for n in run.networks),
-                     " / ".join(number(n.final) for n in run.networks),
-                     number(mean_best), number(run.mean_final), number(published), diff])
-    return markdown(header, body)
+def _natural(text: str) -> list[Any]:
+    """Sort key that orders numbers inside text by value: 'c=5' before 'c=50'."""
+    return [float(part) if index % 2 else part for index, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))]
+
+
+def _method_order(method: str) -> tuple[int, list[Any]]:
+    first = method.split(" ")[0]
+    rank = {"baseline": 0, "slr": 1, "grafting": 1, "dlr": 2, "cos": 3}.get(first, 4)
+    return rank, _natural(method)
+
+
+def _experiment(run: RunSummary) -> tuple[str, str, bool]:
+    return run.model, run.dataset, run.generated_data
+
+
+def _baseline_best(runs: Sequence[RunSummary], run: RunSummary) -> float | None:
+    """The mean best top-1 over every network of the finished baselines of ``run``'s experiment that
+    trained as many epochs."""
+    values = [n.best for other in runs if other.method == "baseline" and other.finished
+              and _experiment(other) == _experiment(run) and other.epochs == run.epochs for n in other.networks]
+    return mean_std(values)[0] if values else None
+
+
+def summary_rows(runs: Sequence[RunSummary], base: str | Path | None = None) -> list[dict[str, Any]]:
+    """One dict per run, in table order (experiment, then baseline, slr, dlr, others): recipe, status,
+    mean and std of each metric, per-network values, gain over the baseline, paper and difference."""
+    ordered = sorted(runs, key=lambda r: (r.model, r.dataset, r.generated_data, _method_order(r.method),
+                                          str(r.folder)))
+    rows = []
+    for run in ordered:
+        row: dict[str, Any] = {"model": run.model, "dataset": run.dataset, "generated_stand_in": run.generated_data,
+                               "method": run.method, "networks": len(run.networks), "epochs": run.epochs,
+                               "status": run.status}
+        for metric in _METRICS:
+            row[f"{metric}_mean"], row[f"{metric}_std"] = run.stats(metric)
+            row[f"{metric}_per_network"] = [getattr(n, metric) for n in run.networks]
+        baseline = _baseline_best(runs, run) if run.method != "baseline" and run.finished else None
+        row["gain"] = row["best_mean"] - baseline if baseline is not None and row["best_mean"] is not None else None
+        row["paper"], row["paper_top5"] = run.published, run.published_top5
+        row["diff"] = row["diff_top5"] = None
+        if run.comparable:
+            if row["paper"] is not None and row["best_mean"] is not None:
+                row["diff"] = row["best_mean"] - row["paper"]
+            if row["paper_top5"] is not None and row["best_top5_mean"] is not None:
+                row["diff_top5"] = row["best_top5_mean"] - row["paper_top5"]
+        row["run"] = run_label(run, base)
+        rows.append(row)
+    return rows
+
+
+def _spread(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def _reports_top5(row: dict[str, Any]) -> bool:
+    """The paper gives top-5 for ImageNet only; CIFAR rows show top-1 (their top-5 stays in csv and json)."""
+    return not row["dataset"].startswith("cifar")
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: the rows of :func:`summary_rows`, model and dataset written once per experiment; top-5
+    columns when an ImageNet-style run is among them."""
+    top5 = any(_reports_top5(row) for row in rows)
+    header = ["model", "dataset", "method", "nets", "epochs", "status", "best top-1", "final top-1"]
+    header += ["best top-5", "final top-5"] if top5 else []
+    header += ["gain", "paper", "diff"] + (["paper top-5", "diff top-5"] if top5 else []) + ["run"]
+    body, previous = [], None
+    for row in rows:
+        dataset = row["dataset"] + (" (generated stand-in)" if row["generated_stand_in"] else "")
+        experiment = (row["model"], dataset)
+        cells = [*(experiment if experiment != previous else ("", "")), row["method"], str(row["networks"]),
+                 str(row["epochs"] if row["epochs"] is not None else "?"), row["status"],
+                 _spread(row["best_mean"], row["best_std"]), _spread(row["final_mean"], row["final_std"])]
+        if top5:
+            shown = _reports_top5(row)
+            cells += [_spread(row["best_top5_mean"], row["best_top5_std"]) if shown else "-",
+                      _spread(row["final_top5_mean"], row["final_top5_std"]) if shown else "-"]
+        cells += [_signed(row["gain"]), number(row["paper"]), _signed(row["diff"])]
+        if top5:
+            cells += [number(row["paper_top5"]), _signed(row["diff_top5"])]
+        body.append(cells + [row["run"]])
+        previous = experiment
+    notes = list(_NOTES) + ([_STAND_IN_NOTE] if any(row["generated_stand_in"] for row in rows) else [])
+    return markdown(header, body) + "\n\n" + "\n".join(notes)
+
+
+def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV with every field of :func:`summary_rows` (per-network values joined by ';', unknown values empty)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(list(rows[0]))
+    for row in rows:
+        writer.writerow([";".join("" if v is None else str(v) for v in value) if isinstance(value, list)
+                         else "" if value is None else value for value in row.values()])
+    return out.getvalue().rstrip("\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-summary``."""
-    parser = ArgumentParser(prog="graft-summary", description="Markdown table of run folders next to the paper's numbers.")
-    parser.add_argument("folders", nargs="+", metavar="FOLDER", help="experiment output folders or run folders (--s)")
+    parser = ArgumentParser(prog="graft-summary", description="Results of run folders, grouped by experiment, next "
+                                                              "to the paper's numbers.")
+    parser.add_argument("folders", nargs="+", metavar="FOLDER",
+                        help="experiment output folders or run folders (--s); every run below them is listed")
+    parser.add_argument("--format", choices=FORMATS, default="markdown",
+                        help="markdown table with notes, csv, or json with the per-network values (default: markdown)")
     return parser.parse_args(argv)
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    """``graft-summary``: print the results table of every run under the given folders."""
+    """``graft-summary``: print the results of every run under the given folders."""
     args = parse_args(argv)
     runs = find_runs(args.folders)
     if not runs:
         raise UsageError(f"no runs (net<i>/config.json) under {', '.join(args.folders)}")
-    base = args.folders[0] if len(args.folders) == 1 else None
-    print(summary_table(runs, base))
-    print("\nbest: highest test top-1 of any epoch; final: after the last epoch; diff: mean best - paper.")
+    rows = summary_rows(runs, args.folders[0] if len(args.folders) == 1 else None)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        print(summary_csv(rows))
+    else:
+        print(summary_table(rows))

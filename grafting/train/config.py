@@ -141,7 +141,7 @@ class RunConfig:
     channels_last: bool | None = setting(None, "--channels-last", action="boolean", resume="free",
                                          group="run control",
                                          help="channels_last memory format: the same fp32 arithmetic in faster "
-                                              "kernels")
+                                              "kernels (default: on; graft-imagenet: on with CUDA only)")
     compile: bool = setting(False, "--compile", action="store_true", resume="free", group="run control",
                             help="torch.compile the model (compiling takes a minute or more before the first batch)")
     # ---- distillation (cultivation, docs/METHOD.md §7)
@@ -152,7 +152,7 @@ class RunConfig:
     teacher: list[str] = setting([], "--teacher", action="append", metavar="PATH", resume="fixed",
                                  group="distillation (cultivation)",
                                  help="teacher checkpoint for --distill teacher; repeat it to average several "
-                                      "teachers' logits")
+                                      "teachers' logits (default: none)")
     teacher_model: str | None = setting(None, "--teacher-model", metavar="NAME", resume="fixed",
                                         group="distillation (cultivation)",
                                         help="the teachers' architecture (default: the student's)")
@@ -262,7 +262,7 @@ class CifarConfig(RunConfig):
     """``grafting_cifar/train.py``: the authors' flags and defaults (docs/METHOD.md §6, CIFAR)."""
 
     model: str = _override(RunConfig, "model", "resnet32", flags=("--model",),
-                           help="architecture (the list: graft-cifar --help)")
+                           help="architecture (the list is at the top of --help)")
     cifar: int = setting(10, "--cifar", type=int, choices=(10, 100), resume="fixed", peers=True,
                          help="CIFAR-10 or CIFAR-100")
     data: str = _override(RunConfig, "data", "data",
@@ -304,17 +304,17 @@ class ImagenetConfig(RunConfig):
 
     model: str = _override(RunConfig, "model", "resnet18", flags=("-a", "--arch"),
                            argparse={"metavar": "ARCH"},
-                           help="torchvision classification model (graft-imagenet --help lists them)")
+                           help="torchvision classification model (the list is at the top of --help)")
     data: str = _override(RunConfig, "data", "imagenet", help="folder holding train/ and val/ class folders")
-    workers: int | None = _override(RunConfig, "workers", 4, flags=("-j", "--workers"),
-                                    help="data loading workers of the network (split over the processes of a "
-                                         "torchrun; at most the cores)")
+    workers: int | None = _override(RunConfig, "workers", None, flags=("-j", "--workers"),
+                                    help="data loading workers of the network, split over the processes of a "
+                                         "torchrun (default: 4, or the number of cores when there are fewer)")
     epochs: int = _override(RunConfig, "epochs", 90)
     start_epoch: int | None = _override(RunConfig, "start_epoch", None, flags=("--start-epoch",),
                                         argparse={"type": int, "metavar": "N"},
                                         help="1-based epoch to start at; with --resume the resumed epoch wins, "
                                              "without it fresh weights start at N and the lr schedule skips the "
-                                             "epochs before")
+                                             "epochs before (default: 1)")
     batch_size: int = _override(RunConfig, "batch_size", 256, flags=("-b", "--batch-size"),
                                 help="batch size of the network (split over the processes of a torchrun)")
     lr: float = _override(RunConfig, "lr", 0.1, flags=("--lr", "--learning-rate"))
@@ -327,20 +327,26 @@ class ImagenetConfig(RunConfig):
                               help="training crop; validation resizes to size*256/224 and centre-crops this")
     evaluate: bool = setting(False, "-e", "--evaluate", action="store_true", resume="free",
                              help="only validate (top-1, top-5) --checkpoint, else the --pretrained weights, else "
-                                  "<s>/net<i>/best.pt; writes nothing")
+                                  "<s>/net<i>/best.pt, on the val/ images alone; -a and --image-size come from "
+                                  "the config.json next to the checkpoint; writes nothing")
     checkpoint: str | None = setting(None, "--checkpoint", metavar="PATH", resume="free",
                                      help="checkpoint for --evaluate (a state_dict or a dict with "
-                                          "'model'/'state_dict'/'net')")
+                                          "'model'/'state_dict'/'net'; default: see -e)")
     pretrained: bool = setting(False, "--pretrained", action="store_true", resume="fixed",
                                help="start from torchvision's weights; they must already be in the torch hub "
                                     "cache (never downloaded here)")
     gpu: int | None = setting(None, "--gpu", type=int, metavar="N", resume="free",
-                              help="use cuda:N (same as --device cuda:N)")
+                              help="use cuda:N (same as --device cuda:N; default: see --device)")
     world_size: int = setting(1, resume="fixed", help="processes (GPUs) training this network under torchrun")
+
+    # -j when not given: PyTorch's ImageNet example's 4, capped by the cores.
+    DEFAULT_WORKERS: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
         self.cos = not self.steplr
         self.dataset = "imagefolder"
+        if self.evaluate and self.i > self.num:  # -e reads one network's files: the ring's size does not matter
+            self.num = self.i
 
     def check(self) -> None:
         """:meth:`RunConfig.check`, plus the ImageNet flags."""

@@ -21,14 +21,15 @@ from torch import nn
 
 from grafting.distributed import is_distributed
 from grafting.errors import GraftingError
-from grafting.method.filters import count_invalid_filters
+from grafting.method.filters import conv_filter_keys, filter_l1_norms
 from grafting.method.graft import LayerRecord, unwrap_model
 from grafting.ring.grafter import Grafter, GraftReport
 from grafting.ring.layout import NetworkFiles
 from grafting.train.files import save_best, save_last
-from grafting.train.report import EpochRecord, RunReporter
+from grafting.train.report import INVALID_THRESHOLDS, EpochRecord, RunReporter, coefficient_summary
 
-__all__ = ["Criterion", "cross_entropy", "train_one_epoch", "evaluate", "fit", "EpochStats", "NonFiniteLossError"]
+__all__ = ["Criterion", "cross_entropy", "train_one_epoch", "evaluate", "fit", "EpochStats", "NonFiniteLossError",
+           "epoch_record", "paper_filter_norms"]
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
     A loader whose ``sharded`` attribute is true holds this rank's part of the set under
     torch.distributed (ImageNet with several GPUs): every rank then evaluates the plain module with
     rank 0's BatchNorm statistics, and the counts are summed over the ranks, so all ranks return
-    the numbers of the whole set.
+    the numbers of the whole set. ``top5`` is None for 5 classes or fewer, where it is always 100 %.
     """
     sharded = bool(getattr(loader, "sharded", False)) and is_distributed()
     if sharded:
@@ -181,10 +182,11 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros(len(topk), device=device, dtype=torch.long)
-    seen, start = 0, time.perf_counter()
+    seen, start, classes = 0, time.perf_counter(), 0
     for images, targets in loader:
         with _autocast(device, amp_dtype):
             logits = model(images)
+        classes = logits.size(1)
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
         k_max = min(max(topk), logits.size(1))
         best = logits.topk(k_max, dim=1).indices
@@ -198,24 +200,31 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
         loss_sum, hits, seen = totals[0], totals[1:-1], int(totals[-1].item())
     seconds = time.perf_counter() - start
     acc = (100.0 * hits.double() / max(seen, 1)).tolist()
-    return EpochStats(loss=float(loss_sum) / max(seen, 1), top1=acc[0], top5=acc[1] if len(acc) > 1 else None,
+    top5 = acc[1] if len(acc) > 1 and classes > 5 else None
+    return EpochStats(loss=float(loss_sum) / max(seen, 1), top1=acc[0], top5=top5,
                       images_per_s=seen / seconds if seconds > 0 else 0.0, seconds=seconds)
 
 
-# The paper's thresholds of the invalid-filter count (docs/METHOD.md §8).
-INVALID_THRESHOLDS = (0.1, 0.01)
+def paper_filter_norms(model: nn.Module) -> torch.Tensor:
+    """The l1 norm of every conv filter the paper counts (keys containing ``conv``), in one CPU tensor;
+    empty for models whose keys never say ``conv``."""
+    state = unwrap_model(model).state_dict()
+    norms = [filter_l1_norms(state[key]).float() for key in conv_filter_keys(state)]
+    return torch.cat(norms).cpu() if norms else torch.zeros(0)
 
 
 def epoch_record(epoch: int, epochs: int, train: EpochStats, test: EpochStats, *, best_acc: float, lr: float,
-                 report: GraftReport, model: nn.Module, epoch_s: float) -> EpochRecord:
-    """Everything ``epoch`` produced, for the epoch line, metrics.jsonl and TensorBoard."""
+                 report: GraftReport, model: nn.Module, epoch_s: float, elapsed_s: float = 0.0, eta_s: float = 0.0,
+                 filter_norms: torch.Tensor | None = None) -> EpochRecord:
+    """Everything ``epoch`` produced, for the epoch line, metrics.jsonl and TensorBoard. ``filter_norms``
+    (from :func:`paper_filter_norms`, computed here when not given) gives the invalid-filter counts."""
     record = EpochRecord(epoch=epoch, epochs=epochs, train_loss=train.loss, train_acc=train.top1,
                          test_loss=test.loss, test_acc=test.top1, test_acc5=test.top5, best_acc=best_acc, lr=lr,
                          loss_parts=dict(train.parts), grafted=report.grafted, source=report.source,
                          peer=report.peer, waited_s=report.waited_s,
                          graft_ms=report.graft_ms if report.grafted else None,
                          invalid_touched=report.invalid_touched, train_images_per_s=train.images_per_s,
-                         test_images_per_s=test.images_per_s, epoch_s=epoch_s)
+                         test_images_per_s=test.images_per_s, epoch_s=epoch_s, elapsed_s=elapsed_s, eta_s=eta_s)
     for layer in report.layers:
         if isinstance(layer, LayerRecord):
             record.alphas[layer.key] = layer.alpha
@@ -223,11 +232,11 @@ def epoch_record(epoch: int, epochs: int, train: EpochStats, test: EpochStats, *
             record.peer_entropies[layer.key] = layer.h_peer
         else:
             record.filter_weights[layer.key] = layer.mean_w
-    state = unwrap_model(model).state_dict()
-    for threshold in INVALID_THRESHOLDS:
-        invalid, record.total_filters = count_invalid_filters(state, threshold)
-        if record.total_filters:
-            record.invalid_filters[str(threshold)] = invalid
+    record.alpha_mean, record.alpha_min, record.alpha_max = coefficient_summary(report.alphas)
+    norms = paper_filter_norms(model) if filter_norms is None else filter_norms
+    record.total_filters = norms.numel()
+    if record.total_filters:
+        record.invalid_filters = {str(t): int((norms < t).sum()) for t in INVALID_THRESHOLDS}
     device = next(model.parameters()).device
     if device.type == "cuda":
         record.gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
@@ -262,6 +271,7 @@ def fit(
     """
     reporter = reporter or RunReporter(None, None)
     loss_fn = hook.criterion(criterion) if hook is not None else criterion
+    run_started = time.perf_counter()
     for epoch in range(start_epoch, epochs + 1):
         started = time.perf_counter()
         train_loader.set_epoch(epoch)
@@ -280,8 +290,12 @@ def fit(
         report = grafter.graft(model, epoch) if not final else GraftReport(epoch=epoch)
         if hook is not None:
             hook.after_exchange(report)
+        now = time.perf_counter()
+        per_epoch_s = (now - run_started) / (epoch - start_epoch + 1)  # this process's pace
+        norms = paper_filter_norms(model)
         reporter.epoch(epoch_record(epoch, epochs, train, test, best_acc=best_acc, lr=lr, report=report, model=model,
-                                    epoch_s=time.perf_counter() - started))
+                                    epoch_s=now - started, elapsed_s=reporter.elapsed_before_s + now - run_started,
+                                    eta_s=per_epoch_s * (epochs - epoch), filter_norms=norms), norms)
         if files is not None:
             save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                       best_acc=best_acc, extra=extra_state() if extra_state else None, acc=test.top1, acc5=test.top5)

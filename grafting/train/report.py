@@ -1,10 +1,10 @@
 """What a run reports after each epoch, from one record: the epoch line of the console (for ``nohup``
 logs), one JSON object in ``<s>/net<i>/metrics.jsonl`` (for tools, tests and the benchmark) and
-TensorBoard scalars.
+TensorBoard (:mod:`grafting.train.tensorboard`).
 
 ``metrics.jsonl`` holds one object per finished epoch, in order; a resumed run first drops the
 records of the epochs it is about to repeat, so every epoch appears once. Its keys are the fields of
-:class:`EpochRecord`.
+:class:`EpochRecord`, and every number of the epoch line is one of them.
 """
 from __future__ import annotations
 
@@ -14,23 +14,42 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
+
+import torch
 
 from grafting.checkpoint import write_text_atomic
+from grafting.ring.exchange import format_duration
 
-__all__ = ["EpochRecord", "RunReporter", "read_metrics"]
+__all__ = ["EpochRecord", "RunReporter", "read_metrics", "coefficient_summary", "PAPER_THRESHOLD",
+           "INVALID_THRESHOLDS"]
 
 log = logging.getLogger(__name__)
+
+# The paper's thresholds of the invalid-filter count (docs/METHOD.md §8); the epoch line shows the first.
+INVALID_THRESHOLDS = (0.1, 0.01)
+PAPER_THRESHOLD = INVALID_THRESHOLDS[0]
+
+
+def coefficient_summary(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
+    """(mean, min, max) of the grafting coefficients of one epoch; (None, None, None) when there are none."""
+    if not values:
+        return None, None, None
+    return sum(values) / len(values), min(values), max(values)
 
 
 @dataclass
 class EpochRecord:
-    """Everything one epoch of one network produced: losses, accuracies, the grafting step, speed.
+    """Everything one epoch of one network produced: losses, accuracies, the grafting step, speed, time.
 
-    Accuracies are in %, ``lr`` is the learning rate at the start of the epoch, ``graft_ms`` is None when
-    the epoch did not graft (the final epoch, a baseline), ``alphas``/``entropies``/``peer_entropies``
-    are per scoring key (layer level), ``filter_weights`` the mean channel weight per conv (filter
-    level), ``invalid_filters`` the paper's count at each threshold (key: the threshold as text).
+    Accuracies are in %, ``lr`` is the learning rate at the start of the epoch (the schedule moves it
+    during the epoch), ``graft_ms`` is None when the epoch did not graft (the final epoch, a baseline),
+    ``alphas``/``entropies``/``peer_entropies`` are per scoring key (layer level), ``filter_weights`` the
+    mean channel weight per conv (filter level); ``alpha_mean``/``alpha_min``/``alpha_max`` summarise
+    whichever of the two the epoch has. ``invalid_filters`` is the paper's count (l1 norm below the
+    threshold; key: the threshold as text) of ``total_filters`` conv filters after this epoch's graft.
+    ``elapsed_s`` counts the run's time from its first epoch (earlier processes of a resumed run
+    included, the time between them not), ``eta_s`` estimates the time left from this process's pace.
     """
 
     epoch: int
@@ -52,7 +71,12 @@ class EpochRecord:
     train_images_per_s: float = 0.0
     test_images_per_s: float = 0.0
     epoch_s: float = 0.0
+    elapsed_s: float = 0.0
+    eta_s: float = 0.0
     gpu_memory_gib: float | None = None
+    alpha_mean: float | None = None
+    alpha_min: float | None = None
+    alpha_max: float | None = None
     alphas: dict[str, float] = field(default_factory=dict)
     entropies: dict[str, float] = field(default_factory=dict)
     peer_entropies: dict[str, float] = field(default_factory=dict)
@@ -60,26 +84,48 @@ class EpochRecord:
     invalid_filters: dict[str, int] = field(default_factory=dict)
     total_filters: int = 0
 
+    @property
+    def final(self) -> bool:
+        """Whether this is the run's last epoch (it neither publishes nor grafts)."""
+        return self.epoch == self.epochs
+
+    def _graft_text(self) -> str:
+        if self.grafted:
+            return f"wait {self.waited_s:.1f} s | graft {self.graft_ms:.1f} ms"
+        return "no graft (last epoch)" if self.final else "no graft"
+
+    def _coefficient_text(self) -> str:
+        if self.alpha_mean is None:
+            return ""
+        name = "alpha" if self.alphas else "filter w"  # filter level: the mean channel weight per conv
+        return f" | {name} mean {self.alpha_mean:.3f} min {self.alpha_min:.3f} max {self.alpha_max:.3f}"
+
+    def _invalid_text(self) -> str:
+        invalid = self.invalid_filters.get(str(PAPER_THRESHOLD))
+        if invalid is None or not self.total_filters:
+            return ""
+        return f" | invalid {invalid}/{self.total_filters} (l1 < {PAPER_THRESHOLD:g})"
+
     def line(self, tag: str = "") -> str:
         """The epoch line of the console."""
         parts = " ".join(f"{k} {v:.4f}" for k, v in self.loss_parts.items()) if len(self.loss_parts) > 1 else ""
         top5 = f" top5 {self.test_acc5:.2f}" if self.test_acc5 is not None else ""
-        if self.grafted:
-            graft = f"wait {self.waited_s:.1f} s | graft {self.graft_ms:.1f} ms"
-        else:
-            graft = "no graft (last epoch)" if self.epoch == self.epochs else "no graft"
         touched = f" | touched {self.invalid_touched} invalid" if self.invalid_touched is not None else ""
         memory = f" | mem {self.gpu_memory_gib:.2f} GiB" if self.gpu_memory_gib is not None else ""
+        eta = "" if self.final else f" | ETA {format_duration(self.eta_s)}"
         return (f"{tag}epoch {self.epoch}/{self.epochs} | train loss {self.train_loss:.4f} acc {self.train_acc:.2f}"
                 f"{' (' + parts + ')' if parts else ''} | test loss {self.test_loss:.4f} acc {self.test_acc:.2f}{top5} "
-                f"| best {self.best_acc:.2f} | lr {self.lr:.5f} | {graft}{touched} "
-                f"| {self.train_images_per_s:.0f} img/s (test {self.test_images_per_s:.0f}){memory}")
+                f"| best {self.best_acc:.2f} | lr {self.lr:.5f} (epoch start) | {self._graft_text()}{touched}"
+                f"{self._coefficient_text()}{self._invalid_text()} "
+                f"| {self.train_images_per_s:.0f} img/s (test {self.test_images_per_s:.0f}){memory} "
+                f"| elapsed {format_duration(self.elapsed_s)}{eta}")
 
     def scalars(self) -> dict[str, float]:
         """TensorBoard scalars, by tag."""
         values = {"train/loss": self.train_loss, "train/acc": self.train_acc, "test/loss": self.test_loss,
-                  "test/acc": self.test_acc, "lr": self.lr, "speed/train_img_per_s": self.train_images_per_s,
-                  "speed/test_img_per_s": self.test_images_per_s}
+                  "test/acc": self.test_acc, "test/best": self.best_acc, "lr": self.lr,
+                  "speed/train_img_per_s": self.train_images_per_s, "speed/test_img_per_s": self.test_images_per_s,
+                  "time/epoch_s": self.epoch_s, "time/elapsed_s": self.elapsed_s}
         values.update({f"train/{k}": v for k, v in self.loss_parts.items()})
         if self.test_acc5 is not None:
             values["test/acc5"] = self.test_acc5
@@ -87,8 +133,12 @@ class EpochRecord:
             values.update({"graft/wait_s": self.waited_s, "graft/ms": self.graft_ms or 0.0})
         if self.invalid_touched is not None:  # noise or internal grafting (docs/METHOD.md §9)
             values["graft/invalid_touched"] = self.invalid_touched
+        if self.alpha_mean is not None:
+            values.update({"graft/coefficient_mean": self.alpha_mean, "graft/coefficient_min": self.alpha_min,
+                           "graft/coefficient_max": self.alpha_max})
         values.update({f"alpha/{k}": v for k, v in self.alphas.items()})
         values.update({f"entropy/{k}": v for k, v in self.entropies.items()})
+        values.update({f"entropy_peer/{k}": v for k, v in self.peer_entropies.items()})
         values.update({f"filter_w/{k}": v for k, v in self.filter_weights.items()})
         values.update({f"invalid_filters/t={t}": n for t, n in self.invalid_filters.items()})
         return values
@@ -127,40 +177,47 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class RunReporter:
     """Writes each :class:`EpochRecord` to the console, ``metrics.jsonl`` and TensorBoard.
 
-    ``metrics`` and ``tensorboard`` are None on DDP ranks other than 0 (they log nothing). The TensorBoard
-    writer is created lazily so a run that fails during set-up leaves no event file behind.
+    ``metrics`` and ``tensorboard`` are None on DDP ranks other than 0 (they log nothing). ``settings``
+    (the run's configuration) goes to TensorBoard as text and as hparams. The TensorBoard writer is
+    created lazily so a run that fails during set-up leaves no event file behind.
     """
 
-    def __init__(self, metrics: Path | None, tensorboard: Path | None, *, start_epoch: int = 1, tag: str = "") -> None:
+    def __init__(self, metrics: Path | None, tensorboard: Path | None, *, start_epoch: int = 1, tag: str = "",
+                 settings: Mapping[str, Any] | None = None) -> None:
         self.metrics = metrics
         self.tensorboard = tensorboard
         self.tag = tag
-        self._writer = None
+        self.settings = dict(settings or {})
+        self._board = None
+        self.elapsed_before_s = 0.0
         if metrics is not None and start_epoch > 1:
             self._drop_from(start_epoch)
 
     def _drop_from(self, epoch: int) -> None:
-        """Forget the records of ``epoch`` and later (a resumed run repeats them)."""
+        """Forget the records of ``epoch`` and later (a resumed run repeats them); remember how long the
+        kept epochs took, so that the elapsed time goes on from there."""
         kept = [r for r in read_metrics(self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
         write_text_atomic("".join(json.dumps(r) + "\n" for r in kept), self.metrics)
+        last = kept[-1].get("elapsed_s") if kept else None
+        if isinstance(last, (int, float)) and math.isfinite(last) and last > 0:
+            self.elapsed_before_s = float(last)
 
-    def epoch(self, record: EpochRecord) -> None:
-        """Report one finished epoch."""
+    def epoch(self, record: EpochRecord, filter_norms: torch.Tensor | None = None) -> None:
+        """Report one finished epoch; ``filter_norms`` (the l1 norm of every conv filter the paper counts)
+        feeds TensorBoard's picture of the invalid filters."""
         log.info(record.line(self.tag))
         if self.metrics is not None:
             with open(self.metrics, "a") as handle:
                 handle.write(record.to_json() + "\n")
         if self.tensorboard is not None:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
+            if self._board is None:
+                from grafting.train.tensorboard import TensorBoardRun  # slow import, only when used
 
-                self._writer = SummaryWriter(str(self.tensorboard))
-            for name, value in record.scalars().items():
-                self._writer.add_scalar(name, value, record.epoch)
-            self._writer.flush()
+                self._board = TensorBoardRun(self.tensorboard, self.settings)
+            self._board.epoch(record, filter_norms)
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._board is not None:
+            self._board.close()
+            self._board = None

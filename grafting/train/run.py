@@ -3,6 +3,7 @@ and ImageNet scripts: optimizer and schedule, mixed precision, the grafter and i
 files, resumption, distillation, and the epoch loop."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grafting.data.fake import MARKER_NAME
 from grafting.distributed import broadcast_from_main, is_distributed
 from grafting.method.distill import Distiller, ModelBuilder, make_distiller
 from grafting.method.graft import unwrap_model
@@ -62,6 +64,9 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
              f"({'cosine' if config.cos else f'x0.1 every {config.step_epochs} epochs'}), "
              f"{_grafting_summary(config)}"
              f"{', amp ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''}")
+    if config.generated_data and is_main:
+        log.warning(f"data: GENERATED stand-in in {config.data} ({MARKER_NAME}), not the real dataset: its "
+                    f"accuracies say nothing about the paper")
 
     # The hook first: a teacher that does not fit fails before the lock, the run files or training.
     hook = _distiller(config, model, build_model)
@@ -85,7 +90,7 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
             log.info(f"nothing to do: {config.epochs} epochs already done (best {state.best_acc:.2f})")
             return state.best_acc
         reporter = RunReporter(files.metrics if files else None, files.tensorboard if files else None,
-                               start_epoch=state.start_epoch)
+                               start_epoch=state.start_epoch, settings=dataclasses.asdict(config))
         try:
             best = fit(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler, grafter=grafter,
                        files=files, epochs=config.epochs, start_epoch=state.start_epoch, best_acc=state.best_acc,
@@ -93,7 +98,7 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
                        reporter=reporter, extra_state=hook.state_dict if hook is not None else None)
         finally:
             reporter.close()
-    log.info(f"done: best test accuracy {best:.2f}")
+    log.info(f"done: best test accuracy {best:.2f}{' (GENERATED stand-in data)' if config.generated_data else ''}")
     return best
 
 

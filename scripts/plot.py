@@ -1,0 +1,14 @@
+"""PNG figures of run folders from their metrics.jsonl and checkpoints (graft-plot).
+
+Run with --help for the flags; the logic lives in grafting/tools/plot.py.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from grafting.tools.plot import main
+
+if __name__ == "__main__":
+    main()
