@@ -1,7 +1,7 @@
 # Sourced by the other scripts: creates (once) and activates the project's Python environment.
 #
 # Two layers, so that torch (5.6 GB) is installed once per machine and every checkout still runs its own code:
-#   ~/.cache/filter-grafting/venv   shared: torch 2.14.1, torchvision 0.29.1, numpy, tensorboard, pytest
+#   ~/.cache/filter-grafting/venv   shared: torch 2.14.1, torchvision 0.29.1, numpy, tensorboard, pytest, matplotlib
 #                                   (override the place with GRAFTING_VENV)
 #   <checkout>/.venv                this checkout's own: sees the shared packages and holds an editable
 #                                   install of this checkout (graft-cifar & co. run this checkout's code)
@@ -14,10 +14,10 @@ _has() {  # _has PYTHON MODULE...: every module is importable (looked up, not im
     "$python" -c 'import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))' \
         "$@" 2>/dev/null
 }
-if ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest setuptools pip; then
-    echo "[env] creating $GRAFTING_VENV (torch 2.14.1, torchvision 0.29.1; a few minutes, once)"
+if ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest setuptools pip matplotlib; then
+    echo "[env] setting up $GRAFTING_VENV (torch 2.14.1, torchvision 0.29.1, ...; a few minutes the first time)"
     python3 -m venv "$GRAFTING_VENV" || return 1
-    "$GRAFTING_VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 numpy tensorboard pytest setuptools \
+    "$GRAFTING_VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 numpy tensorboard pytest setuptools matplotlib \
         || return 1
 fi
 # Earlier versions installed a checkout into the shared environment itself; remove it, or it would shadow.
