@@ -28,6 +28,13 @@ def _as_float(w: torch.Tensor) -> torch.Tensor:
     return w.detach() if torch.is_floating_point(w) else w.detach().float()
 
 
+def _bin_width(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """``(hi - lo) / bins`` as a true division on every device. CUDA divides by a Python number as a
+    multiplication by its reciprocal, one rounding off for about a third of all ranges, which moves every
+    edge and the values on it; dividing by a tensor on the device keeps the CPU's edges."""
+    return (hi - lo) / torch.full((), bins, dtype=hi.dtype, device=hi.device)
+
+
 def entropy_tensor(w: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Entropy of ``w``'s value histogram as a 0-dim float64 tensor on ``w``'s device (no host sync).
 
@@ -37,7 +44,7 @@ def entropy_tensor(w: torch.Tensor, bins: int = 10) -> torch.Tensor:
     if flat.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=w.device)
     lo, hi = torch.aminmax(flat)
-    width = (hi - lo) / bins
+    width = _bin_width(lo, hi, bins)
     # Edges in w's dtype, as the published loop computed them: lo + k * width.
     edges = lo + torch.arange(bins + 1, device=flat.device, dtype=flat.dtype) * width
     # right=True: index i means edges[i-1] <= v < edges[i]; bins 1..bins are the real ones,
@@ -55,7 +62,7 @@ def entropy_tensor(w: torch.Tensor, bins: int = 10) -> torch.Tensor:
 def _row_entropies(rows: torch.Tensor, bins: int) -> torch.Tensor:
     """:func:`entropy_tensor` of every row of a 2-D tensor at once: the same edges, comparisons and counts."""
     lo, hi = torch.aminmax(rows, dim=1)
-    width = (hi - lo) / bins
+    width = _bin_width(lo, hi, bins)
     edges = lo[:, None] + torch.arange(bins + 1, device=rows.device, dtype=rows.dtype) * width[:, None]
     index = torch.searchsorted(edges, rows, right=True)  # each row against its own edges
     counts = torch.zeros(rows.shape[0], bins + 2, dtype=torch.int64, device=rows.device)
