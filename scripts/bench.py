@@ -537,9 +537,10 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"goal": goal, "measured": value, "text": text if value is not None else "not measured",
                      "met": met if value is not None and on_gpu else None})
 
+    trained = results.get("train", {}).get("model", "ResNet-32")
     one = _ring(results, "amp", 1)
     epoch_s = one["networks"][0]["warm_epoch_s"] if one and one["networks"] else None
-    add(f"ResNet-32 epoch with --amp, one network: at most {GOAL_AMP_EPOCH_S:g} s", epoch_s,
+    add(f"{trained} epoch with --amp, one network: at most {GOAL_AMP_EPOCH_S:g} s", epoch_s,
         f"{epoch_s or 0:.2f} s", epoch_s is not None and epoch_s <= GOAL_AMP_EPOCH_S)
     two = _ring(results, "amp", 2)
     ratio = two["vs_one_network"] if two else None
@@ -548,7 +549,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     graft = results.get("graft")
     graft_ms = graft["grafter_ms"] if graft else None
     text = f"{graft_ms or 0:.1f} ms (the read alone {graft['read_ms']:.1f} ms)" if graft else ""
-    add(f"Grafter.graft of ResNet-110, file read included: under {GOAL_GRAFT_MS:g} ms", graft_ms, text,
+    add(f"Grafter.graft of {graft['model'] if graft else 'ResNet-110'}, file read included: under {GOAL_GRAFT_MS:g} ms",
+        graft_ms, text,
         graft_ms is not None and graft_ms < GOAL_GRAFT_MS)
     case = next((c for c in (results.get("tests") or {}).get("cases", []) if c["name"] == SYNC_TEST), None)
     outcome = None if case is None or case["outcome"] == "skipped" else case["outcome"]
@@ -625,7 +627,8 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {name} | failed: {row['error']} | | | | |")
                 continue
             pays = row.get("pays_off_after_epochs")
-            after = "-" if row["mode"] == "eager" else ("never" if pays is None else f"{pays:.1f} epochs")
+            after = "-" if row["mode"] == "eager" else ("never" if pays is None else
+                                                      "< 0.1 epoch" if pays < 0.1 else f"{pays:.1f} epochs")
             lines.append(f"| {name} | {row['first_steps_s']:.1f} s | {row['step_ms']:.2f} | {row['img_s']:,.0f} | "
                          f"{_cell(row.get('vs_eager'), '.2f', 'x')} | {after} |")
     rows = results.get("goals", [])

@@ -143,9 +143,9 @@ bench=(python scripts/bench.py --device "$device" --work "$WORK/bench")
 
 step cuda_tests $((100 * scale)) python -m pytest -m cuda tests -q -rs -p no:cacheprovider \
     --basetemp "$WORK/pytest" --junitxml="$WORK/cuda_tests.xml"
-step bench_train $((180 * scale)) "${bench[@]}" --what train --epochs 2 --json "$WORK/bench_train.json" "${train[@]}"
+step bench_train $((160 * scale)) "${bench[@]}" --what train --epochs 2 --json "$WORK/bench_train.json" "${train[@]}"
 step bench_graft $((40 * scale)) "${bench[@]}" --what entropy graft --json "$WORK/bench_graft.json" "${graft[@]}"
-step bench_compile $((100 * scale)) "${bench[@]}" --what compile --json "$WORK/bench_compile.json" "${compiled[@]}"
+step bench_compile $((120 * scale)) "${bench[@]}" --what compile --json "$WORK/bench_compile.json" "${compiled[@]}"
 step report "$REPORT_S" python scripts/bench.py --device "$device" --report "$WORK/bench_train.json" \
     "$WORK/bench_graft.json" "$WORK/bench_compile.json" --steps "$steps" --junit "$WORK/cuda_tests.xml" \
     --json "$OUT/gpu_check.json" --markdown "$OUT/gpu_check.md"
