@@ -94,7 +94,9 @@ EOF
 )
 fi
 use_python_as_is() {  # this checkout, not installed, run by $machine_python as `python`
-    mkdir -p "$WORK/bin" && ln -sf "$machine_python" "$WORK/bin/python"
+    # A wrapper, not a link: a virtual environment's python run through a link elsewhere loses its packages.
+    mkdir -p "$WORK/bin" && printf '#!/bin/sh\nexec "%s" "$@"\n' "$machine_python" > "$WORK/bin/python"
+    chmod +x "$WORK/bin/python"
     export PATH="$WORK/bin:$PATH" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 }
 check_env='import torch, grafting; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
@@ -137,7 +139,7 @@ else
     device=cuda
     train=(--model resnet32 --train-size 50000 --test-size 10000 --nets 1 2 4 --variants amp fp32 --ring-timeout 100)
     graft=(--graft-model resnet110 --repeat 10)
-    compiled=(--model resnet32 --compile-batch 128 --compile-warmup 3 --compile-steps 50)
+    compiled=(--model resnet32 --compile-batch 128 --compile-warmup 3 --compile-steps 100)
 fi
 bench=(python scripts/bench.py --device "$device" --work "$WORK/bench")
 
