@@ -114,7 +114,8 @@ else
     step env "$ENV_LIMIT_S" bash -c "source scripts/env.sh && python -c '$check_env'"
     # shellcheck source=env.sh
     source scripts/env.sh >/dev/null 2>&1
-    if ! python -c "import torch, grafting" >/dev/null 2>&1; then
+    if ! python -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") and u.find_spec("grafting")))' \
+            2>/dev/null; then
         if [ -n "$machine_python" ]; then
             say "the environment could not be set up: running this checkout with $machine_python as it is"
             use_python_as_is
