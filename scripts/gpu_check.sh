@@ -135,7 +135,7 @@ if [ "$REHEARSE" = 1 ]; then
            -- --batch-size 16 --test-batch-size 16 --threads 1)
     graft=(--graft-model resnet20 --repeat 1)
     compiled=(--model resnet20 --compile-backend eager --compile-precision fp32 --compile-batch 4
-              --compile-warmup 1 --compile-steps 1)
+              --compile-warmup 1 --compile-steps 1 --compile-modes eager reduce-overhead)
 else
     device=cuda
     train=(--model resnet32 --train-size 50000 --test-size 10000 --nets 1 2 4 --variants amp fp32 --ring-timeout 100)

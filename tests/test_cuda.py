@@ -205,8 +205,9 @@ def test_graft_layers_on_the_device_gives_the_cpu_coefficients_and_weights(devic
     for mine, reference in zip(on_device, on_cpu):
         assert mine.h_self == pytest.approx(reference.h_self, abs=ENTROPY_ATOL), mine.key
         assert mine.h_peer == pytest.approx(reference.h_peer, abs=ENTROPY_ATOL), mine.key
+    grafted = device_model.state_dict()
     for key, value in cpu_model.state_dict().items():
-        torch.testing.assert_close(device_model.state_dict()[key].cpu(), value, msg=key)
+        torch.testing.assert_close(grafted[key].cpu(), value, msg=key)
 
 
 def host_syncs(fn: Callable[[], object]) -> int:
