@@ -14,7 +14,8 @@
 #   bench_graft    ResNet-110: entropies, Grafter.graft, the file read alone, graft_layers (--what entropy graft)
 #   bench_compile  one ResNet-32 training step: eager, torch.compile, its CUDA-graph mode (--what compile)
 #   report         $GPU_CHECK_OUT/gpu_check.json and gpu_check.md (the tables for the README), printed too
-# The steps after env share a budget of GPU_CHECK_BUDGET_S seconds (default 450): no step runs past it.
+# The steps after env share a budget of GPU_CHECK_BUDGET_S seconds (default 420): no step runs past it.
+# With torch already on the machine env takes a minute at most, so the whole check ends within 8 minutes.
 # $GPU_CHECK_OUT holds only those two files and one log per step (8 files, no subfolders). The generated
 # data, the rings' folders and the parts of the report go to $GPU_CHECK_WORK (default runs/gpu_check_work),
 # kept, so a second run on the same machine does not write the 50 000 images again.
@@ -27,7 +28,7 @@ OUT="${GPU_CHECK_OUT:-runs/gpu_check}"
 WORK="${GPU_CHECK_WORK:-runs/gpu_check_work}"
 # The step limits below are the GPU's; a rehearsal on a shared 2-core machine gets three times as long.
 if [ "$REHEARSE" = 1 ]; then scale=3; else scale=1; fi
-BUDGET_S="${GPU_CHECK_BUDGET_S:-$((450 * scale))}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-$((420 * scale))}"
 ENV_LIMIT_S=900            # a bare machine with a registry installs torch: minutes, outside the budget
 REPORT_S=30                # kept back from the budget for the report
 mkdir -p "$OUT" "$WORK"
@@ -109,7 +110,7 @@ else
         GRAFTING_VENV="$("$machine_python" -c 'import sys; print(sys.prefix)')"
         say "using the machine's torch environment $GRAFTING_VENV as the shared one (GRAFTING_VENV)"
         export GRAFTING_VENV PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1  # nothing to download
-        ENV_LIMIT_S=300
+        ENV_LIMIT_S=60  # only this checkout to install
     fi
     step env "$ENV_LIMIT_S" bash -c "source scripts/env.sh && python -c '$check_env'"
     # shellcheck source=env.sh
@@ -144,10 +145,10 @@ else
 fi
 bench=(python scripts/bench.py --device "$device" --work "$WORK/bench")
 
-step cuda_tests $((100 * scale)) python -m pytest -m cuda tests -q -rs -p no:cacheprovider \
+step cuda_tests $((90 * scale)) python -m pytest -m cuda tests -q -rs -p no:cacheprovider \
     --basetemp "$WORK/pytest" --junitxml="$WORK/cuda_tests.xml"
-step bench_train $((160 * scale)) "${bench[@]}" --what train --epochs 2 --json "$WORK/bench_train.json" "${train[@]}"
-step bench_graft $((40 * scale)) "${bench[@]}" --what entropy graft --json "$WORK/bench_graft.json" "${graft[@]}"
+step bench_train $((150 * scale)) "${bench[@]}" --what train --epochs 2 --json "$WORK/bench_train.json" "${train[@]}"
+step bench_graft $((30 * scale)) "${bench[@]}" --what entropy graft --json "$WORK/bench_graft.json" "${graft[@]}"
 step bench_compile $((120 * scale)) "${bench[@]}" --what compile --json "$WORK/bench_compile.json" "${compiled[@]}"
 step report "$REPORT_S" python scripts/bench.py --device "$device" --report "$WORK/bench_train.json" \
     "$WORK/bench_graft.json" "$WORK/bench_compile.json" --steps "$steps" --junit "$WORK/cuda_tests.xml" \
