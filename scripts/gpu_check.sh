@@ -132,7 +132,7 @@ deadline=$(( $(date +%s) + BUDGET_S ))
 if [ "$REHEARSE" = 1 ]; then
     export GPU_CHECK_REHEARSE=1  # the cuda tests run on the CPU
     device=cpu
-    train=(--model resnet20 --train-size 16 --test-size 16 --nets 1 2 --variants amp --ring-timeout 120
+    train=(--model resnet20 --train-size 16 --test-size 16 --nets 2 --variants amp --ring-timeout 120
            -- --batch-size 16 --test-batch-size 16 --threads 1)
     graft=(--graft-model resnet20 --repeat 1)
     compiled=(--model resnet20 --compile-backend eager --compile-precision fp32 --compile-batch 4
