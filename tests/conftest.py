@@ -2,8 +2,8 @@
 stopping them, and the one-line-error check.
 
 Markers (declared in setup.cfg): ``e2e`` for tests that start processes, ``slow`` for the long ones,
-``cuda`` for tests that need a GPU (they skip without one). ``pytest -m "not e2e"`` runs the unit
-tests alone.
+``cuda`` for tests that need a GPU (they skip without one, unless ``GPU_CHECK_REHEARSE=1`` has them
+rehearse on the CPU, as ``scripts/gpu_check.sh`` does). ``pytest -m "not e2e"`` runs the unit tests alone.
 """
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 CIFAR_SCRIPT = REPO / "grafting_cifar" / "train.py"
 IMAGENET_SCRIPT = REPO / "grafting_imagenet" / "train.py"
 RUN_TIMEOUT_S = 300.0
+# scripts/gpu_check.sh's rehearsal: the ``cuda`` tests run on the CPU instead of skipping.
+REHEARSAL = os.environ.get("GPU_CHECK_REHEARSE") == "1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` skip where no GPU is visible."""
-    if torch.cuda.is_available():
+    """Tests marked ``cuda`` skip where no GPU is visible (they run on the CPU in a rehearsal)."""
+    if torch.cuda.is_available() or REHEARSAL:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -1,5 +1,5 @@
 """The speed options on the CPU (issue 7): --amp, channels_last, torch.compile, batched entropies, and
-the benchmark script in a tiny configuration.
+the benchmark script's reading of metrics.jsonl and its report (tests/test_gpu_check.py runs it).
 
 The real ``torch.compile`` (inductor) needs 45-60 s to compile even ResNet-20 on a 2-core machine, so
 here it runs with dynamo's ``eager`` backend, which traces the model exactly as the default does and
@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import re
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from grafting.method import entropy as entropy_module
 from grafting.data.cifar import cifar_loaders
 from grafting.data.fake import write_fake_cifar
 from grafting.method.entropy import entropy_tensor, entropy_tensors, layer_entropies, layer_entropy
-from grafting.train.report import EpochRecord
+from grafting.train.report import EpochRecord, read_metrics
 from grafting.train.run import amp_dtype_for
 from grafting.method.graft import graft_layers
 from grafting.ring.grafter import Grafter
@@ -258,42 +259,118 @@ def load_bench():
     return module
 
 
-def test_bench_parses_the_epoch_line_of_the_loop() -> None:
-    bench = load_bench()
+def epoch_records() -> list[EpochRecord]:
+    """Two epochs of network 1 of 2: the first grafts, the last does not."""
     first = EpochRecord(epoch=1, epochs=2, train_loss=2.1, train_acc=20.0, test_loss=2.0, test_acc=25.0, test_acc5=70.0,
-                        best_acc=25.0, lr=0.1, grafted=True, waited_s=1.5, graft_ms=48.2, train_images_per_s=341,
-                        test_images_per_s=1290, gpu_memory_gib=1.25)
+                        best_acc=25.0, lr=0.1, grafted=True, peer=2, waited_s=1.5, graft_ms=48.2,
+                        train_images_per_s=300, test_images_per_s=1290, epoch_s=4.0, gpu_memory_gib=1.25)
     final = EpochRecord(epoch=2, epochs=2, train_loss=1.9, train_acc=30.0, test_loss=1.8, test_acc=35.0, test_acc5=80.0,
-                        best_acc=35.0, lr=0.1, train_images_per_s=359, test_images_per_s=1310)
-    log = (f"10:00:01 [net 1/2] {first.line()}\n"
-           "10:00:02 [net 1/2] epoch 2 [10/40] loss 2.0 acc 20.00% lr 0.10000 300 img/s\n"
-           f"10:00:09 [net 1/2] {final.line()}\n")
-    rows = bench.parse_epoch_lines(log)
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert rows[0]["wait_s"] == 1.5 and rows[0]["graft_ms"] == 48.2 and rows[0]["gpu_gib"] == 1.25
-    assert rows[1]["train_img_s"] == 359 and rows[1]["test_img_s"] == 1310 and math.isnan(rows[1]["gpu_gib"])
-    assert bench.harmonic_mean([300.0, 600.0]) == pytest.approx(400.0)
+                        best_acc=35.0, lr=0.1, train_images_per_s=600, test_images_per_s=1310, epoch_s=2.5,
+                        gpu_memory_gib=1.5)
+    return [first, final]
+
+
+def test_bench_reads_each_network_from_its_metrics_file(tmp_path: Path) -> None:
+    bench = load_bench()
+    path = tmp_path / "net1" / "metrics.jsonl"
+    path.parent.mkdir()
+    lines = [json.loads(record.to_json()) for record in epoch_records()]
+    lines[1]["eta_s"] = 12.0  # a field added to EpochRecord later is left alone
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    run = bench.summarise(2, 1, 9.0, usage, read_metrics(path))
+    assert [e["epoch"] for e in run.epochs] == [1, 2] and "eta_s" not in run.epochs[1]
+    assert run.train_img_s == pytest.approx(400.0)  # the harmonic mean: equal work at 300 and 600 img/s
+    assert (run.warm_epoch_s, run.warm_train_img_s) == (2.5, 600)  # the last epoch
+    assert run.graft_ms == 48.2 and run.wait_s == 1.5 and run.gpu_gib == 1.5
+    baseline = bench.summarise(1, 1, 9.0, usage, [{**lines[1], "waited_s": 0.0}])
+    assert baseline.graft_ms is None and baseline.wait_s is None
+    assert bench.summarise(1, 1, 9.0, usage, []).warm_epoch_s is None
     assert bench.per_bin_loop_entropy(torch.arange(10.0)) == pytest.approx(layer_entropy(torch.arange(10.0)))
 
 
-@pytest.mark.e2e
-def test_bench_runs_in_a_tiny_configuration(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCH_SCRIPT), "--model", "resnet20", "--train-size", "96", "--test-size", "40",
-         "--epochs", "2", "--nets", "1", "2", "--graft-model", "resnet20", "--repeat", "1", "--device", "cpu",
-         "--work", str(tmp_path / "work"), "--json", str(out), "--", "--batch-size", "32", "--threads", "1"],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
-    assert done.returncode == 0, done.stdout + done.stderr
-    for heading in ("== train:", "== entropy:", "== graft:", "2 networks:"):
-        assert heading in done.stdout
-    results = json.loads(out.read_text())
-    one, two = results["train"]["1"], results["train"]["2"]
-    assert len(one) == 1 and len(two) == 2
-    assert one[0]["graft_ms"] is None and one[0]["train_img_s"] > 0 and one[0]["rss_gib"] > 0
-    for run in two:
-        assert run["train_img_s"] > 0 and run["test_img_s"] > 0 and len(run["epochs"]) == 2
-        assert run["graft_ms"] > 0 and run["wait_s"] >= 0 and run["cpu_s"] > 0
-    # The yardstick is the published loop, which sums p*ln(p) in float32; the library sums in float64.
-    assert results["entropy"]["max_difference"] < 1e-5 and results["entropy"]["layer_entropies_ms"] > 0
-    assert results["graft"]["grafter_ms"] > 0 and results["graft"]["coefficients"] == 19
+def gpu_results(bench) -> dict:
+    """A GPU check's merged results as scripts/gpu_check.sh's report step sees them (numbers made up)."""
+    def ring(variant: str, nets: int, img_s: float, epoch_s: float) -> dict:
+        runs = [{"net": i, "warm_epoch_s": epoch_s, "warm_train_img_s": img_s, "gpu_gib": 0.7, "rss_gib": 2.0}
+                for i in range(1, nets + 1)]
+        return {"variant": variant, "nets": nets, "networks": runs, "error": None, "together_img_s": img_s * nets}
+
+    rings = [ring("amp", 1, 20000, 2.6), ring("amp", 2, 17000, 3.0), ring("fp32", 1, 12000, 4.2),
+             {"variant": "fp32", "nets": 2, "networks": [], "error": "network 2 of 2 exited with 1", "together_img_s": 0}]
+    for r in rings:
+        r["vs_one_network"] = r["together_img_s"] / (20000 if r["variant"] == "amp" else 12000) if r["nets"] > 1 else None
+    return {"device": "cuda", "device_name": "cuda (NVIDIA H200)", "torch": "2.14.1", "cuda": "13.0",
+            "steps": [{"name": "cuda_tests", "status": "ok", "seconds": 41.0, "limit_s": 110.0}],
+            "tests": {"passed": 7, "failed": 0, "skipped": 1,
+                      "cases": [{"name": bench.SYNC_TEST, "outcome": "passed", "message": "", "seconds": 1.0}]},
+            "train": {"model": "resnet32", "data": "generated", "epochs": 2, "rings": rings},
+            "entropy": {"model": "resnet110", "tensors": 547, "loop_ms": 90.0, "layer_entropies_ms": 2.0},
+            "graft": {"model": "resnet110", "grafter_ms": 26.0, "read_ms": 17.5, "graft_layers_from_file_ms": 7.0,
+                      "graft_layers_ms": 3.0},
+            "compile": {"model": "resnet32", "batch": 128, "precision": "bf16 autocast", "modes": [
+                {"mode": "eager", "first_steps_s": 2.0, "step_ms": 5.0, "img_s": 25600},
+                {"mode": "default", "first_steps_s": 42.0, "step_ms": 4.0, "img_s": 32000, "vs_eager": 1.25,
+                 "pays_off_after_epochs": bench.pays_off_after({"first_steps_s": 2.0, "step_ms": 5.0},
+                                                               {"first_steps_s": 42.0, "step_ms": 4.0})},
+                {"mode": "reduce-overhead", "error": "RuntimeError: no"}]}}
+
+
+def test_bench_report_judges_the_goals_on_a_gpu() -> None:
+    bench = load_bench()
+    results = gpu_results(bench)
+    epoch, two, graft, syncs = bench.goals(results)
+    assert (epoch["measured"], epoch["met"]) == (2.6, True)
+    assert (two["measured"], two["met"]) == (1.7, True)
+    assert (graft["measured"], graft["met"]) == (26.0, False) and "read alone 17.5 ms" in graft["text"]
+    assert (syncs["measured"], syncs["met"]) == ("passed", True)
+    # pays off: 40 s more for the first steps, 1 ms less for each of 391 steps per epoch
+    assert results["compile"]["modes"][1]["pays_off_after_epochs"] == pytest.approx(40 / 0.391)
+    assert bench.pays_off_after({"first_steps_s": 2.0, "step_ms": 5.0}, {"first_steps_s": 9.0, "step_ms": 6.0}) is None
+
+    results["goals"] = bench.goals(results)
+    table = bench.markdown(results)
+    assert "REHEARSAL" not in table and "NVIDIA H200" in table
+    assert "| cuda_tests | ok: 7 passed, 0 failed, 1 skipped | 41 (limit 110) |" in table
+    assert "| resnet32 epoch with --amp, one network: at most 3 s | 2.60 s | yes |" in table
+    assert "| `--amp`: epoch (train img/s) | 2.60 s (20,000 img/s) | 3.00 s (17,000 img/s each) |" in table
+    assert "| `--amp`: all networks together | 20,000 img/s | 34,000 img/s (1.70x) |" in table
+    assert "| fp32: epoch (train img/s) | 4.20 s (12,000 img/s) | failed |" in table
+    assert "| the read alone (`Exchange.load`, safe loader, finiteness check) | 17.5 |" in table
+    assert "| `torch.compile`, default | 42.0 s | 4.00 | 32,000 | 1.25x | 102.3 epochs |" in table
+    assert "| `torch.compile`, reduce-overhead | failed: RuntimeError: no |" in table
+    assert "| Grafter.graft of resnet110, file read included: under 20 ms | 26.0 ms (the read alone 17.5 ms) | " \
+           "**no** |" in table
+
+
+def test_bench_report_judges_nothing_on_the_cpu_and_names_what_was_not_measured() -> None:
+    bench = load_bench()
+    results = {"device": "cpu", "device_name": "cpu (2 cores)", "tests": None}
+    rows = bench.goals(results)
+    assert [row["met"] for row in rows] == [None] * 4 and {row["text"] for row in rows} == {"not measured"}
+    results["goals"] = rows
+    assert "REHEARSAL on the CPU" in bench.markdown(results)
+    cpu = {**gpu_results(bench), "device": "cpu"}
+    assert all(row["met"] is None and row["measured"] is not None for row in bench.goals(cpu))
+
+
+def test_bench_report_reads_the_step_file_and_pytests_junit_xml(tmp_path: Path) -> None:
+    bench = load_bench()
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("env\tok\t12.5\t900\ncuda_tests\ttimed out\t110.2\t110\nbench_compile\tskipped\t0\t0\n")
+    assert bench.read_steps(steps) == [
+        {"name": "env", "status": "ok", "seconds": 12.5, "limit_s": 900.0},
+        {"name": "cuda_tests", "status": "timed out", "seconds": 110.2, "limit_s": 110.0},
+        {"name": "bench_compile", "status": "skipped", "seconds": 0.0, "limit_s": 0.0}]
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">'
+        '<testcase classname="tests.test_cuda" name="test_a" time="1.5"/>'
+        '<testcase classname="tests.test_cuda" name="test_b" time="0.1"><failure message="assert 2 == 1&#10;more">'
+        'trace</failure></testcase>'
+        '<testcase classname="tests.test_cuda" name="test_c" time="0"><skipped message="needs 2 GPUs"/></testcase>'
+        '</testsuite></testsuites>')
+    tests = bench.read_junit(junit)
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
+    assert tests["cases"][1] == {"name": "test_b", "outcome": "failed", "message": "assert 2 == 1", "seconds": 0.1}
+    assert tests["cases"][2]["message"] == "needs 2 GPUs"
