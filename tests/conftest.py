@@ -25,6 +25,10 @@ IMAGENET_SCRIPT = REPO / "grafting_imagenet" / "train.py"
 RUN_TIMEOUT_S = 300.0
 # scripts/gpu_check.sh's rehearsal: the ``cuda`` tests run on the CPU instead of skipping.
 REHEARSAL = os.environ.get("GPU_CHECK_REHEARSE") == "1"
+# The devices of tests that compare the CPU with the GPU: the GPU case is marked ``cuda``, and runs on
+# the CPU in a rehearsal on a machine without one.
+DEVICES = ["cpu", pytest.param("cpu" if REHEARSAL and not torch.cuda.is_available() else "cuda",
+                               marks=pytest.mark.cuda, id="cuda")]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICES
 from grafting.archs import cifar_models as models
 from grafting_cifar.train import parse_args
 from grafting.method.ablation import average_states, conv_weights, internal_graft_, noise_graft_
@@ -23,7 +24,6 @@ from grafting.ring.grafter import Grafter
 from published_code import published_inside, published_noise
 
 torch.set_num_threads(1)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 class TwoConvs(nn.Module):

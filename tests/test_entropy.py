@@ -22,6 +22,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from conftest import DEVICES
 from grafting.method import entropy as entropy_module
 from grafting.method.entropy import entropy_tensor, entropy_tensors, l1_tensor, layer_entropies, layer_entropy, layer_l1
 from grafting.method.weighting import graft_coefficient
@@ -29,7 +30,6 @@ from published_code import published_entropy
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 BINS = 10
 
 

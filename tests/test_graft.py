@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICES
 from grafting.archs import cifar_models as models
 from grafting.method.entropy import layer_entropy
 from grafting.errors import GraftingError, PeerMismatchError
@@ -32,7 +33,6 @@ def build(name: str) -> nn.Module:
     if name == SMALL_VGG:
         return models.vgg.CifarVGG(SMALL_VGG_CONFIG, num_classes=10)
     return models.create(name, num_classes=10)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 # --- building differing networks -----------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_resnet18_networks_graft_each_other_with_the_name_rule(resnet_ring: Path
     epochs = epoch_results(resnet_ring, 1)
     # Three classes: top-5 is always 100 %, so it is neither logged nor recorded.
     assert all(0.0 <= top1 <= 100.0 and top5 is None for _, top1, top5 in epochs.values())
-    assert "top5" not in (resnet_ring.parent / "logs" / "net1.out").read_text()
+    assert "top5" not in (resnet_ring.parent / "net1.log").read_text()
     assert {p.name for p in resnet_ring.glob("*.pt")} == {"net1_epoch1.pt", "net2_epoch1.pt"}
 
 
