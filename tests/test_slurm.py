@@ -5,7 +5,7 @@ installs Debian's slurm-wlm and munge where they are missing). Where Slurm canno
 that need it fail with the reason under CI (CI=true) and skip with it elsewhere. The job scripts of
 DRY=1, the stop signal and a network on two "nodes" (two torchrun agents on this machine) need no Slurm.
 
-One ring serves every run: resnet20 on a generated CIFAR-10 (256 training images), 2 networks (dlr),
+One ring serves every run: resnet20 on a generated CIFAR-10 (128 training images), 2 networks (dlr),
 3 epochs, one thread each, so that a run is deterministic and the Slurm runs can be compared with the
 same ring started with LAUNCHER=nohup.
 """
@@ -73,8 +73,8 @@ def slurm() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A generated CIFAR-10: 256 training and 64 test images."""
-    return write_fake_cifar(tmp_path_factory.mktemp("cifar"), num_classes=10, train_size=256, test_size=64)
+    """A generated CIFAR-10: 128 training and 32 test images."""
+    return write_fake_cifar(tmp_path_factory.mktemp("cifar"), num_classes=10, train_size=128, test_size=32)
 
 
 @dataclass
@@ -468,30 +468,74 @@ def test_requeue_resumes_every_network_and_ends_as_an_uninterrupted_run(
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_time_limit_signal_stops_the_networks_and_requeues_the_job(tmp_path: Path, slurm: dict[str, str],
-                                                                    cifar: Path) -> None:
+def test_time_limit_signal_stops_the_networks_and_the_job_requeues_itself(tmp_path: Path, slurm: dict[str, str],
+                                                                          cifar: Path) -> None:
     job = submit(tmp_path, cifar, slurm)
     ring = tmp_path / "out" / RING_NAME
-    wait_for(lambda: None not in last_epochs(ring), "both networks' first epoch", ring, poll=0.05)
-    signalled = time.monotonic()
-    slurm_command(slurm, "scancel", "--signal=USR1", job)  # what Slurm sends before the time limit
 
     def log(net: int) -> str:
-        return (ring / f"{net}.log").read_text()
+        path = ring / f"{net}.log"
+        return path.read_text() if path.exists() else ""
 
+    def saved_an_epoch(net: int) -> bool:
+        # An epoch logged and in last.pt (a stop between the two would repeat that epoch after the restart)
+        lines = len(EPOCH_LINE.findall(log(net)))
+        return lines >= 1 and last_epochs(ring)[net - 1] == lines
+
+    wait_for(lambda: all(saved_an_epoch(net) for net in (1, 2)), "an epoch of both networks", ring, poll=0.05)
+    signalled = time.monotonic()
+    slurm_command(slurm, "scancel", "--signal=USR1", job)  # what Slurm sends before the time limit
     stopped = wait_for(lambda: all("stopped by SIGUSR1:" in log(net) for net in (1, 2)), "the stop lines", ring)
-    exited = wait_for(lambda: all(f"network {net} stopped by SIGUSR1 (exit 75)" in log(net) for net in (1, 2)),
+    # (exit 75, or 143 where srun's SIGTERM for the ring's first stopped network came during the exit)
+    exited = wait_for(lambda: all(f"network {net} stopped by SIGUSR1 (exit " in log(net) for net in (1, 2)),
                       "the networks to exit", ring)
     print(f"\nstop lines {stopped - signalled:.1f} s and exits {exited - signalled:.1f} s after the signal")
     assert stopped - signalled < 10, "the networks did not stop at once"
     assert exited - signalled < 60, "the networks took too long to exit"
     for net in (1, 2):
-        before_stop = log(net).split("stopped by SIGUSR1:")[0]
-        finished = len(EPOCH_LINE.findall(before_stop))
+        finished = len(EPOCH_LINE.findall(log(net).split("stopped by SIGUSR1:")[0]))
         last = torch.load(ring / f"net{net}" / "last.pt", weights_only=True)  # intact: it loads
         assert last["epoch"] == finished >= 1 and set(last) >= {"model", "optimizer", "scheduler"}
         assert not list((ring / f"net{net}").glob("*.tmp*")), "a temporary file was left behind"
     wait_for(lambda: job_fields(slurm, job)["Restarts"] == "1", "the job to requeue itself", ring, timeout=60)
     output = (ring / f"slurm-{job}.out").read_text()
     assert "the networks stopped at the time-limit signal; requeueing (1 of at most 3)" in output, output
-    slurm_command(slurm, "scancel", job)  # the restart is the requeue test's subject
+    slurm_command(slurm, "scancel", job)  # what a restart does is the subject of the requeue test
+
+
+STOPPABLE = r"""#!/usr/bin/env bash
+# Stands in for python in a job's network task: records its flags, then trains until a signal kills it.
+echo "$*" >> "$STUB_RECORD"
+exec sleep 300
+"""
+
+
+@pytest.mark.e2e
+def test_after_max_requeues_the_job_ends_and_its_advice_resumes(tmp_path: Path, slurm: dict[str, str]) -> None:
+    stub = tmp_path / "stub-python"
+    stub.write_text(STOPPABLE)
+    stub.chmod(0o755)
+    record = tmp_path / "record"
+    settings = {**RING, **SLURM, **slurm, "MAX_REQUEUES": "0", "PYTHON": str(stub), "STUB_RECORD": str(record)}
+    result = run_script("cifar_grafting.sh", tmp_path, DATA=str(tmp_path / "data"), **settings)
+    [job] = re.findall(r"^submitted .*: job (\d+) ", result.stdout, re.M)
+    ring = tmp_path / "out" / RING_NAME
+    wait_for(lambda: record.exists() and len(record.read_text().splitlines()) == 2, "both networks", ring)
+    slurm_command(slurm, "scancel", "--signal=USR1", job)  # the stand-in dies of it, as a network stops
+    wait_for(lambda: job_ended(slurm, job), f"job {job} to end", ring, timeout=60)
+    fields = job_fields(slurm, job)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "75:0", "0"), fields
+    for net in (1, 2):  # the stand-in died of the signal: the task reports it stopped (75)
+        assert f"network {net} stopped by SIGUSR1 (exit 138)" in (ring / f"{net}.log").read_text()
+    advice = (ring / f"slurm-{job}.out").read_text().splitlines()[-1]
+    assert advice.endswith(f"not requeued: MAX_REQUEUES=0 reached; to continue, submit again: sbatch {ring}/job.sbatch")
+    # The advice, followed literally: a network with a last.pt resumes, the others start fresh.
+    (ring / "net2").mkdir()
+    (ring / "net2" / "last.pt").write_bytes(b"")
+    record.unlink()
+    sbatch, path = advice.rsplit("submit again: ", 1)[1].split()
+    again = slurm_command({**slurm, "STUB_RECORD": str(record)}, sbatch, "--parsable", path).strip()
+    wait_for(lambda: record.exists() and len(record.read_text().splitlines()) == 2, "both networks again", ring)
+    slurm_command(slurm, "scancel", again)
+    flags = {line.split("--i ")[1].split()[0]: line for line in record.read_text().splitlines()}
+    assert flags["1"].endswith("--i 1") and flags["2"].endswith("--i 2 --resume"), flags

@@ -47,7 +47,9 @@ start_munge() {
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge/munge.key
     chmod 0755 /run/munge
-    runuser -u munge -- munged --pid-file="$DIR/munged.pid" || die "munged did not start (see /var/log/munge/munged.log)"
+    mkdir -p "$DIR/munge"
+    chown munge:munge "$DIR/munge"  # munged runs as munge and writes its pid file there
+    runuser -u munge -- munged --pid-file="$DIR/munge/munged.pid" || die "munged did not start (see /var/log/munge/munged.log)"
     for _ in $(seq 50); do munge_works && return 0; sleep 0.1; done
     die "munged started but munge -n | unmunge fails (see /var/log/munge/munged.log)"
 }
@@ -96,10 +98,11 @@ node_ready() {
 }
 
 stop_pidfile() {
-    local file="$1" pid
+    # stop_pidfile FILE NAME: stop the process FILE names, if it still is NAME (a stale pid may be reused).
+    local file="$1" name="$2" pid
     [[ -s "$file" ]] || return 0
     pid="$(cat "$file")"
-    if kill -0 "$pid" 2>/dev/null; then
+    if [[ "$(ps -p "$pid" -o comm= 2>/dev/null)" == "$name" ]]; then
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
@@ -108,9 +111,9 @@ stop_pidfile() {
 }
 
 stop_cluster() {
-    stop_pidfile "$DIR/slurmd.pid"
-    stop_pidfile "$DIR/slurmctld.pid"
-    stop_pidfile "$DIR/munged.pid"  # only the munged this script started
+    stop_pidfile "$DIR/slurmd.pid" slurmd
+    stop_pidfile "$DIR/slurmctld.pid" slurmctld
+    stop_pidfile "$DIR/munge/munged.pid" munged  # only the munged this script started
 }
 
 start_cluster() {

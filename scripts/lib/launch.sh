@@ -541,7 +541,7 @@ set -uo pipefail
 network() {
     # One Slurm task: network NET of the ring, or node NODE of it (NODES_PER_NET > 1: a torchrun agent).
     local net=$(( SLURM_PROCID / NODES_PER_NET + 1 )) node=$(( SLURM_PROCID % NODES_PER_NET ))
-    local log="$RING/$net.log" cmd=("$PYTHON") stop="" signals=0 seen status pid hosts ids groups first
+    local log="$RING/$net.log" cmd=("$PYTHON") stop="" signals=0 seen status again pid hosts ids groups first
     (( node == 0 )) || log="$RING/$net.node$node.log"
     if (( NODES_PER_NET > 1 )); then
         read -r -a hosts <<< "$RING_HOSTS"
@@ -566,8 +566,8 @@ network() {
     # The time-limit signal (USR1) and SIGTERM reach every process of the task: the training processes
     # stop at once, last.pt keeps their last finished epoch. torchrun itself would die of USR1 without a
     # word, so it ignores it (its training processes install their own handler).
-    trap 'stop=USR1; signals=$((signals + 1))' USR1
-    trap 'stop=TERM; signals=$((signals + 1))' TERM
+    trap 'stop="${stop:-USR1}"; signals=$((signals + 1))' USR1  # the first signal is the one that stopped it
+    trap 'stop="${stop:-TERM}"; signals=$((signals + 1))' TERM
     cd "$REPO" || exit 1
     if (( ${#cmd[@]} > 1 )) && [[ "${cmd[1]}" == -m ]]; then
         (trap '' USR1; exec "${cmd[@]}") >> "$log" 2>&1 < /dev/null &
@@ -575,10 +575,12 @@ network() {
         "${cmd[@]}" >> "$log" 2>&1 < /dev/null &
     fi
     pid=$!
-    while :; do  # a trapped signal ends `wait` early: wait again for the network's own status
+    seen=0
+    wait "$pid"; status=$?
+    while (( signals != seen )); do  # a trapped signal ended `wait` early: wait for the network itself
         seen=$signals
-        wait "$pid"; status=$?
-        (( signals != seen )) || break
+        wait "$pid"; again=$?
+        (( again < 0 || again > 255 || again == 127 )) || status=$again  # else it had ended with the signal
     done
     if [[ -n "$stop" ]] && (( status != 0 )); then
         echo "==== $(date '+%F %T') network $net stopped by SIG$stop (exit $status)" >> "$log"
@@ -589,7 +591,7 @@ network() {
 
 ring() {
     # The batch step: start every network (srun), then finish, requeue or report.
-    local start=$(( ${SLURM_RESTART_COUNT:-0} + 1 )) net pid status terminated=0 seen
+    local start=$(( ${SLURM_RESTART_COUNT:-0} + 1 )) net pid status again terminated=0 seen
     echo "$(date '+%F %T') job $SLURM_JOB_ID, start $start, on $SLURM_JOB_NODELIST: $NUM network(s) in $RING"
     RESUME_NETS=""
     for (( net = 1; net <= NUM; net++ )); do
@@ -603,10 +605,12 @@ ring() {
     trap 'terminated=$((terminated + 1))' TERM
     srun --kill-on-bad-exit=1 "${SRUN[@]}" bash "$RING/job.sbatch" --network &
     pid=$!
-    while :; do
+    seen=0
+    wait "$pid"; status=$?
+    while (( terminated != seen )); do  # as in network()
         seen=$terminated
-        wait "$pid"; status=$?
-        (( terminated != seen )) || break
+        wait "$pid"; again=$?
+        (( again < 0 || again > 255 || again == 127 )) || status=$again
     done
     if (( status == 0 )); then
         echo "$(date '+%F %T') ring finished:"
