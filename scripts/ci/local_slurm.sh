@@ -110,7 +110,23 @@ stop_pidfile() {
     rm -f "$file"
 }
 
+cancel_jobs() {
+    # Jobs first: a job step whose slurmd is gone would run on, orphaned.
+    [[ -f "$CONF" ]] && SLURM_CONF="$CONF" scontrol ping >/dev/null 2>&1 || return 0
+    local jobs
+    jobs="$(SLURM_CONF="$CONF" squeue -h -o %i 2>/dev/null)" || return 0
+    [[ -n "$jobs" ]] || return 0
+    # shellcheck disable=SC2086  # one id per word
+    SLURM_CONF="$CONF" scancel $jobs 2>/dev/null || true
+    for _ in $(seq 100); do
+        [[ -z "$(SLURM_CONF="$CONF" squeue -h -o %i 2>/dev/null)" ]] && return 0
+        sleep 0.2
+    done
+    say "jobs still ending after 20 s: $(SLURM_CONF="$CONF" squeue -h -o '%i %T' | tr '\n' ' ')"
+}
+
 stop_cluster() {
+    cancel_jobs
     stop_pidfile "$DIR/slurmd.pid" slurmd
     stop_pidfile "$DIR/slurmctld.pid" slurmctld
     stop_pidfile "$DIR/munge/munged.pid" munged  # only the munged this script started
