@@ -13,6 +13,7 @@
 #
 #   scripts/cifar_ablations.sh                        the whole set for resnet32 on CIFAR-10 and CIFAR-100, queued
 #   DRY=1 scripts/cifar_ablations.sh                  print the commands, run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_ablations.sh  one Slurm job per ring (README: Slurm)
 #   GPUS=0,1,2,3 MODELS=resnet56 DATASETS=10 ABLATIONS="noise internal" scripts/cifar_ablations.sh
 #
 # Each run's <ring>/net<i>/config.json records 'source' and 'criterion', which scripts/summarize.py uses to
@@ -22,6 +23,10 @@
 set -euo pipefail
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
+CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
+MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
 DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
 OUT="${OUT:-runs/cifar_ablations}"
 EPOCHS="${EPOCHS:-200}"
@@ -36,23 +41,25 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
 check_choices ABLATIONS "$ABLATIONS" baseline noise internal external l1 average
 check_choices RECIPE "$RECIPE" slr dlr cos
-queue_start "$@"
+check_cifar_data "$DATA" "$DATASETS"
 
-for model in $MODELS; do
-    for cifar in $DATASETS; do
-        common=(--model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS"
-                --invalid-threshold "$THRESHOLD")
-        read -r -a recipe <<< "$(recipe_flags "$RECIPE")"
-        for ablation in $ABLATIONS; do
-            ring="$OUT/${model}_c${cifar}_${ablation}"
-            case "$ablation" in
-                baseline) launch_ring "$ring" 1 -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" ;;
-                noise|internal) launch_ring "$ring" 1 -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --graft-source "$ablation" ;;
-                external) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --criterion entropy ;;
-                l1) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --criterion l1 ;;
-                average) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --graft-source average ;;
-            esac
+rings() {
+    for model in $MODELS; do
+        for cifar in $DATASETS; do
+            common=(--model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS"
+                    --invalid-threshold "$THRESHOLD")
+            read -r -a recipe <<< "$(recipe_flags "$RECIPE")"
+            for ablation in $ABLATIONS; do
+                ring="$OUT/${model}_c${cifar}_${ablation}"
+                case "$ablation" in
+                    baseline) launch_ring "$ring" 1 -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" ;;
+                    noise|internal) launch_ring "$ring" 1 -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --graft-source "$ablation" ;;
+                    external) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --criterion entropy ;;
+                    l1) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --criterion l1 ;;
+                    average) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --graft-source average ;;
+                esac
+            done
         done
     done
-done
-queue_finish
+}
+run_rings rings "$@"

@@ -5,6 +5,7 @@
 #
 #   scripts/cifar_baselines.sh                        all 8 runs, queued in the background
 #   DRY=1 scripts/cifar_baselines.sh                  print the commands, run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_baselines.sh  one Slurm job per ring (README: Slurm)
 #   GPUS=0,1,2,3 MODELS="resnet56" DATASETS=100 scripts/cifar_baselines.sh
 #
 # Queue: each run gets a GPU of its own and the runs are queued, as many at once as there are GPUs (set
@@ -14,6 +15,10 @@
 set -euo pipefail
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
+CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
+MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
 DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
 OUT="${OUT:-runs/cifar_baselines}"
 EPOCHS="${EPOCHS:-200}"
@@ -24,13 +29,15 @@ RECIPE="${RECIPE:-baseline}"                            # baseline (= step sched
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
 check_choices RECIPE "$RECIPE" baseline cos
-queue_start "$@"
+check_cifar_data "$DATA" "$DATASETS"
 
-for model in $MODELS; do
-    for cifar in $DATASETS; do
-        # shellcheck disable=SC2046  # the recipe's flags are separate words
-        launch_ring "$OUT/${model}_c${cifar}_baseline" 1 -- --model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" \
-            --epochs "$EPOCHS" $(recipe_flags "$RECIPE")
+rings() {
+    for model in $MODELS; do
+        for cifar in $DATASETS; do
+            # shellcheck disable=SC2046  # the recipe's flags are separate words
+            launch_ring "$OUT/${model}_c${cifar}_baseline" 1 -- --model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" \
+                --epochs "$EPOCHS" $(recipe_flags "$RECIPE")
+        done
     done
-done
-queue_finish
+}
+run_rings rings "$@"

@@ -12,6 +12,7 @@
 #
 #   scripts/cifar_cultivation.sh                      every variant for every model and dataset, queued
 #   DRY=1 scripts/cifar_cultivation.sh                print the commands, run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_cultivation.sh  one Slurm job per ring (README: Slurm)
 #   GPUS=0,1 MODELS=resnet56 DATASETS=100 VARIANTS=peers scripts/cifar_cultivation.sh
 #
 # 'teacher' and 'authors' need their teachers' checkpoints: run scripts/cifar_baselines.sh and
@@ -22,6 +23,10 @@
 set -euo pipefail
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
+CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
+MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
 DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
 OUT="${OUT:-runs/cifar_cultivation}"
 EPOCHS="${EPOCHS:-200}"
@@ -37,7 +42,7 @@ GRAFTED_RUNS="${GRAFTED_RUNS:-runs/cifar_grafting}"     # where the 'authors' va
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
 check_choices VARIANTS "$VARIANTS" peers teacher authors
-queue_start "$@"
+check_cifar_data "$DATA" "$DATASETS"
 
 # teacher_flags VARIANT MODEL CIFAR: the --teacher flags of a variant, one word per line (empty when missing).
 teacher_flags() {
@@ -58,31 +63,33 @@ teacher_flags() {
     for path in "${paths[@]}"; do printf '%s\n%s\n' --teacher "$path"; done
 }
 
-for model in $MODELS; do
-    for cifar in $DATASETS; do
-        for variant in $VARIANTS; do
-            common=(--model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS")
-            case "$variant" in
-                peers)
-                    # shellcheck disable=SC2046  # the recipe's flags are separate words
-                    launch_ring "$OUT/${model}_c${cifar}_dlr_kd_peers" "$NUM" -- "${common[@]}" $(recipe_flags dlr) \
-                        --distill peers --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT"
-                    ;;
-                teacher|authors)
-                    mapfile -t teachers < <(teacher_flags "$variant" "$model" "$cifar")
-                    (( ${#teachers[@]} > 0 )) || continue
-                    if [[ "$variant" == teacher ]]; then
-                        # shellcheck disable=SC2046
-                        launch_ring "$OUT/${model}_c${cifar}_dlr_kd_teacher" "$NUM" -- "${common[@]}" $(recipe_flags dlr) \
-                            --distill teacher "${teachers[@]}" --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT"
-                    else
-                        # shellcheck disable=SC2046
-                        launch_ring "$OUT/${model}_c${cifar}_slr_kd_authors" "$NUM" -- "${common[@]}" $(recipe_flags slr) \
-                            --distill teacher "${teachers[@]}" --kd-temperature 2 --kd-weight 1 --no-kd-soften-teacher
-                    fi
-                    ;;
-            esac
+rings() {
+    for model in $MODELS; do
+        for cifar in $DATASETS; do
+            for variant in $VARIANTS; do
+                common=(--model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS")
+                case "$variant" in
+                    peers)
+                        # shellcheck disable=SC2046  # the recipe's flags are separate words
+                        launch_ring "$OUT/${model}_c${cifar}_dlr_kd_peers" "$NUM" -- "${common[@]}" $(recipe_flags dlr) \
+                            --distill peers --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT"
+                        ;;
+                    teacher|authors)
+                        mapfile -t teachers < <(teacher_flags "$variant" "$model" "$cifar")
+                        (( ${#teachers[@]} > 0 )) || continue
+                        if [[ "$variant" == teacher ]]; then
+                            # shellcheck disable=SC2046
+                            launch_ring "$OUT/${model}_c${cifar}_dlr_kd_teacher" "$NUM" -- "${common[@]}" $(recipe_flags dlr) \
+                                --distill teacher "${teachers[@]}" --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT"
+                        else
+                            # shellcheck disable=SC2046
+                            launch_ring "$OUT/${model}_c${cifar}_slr_kd_authors" "$NUM" -- "${common[@]}" $(recipe_flags slr) \
+                                --distill teacher "${teachers[@]}" --kd-temperature 2 --kd-weight 1 --no-kd-soften-teacher
+                        fi
+                        ;;
+                esac
+            done
         done
     done
-done
-queue_finish
+}
+run_rings rings "$@"

@@ -4,6 +4,7 @@
 #
 #   scripts/cifar_grafting.sh                         all 16 rings, queued in the background
 #   DRY=1 scripts/cifar_grafting.sh                   print the commands, run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_grafting.sh  one Slurm job per ring (README: Slurm)
 #   GPUS=0,1,2,3 MODELS="resnet32 resnet56" DATASETS=10 METHODS=dlr scripts/cifar_grafting.sh
 #
 # Queue: each network gets a GPU of its own; rings start one after another as GPUs free up, so 8 GPUs run
@@ -14,6 +15,10 @@
 set -euo pipefail
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
+CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
+MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
 DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
 OUT="${OUT:-runs/cifar_grafting}"
 EPOCHS="${EPOCHS:-200}"
@@ -25,15 +30,17 @@ NUM="${NUM:-2}"                                         # networks per ring (the
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
 check_choices METHODS "$METHODS" slr dlr
-queue_start "$@"
+check_cifar_data "$DATA" "$DATASETS"
 
-for model in $MODELS; do
-    for cifar in $DATASETS; do
-        for method in $METHODS; do
-            # shellcheck disable=SC2046  # the recipe's flags are separate words
-            launch_ring "$OUT/${model}_c${cifar}_${method}" "$NUM" -- --model "$model" --cifar "$cifar" \
-                --data "$(_abspath "$DATA")" --epochs "$EPOCHS" $(recipe_flags "$method")
+rings() {
+    for model in $MODELS; do
+        for cifar in $DATASETS; do
+            for method in $METHODS; do
+                # shellcheck disable=SC2046  # the recipe's flags are separate words
+                launch_ring "$OUT/${model}_c${cifar}_${method}" "$NUM" -- --model "$model" --cifar "$cifar" \
+                    --data "$(_abspath "$DATA")" --epochs "$EPOCHS" $(recipe_flags "$method")
+            done
         done
     done
-done
-queue_finish
+}
+run_rings rings "$@"

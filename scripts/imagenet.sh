@@ -5,6 +5,7 @@
 #
 #   scripts/imagenet.sh                               everything, queued in the background
 #   DRY=1 scripts/imagenet.sh                         print the commands, run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/imagenet.sh  one Slurm job per ring (README: Slurm)
 #   GPUS=0,1,2,3 GPUS_PER_NET=2 ARCHS=resnet18 METHODS=grafting scripts/imagenet.sh
 #
 # GPUs: each network gets GPUS_PER_NET GPUs (torchrun, DistributedDataParallel; the batch is the network's
@@ -14,6 +15,10 @@
 set -euo pipefail
 
 GPUS="${GPUS:-0,1,2,3,4,5,6,7}"                         # GPU ids, or cpu
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+TIME="${TIME:-24:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
+CPUS_PER_NET="${CPUS_PER_NET:-24}"                      # slurm: cores of each network (on each of its nodes)
+MEM_PER_NET="${MEM_PER_NET:-128G}"                      # slurm: memory of each network (on each of its nodes)
 GPUS_PER_NET="${GPUS_PER_NET:-4}"                       # GPUs per network
 DATA="${DATA:-imagenet}"                                # holds train/ and val/
 OUT="${OUT:-runs/imagenet}"
@@ -28,16 +33,18 @@ TRAIN=grafting_imagenet/train.py
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices METHODS "$METHODS" baseline grafting
 check_choices RECIPE "$RECIPE" cos step
-queue_start "$@"
+check_imagenet_data "$DATA"
 
-schedule=()
-[[ "$RECIPE" == step ]] && schedule=(--steplr)
-for arch in $ARCHS; do
-    for method in $METHODS; do
-        num=2
-        [[ "$method" == baseline ]] && num=1
-        launch_ring "$OUT/${arch}_${method}" "$num" -- --data "$(_abspath "$DATA")" -a "$arch" -j "$WORKERS" \
-            -b "$BATCH" --epochs "$EPOCHS" --lr 0.1 "${schedule[@]+"${schedule[@]}"}"
+rings() {
+    schedule=()
+    [[ "$RECIPE" == step ]] && schedule=(--steplr)
+    for arch in $ARCHS; do
+        for method in $METHODS; do
+            num=2
+            [[ "$method" == baseline ]] && num=1
+            launch_ring "$OUT/${arch}_${method}" "$num" -- --data "$(_abspath "$DATA")" -a "$arch" -j "$WORKERS" \
+                -b "$BATCH" --epochs "$EPOCHS" --lr 0.1 "${schedule[@]+"${schedule[@]}"}"
+        done
     done
-done
-queue_finish
+}
+run_rings rings "$@"

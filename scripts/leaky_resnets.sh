@@ -4,6 +4,7 @@
 #
 #   scripts/leaky_resnets.sh                          everything, queued in the background
 #   DRY=1 scripts/leaky_resnets.sh                    print the commands, run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/leaky_resnets.sh  one Slurm job per ring (README: Slurm)
 #   GPUS=0,1 MODELS=resnet56_leaky METHODS=dlr scripts/leaky_resnets.sh
 #
 # The paper does not say which grafting recipe this table used; dlr (its best) is the default, METHODS="baseline
@@ -12,6 +13,10 @@
 set -euo pipefail
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
+CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
+MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
 DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
 OUT="${OUT:-runs/leaky_resnets}"
 EPOCHS="${EPOCHS:-200}"
@@ -22,18 +27,20 @@ METHODS="${METHODS:-baseline dlr}"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
 check_choices METHODS "$METHODS" baseline slr dlr
-queue_start "$@"
+check_cifar_data "$DATA" "$DATASETS"
 
-# Method outermost: runs of the same size follow each other, so the queue packs them without idle GPUs.
-for method in $METHODS; do
-    num=2
-    [[ "$method" == baseline ]] && num=1
-    for model in $MODELS; do
-        for cifar in $DATASETS; do
-            # shellcheck disable=SC2046  # the recipe's flags are separate words
-            launch_ring "$OUT/${model}_c${cifar}_${method}" "$num" -- --model "$model" --cifar "$cifar" \
-                --data "$(_abspath "$DATA")" --epochs "$EPOCHS" $(recipe_flags "$method")
+rings() {
+    # Method outermost: runs of the same size follow each other, so the queue packs them without idle GPUs.
+    for method in $METHODS; do
+        num=2
+        [[ "$method" == baseline ]] && num=1
+        for model in $MODELS; do
+            for cifar in $DATASETS; do
+                # shellcheck disable=SC2046  # the recipe's flags are separate words
+                launch_ring "$OUT/${model}_c${cifar}_${method}" "$num" -- --model "$model" --cifar "$cifar" \
+                    --data "$(_abspath "$DATA")" --epochs "$EPOCHS" $(recipe_flags "$method")
+            done
         done
     done
-done
-queue_finish
+}
+run_rings rings "$@"

@@ -4,6 +4,7 @@
 #
 #   scripts/mobilenetv2_a_c.sh                        all 22 rings, queued in the background
 #   DRY=1 scripts/mobilenetv2_a_c.sh                  print the commands, run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/mobilenetv2_a_c.sh  one Slurm job per ring (README: Slurm)
 #   DATASETS=10 C_VALUES="1 500" A_VALUES="" scripts/mobilenetv2_a_c.sh
 #
 # The paper does not say which recipe this study used; its numbers sit nearer slr's than dlr's, so slr is the
@@ -12,6 +13,10 @@
 set -euo pipefail
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
+CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
+MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
 DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
 OUT="${OUT:-runs/mobilenetv2_a_c}"
 EPOCHS="${EPOCHS:-200}"
@@ -26,20 +31,22 @@ MODEL=mobilenetv2
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
 check_choices RECIPE "$RECIPE" slr dlr
-queue_start "$@"
+check_cifar_data "$DATA" "$DATASETS"
 
-pairs=()
-for c in $C_VALUES; do pairs+=("$A_FIXED $c"); done
-for a in $A_VALUES; do pairs+=("$a $C_FIXED"); done
-for cifar in $DATASETS; do
-    seen=" "
-    for pair in "${pairs[@]}"; do
-        read -r a c <<< "$pair"
-        [[ "$seen" == *" a${a}_c${c} "* ]] && continue  # a pair in both lists runs once
-        seen+="a${a}_c${c} "
-        # shellcheck disable=SC2046  # the recipe's flags are separate words
-        launch_ring "$OUT/${MODEL}_c${cifar}_${RECIPE}_a${a}_c${c}" 2 -- --model "$MODEL" --cifar "$cifar" \
-            --data "$(_abspath "$DATA")" --epochs "$EPOCHS" --a "$a" --c "$c" $(recipe_flags "$RECIPE")
+rings() {
+    pairs=()
+    for c in $C_VALUES; do pairs+=("$A_FIXED $c"); done
+    for a in $A_VALUES; do pairs+=("$a $C_FIXED"); done
+    for cifar in $DATASETS; do
+        seen=" "
+        for pair in "${pairs[@]}"; do
+            read -r a c <<< "$pair"
+            [[ "$seen" == *" a${a}_c${c} "* ]] && continue  # a pair in both lists runs once
+            seen+="a${a}_c${c} "
+            # shellcheck disable=SC2046  # the recipe's flags are separate words
+            launch_ring "$OUT/${MODEL}_c${cifar}_${RECIPE}_a${a}_c${c}" 2 -- --model "$MODEL" --cifar "$cifar" \
+                --data "$(_abspath "$DATA")" --epochs "$EPOCHS" --a "$a" --c "$c" $(recipe_flags "$RECIPE")
+        done
     done
-done
-queue_finish
+}
+run_rings rings "$@"

@@ -4,6 +4,7 @@
 #
 #   scripts/vgg16_grafting.sh                         everything, queued in the background
 #   DRY=1 scripts/vgg16_grafting.sh                   print the commands, run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/vgg16_grafting.sh  one Slurm job per ring (README: Slurm)
 #   DATASETS=10 METHODS=filter scripts/vgg16_grafting.sh
 #
 # layer = entropy-weighted layers (--level layer; the convs and BatchNorms, the classifier keeps its own weights);
@@ -14,6 +15,10 @@
 set -euo pipefail
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
+CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
+MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
 DATA="${DATA:-data}"                                    # holds cifar-10-batches-py/ and cifar-100-python/
 OUT="${OUT:-runs/vgg16_grafting}"
 EPOCHS="${EPOCHS:-200}"
@@ -26,19 +31,21 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
 check_choices METHODS "$METHODS" baseline layer filter
 check_choices RECIPE "$RECIPE" slr dlr
-queue_start "$@"
+check_cifar_data "$DATA" "$DATASETS"
 
-# Method outermost: runs of the same size follow each other, so the queue packs them without idle GPUs.
-for method in $METHODS; do
-    for cifar in $DATASETS; do
-        folder="$OUT/${MODEL}_c${cifar}_${method}"
-        common=(--model "$MODEL" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS")
-        if [[ "$method" == baseline ]]; then
-            launch_ring "$folder" 1 -- "${common[@]}"
-        else
-            # shellcheck disable=SC2046  # the recipe's flags are separate words
-            launch_ring "${folder}_${RECIPE}" 2 -- "${common[@]}" --level "$method" $(recipe_flags "$RECIPE")
-        fi
+rings() {
+    # Method outermost: runs of the same size follow each other, so the queue packs them without idle GPUs.
+    for method in $METHODS; do
+        for cifar in $DATASETS; do
+            folder="$OUT/${MODEL}_c${cifar}_${method}"
+            common=(--model "$MODEL" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS")
+            if [[ "$method" == baseline ]]; then
+                launch_ring "$folder" 1 -- "${common[@]}"
+            else
+                # shellcheck disable=SC2046  # the recipe's flags are separate words
+                launch_ring "${folder}_${RECIPE}" 2 -- "${common[@]}" --level "$method" $(recipe_flags "$RECIPE")
+            fi
+        done
     done
-done
-queue_finish
+}
+run_rings rings "$@"

@@ -3,6 +3,8 @@
 With DRY=1 every script prints its commands; each must be accepted by the parser of the program
 it starts. The queue is exercised for real with a stand-in interpreter that only records when it
 ran, and one script trains for real: a ring of two networks for one epoch on generated CIFAR.
+The checks before anything starts (data, GPUs, settings, rings that ran before) are tested here;
+LAUNCHER=slurm is tested in test_slurm.py.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from grafting.tools import ensemble as ensemble_tool, runs as runs_tool
 from grafting.data.fake import write_fake_cifar
 from grafting_cifar.train import parse_args as parse_cifar_args
+from conftest import one_line
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
@@ -49,14 +52,23 @@ def _environment(**settings: str) -> dict[str, str]:
     return env
 
 
+def data_folders(root: Path) -> None:
+    """Empty stand-ins of the folders the scripts check before they start anything: ``data/`` with both
+    CIFAR folders and ``imagenet/`` with ``train/`` and ``val/`` (the scripts' default DATA)."""
+    for folder in ("data/cifar-10-batches-py", "data/cifar-100-python", "imagenet/train", "imagenet/val"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+
+
 def run_script(script: str | Path, cwd: Path, timeout: float = 60, **settings: str) -> subprocess.CompletedProcess:
-    """Run an experiment script with bash and the given settings; returns the finished process."""
+    """Run an experiment script with bash and the given settings (in ``cwd``, which gets the default data
+    folders); returns the finished process."""
+    data_folders(cwd)
     return subprocess.run(["bash", str(REPO / "scripts" / script)], cwd=cwd, env=_environment(**settings),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def parse_command(line: str) -> Command:
-    """``[VAR=..] nohup PYTHON [-m torch.distributed.run ...] PROGRAM ARGS [> LOG 2>&1 &]``."""
+    """``[VAR=..] nohup PYTHON [-m torch.distributed.run ...] PROGRAM ARGS [>> LOG 2>&1 &]``."""
     words = shlex.split(line)
     env = {}
     while "=" in words[0] and not words[0].startswith("/"):
@@ -67,8 +79,8 @@ def parse_command(line: str) -> Command:
     assert words[0] == sys.executable, f"not started with $PYTHON: {line}"
     program_at = next(k for k, w in enumerate(words) if w.endswith(".py"))
     log = None
-    if ">" in words:
-        end = words.index(">")
+    if ">>" in words:
+        end = words.index(">>")
         assert words[end + 2:] == ["2>&1", "&"], line
         log = words[end + 1]
         words = words[:end]
@@ -104,8 +116,15 @@ def training(commands: list[Command]) -> list[tuple[Command, object]]:
 # DRY=1: every script, every command through its parser
 
 
+def listing(root: Path) -> set[Path]:
+    """Every file and folder under ``root``."""
+    return set(root.rglob("*"))
+
+
 @pytest.mark.parametrize("script", EXPERIMENTS, ids=lambda p: p.name)
 def test_dry_run_prints_commands_the_parsers_accept(script, tmp_path):
+    data_folders(tmp_path)
+    before = listing(tmp_path)
     lines, commands = dry_commands(script, tmp_path)
     assert commands, "a DRY run printed no command"
     rings: dict[str, list] = defaultdict(list)
@@ -120,7 +139,8 @@ def test_dry_run_prints_commands_the_parsers_accept(script, tmp_path):
         nums = {a.num for a in members}
         assert len(nums) == 1, f"{folder}: networks disagree on --num"
         assert sorted(a.i for a in members) == list(range(1, nums.pop() + 1)), f"{folder}: incomplete ring"
-    assert list(tmp_path.iterdir()) == [], "DRY=1 must not create anything"
+    assert listing(tmp_path) == before, "DRY=1 must not create anything"
+    assert lines[0].startswith(f"# {script.name}: {len(rings)} ring(s), {sum(len(m) for m in rings.values())} network(s)")
 
 
 EXPECTED_NETWORKS = {  # (rings, training commands) of each script with its default settings
@@ -192,7 +212,7 @@ def test_gpus_round_robin_and_queue(tmp_path):
                                    DATASETS="10 100")
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in commands] == ["0", "1", "2", "3"] * 2
     queued = [k for k, line in enumerate(lines) if line.startswith("# queued")]
-    assert queued == [4]
+    assert queued == [5]  # after the plan line and the first two rings
     # Two networks per GPU: all four rings at once.
     lines, commands = dry_commands("cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet32",
                                    DATASETS="10 100", JOBS_PER_GPU="2")
@@ -201,13 +221,14 @@ def test_gpus_round_robin_and_queue(tmp_path):
 
 
 def test_cpu_and_extra_flags(tmp_path):
+    (tmp_path / "cifar data" / "cifar-100-python").mkdir(parents=True)
     _, commands = dry_commands("cifar_baselines.sh", tmp_path, GPUS="cpu", MODELS="resnet20", DATASETS="100",
-                               EXTRA="--amp --peer-timeout 60", OUT="my runs", DATA="~/cifar data")
+                               EXTRA="--amp --peer-timeout 60", OUT="my runs", DATA="~/cifar data", HOME=str(tmp_path))
     [(command, args)] = training(commands)
     assert command.env == {}
     assert args.device == "cpu" and args.amp and args.peer_timeout == 60
     assert args.s == str(tmp_path / "my runs" / "resnet20_c100_baseline")
-    assert args.data == os.path.expanduser("~/cifar data")
+    assert args.data == str(tmp_path / "cifar data")
 
 
 def test_imagenet_networks_on_several_gpus_use_torchrun(tmp_path):
@@ -230,19 +251,84 @@ def test_imagenet_networks_on_several_gpus_use_torchrun(tmp_path):
     ({"DATASETS": "10 1000"}, "DATASETS: unknown value '1000'"),
     ({"JOBS_PER_GPU": "0"}, "JOBS_PER_GPU must be a positive whole number"),
     ({"GPUS": "0", "GPUS_PER_NET": "2"}, "lists 1 GPU(s) but each network needs GPUS_PER_NET=2"),
+    ({"GPUS": "0,1", "GPUS_PER_NET": "2"}, "only grafting_imagenet/train.py trains one network on several processes"),
+    ({"LAUNCHER": "pbs"}, "LAUNCHER must be nohup or slurm, got 'pbs'"),
+    ({"NODES_PER_NET": "2"}, "NODES_PER_NET=2 needs LAUNCHER=slurm"),
+    ({"MEM_PER_NET": "lots"}, "MEM_PER_NET must be a size like 16G"),
+    ({"METHODS": " "}, "the settings select no ring to run"),
+    ({"DATA": "elsewhere"}, "DATA=elsewhere: no CIFAR-10 in "),
+    ({"DATA": "elsewhere", "DATASETS": "100"}, "cifar-100-python/ is missing"),
 ])
-def test_bad_settings_stop_with_one_line(settings, message, tmp_path):
-    result = run_script("cifar_grafting.sh", tmp_path, DRY="1", **settings)
+@pytest.mark.parametrize("dry", ["1", "0"])
+def test_bad_settings_stop_with_one_line(settings, message, dry, tmp_path):
+    result = run_script("cifar_grafting.sh", tmp_path, DRY=dry, **settings)
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may start before the checks pass"
+
+
+def test_missing_data_advice_downloads_into_the_folder_the_script_reads(tmp_path):
+    result = run_script("cifar_baselines.sh", tmp_path, DRY="1", DATA="elsewhere", DATASETS="100")
+    assert result.returncode == 2
+    advice = result.stderr.split("download it: ", 1)[1].strip()
+    command = shlex.split(advice)
+    assert command[:2] == [sys.executable, "-c"]
+    assert f"load_cifar('{tmp_path / 'elsewhere'}', 100, download=True)" in command[2]
+
+
+def _nvidia_smi(tmp_path: Path, indices: str) -> str:
+    """A folder with a stand-in nvidia-smi that lists GPUs ``indices`` (comma list); returns a PATH."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    tool = folder / "nvidia-smi"
+    tool.write_text("#!/usr/bin/env bash\n" + "".join(f"echo {i}\n" for i in indices.split(",")))
+    tool.chmod(0o755)
+    return f"{folder}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+
+
+def test_gpus_are_checked_with_nvidia_smi(tmp_path):
+    path = _nvidia_smi(tmp_path, "0,1")
+    result = run_script("cifar_grafting.sh", tmp_path, DRY="1", GPUS="0,1,2,3", PATH=path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert one_line(result.stderr) == ("error: GPUS=0,1,2,3: this machine has no GPU 2 (nvidia-smi lists 0,1); set "
+                                       "GPUS to those ids, or GPUS=cpu")
+    result = run_script("cifar_grafting.sh", tmp_path, DRY="1", GPUS="1,0", PATH=path)
+    assert result.returncode == 0 and result.stderr == ""
+    # Without nvidia-smi the ids cannot be checked: a warning, and the commands all the same.
+    result = run_script("cifar_grafting.sh", tmp_path, DRY="1", GPUS="0,1", PATH="/usr/bin:/bin")
+    assert result.returncode == 0
+    assert "warning: nvidia-smi not found, so GPUS=0,1 is not checked" in one_line(result.stderr)
+    result = run_script("cifar_grafting.sh", tmp_path, DRY="1", GPUS="cpu", PATH="/usr/bin:/bin")
+    assert result.returncode == 0 and result.stderr == ""
+
+
+def test_a_ring_that_ran_before_needs_resume(tmp_path):
+    ring = tmp_path / "out" / "resnet20_c10_dlr"
+    (ring / "net2").mkdir(parents=True)
+    (ring / "net2" / "last.pt").write_bytes(b"")
+    settings = dict(PYTHON=_stub(tmp_path), FOREGROUND="1", POLL="1", GPUS="0,1", MODELS="resnet20", DATASETS="10",
+                    OUT="out", STUB_SECONDS="0")
+    result = run_script("cifar_grafting.sh", tmp_path, **settings)
+    assert result.returncode == 2 and result.stdout == ""
+    assert one_line(result.stderr) == (f"error: {ring}/net2/last.pt exists: that ring has run before; continue it "
+                                       f"with EXTRA=--resume, or choose another OUT")
+    assert not (tmp_path / "out" / "resnet20_c10_slr").exists(), "no ring may start before the checks pass"
+    # The advice, followed literally.
+    result = run_script("cifar_grafting.sh", tmp_path, EXTRA="--resume", **settings)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(_events(ring)["end"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------
 # The queue, for real, with a stand-in interpreter
 
 STUB = r"""#!/usr/bin/env bash
-# Stands in for python: records when network --i of ring --s started and ended.
+# Stands in for python: records when network --i of ring --s started and ended; answers for summarize.py.
+if [[ "$1" == */scripts/summarize.py ]]; then
+    echo "| summary row of $2 |"
+    exit 0
+fi
 while (( $# )); do
     case "$1" in --s) ring="$2"; shift ;; --i) net="$2"; shift ;; esac
     shift
@@ -286,8 +372,12 @@ def test_queue_runs_rings_one_after_another_when_gpus_are_short(tmp_path):
     assert max(one["start"]) - min(one["start"]) < 1.0, "the networks of a ring start together"
     pids = [line.split() for line in (first / "pids").read_text().splitlines()]
     assert [(net, gpu) for net, _, gpu in pids] == [("1", "0"), ("2", "1")]
-    assert (first / "1.log").read_text().strip() == "stand-in network 1"
+    assert (first / "1.log").read_text().splitlines()[1:] == ["stand-in network 1"]
     assert "all rings finished" in result.stdout and f"tail -f {first}/*.log" in result.stdout
+    # Each ring's result line as soon as it has finished, before the next ring starts.
+    out = result.stdout
+    assert out.index(f"ring {first} finished:\n    | summary row of {first} |") < out.index(f"starting {second}")
+    assert f"ring {second} finished:\n    | summary row of {second} |" in out
 
 
 def test_a_failed_network_stops_its_ring_and_the_queue_moves_on(tmp_path):
@@ -299,12 +389,29 @@ def test_a_failed_network_stops_its_ring_and_the_queue_moves_on(tmp_path):
     failed = tmp_path / "out" / "resnet20_c10_slr"
     assert f"network 1 of {failed} failed (exit 3)" in result.stdout
     assert f"failed rings: {failed}" in result.stdout
+    assert f"ring {failed} finished" not in result.stdout
     assert len(_events(tmp_path / "out" / "resnet20_c10_dlr")["end"]) == 2
+
+
+def test_network_logs_are_appended_with_a_header_per_start(tmp_path):
+    # Resuming a ring (EXTRA=--resume) must keep the log lines of the networks' earlier runs.
+    settings = dict(PYTHON=_stub(tmp_path), FOREGROUND="1", POLL="1", GPUS="0,1", MODELS="resnet20", DATASETS="10",
+                    METHODS="slr", OUT="out", STUB_SECONDS="0")
+    first = run_script("cifar_grafting.sh", tmp_path, **settings)
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = run_script("cifar_grafting.sh", tmp_path, EXTRA="--resume", **settings)
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = (tmp_path / "out" / "resnet20_c10_slr" / "1.log").read_text().splitlines()
+    assert log.count("stand-in network 1") == 2, log
+    headers = [line for line in log if line.startswith("==== ")]
+    assert len(headers) == 2 and all("network 1 on 0" in line for line in headers), log
+    assert log[0] == headers[0] and "--resume" in headers[1] and "--resume" not in headers[0]
 
 
 def test_queue_detaches_and_logs_to_queue_log(tmp_path):
     started = time.monotonic()
-    result = run_script("cifar_baselines.sh", tmp_path, PYTHON=_stub(tmp_path), POLL="1", GPUS="0",
+    # The default POLL: a few seconds between checks, so the second ring follows the first at once.
+    result = run_script("cifar_baselines.sh", tmp_path, PYTHON=_stub(tmp_path), GPUS="0",
                         MODELS="resnet20", DATASETS="10 100", OUT="out", STUB_SECONDS="0")
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 10, "the script should return while the queue runs on"
@@ -314,6 +421,8 @@ def test_queue_detaches_and_logs_to_queue_log(tmp_path):
     while "all rings finished" not in (queue_log.read_text() if queue_log.exists() else ""):
         assert time.monotonic() < deadline, "the detached queue did not finish"
         time.sleep(0.2)
+    assert time.monotonic() - started < 20, "the queue waited too long between its checks"
+    assert "# cifar_baselines.sh: 2 ring(s), 2 network(s)" in queue_log.read_text()
     for cifar in (10, 100):
         assert len(_events(tmp_path / "out" / f"resnet20_c{cifar}_baseline")["end"]) == 1
 
@@ -324,7 +433,7 @@ def test_queue_detaches_and_logs_to_queue_log(tmp_path):
 
 def test_grafting_script_trains_one_epoch_on_the_cpu(tmp_path):
     data = write_fake_cifar(tmp_path / "data", num_classes=10, train_size=128, test_size=50)
-    result = run_script("cifar_grafting.sh", tmp_path, timeout=120, PYTHON=sys.executable, FOREGROUND="1", POLL="1",
+    result = run_script("cifar_grafting.sh", tmp_path, timeout=300, PYTHON=sys.executable, FOREGROUND="1", POLL="1",
                         GPUS="cpu", EPOCHS="1", MODELS="resnet20", DATASETS="10", METHODS="dlr", DATA=str(data),
                         OUT="out", EXTRA="--print_frequence 0")
     ring = tmp_path / "out" / "resnet20_c10_dlr"
@@ -339,3 +448,7 @@ def test_grafting_script_trains_one_epoch_on_the_cpu(tmp_path):
     [run] = runs_tool.find_runs([tmp_path / "out"])
     assert (run.model, run.dataset, run.method, run.epochs) == ("resnet20", "cifar10", "dlr", 1)
     assert [n.final for n in run.networks] == finals
+    # The queue printed the ring's summary row when it finished.
+    after = result.stdout.split(f"ring {ring} finished:\n", 1)[1].splitlines()
+    rows = [line for line in after[:after.index(next(x for x in after if not x.startswith("    ")))]]
+    assert any("resnet20" in row and "dlr" in row for row in rows), result.stdout

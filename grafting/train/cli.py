@@ -10,6 +10,7 @@ from typing import Callable, TypeVar
 
 from grafting.errors import DatasetNotFoundError, GraftingError, UsageError
 from grafting.train.config import RunConfig
+from grafting.train.signals import STOPPED_EXIT_CODE, StopRequested, stop_on_signals
 
 __all__ = ["ArgumentParser", "build_parser", "parse_config", "entry_point"]
 
@@ -71,12 +72,17 @@ def parse_config(config_cls: type[C], argv: list[str] | None, *, prog: str, desc
 
 def entry_point(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
     """Wrap a script's main: a GraftingError becomes one line on stderr and an exit code
-    (2 for bad flags or a missing dataset, 1 for failures during the run); Ctrl-C exits 130."""
+    (2 for bad flags or a missing dataset, 1 for failures during the run); Ctrl-C exits 130; SIGUSR1
+    and SIGTERM stop at once and exit with STOPPED_EXIT_CODE (grafting.train.signals)."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> None:
         try:
-            main(argv)
+            with stop_on_signals():
+                main(argv)
+        except StopRequested as stop:
+            print(f"{stop} (exit {STOPPED_EXIT_CODE})", file=sys.stderr, flush=True)
+            sys.exit(STOPPED_EXIT_CODE)
         except (UsageError, DatasetNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)

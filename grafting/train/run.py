@@ -21,6 +21,7 @@ from grafting.train.files import ResumeState, load_last, prepare_run_files
 from grafting.train.loop import fit
 from grafting.train.report import RunReporter
 from grafting.train.schedule import dlr_factor, make_scheduler
+from grafting.train.signals import StopRequested
 
 __all__ = ["amp_dtype_for", "run_ring", "share_resumed_state"]
 
@@ -96,6 +97,10 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
                        files=files, epochs=config.epochs, start_epoch=state.start_epoch, best_acc=state.best_acc,
                        hook=hook, amp_dtype=amp_dtype, scaler=scaler, print_freq=config.print_freq,
                        reporter=reporter, extra_state=hook.state_dict if hook is not None else None)
+        except StopRequested as stop:
+            if files is not None:
+                log.warning(f"{stop}: {files.last} keeps the last finished epoch; continue with --resume")
+            raise
         finally:
             reporter.close()
     log.info(f"done: best test accuracy {best:.2f}{' (GENERATED stand-in data)' if config.generated_data else ''}")
