@@ -273,8 +273,14 @@ def test_missing_data_advice_downloads_into_the_folder_the_script_reads(tmp_path
     assert result.returncode == 2
     advice = result.stderr.split("download it: ", 1)[1].strip()
     command = shlex.split(advice)
-    assert command[:2] == [sys.executable, "-c"]
-    assert f"load_cifar('{tmp_path / 'elsewhere'}', 100, download=True)" in command[2]
+    assert command[-4:] == ["download", str(tmp_path / "elsewhere"), "--cifar", "100"], command
+    # Followed literally where the internet is out of reach (a proxy that refuses at once): it tries that
+    # folder and says in one line what to do instead; with the internet it would download there.
+    offline = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    done = subprocess.run(command, cwd=tmp_path, env=offline, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip()
+    assert "\n" not in line and f"could not download CIFAR-100 into {tmp_path / 'elsewhere'}" in line, line
 
 
 def _nvidia_smi(tmp_path: Path, indices: str) -> str:

@@ -188,7 +188,7 @@ check_cifar_data() {
         folder=cifar-10-batches-py
         [[ "$cifar" == 100 ]] && folder=cifar-100-python
         [[ -d "$data/$folder" ]] && continue
-        _launch_die "DATA=$1: no CIFAR-$cifar in $data ($folder/ is missing); set DATA to the folder that holds it, or download it: $(_quoted "$PYTHON" -c "from grafting.data.cifar import load_cifar; load_cifar('$data', $cifar, download=True)")"
+        _launch_die "DATA=$1: no CIFAR-$cifar in $data ($folder/ is missing); set DATA to the folder that holds it, or download it: $(_quoted env "PYTHONPATH=$REPO" "$PYTHON" -m grafting.tools.data download "$data" --cifar "$cifar")"
     done
 }
 
