@@ -193,24 +193,29 @@ def _corrupt(path: Path, err: BaseException, advice: str) -> CheckpointError:
     return CheckpointError(f"{path} is truncated or corrupt ({_short_reason(err)}); {advice}")
 
 
-# Larger weights or BatchNorm statistics than this mean a network that diverged or a file edited by
-# hand: trained networks stay orders of magnitude below, and such values grafted in or resumed
-# from would spoil the run (the next forward pass overflows).
-LARGEST_PLAUSIBLE_WEIGHT = 1e6
+# How many times larger than a reference (this network's own tensor) a value may be. Weights or
+# BatchNorm statistics of two networks trained on the same task differ by small factors; a million
+# times means a network that diverged or a file edited by hand, and grafted in or resumed from, such
+# values spoil the run. Relative, so that large constant buffers (attention masks) pass.
+MAGNITUDE_RATIO = 1e6
 
 
-def weights_problem(state: Mapping[str, torch.Tensor]) -> str:
-    """What makes ``state`` unfit to train on ('' when nothing): NaN or infinite values, or values beyond
-    :data:`LARGEST_PLAUSIBLE_WEIGHT`, naming the first tensor concerned."""
+def weights_problem(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None = None) -> str:
+    """What makes ``state`` unfit to train on ('' when nothing), naming the first tensor concerned: NaN or
+    infinite values, or, given a ``reference`` state_dict, values beyond :data:`MAGNITUDE_RATIO` times the
+    reference tensor's largest magnitude (at least 1)."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
             continue
         if not bool(value.isfinite().all()):
             return f"holds NaN or infinite values ({key})"
-        largest = float(value.detach().abs().max())
-        if largest > LARGEST_PLAUSIBLE_WEIGHT:
-            return (f"holds values up to {largest:.3g} ({key}), far beyond any trained network's "
-                    f"(> {LARGEST_PLAUSIBLE_WEIGHT:g})")
+        own = reference.get(key) if reference is not None else None
+        if not isinstance(own, torch.Tensor) or not own.is_floating_point() or own.numel() == 0:
+            continue
+        largest, scale = float(value.detach().abs().max()), max(float(own.detach().abs().max()), 1.0)
+        if largest > MAGNITUDE_RATIO * scale:
+            return (f"holds values up to {largest:.3g} ({key}), more than {MAGNITUDE_RATIO:g} times this network's "
+                    f"{scale:.3g}")
     return ""
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from conftest import REPO, child_env, finish, one_line, start_process, wait_until
 from grafting import Grafter
 from grafting.archs import cifar_models
-from grafting.checkpoint import (LARGEST_PLAUSIBLE_WEIGHT, capture_rng_state, load_file, restore_rng_state,
+from grafting.checkpoint import (MAGNITUDE_RATIO, capture_rng_state, load_file, restore_rng_state,
                                  save_atomic)
 from grafting.data.cifar import load_cifar
 from grafting.data.fake import write_fake_cifar
@@ -200,7 +200,25 @@ def test_bad_peer_files_are_refused_and_nothing_is_grafted(tmp_path: Path, case:
     assert said in message and str(path) in message, message
     assert same_weights(model, before), "nothing may be grafted from a refused file"
     if case == "x1e30 weights":
-        assert f"> {LARGEST_PLAUSIBLE_WEIGHT:g}" in message
+        assert f"more than {MAGNITUDE_RATIO:g} times this network's" in message
+
+
+class _Masked(nn.Module):
+    """A model with a large constant buffer, like an attention mask filled with -1e9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("mask", torch.full((2, 2), -1e9))
+
+
+def test_large_values_pass_when_this_network_has_them_too(tmp_path: Path) -> None:
+    """The magnitude check is relative to this network's own tensor: large constants are not divergence."""
+    mine, theirs = _Masked(), _Masked()
+    with Grafter(tmp_path, 1, 2, rule="module") as one, Grafter(tmp_path, 2, 2, rule="module") as two:
+        two.publish(theirs, 1)
+        assert one.graft(mine, 1).grafted
+    assert torch.equal(mine.mask, torch.full((2, 2), -1e9))
 
 
 def test_a_fifo_as_peer_file_checkpoint_or_heartbeat_never_blocks(tmp_path: Path) -> None:

@@ -521,14 +521,13 @@ class Exchange:
 
         With ``expect`` (what the Grafter always passes) the file must carry the meta this project
         writes: this ring's identity, the network and epoch its name says, and every entry of
-        ``expect``; otherwise :class:`PeerMismatchError` names what differs. Weights that are NaN,
-        infinite or absurdly large raise :class:`CheckpointError`: grafted in, they would spoil this
-        network and the checkpoint it saves next. Nothing is read from a file that fails a check.
+        ``expect``; otherwise :class:`PeerMismatchError` names what differs. Weights that are NaN or
+        infinite raise :class:`CheckpointError`: grafted in, they would spoil this network and the
+        checkpoint it saves next. Nothing is read from a file that fails a check.
         """
         epoch = check_epoch(epoch)
         target = self.path(net, epoch)
-        fix = (f"nothing from it was used: delete it and restart this network with --resume (an epoch whose file "
-               f"is gone after network {net} has moved on is not grafted)")
+        fix = self.repair_advice(net)
         payload = load_file(target, weights_only=True, advice=fix)
         state_dict = extract_state_dict(payload, source=str(target))
         meta = payload.get("meta") if isinstance(payload, dict) else None
@@ -538,6 +537,13 @@ class Exchange:
         if problem:
             raise CheckpointError(f"network {net}'s file {target} {problem}; {fix}")
         return state_dict, meta if isinstance(meta, dict) else {}
+
+    @staticmethod
+    def repair_advice(net: int) -> str:
+        """What to do about a bad file of network ``net`` (it is never used): the advice works, as a file
+        that is gone after its network has moved on is skipped (:class:`EpochGone`)."""
+        return (f"nothing from it was used: delete it and restart this network with --resume (an epoch whose file "
+                f"is gone after network {net} has moved on is not grafted)")
 
     def _check_meta(self, net: int, epoch: int, target: Path, meta: Any, expect: dict[str, Any], fix: str) -> None:
         """Raise :class:`PeerMismatchError` unless ``meta`` is what network ``net`` of this ring writes

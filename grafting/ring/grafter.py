@@ -30,8 +30,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from grafting.checkpoint import weights_problem
 from grafting.distributed import is_distributed
-from grafting.errors import UsageError
+from grafting.errors import CheckpointError, UsageError
 from grafting.method.ablation import average_into_, check_source, internal_graft_, noise_graft_
 from grafting.method.graft import (FilterRecord, LayerRecord, check_criterion, check_peer_state, check_rule,
                                    graft_filters, graft_layers, unwrap_model)
@@ -303,9 +304,14 @@ class Grafter:
         return start
 
     def _load_checked(self, module: nn.Module, net: int, epoch: int) -> dict[str, torch.Tensor]:
-        """Network ``net``'s weights of ``epoch``, refused unless their meta, keys, shapes and dtypes fit."""
+        """Network ``net``'s weights of ``epoch``, refused unless their meta, keys, shapes and dtypes fit and
+        their magnitudes are those of a network like this one."""
         state, _ = self.exchange.load(net, epoch, expect=self._expected_meta())
-        check_peer_state(module.state_dict(), state, source=f"network {net}'s file {self.exchange.path(net, epoch)}")
+        own, source = module.state_dict(), f"network {net}'s file {self.exchange.path(net, epoch)}"
+        check_peer_state(own, state, source=source)
+        problem = weights_problem(state, reference=own)
+        if problem:
+            raise CheckpointError(f"{source} {problem}; {self.exchange.repair_advice(net)}")
         return state
 
     def _expected_meta(self) -> dict[str, Any]:

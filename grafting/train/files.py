@@ -8,7 +8,8 @@ Recovery rules:
 - ``last.pt`` is written after every epoch; the file it replaces becomes ``previous.pt`` first (a hard
   link, so ``last.pt`` always exists). ``--resume`` continues from the newest usable of the two: a
   ``last.pt`` that cannot be read, or that holds NaN, absurd values or the weights of another model,
-  is moved aside (``last.pt.unusable``) with a warning and ``previous.pt`` is used.
+  is moved aside (``last.pt.unusable``) with a warning and ``previous.pt`` is used (absurd: a million
+  times the magnitudes of the freshly built network).
 - ``--resume`` starts at epoch 1 only when there is nothing to lose: no checkpoint, no ``best.pt`` or
   ``metrics.jsonl`` of a later epoch, and no exchange file of this network beyond epoch 1. Otherwise it
   stops and says how to go on.
@@ -326,7 +327,8 @@ def _restore(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
     if not isinstance(state.get("extra") or {}, dict):
         raise CheckpointError(f"{path} records 'extra' entries that are not a dict")
     weights = extract_state_dict(state, source=str(path))
-    problem = weights_problem(weights) or state_dict_misfit(unwrap_model(model).state_dict(), weights)
+    fresh = unwrap_model(model).state_dict()  # as built: initialised (or pretrained) weights
+    problem = state_dict_misfit(fresh, weights) or weights_problem(weights, reference=fresh)
     if problem:
         raise CheckpointError(f"{path} {problem}")
     try:
