@@ -7,8 +7,6 @@ Unit tests: no training script is started here (tests/test_faults.py does that),
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -25,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, child_env, finish, one_line, start_process, wait_until
+from conftest import child_env, finish, one_line, start_process, wait_until
 from grafting import Grafter
 from grafting.archs import cifar_models
 from grafting.checkpoint import (MAGNITUDE_RATIO, capture_rng_state, load_file, restore_rng_state,
@@ -34,7 +32,7 @@ from grafting.data.cifar import load_cifar
 from grafting.data.fake import write_fake_cifar
 from grafting.errors import (CheckpointError, DatasetNotFoundError, GraftingError, LockError, PeerMismatchError,
                              PeerTimeoutError, UsageError)
-from grafting.ring.exchange import EpochGone, Exchange
+from grafting.ring.exchange import Exchange
 from grafting.ring.identity import join_ring
 from grafting.ring.layout import NetworkFiles, SharedFolder
 from grafting.train.cli import parse_config
