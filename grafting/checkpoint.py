@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -145,42 +146,77 @@ def _short_reason(err: BaseException) -> str:
     return f"{name}: {first_sentence}" if first_sentence else name
 
 
-def load_file(path: str | Path, *, weights_only: bool = True, map_location: Any = "cpu") -> Any:
+def load_file(path: str | Path, *, weights_only: bool = True, map_location: Any = "cpu",
+              advice: str = "delete it or resume from an earlier checkpoint") -> Any:
     """``torch.load`` a checkpoint, turning every failure into a one-line :class:`CheckpointError`.
 
-    A missing file, a truncated or corrupt file, and a file holding Python objects that the safe
+    A missing file, something that is not a regular file (a folder, a FIFO: read, it would block
+    forever), a truncated or corrupt file, and a file holding Python objects that the safe
     ``weights_only`` loader refuses (a whole ``nn.Module``) each get their own message naming ``path``.
+    ``advice`` ends the message for a damaged file.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file; pass the path of a .pt/.pth/.t7 file")
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except FileNotFoundError as err:
-        # Removed between the check above and the read.
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path") from err
-    except PermissionError as err:
-        raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from err
-    except pickle.UnpicklingError as err:
-        # torch words it "Unsupported global: GLOBAL x" for classes, "unsupported GLOBAL x" for blocked modules.
-        refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
-        if refused:
-            raise CheckpointError(
-                f"{path} holds Python objects ({refused.group(1)}) that safe loading refuses; only tensors and "
-                "plain data are read: if you trust the file, re-save its model.state_dict()"
-            ) from err
-        raise _corrupt(path, err) from err
-    except Exception as err:  # zipfile, EOFError, RuntimeError from the zip reader, pickle errors, ...
-        raise _corrupt(path, err) from err
+        # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path") from None
+    except PermissionError:
+        raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot open {path}: {err.strerror or err}; check the path") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise CheckpointError(f"{path} is a directory, not a checkpoint file; pass the path of a .pt/.pth/.t7 file")
+        raise CheckpointError(f"{path} is not a regular file (a pipe or a device); replace it by a checkpoint file")
+    os.set_blocking(fd, True)
+    with open(fd, "rb") as handle:
+        try:
+            return torch.load(handle, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as err:
+            # torch words it "Unsupported global: GLOBAL x" for classes, "unsupported GLOBAL x" for blocked modules.
+            refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
+            if refused:
+                raise CheckpointError(
+                    f"{path} holds Python objects ({refused.group(1)}) that safe loading refuses; only tensors and "
+                    "plain data are read: if you trust the file, re-save its model.state_dict()"
+                ) from err
+            raise _corrupt(path, err, advice) from err
+        except Exception as err:  # zipfile, EOFError, RuntimeError from the zip reader, pickle errors, ...
+            raise _corrupt(path, err, advice) from err
 
 
-def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+def _corrupt(path: Path, err: BaseException, advice: str) -> CheckpointError:
     """The error for a file that exists but cannot be read back."""
-    return CheckpointError(
-        f"{path} is truncated or corrupt ({_short_reason(err)}); delete it or resume from an earlier checkpoint"
-    )
+    return CheckpointError(f"{path} is truncated or corrupt ({_short_reason(err)}); {advice}")
+
+
+# How many times larger than a reference (this network's own tensor) a value may be. Weights or
+# BatchNorm statistics of two networks trained on the same task differ by small factors; a million
+# times means a network that diverged or a file edited by hand, and grafted in or resumed from, such
+# values spoil the run. Relative, so that large constant buffers (attention masks) pass.
+MAGNITUDE_RATIO = 1e6
+
+
+def weights_problem(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None = None) -> str:
+    """What makes ``state`` unfit to train on ('' when nothing), naming the first tensor concerned: NaN or
+    infinite values, or, given a ``reference`` state_dict, values beyond :data:`MAGNITUDE_RATIO` times the
+    reference tensor's largest magnitude (at least 1)."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+            continue
+        if not bool(value.isfinite().all()):
+            return f"holds NaN or infinite values ({key})"
+        own = reference.get(key) if reference is not None else None
+        if not isinstance(own, torch.Tensor) or not own.is_floating_point() or own.numel() == 0:
+            continue
+        largest, scale = float(value.detach().abs().max()), max(float(own.detach().abs().max()), 1.0)
+        if largest > MAGNITUDE_RATIO * scale:
+            return (f"holds values up to {largest:.3g} ({key}), more than {MAGNITUDE_RATIO:g} times this network's "
+                    f"{scale:.3g}")
+    return ""
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -154,8 +154,8 @@ def test_load_refuses_a_peer_of_another_model(tmp_path: Path) -> None:
         reader.load(2, 5, expect={"model": "resnet32", "num_classes": 10})
     path = tmp_path / "net2_epoch5.pt"
     assert str(caught.value) == (
-        f"network 2's checkpoint {path} has model=resnet56, this network has model=resnet32; "
-        "start every network of the ring with the same model"
+        f"network 2's file {path} has model=resnet56, this network has model=resnet32; "
+        "all networks of a ring must use the same model"
     )
 
     with pytest.raises(PeerMismatchError, match=r"has num_classes=10, this network has num_classes=100"):
@@ -164,14 +164,18 @@ def test_load_refuses_a_peer_of_another_model(tmp_path: Path) -> None:
         reader.load(2, 5, expect={"width": 2})
 
 
-def test_load_accepts_a_file_without_meta(tmp_path: Path) -> None:
+def test_a_file_without_meta_is_read_only_when_nothing_is_expected(tmp_path: Path) -> None:
     reader = Exchange(tmp_path, 1, 2)
     state = small_state_dict()
     torch.save({"module." + key: value for key, value in state.items()}, reader.path(2, 1))
 
-    loaded, meta = reader.load(2, 1, expect={"model": "resnet32"})
+    loaded, meta = reader.load(2, 1)
     assert meta == {}
     assert list(loaded) == list(state)
+    # What the Grafter (and so the training scripts) read must carry the meta this project writes.
+    with pytest.raises(PeerMismatchError, match="has no metadata, so this project did not write it; nothing from it "
+                                                "was used: delete it and restart this network with --resume"):
+        reader.load(2, 1, expect={"model": "resnet32"})
 
 
 def test_load_of_a_truncated_peer_file_names_it(tmp_path: Path) -> None:
@@ -252,13 +256,16 @@ def test_wait_for_times_out(tmp_path: Path) -> None:
 
 
 def test_wait_for_logs_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, log_every=0.1)
+    reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, notice_after=0.1, log_every=0.1)
     with caplog.at_level(logging.INFO, logger="grafting.ring.exchange"):
         with pytest.raises(PeerTimeoutError):
             reader.wait_for(2, 5, timeout=0.45)
     lines = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
     assert 3 <= len(lines) <= 5
-    assert all(re.fullmatch(r"net 1: waiting for network 2, epoch 5 \(\d+s so far\)", line) for line in lines)
+    target, alive = tmp_path / "net2_epoch5.pt", tmp_path / "net2.alive"
+    pattern = (rf"net 1: waiting for network 2's epoch 5 \({re.escape(str(target))}\) for \d+s; network 2 has not "
+               rf"started yet \(no heartbeat file {re.escape(str(alive))}\)")
+    assert all(re.fullmatch(pattern, line) for line in lines), lines
 
 
 def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -273,7 +280,9 @@ def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pyt
             reader.wait_for(2, 5, timeout=0.3)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert re.fullmatch(r"network 2 has not updated its heartbeat for 3m1\ds; it may have died", warnings[0])
+    assert re.fullmatch(rf"net 1: waiting for network 2's epoch 5 \(.*net2_epoch5\.pt\) for 0s; network 2 has stopped: "
+                        rf"its heartbeat {re.escape(str(alive))} is 3m1\ds old; check its log and restart it with "
+                        rf"--resume", warnings[0]), warnings[0]
 
 
 def test_fresh_or_missing_heartbeat_gives_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -5,8 +5,9 @@ SIGKILL at points found by watching their log and files, so no test hook lives i
 data is a small generated CIFAR (256 training / 64 test images, batch 32, ResNet-20, one thread per
 process) so that the whole file runs in a few minutes on two cores.
 
-The flag checks call each script's ``main`` in this process (one interpreter start instead of one per
-case) and run a few of them as real processes too, to see the real exit code and stderr.
+The flag checks, and the failures that happen before training starts, call each script's ``main`` in
+this process (one interpreter start instead of one per case) and run a few of them as real processes
+too, to see the real exit code and stderr.
 
 A dead peer is noticed through its heartbeat file; the tests shorten the heartbeat period and the
 stale bound with the environment variables ``GRAFTING_HEARTBEAT_S`` and ``GRAFTING_STALE_S``.
@@ -16,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import random
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,10 +36,13 @@ from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.ring.exchange import Exchange
-from conftest import CIFAR_SCRIPT, REPO, Proc, child_env, finish, kill, one_line, start_script, wait_until
+from grafting.ring.grafter import Grafter
+from conftest import (CIFAR_SCRIPT, IMAGENET_SCRIPT, REPO, Proc, child_env, finish, kill, one_line, start_script,
+                      wait_until)
 from grafting.ring.layout import NetworkFiles
 from grafting.train.config import CifarConfig
 from grafting.train.files import load_last, prepare_run_files
+from grafting.train.report import read_metrics
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
@@ -140,9 +145,9 @@ def test_network_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, da
     assert f"resumed from {shared / 'net2' / 'last.pt'}: epoch 3 done" in resumed.log
     assert "epoch 4/5 |" in resumed.log and "epoch 3/5 |" not in resumed.log
     assert_same_weights(shared, reference_ring)
-    # Each network keeps its last N + 1 published epochs (1 to 4 were published, 5 is final).
-    expected = {f"net{i}_epoch{e}.pt" for i in (1, 2) for e in (2, 3, 4)}
-    assert exchange_files(shared) == exchange_files(reference_ring) == expected
+    # A finished ring leaves no exchange, heartbeat or lock file behind (ring.json names it for an extension).
+    for folder in (shared, reference_ring):
+        assert sorted(path.name for path in folder.iterdir()) == ["net1", "net2", "ring.json", "tb"]
     assert temp_files(shared) == []
 
 
@@ -184,16 +189,17 @@ def test_dead_peer_is_reported_stale_then_times_out_with_checkpoints_intact(tmp_
     kill(net1)
 
     waiting_since = wait_until(lambda: (shared / "net2_epoch2.pt").exists(), "network 2's epoch-2 file", [net2])
-    stale = "network 1 has not updated its heartbeat"
+    stale = f"waiting for network 1's epoch 2 ({shared / 'net1_epoch2.pt'}) for "
     warned_at = wait_until(lambda: stale in net2.log or net2.process.poll() is not None, "the stale warning", [])
     assert finish([net2], timeout=60) == [1], net2.report()
     exited_at = time.monotonic()
 
-    assert stale in net2.log, net2.report()
+    assert stale in net2.log and "network 1 has stopped: its heartbeat" in net2.log, net2.report()
     assert exited_at - warned_at > 3.0, "the stale heartbeat must be reported well before the timeout"
     assert exited_at - waiting_since < 6 + 30, "network 2 waited far longer than --peer-timeout"
     line = one_line(net2.stderr)
-    assert "network 1 did not write epoch 2 within 6 s" in line and "--resume" in line, line
+    assert "network 1 did not write epoch 2 within 6 s" in line and "network 1 has stopped" in line, line
+    assert line.endswith("this network's checkpoints are intact: restart it with --resume as well"), line
     # What network 2 had saved is intact: its last checkpoint (epoch 1, grafted) and its own exchange file.
     assert last_state(shared, 2)["epoch"] == 1
     assert load_file(shared / "net2_epoch2.pt", weights_only=True)["meta"]["epoch"] == 2
@@ -257,6 +263,7 @@ for epoch in itertools.count(int(sys.argv[2])):
 
     # The next owner of the network removes the half-written files when it prepares its run files.
     files.last.unlink()  # keep the settings check out of this test: only the clean-up matters
+    files.previous.unlink(missing_ok=True)
     prepare_run_files(CifarConfig(s=str(tmp_path), model="resnet110"))
     assert temp_files(files.folder) == []
 
@@ -271,6 +278,8 @@ MISMATCHES = {
     "classes": ({"num": 2, "extra": ("--cifar", "10")}, {"num": 2, "extra": ("--cifar", "100")}, "dataset=cifar10"),
     "num": ({"num": 2}, {"num": 3}, "num=2"),
     "a": ({"num": 2, "extra": ("--a", "0.4")}, {"num": 2, "extra": ("--a", "0.2")}, "a=0.4"),
+    # Different --epochs would leave one network waiting for ever once the other has finished.
+    "epochs": ({"num": 2, "epochs": 3}, {"num": 2, "epochs": 2}, "epochs=3"),
 }
 
 
@@ -279,17 +288,20 @@ def test_peers_that_do_not_match_fail_at_the_first_exchange(tmp_path: Path, data
     for case, (settings1, settings2, _) in MISMATCHES.items():
         shared = tmp_path / case
         # All six processes at once: each pair fails at its first exchange, so this is mostly start-up time.
-        started[case] = (shared, [start(tmp_path, f"{case}-net{i}", flags_for(data, shared, i=i, epochs=2, **settings))
+        started[case] = (shared, [start(tmp_path, f"{case}-net{i}", flags_for(data, shared, i=i,
+                                                                              **{"epochs": 2, **settings}))
                                   for i, settings in ((1, settings1), (2, settings2))])
     for case, (shared, nets) in started.items():
         codes = finish(nets)
         assert codes == [1, 1], f"{case}: " + "\n".join(net.report() for net in nets)
         for net in nets:
             line = one_line(net.stderr)
-            assert "checkpoint" in line and "start every network of the ring with the same" in line, line
-            assert "epoch 1/2 |" not in net.log, f"{case}: {net.name} went on after the exchange"
+            assert "file" in line and "all networks of a ring must use the same" in line, line
+            assert not re.search(r"epoch 1/\d \|", net.log), f"{case}: {net.name} went on after the exchange"
         told = one_line(nets[1].stderr)
-        assert f"network 1's checkpoint {shared / 'net1_epoch1.pt'} has {MISMATCHES[case][2]}" in told, told
+        assert f"network 1's file {shared / 'net1_epoch1.pt'} has {MISMATCHES[case][2]}" in told, told
+        if case == "epochs":
+            assert told.endswith("(to extend a finished ring, resume every network with --resume --epochs N)"), told
         # Nothing was mixed: no network saved a grafted state.
         assert not list(shared.glob("net*/last.pt")), case
 
@@ -304,26 +316,44 @@ class _MakesDirectoryWhenLoaded:
         return os.mkdir, (str(self.path),)
 
 
+def started_network(data: Path, shared: Path, net: int, num: int, epochs: int) -> Grafter:
+    """The shared folder as network ``net`` of the CIFAR script leaves it after its start (the ring joined,
+    its config.json written), and a Grafter that publishes what that network would. Holds the lock:
+    close it when done."""
+    from grafting_cifar.train import parse_args
+
+    config = parse_args(flags_for(data, shared, num=num, i=net, epochs=epochs)).replace(graft_rule="name")
+    grafter = Grafter(shared, net, num, rule="name", meta=config.peer_settings())
+    grafter.open()
+    prepare_run_files(config, grafter.ring)
+    return grafter
+
+
 def test_bad_peer_files_are_named_and_never_applied(tmp_path: Path, data: Path) -> None:
-    # Network 2 runs alone; network 1's epoch-1 file is put in place by the test, damaged in three ways.
-    truncated, nonfinite, malicious = (tmp_path / name for name in ("truncated", "nonfinite", "malicious"))
-    weights = models.create("resnet20", num_classes=10).state_dict()
-    meta = {"model": "resnet20", "num_classes": 10}
-    good = Exchange(truncated, 1, 2).publish(1, weights, meta)
+    # Network 2 runs alone; network 1's epoch-1 file is put in place by the test, spoiled in four ways.
+    truncated, nonfinite, malicious, bare = (tmp_path / name for name in ("truncated", "nonfinite", "malicious",
+                                                                         "bare"))
+    network1 = {shared: started_network(data, shared, 1, 2, epochs=2) for shared in (truncated, nonfinite, malicious,
+                                                                                     bare)}
+    model = models.create("resnet20", num_classes=10)
+    good = network1[truncated].publish(model, 1)
     good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    weights["conv1.weight"][0, 0, 0, 0] = float("inf")
-    Exchange(nonfinite, 1, 2).publish(1, weights, meta)
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("inf")
+    network1[nonfinite].publish(model, 1)
     marker = tmp_path / "code-ran"
-    malicious.mkdir()
     torch.save({"model": _MakesDirectoryWhenLoaded(marker)}, malicious / "net1_epoch1.pt")
+    # A bare state_dict of another architecture, as a user might drop it there: not this project's file.
+    torch.save(models.create("resnet32", num_classes=10).state_dict(), bare / "net1_epoch1.pt")
+    for grafter in network1.values():
+        grafter.close()
     # The same kind of file really runs code when loaded unsafely, so the check below means something.
     probe = tmp_path / "unsafe-load-probe"
     torch.save({"model": _MakesDirectoryWhenLoaded(probe)}, tmp_path / "probe.pt")
     torch.load(tmp_path / "probe.pt", weights_only=False)
     assert probe.is_dir()
 
-    nets = {shared: start(tmp_path, shared.name, flags_for(data, shared, num=2, i=2, epochs=2))
-            for shared in (truncated, nonfinite, malicious)}
+    nets = {shared: start(tmp_path, shared.name, flags_for(data, shared, num=2, i=2, epochs=2)) for shared in network1}
     for shared, net in nets.items():
         assert finish([net]) == [1], net.report()
         line = one_line(net.stderr)
@@ -332,7 +362,29 @@ def test_bad_peer_files_are_named_and_never_applied(tmp_path: Path, data: Path) 
     assert "truncated or corrupt" in one_line(nets[truncated].stderr)
     assert "holds NaN or infinite values (conv1.weight)" in one_line(nets[nonfinite].stderr)
     assert "safe loading refuses" in one_line(nets[malicious].stderr)
+    assert "has no metadata, so this project did not write it" in one_line(nets[bare].stderr)
     assert not marker.exists(), "the peer file was unpickled without weights_only"
+
+
+def test_a_corrupt_peer_file_deleted_as_advised_is_skipped_and_the_ring_goes_on(tmp_path: Path, data: Path) -> None:
+    shared = tmp_path / "s"
+    net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1, epochs=3))
+    wait_until(lambda: (shared / "net1_epoch1.pt").exists(), "network 1's epoch-1 file", [net1])
+    spoiled = shared / "net1_epoch1.pt"
+    spoiled.write_bytes(spoiled.read_bytes()[: spoiled.stat().st_size // 2])
+    net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2, epochs=3))
+    assert finish([net2]) == [1], net2.report()
+    line = one_line(net2.stderr)
+    assert f"{spoiled} is truncated or corrupt" in line, line
+    assert "nothing from it was used: delete it and restart this network with --resume" in line, line
+
+    # The advice, literally. Network 1 grafted network 2's epoch 1 meanwhile and never writes epoch 1 again.
+    spoiled.unlink()
+    net2 = start(tmp_path, "net2-resumed", flags_for(data, shared, num=2, i=2, epochs=3, extra=("--resume",)))
+    assert finish([net1, net2]) == [0, 0], net1.report() + net2.report()
+    assert "epoch 1 is not grafted" in net2.log, net2.log
+    assert [r["grafted"] for r in read_metrics(shared / "net2" / "metrics.jsonl")] == [False, True, False]
+    assert last_state(shared, 2)["epoch"] == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,21 +410,29 @@ def copy_run(interrupted_run: Path, tmp_path: Path) -> Path:
     return shared
 
 
-def test_resume_checks_the_saved_configuration(tmp_path: Path, data: Path, interrupted_run: Path) -> None:
-    lr, wd, fresh = (copy_run(interrupted_run, tmp_path / name) for name in ("lr", "wd", "fresh"))
-    before = {shared: (digest(shared / "net1" / "config.json"), digest(shared / "net1" / "last.pt"))
-              for shared in (lr, wd, fresh)}
-    nets = [start(tmp_path, "changed-lr", flags_for(data, lr, num=1, i=1, epochs=3, extra=("--resume", "--lr", "0.05"))),
-            # The optimizer's saved state would silently override a new weight decay: refused instead.
-            start(tmp_path, "changed-wd", flags_for(data, wd, num=1, i=1, epochs=3, extra=("--resume", "--wd", "0.001"))),
-            start(tmp_path, "no-resume", flags_for(data, fresh, num=1, i=1, epochs=3))]
-    assert finish(nets) == [1, 1, 1], "\n".join(net.report() for net in nets)
-    lr_line, wd_line, fresh_line = (one_line(net.stderr) for net in nets)
-    assert f"--resume: --lr was 0.1 in {lr / 'net1' / 'config.json'} but is 0.05 now" in lr_line, lr_line
-    assert "--resume: --wd/--weight-decay was 0.0005" in wd_line and "0.001" in wd_line, wd_line
-    assert f"{fresh / 'net1' / 'last.pt'} already exists; pass --resume" in fresh_line, fresh_line
-    for shared, digests in before.items():
-        assert (digest(shared / "net1" / "config.json"), digest(shared / "net1" / "last.pt")) == digests
+def cifar_main() -> Callable[[list[str]], None]:
+    """The CIFAR script's ``main``, to run in this process (see :func:`run_main_here`)."""
+    from grafting_cifar.train import main
+
+    return main
+
+
+def test_resume_checks_the_saved_configuration(tmp_path: Path, data: Path, interrupted_run: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cases = {  # case: (flags, exit code, text of the error line)
+        "lr": (("--resume", "--lr", "0.05"), 2, "--resume: --lr was 0.1 in {config} but is 0.05 now"),
+        # The optimizer's saved state would silently override a new weight decay: refused instead.
+        "wd": (("--resume", "--wd", "0.001"), 2, "--resume: --wd/--weight-decay was 0.0005 in {config} but is 0.001 now"),
+        "fresh": ((), 1, "{last} already exists; pass --resume"),
+    }
+    for case, (extra, expected_code, said) in cases.items():
+        shared = copy_run(interrupted_run, tmp_path / case)
+        files = NetworkFiles(shared, 1)
+        before = digest(files.config), digest(files.last)
+        code, stderr = run_main_here(cifar_main(), flags_for(data, shared, num=1, i=1, epochs=3, extra=extra), capsys)
+        line = one_line(stderr)
+        assert code == expected_code and said.format(config=files.config, last=files.last) in line, (case, line)
+        assert (digest(files.config), digest(files.last)) == before, case
 
 
 def _limit_file_size(limit: int) -> Callable[[], None]:
@@ -402,19 +462,21 @@ def test_write_error_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, 
     assert temp_files(shared) == []
 
 
-def test_nan_loss_in_the_first_epoch_stops_before_anything_is_shared(tmp_path: Path, data: Path) -> None:
+def test_nan_loss_in_the_first_epoch_stops_before_anything_is_shared(tmp_path: Path, data: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     shared = tmp_path / "s"
     # Network 1 of a ring of 2 diverges at once; a peer must never receive its broken weights.
-    net = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1, extra=("--lr", "1e8", "--peer-timeout", "60")))
-    assert finish([net]) == [1], net.report()
-    line = one_line(net.stderr)
-    assert "the loss became NaN or infinite in epoch 1, batch " in line, line
+    flags = flags_for(data, shared, num=2, i=1, extra=("--lr", "1e8", "--peer-timeout", "60"))
+    code, stderr = run_main_here(cifar_main(), flags, capsys)
+    line = one_line(stderr)
+    assert code == 1 and "the loss became NaN or infinite in epoch 1, batch " in line, line
     assert "before any checkpoint was written" in line and "--lr" in line, line
     assert exchange_files(shared) == set()
     assert sorted(path.name for path in (shared / "net1").iterdir()) == ["config.json"]
 
 
-def test_nan_loss_later_keeps_the_last_good_checkpoint(tmp_path: Path, data: Path, interrupted_run: Path) -> None:
+def test_nan_loss_later_keeps_the_last_good_checkpoint(tmp_path: Path, data: Path, interrupted_run: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     shared = copy_run(interrupted_run, tmp_path)
     last, best = shared / "net1" / "last.pt", shared / "net1" / "best.pt"
     # A stand-in for a run that diverges: finite weights, but momentum so large that the first step of
@@ -424,29 +486,159 @@ def test_nan_loss_later_keeps_the_last_good_checkpoint(tmp_path: Path, data: Pat
         buffers["momentum_buffer"].fill_(3e38)
     torch.save(state, last)
     before = digest(last), digest(best)
-    net = start(tmp_path, "net1", flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)))
-    assert finish([net]) == [1], net.report()
-    line = one_line(net.stderr)
-    assert "the loss became NaN or infinite in epoch 2, batch 2" in line, line
+    code, stderr = run_main_here(cifar_main(), flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)),
+                                 capsys)
+    line = one_line(stderr)
+    assert code == 1 and "the loss became NaN or infinite in epoch 2, batch 2" in line, line
     assert "the checkpoint of epoch 1 is intact" in line.lower(), line
     assert (digest(last), digest(best)) == before
     assert last_state(shared, 1)["epoch"] == 1
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_corrupt_own_checkpoint_is_named_on_resume(tmp_path: Path, data: Path, interrupted_run: Path,
-                                                   damage: str) -> None:
+def test_corrupt_own_checkpoint_is_named_on_resume_and_the_advice_works(tmp_path: Path, data: Path,
+                                                                       interrupted_run: Path, damage: str,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     shared = copy_run(interrupted_run, tmp_path)
     last = shared / "net1" / "last.pt"
     content = last.read_bytes()
     last.write_bytes(content[: len(content) // 3] if damage == "truncated" else os.urandom(len(content)))
     damaged = digest(last)
-    net = start(tmp_path, "net1", flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)))
-    assert finish([net]) == [1], net.report()
-    line = one_line(net.stderr)
-    assert f"{last} is truncated or corrupt" in line, line
+    flags = flags_for(data, shared, num=1, i=1, epochs=3)
+    code, stderr = run_main_here(cifar_main(), [*flags, "--resume"], capsys)
+    line = one_line(stderr)
+    assert code == 1 and f"--resume: network 1 has no usable checkpoint ({last} is truncated or corrupt" in line, line
+    assert line.endswith(f"to train it again from epoch 1, move {shared / 'net1'} away and start without --resume")
     assert digest(last) == damaged, "the damaged file must be left for the user to inspect"
-    assert "epoch 2 [" not in net.log, "training must not start from a damaged checkpoint"
+    if damage == "garbage":  # the advice, literally (once is enough)
+        os.replace(shared / "net1", shared / "net1.damaged")
+        run_main_to_the_end(cifar_main(), flags)
+        assert last_state(shared, 1)["epoch"] == 3
+
+
+def test_a_ring_extended_with_more_epochs_grafts_on(tmp_path: Path, data: Path, reference_ring: Path) -> None:
+    """Every network resumed with a larger --epochs publishes and grafts the epoch that used to be final, and
+    a network resumed before its peer says what the peer must do."""
+    shared = tmp_path / "s"
+    shutil.copytree(reference_ring, shared)
+    more = RING_EPOCHS + 1
+    net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1, epochs=more, extra=("--resume",)))
+    said = f"network 2 is not running (no heartbeat file {shared / 'net2.alive'}; it finished or stopped)"
+    wait_until(lambda: said in net1.log, "network 1's note that network 2 must be extended too", [net1])
+    net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2, epochs=more, extra=("--resume",)))
+    assert finish([net1, net2]) == [0, 0], net1.report() + net2.report()
+    for net, peer in ((net1, 2), (net2, 1)):
+        assert f"epoch {RING_EPOCHS} was the last of the run before --epochs grew: grafting it now" in net.log
+        assert f"epoch {RING_EPOCHS}: grafted network {peer} (" in net.log, net.log
+        assert f"epoch {more}/{more} |" in net.log and f"epoch {RING_EPOCHS}/{more} |" not in net.log, net.log
+    for i in (1, 2):
+        assert last_state(shared, i)["epoch"] == more
+        assert last_state(shared, i)["graft_step_done"] is False  # the new final epoch, ready for another extension
+    assert exchange_files(shared) == set()
+
+
+def test_the_lock_dies_with_the_process_when_dataloader_workers_outlive_it(tmp_path: Path, data: Path,
+                                                                          image_folder: Path) -> None:
+    """An automated restart (a requeue, a supervisor) right after kill -9 must find the lock free, although
+    the DataLoader workers of the killed process live on for a few seconds."""
+    cifar, imagenet = tmp_path / "cifar", tmp_path / "imagenet"
+    runs = {
+        cifar: (CIFAR_SCRIPT, flags_for(data, cifar, num=1, i=1, epochs=3,
+                                        extra=("--pipeline", "torchvision", "--workers", "2"))),
+        imagenet: (IMAGENET_SCRIPT, imagenet_command(image_folder, tmp_path, ["--s", str(imagenet), "-j", "2",
+                                                                               "--epochs", "2", "-p", "1"])),
+    }
+    for shared, (script, flags) in runs.items():
+        net = start_script(script, flags, tmp_path, f"{shared.name}-first")
+        wait_until(lambda: "epoch 1 [" in net.log, "a progress line: the workers run", [net])
+        kill(net)
+        with Exchange(shared, 1, 1):  # at once: the lock died with its process
+            pass
+    resumed = [start_script(script, [*flags, "--resume"], tmp_path, f"{shared.name}-resumed")
+               for shared, (script, flags) in runs.items()]
+    assert finish(resumed) == [0, 0], "\n".join(net.report() for net in resumed)
+
+
+def _bad_labels(tmp_path: Path, data: Path) -> list[str]:
+    copy = tmp_path / "data"
+    shutil.copytree(data / "cifar-10-batches-py", copy / "cifar-10-batches-py")
+    batch_file = copy / "cifar-10-batches-py" / "data_batch_3"
+    with open(batch_file, "rb") as handle:
+        batch = pickle.load(handle, encoding="latin1")
+    batch["labels"][0] = 12
+    with open(batch_file, "wb") as handle:
+        pickle.dump(batch, handle)
+    return ["--data", str(copy)]
+
+
+def _old_ring_files(tmp_path: Path, data: Path) -> list[str]:
+    """A finished run's folder copied, its net1/, net2/ and tb/ deleted: ring.json and exchange files remain."""
+    with Exchange(tmp_path / "s", 2, 2) as old:
+        for epoch in (1, 2, 3):
+            old.publish(epoch, models.create("resnet20", num_classes=10).state_dict(),
+                        {"model": "resnet20", "num_classes": 10})
+    return ["--num", "2", "--peer-timeout", "30"]
+
+
+def _damaged(name: str, make: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
+    """Damage ``<s>/net1/<name>`` of a copy of the interrupted run, then --resume it."""
+
+    def prepare(tmp_path: Path, interrupted: Path) -> list[str]:
+        path = copy_run(interrupted, tmp_path) / "net1" / name
+        path.unlink()
+        make(path)
+        return ["--resume", "--peer-timeout", "30"]
+
+    return prepare
+
+
+def _tb_is_a_file(tmp_path: Path, data: Path) -> list[str]:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "tb").write_text("")
+    return []
+
+
+def _lock_is_a_directory(tmp_path: Path, data: Path) -> list[str]:
+    (tmp_path / "s" / "net1.lock").mkdir(parents=True)
+    return []
+
+
+def _read_only_folder(tmp_path: Path, data: Path) -> list[str]:
+    """An existing folder this process cannot write into (root writes anywhere but into /sys)."""
+    if os.geteuid() == 0:
+        return ["--s", "/sys"]
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s").chmod(0o555)
+    return []
+
+
+BAD_ENVIRONMENTS = {
+    # case: (prepare(tmp_path, data or the interrupted run) -> extra flags, exit code, text of the one line)
+    "tb-a-file": (_tb_is_a_file, 1, "tb is a file, not a folder; the run writes TensorBoard events there: move it away"),
+    "lock-a-directory": (_lock_is_a_directory, 1, "net1.lock as network 1's lock file: is a directory; move it away"),
+    "s-read-only": (_read_only_folder, 1, "Permission denied; choose a writable --s"),
+    "labels-out-of-range": (_bad_labels, 2, "hold label 12, outside 0..9"),
+    "old-ring-files": (_old_ring_files, 1, "holds exchange files this ring cannot have written: net2_epoch1.pt, "
+                                           "net2_epoch2.pt, net2_epoch3.pt (network 2 has no config.json)"),
+    "config-missing": (_damaged("config.json", lambda path: None), 2,
+                       "config.json is missing, so the settings this run must keep cannot be checked"),
+    "config-a-list": (_damaged("config.json", lambda path: path.write_text("[]")), 2,
+                      "holds a JSON list, not the settings object"),
+    "config-garbled": (_damaged("config.json", lambda path: path.write_text("{\"lr\": 0.1,")), 2, "is not valid JSON"),
+    "last-a-fifo": (_damaged("last.pt", os.mkfifo), 1, "last.pt is not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENVIRONMENTS))
+def test_bad_files_and_folders_are_one_line_errors(case: str, tmp_path: Path, data: Path, interrupted_run: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    prepare, expected_code, said = BAD_ENVIRONMENTS[case]
+    extra = prepare(tmp_path, interrupted_run if case.startswith(("config", "last")) else data)
+    code, stderr = run_main_here(cifar_main(), flags_for(data, tmp_path / "s", num=1, i=1, epochs=3, extra=tuple(extra)),
+                                 capsys)
+    line = one_line(stderr)
+    assert code == expected_code and said in line, line
+    assert "Traceback" not in stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,6 +647,7 @@ def test_corrupt_own_checkpoint_is_named_on_resume(tmp_path: Path, data: Path, i
 
 MISSING = "<missing folder>"  # replaced by a path that does not exist
 CUDA_CASES = {"cuda-absent"}  # only impossible where there is no GPU
+MPS_CASES = {"device-mps"}  # only impossible where there is no Apple GPU
 
 CIFAR_BAD_FLAGS = {
     # case: (flags, text the error line must contain)
@@ -484,14 +677,21 @@ CIFAR_BAD_FLAGS = {
     "peer-timeout-nan": (["--peer-timeout", "nan"], "--peer-timeout"),
     "threads-0": (["--threads", "0"], "--threads"),
     "workers-negative": (["--workers", "-1"], "--workers"),
-    "print-freq-negative": (["--print-freq", "-1"], "--print-freq"),
+    "print-freq-negative": (["--print-freq", "-1"], "--print_frequence"),
     "unknown-level": (["--level", "channel"], "--level"),
+    "device-mps": (["--device", "mps"], "--device mps"),
+    "device-meta": (["--device", "meta"], "--device meta"),
+    "seed-huge": (["--seed", "99999999999999999999999"], "--seed"),
+    "s-empty": (["--s", ""], "--s"),
+    "kd-weight-nan": (["--kd-weight", "nan"], "--kd-weight"),
+    "kd-temperature-inf": (["--kd-temperature", "inf"], "--kd-temperature"),
+    "invalid-threshold-nan": (["--invalid-threshold", "nan"], "--invalid-threshold"),
 }
 
 IMAGENET_BAD_FLAGS = {
     "num-0": (["--num", "0"], "--num"),
     "i-above-num": (["--num", "2", "--i", "3"], "--i"),
-    "lr-negative": (["--lr", "-0.1"], "--lr"),
+    "lr-negative": (["--lr", "-0.1"], "--learning-rate"),
     "epochs-0": (["--epochs", "0"], "--epochs"),
     "a-above-1": (["--a", "1.5"], "--a"),
     "unknown-arch": (["-a", "resnet7"], "--arch"),
@@ -528,9 +728,11 @@ def imagenet_command(data: Path, workdir: Path, flags: list[str]) -> list[str]:
 
 
 def skip_if_cuda_case(case: str) -> None:
-    """Skip a case that is only impossible on a machine without CUDA."""
+    """Skip a case that is only impossible on a machine without CUDA (or MPS)."""
     if case in CUDA_CASES and torch.cuda.is_available():
         pytest.skip("--device cuda is valid on this machine")
+    if case in MPS_CASES and torch.backends.mps.is_available():
+        pytest.skip("--device mps is valid on this machine")
 
 
 def run_main_here(main: Callable[[list[str]], None], argv: list[str],
@@ -549,6 +751,19 @@ def run_main_here(main: Callable[[list[str]], None], argv: list[str],
         root.setLevel(level)
         torch.set_num_threads(threads)
     return stopped.value.code, capsys.readouterr().err
+
+
+def run_main_to_the_end(main: Callable[[list[str]], None], argv: list[str]) -> None:
+    """Call a script's ``main`` in this process and expect it to finish (put back what it set up, as
+    :func:`run_main_here` does)."""
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    try:
+        main(argv)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", sorted(CIFAR_BAD_FLAGS))

@@ -85,8 +85,10 @@ def epochs_done(shared: Path, net: int) -> list[int]:
 
 
 def ring_flags(data: Path, shared: Path, num: int, epochs: int, *extra: str) -> list[str]:
-    """The command line every network of a ring shares (all but ``--i``)."""
-    return ["--data", str(data), "--s", str(shared), "--num", str(num), "--epochs", str(epochs), *FAST_FLAGS, *extra]
+    """The command line every network of a ring shares (all but ``--i``); --keep-all because the tests read
+    the exchange files, which a finished ring otherwise removes."""
+    return ["--data", str(data), "--s", str(shared), "--num", str(num), "--epochs", str(epochs), *FAST_FLAGS,
+            "--keep-all", *extra]
 
 
 # ----------------------------------------------------------------------------------------------

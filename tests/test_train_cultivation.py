@@ -22,8 +22,9 @@ from grafting_cifar.train import parse_args
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 # Small and quick: resnet20, 256 training images, one thread per process; lr low enough for 2 epochs.
+# --keep-all: the tests read the exchange files, which a finished ring otherwise removes.
 COMMON = ["--model", "resnet20", "--epochs", "2", "--device", "cpu", "--threads", "1", "--batch-size", "64",
-          "--lr", "0.02", "--print_frequence", "1000"]
+          "--lr", "0.02", "--print_frequence", "1000", "--keep-all"]
 
 
 @pytest.fixture(scope="module")

@@ -253,9 +253,8 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
     # Rank 0 alone logs the epoch lines and owns the shared folder.
     assert "[net 1/2 rank 0]" in text and "[net 1/2 rank 1]" not in text, text
     assert sorted(epoch_results(shared, 1)) == [1, 2]
-    names = {p.name for p in shared.iterdir()}
-    assert names == {"net1", "net2", "tb", "net1.lock", "net2.lock", "net1.alive", "net2.alive",
-                     "net1_epoch1.pt", "net2_epoch1.pt"}, names
+    names = {p.name for p in shared.iterdir()}  # a finished ring removes its locks and heartbeats
+    assert names == {"net1", "net2", "tb", "ring.json", "net1_epoch1.pt", "net2_epoch1.pt"}, names
     config = json.loads((shared / "net1" / "config.json").read_text())
     assert (config["world_size"], config["batch_size"]) == (2, 16)
 
@@ -273,9 +272,13 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
 
     check_final_epoch_matches_last_pt(2)
 
-    # Resume under torchrun: rank 0 reads last.pt and hands weights, optimizer and schedule to rank 1.
+    # Resume under torchrun: rank 0 reads last.pt and hands weights, optimizer and schedule to rank 1. Both
+    # networks go on to epoch 3, grafting epoch 2 first (the final epoch of the first run grafted nothing).
     resumed = start(tmp_path / "net1_resume.log", *common, "--i", "1", "--epochs", "3", "--resume", torchrun=2)
+    peer = start(tmp_path / "net2_resume.log", *common, "--i", "2", "--epochs", "3", "--resume")
     text = succeeded(resumed)
+    succeeded(peer)
+    assert "epoch 2: grafted network 2 (" in text, text
     assert "resumed from" in text and "epoch 3/3 |" in text and "epoch 2/3 |" not in text, text
     assert sorted(epoch_results(shared, 1)) == [1, 2, 3]
     check_final_epoch_matches_last_pt(3)

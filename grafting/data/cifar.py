@@ -144,8 +144,25 @@ def load_cifar(root: str | Path, num_classes: int, download: bool = False
                 f"there and run without --download") from err
         raise DatasetNotFoundError(f"cannot read {name} from {root / dataset_class.base_folder} ({err}); check "
                                    f"that the files are readable") from err
+    for split, dataset in (("training", train_set), ("test", test_set)):
+        _check_split(dataset, num_classes, f"{name} {split} files in {root / dataset_class.base_folder}")
     logger.info("%s: %d training and %d test images from %s", name, len(train_set), len(test_set), root)
     return train_set, test_set
+
+
+def _check_split(dataset: torchvision.datasets.CIFAR10, num_classes: int, what: str) -> None:
+    """Refuse, once at load, images and labels that would fail (or silently mislead) in the middle of
+    training: a label outside ``0..num_classes-1``, or as many labels as images."""
+    labels = np.asarray(dataset.targets)
+    images = np.asarray(dataset.data)
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(labels) != len(images) or len(images) == 0:
+        raise DatasetNotFoundError(f"{what} hold {len(images)} images of shape {images.shape[1:]} and {len(labels)} "
+                                   f"labels, not CIFAR's 32x32x3 images with one label each; delete that folder and "
+                                   f"fetch the dataset again")
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
+        bad = labels[(labels < 0) | (labels >= num_classes)] if labels.dtype.kind in "iu" else labels[:1]
+        raise DatasetNotFoundError(f"{what} hold label {bad[0].item()!r}, outside 0..{num_classes - 1}; the files are "
+                                   f"damaged or of another dataset: delete that folder and fetch the dataset again")
 
 
 # ----------------------------------------------------------------------------------------------

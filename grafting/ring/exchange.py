@@ -3,27 +3,47 @@
 N processes (network i = 1..N, one per process) train at once and talk only through files in one
 shared folder ``root`` (the ``--s`` flag), which may live on NFS. After epoch e network i writes its
 pre-graft weights and then reads those of its ring predecessor (network i-1; network 1 reads network N).
+The file names are :class:`grafting.ring.layout.SharedFolder`'s.
 
 Files in ``root``:
 
+- ``ring.json``: the ring's identity (:mod:`grafting.ring.identity`), created by the first network.
 - ``net{i}_epoch{e}.pt``: network i's weights after epoch e (e starts at 1), before grafting. Written
   with :func:`grafting.checkpoint.save_atomic` (via ``net{i}_epoch{e}.pt.tmp-<pid>`` and a rename), so
   a reader that sees the name sees the complete file. Content: ``{'model': state_dict, 'meta': meta}``
-  with CPU tensors; ``meta`` holds at least ``net``, ``num``, ``epoch`` and whatever the caller adds
-  (the model name and ``num_classes``), and lets a reader refuse a peer that trains another model.
+  with CPU tensors; ``meta`` holds ``net``, ``num``, ``epoch``, ``ring`` and whatever the caller adds
+  (the model, ``num_classes``, the grafting settings), and lets a reader refuse a file of another run
+  or of a network that trains something else.
 - ``net{i}.lock``: held with ``flock`` by the one process that trains network i; it contains
   ``pid hostname start-time`` for the error message a second process gets. The kernel drops the lock
-  when its owner dies, even by SIGKILL, so the file never has to be deleted by hand.
-- ``net{i}.alive``: rewritten every few seconds by network i; a waiting peer warns when it goes stale.
-  The period (10 s) and the age that counts as stale (120 s) can be changed without new flags through
-  the environment variables ``GRAFTING_HEARTBEAT_S`` and ``GRAFTING_STALE_S`` (seconds), e.g. to test a
-  dead peer quickly; explicit constructor arguments win over them.
+  when its owner dies, even by SIGKILL: processes forked from the owner (DataLoader workers) close
+  their copy of the descriptor at once, so a worker that outlives its killed parent for a few seconds
+  does not keep the lock.
+- ``net{i}.alive``: rewritten every few seconds by network i. A waiting peer says within seconds which
+  file it waits for and whether network i has not started yet (no heartbeat file), runs, or has
+  stopped (a stale heartbeat). The period (10 s) and the age that counts as stale (120 s) can be
+  changed without new flags through the environment variables ``GRAFTING_HEARTBEAT_S`` and
+  ``GRAFTING_STALE_S`` (seconds), e.g. to test a dead peer quickly; explicit constructor arguments
+  win over them.
 
-Nothing else is shared: no sockets, no process groups. A killed process is restarted with --resume and
-finds the files it needs, because :meth:`Exchange.cleanup` keeps every file a peer may still read.
+Which files exist when (the protocol; :meth:`Exchange.cleanup`, :meth:`Exchange.finish` and
+:meth:`grafting.ring.grafter.Grafter.finish` implement it):
 
-On NFS, a client may cache "no such file" for a few seconds (the attribute cache); mounting with
-``lookupcache=positive`` makes a peer's new file visible at once.
+- While training, network i keeps its last N+1 published epochs: every reader that may still need one
+  of them, also after a kill and a resume from its previous checkpoint, finds it.
+- A network that starts at epoch s (1 for a fresh start) first deletes its own files of epochs >= s,
+  newest first: they belong to an interrupted attempt and are published again.
+- A file that is gone while its network has already published a later epoch will never come back
+  (deleted by hand, e.g. after it was found corrupt): the reader skips grafting that epoch, with a
+  warning, instead of waiting forever.
+- When network i finishes, it deletes its predecessor's files (it was their only reader), its heartbeat
+  and its lock; its own files are deleted by its successor when that one finishes. With
+  ``--graft-source average`` every network reads every file: a finishing network deletes the epochs all
+  networks have read, and the last one to finish deletes the rest.
+
+Nothing else is shared: no sockets, no process groups. On NFS, a client may cache "no such file" for a
+few seconds (the attribute cache); mounting with ``lookupcache=positive`` makes a peer's new file
+visible at once.
 """
 
 from __future__ import annotations
@@ -34,8 +54,11 @@ import errno
 import fcntl
 import logging
 import math
+import operator
 import os
 import socket
+import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -44,14 +67,61 @@ from typing import Any
 
 import torch
 
-from grafting.checkpoint import extract_state_dict, load_file, remove_temp_files, save_atomic
+from grafting.checkpoint import extract_state_dict, load_file, remove_temp_files, save_atomic, weights_problem
 from grafting.errors import (CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError,
                              UsageError)
+from grafting.ring.identity import join_ring
 from grafting.ring.layout import SharedFolder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Exchange", "check_ring_position", "format_duration", "seconds_from_env"]
+__all__ = ["Exchange", "EpochGone", "check_ring_position", "check_epoch", "format_duration", "seconds_from_env",
+           "say"]
+
+
+def say(level: int, message: str) -> None:
+    """Log ``message``; where nothing is set up to show log records (a user's own loop that never
+    configured logging), print it on stderr instead, so waiting is never silent."""
+    if logger.hasHandlers():
+        logger.log(level, message)
+    elif level >= logging.INFO:
+        print(f"grafting: {message}", file=sys.stderr, flush=True)
+
+
+def check_epoch(epoch: Any) -> int:
+    """``epoch`` as an int; :class:`UsageError` unless it is a whole number >= 1 (epochs start at 1)."""
+    try:
+        value = operator.index(epoch) if not isinstance(epoch, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise UsageError(f"epoch must be a whole number >= 1 (epochs start at 1), got {epoch!r}")
+    return value
+
+
+class EpochGone(Exception):
+    """A peer's file of an epoch is gone and the peer has moved on, so it will never appear again."""
+
+    def __init__(self, net: int, epoch: int, later: int, path: Path) -> None:
+        super().__init__(f"network {net}'s file of epoch {epoch} ({path}) is gone and network {net} has moved on "
+                         f"to epoch {later}: epoch {epoch} is not grafted")
+        self.net, self.epoch, self.later, self.path = net, epoch, later, path
+
+
+# Lock descriptors this process holds. A forked child (a DataLoader worker) closes its copies at once,
+# so that the lock dies with the process that took it (flock belongs to the open file, which a fork
+# shares); fork+exec children never see them (the descriptors are close-on-exec).
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in _HELD_LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_lock_fds_in_child)
 
 
 def check_ring_position(net: int, num: int) -> None:
@@ -118,6 +188,9 @@ class Exchange:
                 exchange.cleanup(epoch)
                 exchange.wait_for(exchange.predecessor, epoch, timeout)
                 peer_state, peer_meta = exchange.load(exchange.predecessor, epoch, expect=meta_subset)
+            exchange.finish()
+
+    ``ring`` is the identity a resumed network recorded (None: join the folder's ring or create it).
     """
 
     def __init__(
@@ -126,10 +199,12 @@ class Exchange:
         net: int,
         num: int,
         *,
+        ring: str | None = None,
         keep_all: bool = False,
         poll_interval: float = 0.1,
         heartbeat_interval: float | None = None,
         stale_after: float | None = None,
+        notice_after: float = 5.0,
         log_every: float = 60.0,
     ) -> None:
         if heartbeat_interval is None:
@@ -141,12 +216,15 @@ class Exchange:
         self.root = self.folder.root
         self.net = net
         self.num = num
+        self.ring = ring
         self.keep_all = keep_all
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
         self.stale_after = stale_after
+        self.notice_after = notice_after
         self.log_every = log_every
         self._lock_fd: int | None = None
+        self._lock_pid = 0
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._heartbeat_failed = False
@@ -160,6 +238,8 @@ class Exchange:
                 f"cannot create the shared directory {self.root} (--s): {err.strerror or err}; "
                 "choose a writable folder"
             ) from err
+        if not self.root.is_dir():
+            raise GraftingError(f"the shared directory {self.root} (--s) is not a folder; choose another --s")
 
     @property
     def predecessor(self) -> int:
@@ -182,29 +262,22 @@ class Exchange:
     # ---------------------------------------------------------------- lock and heartbeat
 
     def acquire(self) -> None:
-        """Take this network's lock (or raise :class:`LockError`) and start the heartbeat thread.
+        """Take this network's lock (or raise :class:`LockError`), join the ring (``ring.json``) and
+        start the heartbeat thread.
 
         Calling it again while holding the lock does nothing.
         """
         if self._lock_fd is not None:
             return
         self._make_root()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_file()
+        self._lock_fd, self._lock_pid = fd, os.getpid()
+        _HELD_LOCK_FDS.add(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            owner = self._read_owner(fd)
-            os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                raise LockError(
-                    f"cannot lock {self.lock_path}: {err.strerror or err}; "
-                    "use a shared directory (--s) on a file system that supports locks"
-                ) from err
-            raise LockError(
-                f"network {self.net} in {self.root} is already being trained by {owner}; "
-                "stop that process or use another --s"
-            ) from err
-        self._lock_fd = fd
+            self.ring = join_ring(self.folder, self.ring)
+        except BaseException:
+            self.release()
+            raise
         start = datetime.datetime.now().isoformat(timespec="seconds")
         record = f"{os.getpid()} {socket.gethostname()} {start}\n".encode()
         with contextlib.suppress(OSError):
@@ -219,11 +292,57 @@ class Exchange:
         )
         self._heartbeat_thread.start()
 
+    def _lock_file(self) -> int:
+        """Open and lock this network's lock file; returns the descriptor.
+
+        A finished network deletes its lock file while still holding the lock: a process that opened the
+        old file just before then locks a file that no longer has a name, sees that, and tries again.
+        """
+        path = self.lock_path
+        for _ in range(10):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+            except OSError as err:
+                what = "is a directory" if err.errno == errno.EISDIR else (err.strerror or str(err))
+                raise LockError(f"cannot use {path} as network {self.net}'s lock file: {what}; "
+                                f"{'move it away' if err.errno == errno.EISDIR else 'choose a writable --s'}") from None
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise LockError(f"{path} is not a regular file (it should be network {self.net}'s lock file); "
+                                    f"move it away")
+                os.set_blocking(fd, True)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                owner = self._read_owner(fd)
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    raise LockError(
+                        f"cannot lock {path}: {err.strerror or err}; "
+                        "use a shared directory (--s) on a file system that supports locks"
+                    ) from err
+                raise LockError(
+                    f"network {self.net} in {self.root} is already being trained by {owner}; "
+                    "stop that process or use another --s"
+                ) from err
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                named = os.stat(path)
+            except FileNotFoundError:
+                named = None
+            if named is not None and (named.st_dev, named.st_ino) == (info.st_dev, info.st_ino):
+                return fd
+            os.close(fd)  # the file was deleted (and maybe created anew) after we opened it
+        raise LockError(f"{path} keeps being replaced while network {self.net} tries to lock it; "
+                        f"is another process deleting it? use another --s")
+
     def release(self) -> None:
         """Stop the heartbeat and drop the lock; safe to call more than once.
 
         The heartbeat file is left behind on purpose: a peer still waiting for this network then sees
-        it grow stale and warns.
+        it grow stale and says so (:meth:`finish` removes it when the run is over).
         """
         self._heartbeat_stop.set()
         if self._heartbeat_thread is not None:
@@ -231,9 +350,34 @@ class Exchange:
             self._heartbeat_thread = None
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
+            _HELD_LOCK_FDS.discard(fd)
+            if self._lock_pid != os.getpid():
+                return  # a forked child: its copy was closed at the fork
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def finish_heartbeat(self) -> None:
+        """Stop the heartbeat and delete its file: this network has finished (a peer waiting for it then
+        reads "not running" rather than "stopped")."""
+        self._heartbeat_stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=5.0)
+            self._heartbeat_thread = None
+        if self._lock_fd is not None:  # only the owner deletes it
+            with contextlib.suppress(OSError):
+                self.alive_path(self.net).unlink()
+
+    def finish(self) -> None:
+        """This network's run is over: delete its heartbeat and lock files and release the lock.
+
+        The lock file is deleted while still locked (see :meth:`_lock_file` for the other side).
+        """
+        self.finish_heartbeat()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                self.lock_path.unlink()
+        self.release()
 
     def __enter__(self) -> Exchange:
         self.acquire()
@@ -260,11 +404,17 @@ class Exchange:
 
     def _beat(self) -> None:
         """Rewrite the heartbeat file; its modification time is what peers look at."""
+        path = self.alive_path(self.net)
         try:
-            self.alive_path(self.net).write_text(f"{time.time():.3f}\n")
+            # O_NONBLOCK: a FIFO in its place must not block the heartbeat (or the start) forever.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, f"{time.time():.3f}\n".encode())
+            finally:
+                os.close(fd)
         except OSError as err:
             if not self._heartbeat_failed:
-                logger.warning("could not update %s: %s", self.alive_path(self.net), err.strerror or err)
+                say(logging.WARNING, f"could not update {path}: {err.strerror or err}")
                 self._heartbeat_failed = True
 
     def _heartbeat_loop(self) -> None:
@@ -279,60 +429,86 @@ class Exchange:
             return None
         return max(0.0, time.time() - modified)
 
+    def peer_state(self, net: int) -> tuple[str, str]:
+        """What network ``net``'s heartbeat says: ``(kind, sentence)`` with kind ``running``, ``stopped``
+        (stale heartbeat), ``not running`` (no heartbeat but a run folder: it finished or stopped cleanly)
+        or ``not started`` (neither)."""
+        alive = self.alive_path(net)
+        age = self.heartbeat_age(net)
+        if age is None:
+            if self.folder.network(net).folder.is_dir():
+                return "not running", (f"network {net} is not running (no heartbeat file {alive}; it finished or "
+                                       f"stopped): restart it with --resume, with the same --epochs as this network")
+            return "not started", f"network {net} has not started yet (no heartbeat file {alive})"
+        if age > self.stale_after:
+            return "stopped", (f"network {net} has stopped: its heartbeat {alive} is {format_duration(age)} old; "
+                               f"check its log and restart it with --resume")
+        return "running", f"network {net} is running (heartbeat {format_duration(age)} ago)"
+
     # ---------------------------------------------------------------- exchange files
 
     def publish(self, epoch: int, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
         """Write this network's weights after ``epoch`` atomically and return the file's path.
 
         ``meta`` should name the model and ``num_classes`` (plain values only: str, int, float, bool);
-        ``net``, ``num`` and ``epoch`` are filled in here.
+        ``net``, ``num``, ``epoch`` and ``ring`` are filled in here.
         """
-        if epoch < 1:
-            raise ValueError(f"epochs start at 1, got {epoch}")
+        epoch = check_epoch(epoch)
         weights = {
             key: _to_cpu(value) if isinstance(value, torch.Tensor) else value for key, value in state_dict.items()
         }
         full_meta = {**meta, "net": self.net, "num": self.num, "epoch": epoch}
+        if self.ring is not None:
+            full_meta["ring"] = self.ring
         target = self.path(self.net, epoch)
         self._make_root()
         save_atomic({"model": weights, "meta": full_meta}, target)
         return target
 
+    def _later_epoch(self, net: int, epoch: int) -> int | None:
+        """The newest epoch after ``epoch`` that network ``net`` has published, if any."""
+        later = [e for n, e, _ in self.folder.exchange_files() if n == net and e > epoch]
+        return max(later) if later else None
+
     def wait_for(self, net: int, epoch: int, timeout: float | None) -> float:
         """Block until network ``net``'s file of ``epoch`` exists; return the seconds waited.
 
-        Polls every ``poll_interval`` seconds, logs progress every ``log_every`` seconds, warns once if the
-        peer's heartbeat is older than ``stale_after``, and raises :class:`PeerTimeoutError` after
-        ``timeout`` seconds (None waits forever).
+        Polls every ``poll_interval`` seconds. After ``notice_after`` seconds, and then every ``log_every``
+        seconds, it says which file it waits for and what the peer's heartbeat says; a peer that stops
+        is reported at once. Raises :class:`EpochGone` when the file is missing although the peer has
+        published a later epoch (it will never appear), and :class:`PeerTimeoutError` after ``timeout``
+        seconds (None waits forever).
         """
+        epoch = check_epoch(epoch)
         target = self.path(net, epoch)
         start = time.monotonic()
-        next_log = start + self.log_every
-        warned_stale = False
+        next_notice = start + self.notice_after
+        next_scan = start
+        reported_kind = "running"
         while True:
             if os.path.exists(target):
                 return time.monotonic() - start
             now = time.monotonic()
             waited = now - start
+            if now >= next_scan:  # a listing costs more than a stat: once a second
+                later = self._later_epoch(net, epoch)
+                if later is not None and not os.path.exists(target):
+                    raise EpochGone(net, epoch, later, target)
+                next_scan = now + 1.0
+            kind, state = self.peer_state(net)
             if timeout is not None and waited >= timeout:
                 raise PeerTimeoutError(
-                    f"network {net} did not write epoch {epoch} within {timeout:g} s ({target}); "
-                    "check its log, then restart it with --resume (this network's checkpoints are intact)"
+                    f"network {net} did not write epoch {epoch} within {timeout:g} s ({target}); {state}; "
+                    f"this network's checkpoints are intact: restart it with --resume as well"
                 )
-            if now >= next_log:
-                logger.info(
-                    "net %d: waiting for network %d, epoch %d (%s so far)",
-                    self.net, net, epoch, format_duration(waited),
-                )
-                next_log += self.log_every
-            if not warned_stale:
-                age = self.heartbeat_age(net)
-                if age is not None and age > self.stale_after:
-                    logger.warning(
-                        "network %d has not updated its heartbeat for %s; it may have died",
-                        net, format_duration(age),
-                    )
-                    warned_stale = True
+            newly_stopped = kind == "stopped" and reported_kind != "stopped"
+            if now >= next_notice or newly_stopped:
+                level = logging.INFO if kind in ("running", "not started") else logging.WARNING
+                say(level, f"net {self.net}: waiting for network {net}'s epoch {epoch} ({target}) for "
+                           f"{format_duration(waited)}; {state}")
+                reported_kind = kind
+                if now >= next_notice:
+                    next_notice = now + self.log_every
             pause = self.poll_interval
             if timeout is not None:
                 pause = min(pause, max(0.0, timeout - waited))
@@ -343,68 +519,92 @@ class Exchange:
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Read network ``net``'s weights of ``epoch``; return ``(state_dict, meta)``.
 
-        Every entry of ``expect`` must equal the file's meta, otherwise :class:`PeerMismatchError` names
-        the first field that differs. A file without meta (placed there by a user) is not checked.
-        Weights that are NaN or infinite raise :class:`CheckpointError`: grafted in, they would spoil
-        this network and the checkpoint it saves next.
+        With ``expect`` (what the Grafter always passes) the file must carry the meta this project
+        writes: this ring's identity, the network and epoch its name says, and every entry of
+        ``expect``; otherwise :class:`PeerMismatchError` names what differs. Weights that are NaN or
+        infinite raise :class:`CheckpointError`: grafted in, they would spoil this network and the
+        checkpoint it saves next. Nothing is read from a file that fails a check.
         """
+        epoch = check_epoch(epoch)
         target = self.path(net, epoch)
-        payload = load_file(target, weights_only=True)
+        fix = self.repair_advice(net)
+        payload = load_file(target, weights_only=True, advice=fix)
         state_dict = extract_state_dict(payload, source=str(target))
-        for key, value in state_dict.items():
-            if value.is_floating_point() and not bool(value.isfinite().all()):
-                raise CheckpointError(
-                    f"network {net}'s checkpoint {target} holds NaN or infinite values ({key}); "
-                    "check that network's log and restart it with --resume"
-                )
         meta = payload.get("meta") if isinstance(payload, dict) else None
+        if expect is not None:
+            self._check_meta(net, epoch, target, meta, expect, fix)
+        problem = weights_problem(state_dict)
+        if problem:
+            raise CheckpointError(f"network {net}'s file {target} {problem}; {fix}")
+        return state_dict, meta if isinstance(meta, dict) else {}
+
+    @staticmethod
+    def repair_advice(net: int) -> str:
+        """What to do about a bad file of network ``net`` (it is never used): the advice works, as a file
+        that is gone after its network has moved on is skipped (:class:`EpochGone`)."""
+        return (f"nothing from it was used: delete it and restart this network with --resume (an epoch whose file "
+                f"is gone after network {net} has moved on is not grafted)")
+
+    def _check_meta(self, net: int, epoch: int, target: Path, meta: Any, expect: dict[str, Any], fix: str) -> None:
+        """Raise :class:`PeerMismatchError` unless ``meta`` is what network ``net`` of this ring writes
+        for ``epoch`` and agrees with ``expect``."""
         if not isinstance(meta, dict):
-            return state_dict, {}
-        for key, wanted in (expect or {}).items():
+            raise PeerMismatchError(f"network {net}'s file {target} has no metadata, so this project did not write "
+                                    f"it; {fix}")
+        if self.ring is not None and meta.get("ring") != self.ring:
+            raise PeerMismatchError(
+                f"network {net}'s file {target} belongs to another run (ring {meta.get('ring')}, this ring is "
+                f"{self.ring}): move it away and restart this network with --resume, or start this ring in a new --s")
+        if meta.get("net") != net or meta.get("epoch") != epoch:
+            raise PeerMismatchError(f"network {net}'s file {target} says it holds network {meta.get('net')}'s epoch "
+                                    f"{meta.get('epoch')}: it was renamed or copied by hand; {fix}")
+        for key, wanted in expect.items():
             if key not in meta:
                 found = f"no '{key}' entry"
             elif meta[key] != wanted:
                 found = f"{key}={meta[key]}"
             else:
                 continue
+            hint = (" (to extend a finished ring, resume every network with --resume --epochs N)"
+                    if key == "epochs" else "")
             raise PeerMismatchError(
-                f"network {net}'s checkpoint {target} has {found}, this network has {key}={wanted}; "
-                f"start every network of the ring with the same {key}"
+                f"network {net}'s file {target} has {found}, this network has {key}={wanted}; "
+                f"all networks of a ring must use the same {key}{hint}"
             )
-        return state_dict, meta
+
+    def _remove(self, paths: list[Path]) -> list[Path]:
+        """Delete ``paths`` in the order given; return those removed (missing ones are skipped)."""
+        removed = []
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                say(logging.WARNING, f"could not remove {path}: {err.strerror or err}")
+                continue
+            removed.append(path)
+        return removed
+
+    def remove_files(self, net: int, *, first: int = 1, last: int | None = None) -> list[Path]:
+        """Delete network ``net``'s exchange files of epochs ``first..last`` (no bound: None), newest first,
+        so that a reader never sees an epoch missing while a later one is still there; return them."""
+        chosen = [(e, path) for n, e, path in self.folder.exchange_files()
+                  if n == net and e >= first and (last is None or e <= last)]
+        return self._remove([path for _, path in sorted(chosen, reverse=True)])
 
     def cleanup(self, epoch: int) -> list[Path]:
         """After publishing ``epoch``, delete this network's files no peer can still need; return them.
 
         Only network i+1 reads network i's files. Network i can only be at epoch e after grafting epoch
         e-1 from i-1, which needed i-2 at e-2, and so on around the ring: i+1 (= i-(N-1)) has published
-        at least epoch e-N+1, so it has already read network i's epochs up to e-N. One more epoch is kept
-        so that a successor killed right after reading can resume and read again: files of epochs
-        <= e-N-1 go. With one network nothing is exchanged; with keep_all nothing is removed.
+        at least epoch e-N+1, so it has saved its checkpoint of epoch e-N and the one before, e-N-1.
+        Resumed from either, it reads network i's epochs from e-N on: files of epochs <= e-N-1 go.
+        With one network nothing is exchanged; with keep_all nothing is removed.
         """
         if self.keep_all or self.num == 1:
             return []
         last_unneeded = epoch - self.num - 1
         if last_unneeded < 1:
             return []
-        pattern = self.folder.exchange_pattern(self.net)
-        removed: list[Path] = []
-        try:
-            names = os.listdir(self.root)
-        except OSError as err:
-            logger.warning("could not list %s to remove old exchange files: %s", self.root, err.strerror or err)
-            return []
-        for name in names:
-            match = pattern.fullmatch(name)
-            if match is None or int(match.group(1)) > last_unneeded:
-                continue
-            try:
-                (self.root / name).unlink()
-            except FileNotFoundError:
-                continue
-            except OSError as err:
-                logger.warning("could not remove %s: %s", self.root / name, err.strerror or err)
-                continue
-            removed.append(self.root / name)
-        removed.sort(key=lambda file: int(pattern.fullmatch(file.name).group(1)))
-        return removed
+        return self.remove_files(self.net, last=last_unneeded)[::-1]

@@ -9,7 +9,10 @@
 
 ``step`` is ``publish`` (this network's pre-graft weights to the shared folder, atomically)
 followed by ``graft`` (wait for the ring predecessor's file of the same epoch, check that it fits,
-graft it in). The ``source`` option selects the paper's ablations instead (docs/METHOD.md §9):
+graft it in). While it waits it says, after a few seconds and then every minute, which file it waits
+for and whether that peer runs, has stopped or has not started; without any logging set up (a plain
+script) these lines go to stderr. ``finish()`` at the end of a run removes the exchange files no
+network needs any more, the heartbeat and the lock (see :mod:`grafting.ring.exchange`). The ``source`` option selects the paper's ablations instead (docs/METHOD.md §9):
 ``internal`` and ``noise`` change the network's own invalid filters and exchange nothing;
 ``average`` waits for every network's file and replaces the weights by the plain mean. A loop may call the two halves apart, e.g. evaluate in between so the peer's file
 arrives while this network tests. Under torch.distributed only rank 0 touches the folder; the
@@ -17,6 +20,7 @@ grafted weights are broadcast to the other ranks.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,13 +30,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from grafting.checkpoint import weights_problem
 from grafting.distributed import is_distributed
-from grafting.errors import UsageError
+from grafting.errors import CheckpointError, UsageError
 from grafting.method.ablation import average_into_, check_source, internal_graft_, noise_graft_
-from grafting.method.graft import (FilterRecord, LayerRecord, check_criterion, check_rule, graft_filters,
-                                   graft_layers, unwrap_model)
+from grafting.method.graft import (FilterRecord, LayerRecord, check_criterion, check_peer_state, check_rule,
+                                   graft_filters, graft_layers, unwrap_model)
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C, check_weighting
-from grafting.ring.exchange import Exchange, check_ring_position
+from grafting.ring.exchange import EpochGone, Exchange, check_epoch, check_ring_position, say
 
 __all__ = ["Grafter", "GraftReport", "LEVELS", "check_grafting"]
 
@@ -58,6 +63,8 @@ class GraftReport:
         peers: every network whose file was read (``average`` reads all the others).
         invalid_touched: how many invalid filters ``noise`` or ``internal`` grafting changed (else None).
         grafted: whether the step changed the weights (False for a baseline or an epoch that does not graft).
+        skipped: why a grafting step that should have happened did not (a peer's file that is gone for
+            good), else None.
     """
 
     epoch: int
@@ -70,6 +77,7 @@ class GraftReport:
     peers: tuple[int, ...] = ()
     invalid_touched: int | None = None
     grafted: bool = False
+    skipped: str | None = None
 
     @property
     def alphas(self) -> list[float]:
@@ -78,6 +86,8 @@ class GraftReport:
 
     def summary(self) -> str:
         """One short line for logs."""
+        if self.skipped is not None:
+            return f"epoch {self.epoch}: not grafted ({self.skipped})"
         if self.invalid_touched is not None:
             return f"epoch {self.epoch}: {self.source} grafting touched {self.invalid_touched} invalid filters"
         if self.source == "average" and self.peers:
@@ -128,6 +138,10 @@ class Grafter:
         keep_all: keep every exchange file instead of removing those no peer still needs.
         meta: facts about this network stored with its files and checked against the peer's
             (``model`` and ``num_classes`` at least, so a ring of mismatched networks fails early).
+            Without it a peer of another architecture is still refused: its keys, shapes and dtypes
+            must be exactly this network's.
+        ring: the ring's identity a resumed network recorded (None: join the shared folder's ring, or
+            create it when this network is the first).
     """
 
     def __init__(
@@ -146,6 +160,7 @@ class Grafter:
         peer_timeout: float | None = None,
         keep_all: bool = False,
         meta: Mapping[str, Any] | None = None,
+        ring: str | None = None,
     ) -> None:
         check_grafting(net=net, num=num, a=a, c=c, level=level, rule=rule, criterion=criterion, source=source,
                        invalid_threshold=invalid_threshold, peer_timeout=peer_timeout)
@@ -153,12 +168,20 @@ class Grafter:
         self.a, self.c, self.level, self.rule, self.criterion = a, c, level, rule, criterion
         self.source, self.invalid_threshold = source, invalid_threshold
         self.peer_timeout = peer_timeout
+        self.keep_all = keep_all
+        self._last_exchanged = 0  # the last epoch whose grafting step ran (grafted or skipped)
         # What a peer's file must agree on: the grafting settings, and whatever the caller adds (model, classes, recipe).
         self.meta = {"num": num, "a": a, "c": c, "level": level, "rule": rule, "criterion": criterion,
                      "source": source, "invalid_threshold": invalid_threshold, **dict(meta or {}), "net": net}
         self._rank_zero = not is_distributed() or torch.distributed.get_rank() == 0
         # Under DDP only rank 0 touches the shared folder (on other nodes it may not even be mounted).
-        self.exchange: Exchange | None = Exchange(root, net, num, keep_all=keep_all) if self._rank_zero else None
+        self.exchange: Exchange | None = (Exchange(root, net, num, keep_all=keep_all, ring=ring)
+                                          if self._rank_zero else None)
+
+    @property
+    def ring(self) -> str | None:
+        """The ring's identity once :meth:`open` has joined it (None on DDP ranks other than 0)."""
+        return self.exchange.ring if self.exchange is not None else None
 
     @property
     def active(self) -> bool:
@@ -173,18 +196,51 @@ class Grafter:
         self.close()
 
     def open(self) -> None:
-        """Take this network's lock in the shared folder (rank 0 only) and start its heartbeat."""
+        """Take this network's lock in the shared folder (rank 0 only), join the ring and start the heartbeat."""
         if self._rank_zero:
-            Path(self.exchange.root).mkdir(parents=True, exist_ok=True)
             self.exchange.acquire()
 
     def close(self) -> None:
-        """Release the lock; safe to call twice."""
+        """Release the lock; safe to call twice. The heartbeat file stays, so a waiting peer sees it go stale."""
         if self._rank_zero:
             self.exchange.release()
 
+    def discard_from(self, epoch: int) -> list[Path]:
+        """Delete this network's exchange files of epochs >= ``epoch``, newest first; return them.
+
+        Call it once when a network (re)starts at ``epoch``: such files belong to an interrupted attempt
+        and are published again, and a reader must not take the old ones for the new.
+        """
+        epoch = check_epoch(epoch)
+        if not self._rank_zero:
+            return []
+        return self.exchange.remove_files(self.net, first=epoch)
+
+    def finish(self) -> None:
+        """The run is over: delete the exchange files no network needs any more, this network's heartbeat
+        and its lock file, and release the lock (rank 0; with ``keep_all`` the exchange files stay).
+
+        This network was the only reader of its predecessor's files, so those go; its own go when its
+        successor finishes. With ``source="average"`` every network reads every file: the epochs all
+        networks have read (and could need after a resume from their previous checkpoint) go now, the
+        rest when the last network finishes (no other heartbeat left).
+        """
+        if not self._rank_zero:
+            return
+        exchange = self.exchange
+        if self.active and not self.keep_all:
+            exchange.finish_heartbeat()
+            if self.source == "average":
+                others_done = all(exchange.heartbeat_age(n) is None for n in range(1, self.num + 1) if n != self.net)
+                for net in range(1, self.num + 1):
+                    exchange.remove_files(net, last=None if others_done else self._last_exchanged - 2)
+            else:
+                exchange.remove_files(exchange.predecessor)
+        exchange.finish()
+
     def publish(self, model: nn.Module, epoch: int) -> Path | None:
         """Save this network's pre-graft weights of ``epoch`` for its successor (atomic)."""
+        epoch = check_epoch(epoch)
         if not self.active or not self._rank_zero:
             return None
         state = unwrap_model(model).state_dict()
@@ -197,7 +253,10 @@ class Grafter:
 
         With ``source="average"`` every other network's file is read and ``model`` becomes the mean;
         with ``internal`` or ``noise`` the network's own invalid filters change and nothing is read.
+        A peer's file that is gone for good (deleted, and the peer has published a later epoch) is
+        skipped with a warning: ``report.skipped`` says so and the weights stay as they are.
         """
+        epoch = check_epoch(epoch)
         report = GraftReport(epoch=epoch, source=self.source)
         own_only = self.source in ("internal", "noise")
         if not (self.active or own_only):
@@ -205,33 +264,56 @@ class Grafter:
         module = unwrap_model(model)
         report.grafted = True
         if self._rank_zero:
-            if own_only:
-                start = time.perf_counter()
-                if self.source == "internal":
-                    report.invalid_touched = internal_graft_(module, threshold=self.invalid_threshold, rule=self.rule)
+            start = time.perf_counter()
+            try:
+                if own_only:
+                    if self.source == "internal":
+                        report.invalid_touched = internal_graft_(module, threshold=self.invalid_threshold,
+                                                                 rule=self.rule)
+                    else:
+                        # noise_graft_ counts finished epochs from 0 (the published decay); ours count from 1.
+                        report.invalid_touched = noise_graft_(module, epoch - 1, threshold=self.invalid_threshold,
+                                                              rule=self.rule)
+                elif self.source == "average":
+                    start = self._average(module, epoch, report)
                 else:
-                    # noise_graft_ counts finished epochs from 0 (the published decay); ours count from 1.
-                    report.invalid_touched = noise_graft_(module, epoch - 1, threshold=self.invalid_threshold,
-                                                          rule=self.rule)
-            elif self.source == "average":
-                start = self._average(module, epoch, report)
-            else:
-                peer = self.exchange.predecessor
-                report.peer, report.peers = peer, (peer,)
-                report.waited_s = self.exchange.wait_for(peer, epoch, self.peer_timeout)
-                start = time.perf_counter()
-                peer_state, _ = self.exchange.load(peer, epoch, expect=self._expected_meta())
-                if self.level == "layer":
-                    report.layers = graft_layers(module, peer_state, a=self.a, c=self.c, rule=self.rule,
-                                                 criterion=self.criterion)
-                else:
-                    report.layers = graft_filters(module, peer_state)
-                report.peer_state = peer_state
+                    start = self._graft_predecessor(module, epoch, report)
+            except EpochGone as gone:
+                say(logging.WARNING, f"net {self.net}: {gone}")
+                report.grafted, report.skipped = False, str(gone)
             _synchronize(module)
             report.graft_ms = (time.perf_counter() - start) * 1000
+            self._last_exchanged = epoch
         if is_distributed():
             _broadcast_state(module)
         return report
+
+    def _graft_predecessor(self, module: nn.Module, epoch: int, report: GraftReport) -> float:
+        """Wait for the predecessor's file of ``epoch``, check it and graft it into ``module`` (the method).
+        Returns when the work (not the waiting) started."""
+        peer = self.exchange.predecessor
+        report.peer, report.peers = peer, (peer,)
+        report.waited_s = self.exchange.wait_for(peer, epoch, self.peer_timeout)
+        start = time.perf_counter()
+        peer_state = self._load_checked(module, peer, epoch)
+        if self.level == "layer":
+            report.layers = graft_layers(module, peer_state, a=self.a, c=self.c, rule=self.rule,
+                                         criterion=self.criterion)
+        else:
+            report.layers = graft_filters(module, peer_state)
+        report.peer_state = peer_state
+        return start
+
+    def _load_checked(self, module: nn.Module, net: int, epoch: int) -> dict[str, torch.Tensor]:
+        """Network ``net``'s weights of ``epoch``, refused unless their meta, keys, shapes and dtypes fit and
+        their magnitudes are those of a network like this one."""
+        state, _ = self.exchange.load(net, epoch, expect=self._expected_meta())
+        own, source = module.state_dict(), f"network {net}'s file {self.exchange.path(net, epoch)}"
+        check_peer_state(own, state, source=source)
+        problem = weights_problem(state, reference=own)
+        if problem:
+            raise CheckpointError(f"{source} {problem}; {self.exchange.repair_advice(net)}")
+        return state
 
     def _expected_meta(self) -> dict[str, Any]:
         return {k: v for k, v in self.meta.items() if k not in _OWN_META}
@@ -249,7 +331,7 @@ class Grafter:
         for net in others:  # the waits overlap: later files usually exist by the time the first one does
             report.waited_s += self.exchange.wait_for(net, epoch, self.peer_timeout)
         start = time.perf_counter()
-        states = {net: self.exchange.load(net, epoch, expect=self._expected_meta())[0] for net in others}
+        states = {net: self._load_checked(module, net, epoch) for net in others}
         states[self.net] = module.state_dict()
         average_into_(module, [states[n] for n in range(1, self.num + 1)])
         report.peer, report.peers = self.exchange.predecessor, tuple(others)
@@ -257,7 +339,7 @@ class Grafter:
         return start
 
     def step(self, model: nn.Module, epoch: int) -> GraftReport:
-        """The whole per-epoch step: ``publish`` then ``graft``."""
+        """The whole per-epoch step: ``publish`` then ``graft`` (``epoch`` is a whole number >= 1)."""
         self.publish(model, epoch)
         return self.graft(model, epoch)
 

@@ -1,10 +1,12 @@
 """The shared folder of a ring (``--s``): the one place that names its files.
 
+    <s>/ring.json                  the ring's identity, created by the first network that starts
     <s>/net<i>_epoch<e>.pt         network i's pre-graft weights after epoch e (read by network i+1)
     <s>/net<i>.lock                held (locked) by the one process that trains network i
     <s>/net<i>.alive               network i's heartbeat, rewritten every few seconds
-    <s>/net<i>/config.json         network i's settings, checked on --resume
+    <s>/net<i>/config.json         network i's settings and ring identity, checked on --resume
     <s>/net<i>/last.pt             everything needed to resume network i after its last finished epoch
+    <s>/net<i>/previous.pt         the same one epoch earlier: the fallback when last.pt is unusable
     <s>/net<i>/best.pt             network i's weights of its best test accuracy
     <s>/net<i>/metrics.jsonl       one JSON object per finished epoch
     <s>/tb/net<i>/                 TensorBoard events
@@ -14,15 +16,18 @@ file name is spelled once.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SharedFolder", "NetworkFiles", "NETWORK_FOLDER", "CONFIG_NAME"]
+__all__ = ["SharedFolder", "NetworkFiles", "NETWORK_FOLDER", "CONFIG_NAME", "EXCHANGE_FILE"]
 
 # A network's own folder, ``net<i>``, and the settings file inside it (what tools look for).
 NETWORK_FOLDER = re.compile(r"net(\d+)")
 CONFIG_NAME = "config.json"
+# Any network's exchange file: group 1 is the network, group 2 the epoch.
+EXCHANGE_FILE = re.compile(r"net(\d+)_epoch(\d+)\.pt")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,15 @@ class NetworkFiles:
     def last(self) -> Path:
         """The resumable checkpoint of the last finished epoch."""
         return self.folder / "last.pt"
+
+    @property
+    def previous(self) -> Path:
+        """The resumable checkpoint one epoch older than ``last``: the fallback when ``last`` is unusable."""
+        return self.folder / "previous.pt"
+
+    def set_aside(self, path: Path) -> Path:
+        """Where an unusable checkpoint ``path`` of this network is moved, kept for inspection."""
+        return path.with_name(path.name + ".unusable")
 
     @property
     def best(self) -> Path:
@@ -72,6 +86,11 @@ class SharedFolder:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
+    @property
+    def ring(self) -> Path:
+        """The ring's identity file (grafting.ring.identity)."""
+        return self.root / "ring.json"
+
     def exchange(self, net: int, epoch: int) -> Path:
         """Network ``net``'s pre-graft weights after ``epoch``."""
         return self.root / f"net{net}_epoch{epoch}.pt"
@@ -80,6 +99,16 @@ class SharedFolder:
     def exchange_pattern(net: int) -> re.Pattern[str]:
         """Matches the names of network ``net``'s exchange files; group 1 is the epoch."""
         return re.compile(rf"net{net}_epoch(\d+)\.pt")
+
+    def exchange_files(self) -> list[tuple[int, int, Path]]:
+        """Every exchange file in the folder as ``(net, epoch, path)``, sorted; [] when the folder is missing."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        found = [(int(m.group(1)), int(m.group(2)), self.root / name)
+                 for name in names if (m := EXCHANGE_FILE.fullmatch(name))]
+        return sorted(found)
 
     def lock(self, net: int) -> Path:
         """Network ``net``'s lock file."""

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from grafting.errors import GraftingError, UsageError
+from grafting.errors import UsageError
 from grafting.method.ablation import SOURCES
 from grafting.method.distill import DISTILL_MODES, check_distillation
 from grafting.method.graft import CRITERIA, RULES
@@ -239,15 +239,15 @@ class RunConfig:
             raise UsageError(f"--distill peers needs an exchange; --graft-source {self.source} reads no peer weights")
 
     def check_resume(self, saved: Mapping[str, Any], source: str) -> None:
-        """Raise :class:`GraftingError` when a setting fixed on resume differs from the ``saved`` configuration
+        """Raise :class:`UsageError` (exit code 2) when a setting fixed on resume differs from the ``saved`` configuration
         (read from ``source``); names the flag and both values."""
         for name in self.fixed_on_resume():
             if name not in saved:
-                raise GraftingError(f"--resume: {source} does not record {self.flag_of(name)}; it was written by "
+                raise UsageError(f"--resume: {source} does not record {self.flag_of(name)}; it was written by "
                                  f"another version or edited by hand: start a new run in another --s")
             now, then = getattr(self, name), saved[name]
             if now != then:
-                raise GraftingError(f"--resume: {self.flag_of(name)} was {then!r} in {source} but is {now!r} now; "
+                raise UsageError(f"--resume: {self.flag_of(name)} was {then!r} in {source} but is {now!r} now; "
                                  f"resume with the same settings or start a new run in another --s")
 
     # ------------------------------------------------------------------ config.json

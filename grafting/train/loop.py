@@ -298,5 +298,6 @@ def fit(
                                     eta_s=per_epoch_s * (epochs - epoch), filter_norms=norms), norms)
         if files is not None:
             save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                      best_acc=best_acc, extra=extra_state() if extra_state else None, acc=test.top1, acc5=test.top5)
+                      best_acc=best_acc, extra=extra_state() if extra_state else None, acc=test.top1, acc5=test.top5,
+                      graft_step_done=not final)
     return best_acc

@@ -17,7 +17,7 @@ from grafting.method.distill import Distiller, ModelBuilder, make_distiller
 from grafting.method.graft import unwrap_model
 from grafting.ring.grafter import Grafter
 from grafting.train.config import RunConfig
-from grafting.train.files import ResumeState, load_last, prepare_run_files
+from grafting.train.files import ResumeState, load_last, prepare_run_files, read_saved_config, save_last
 from grafting.train.loop import fit
 from grafting.train.report import RunReporter
 from grafting.train.schedule import dlr_factor, make_scheduler
@@ -71,15 +71,18 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
 
     # The hook first: a teacher that does not fit fails before the lock, the run files or training.
     hook = _distiller(config, model, build_model)
+    # The saved settings (checked now, before anything is written) name the ring a resumed network belongs to.
+    saved = read_saved_config(config) if config.resume and is_main else None
     grafter = Grafter(config.s, config.i, config.num, a=config.a, c=config.c, level=config.level,
                       rule=config.graft_rule, criterion=config.criterion, source=config.source,
                       invalid_threshold=config.invalid_threshold, peer_timeout=config.peer_timeout,
-                      keep_all=config.keep_all, meta=config.peer_settings())
+                      keep_all=config.keep_all, meta=config.peer_settings(), ring=(saved or {}).get("ring"))
     with grafter:
-        files = prepare_run_files(config) if is_main else None
+        files = prepare_run_files(config, grafter.ring) if is_main else None
         state = ResumeState()
         if config.resume and files is not None:
-            state = load_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            state = load_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                              num=config.num)
             if hook is not None and state.extra:
                 hook.load_state_dict(state.extra)
         if config.resume:  # under DDP only rank 0 read last.pt: the other ranks get the same state from it
@@ -89,7 +92,12 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
             hook.sync_ranks()  # under DDP only rank 0 read last.pt: share a resumed peers teacher
         if state.start_epoch > config.epochs:
             log.info(f"nothing to do: {config.epochs} epochs already done (best {state.best_acc:.2f})")
+            grafter.finish()
             return state.best_acc
+        grafter.discard_from(state.start_epoch)  # an interrupted attempt's files of the epochs to come
+        if not state.graft_step_done:
+            _graft_extended_epoch(state, grafter=grafter, files=files, model=model, optimizer=optimizer,
+                                  scheduler=scheduler, scaler=scaler, hook=hook)
         reporter = RunReporter(files.metrics if files else None, files.tensorboard if files else None,
                                start_epoch=state.start_epoch, settings=dataclasses.asdict(config))
         try:
@@ -103,8 +111,27 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
             raise
         finally:
             reporter.close()
+        grafter.finish()  # the exchange files no network needs any more, the heartbeat and the lock
     log.info(f"done: best test accuracy {best:.2f}{' (GENERATED stand-in data)' if config.generated_data else ''}")
     return best
+
+
+def _graft_extended_epoch(state: ResumeState, *, grafter: Grafter, files: Any, model: nn.Module,
+                          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                          scaler: torch.amp.GradScaler | None, hook: Distiller | None) -> None:
+    """The grafting step of the epoch that was the final one of the run before it was extended (a final
+    epoch publishes and grafts nothing): publish its weights, graft the peer's, save last.pt again."""
+    epoch = state.start_epoch - 1
+    log.info(f"epoch {epoch} was the last of the run before --epochs grew: grafting it now")
+    report = grafter.step(model, epoch)
+    if hook is not None:
+        hook.after_exchange(report)
+    log.info(report.summary())
+    if files is not None:
+        save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
+                  best_acc=state.best_acc, extra=hook.state_dict() if hook is not None else None, acc=state.acc,
+                  acc5=state.acc5)
+    state.graft_step_done = True
 
 
 def _grafting_summary(config: RunConfig) -> str:

@@ -33,8 +33,12 @@ def choose_device(requested: str | None) -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(requested)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise UsageError(f"--device '{requested}' is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {requested}: Apple's MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {requested}: this project trains on cpu, cuda or cuda:N only")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
@@ -66,11 +70,17 @@ def configure_threads(threads: int | None, num_processes: int, device: torch.dev
 
     Several networks often share one machine; on the CPU each gets an equal share of the cores
     (``cores // num_processes``) unless ``threads`` says otherwise, so N processes never fight
-    over more threads than there are cores. On CUDA one or two threads feed the GPU.
+    over more threads than there are cores. On CUDA one or two threads feed the GPU. ``threads`` beyond
+    the cores is capped at the cores, with a warning.
     """
+    cores = available_cores()
     if threads is None:
-        share = max(1, available_cores() // max(1, num_processes))
+        share = max(1, cores // max(1, num_processes))
         threads = share if device.type == "cpu" else min(share, 2)
+    elif threads > cores:
+        # More threads than cores only slow the arithmetic down, and thousands make OpenMP hang or crash.
+        log.warning(f"--threads {threads} is more than the {cores} cores this process may use; using {cores}")
+        threads = cores
     torch.set_num_threads(threads)
     if device.type == "cpu":
         # Denormal floats (below 1.2e-38) appear as training goes on and make x86 arithmetic many
