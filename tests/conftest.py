@@ -8,6 +8,7 @@ rehearse on the CPU, as ``scripts/gpu_check.sh`` does). ``pytest -m "not e2e"`` 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -146,6 +147,16 @@ def wait_until(condition: Callable[[], bool], what: str, procs: Sequence[Proc],
             pytest.fail(f"waiting for {what}: {reason}\n" + "\n".join(proc.report() for proc in procs))
         time.sleep(0.02)
     return time.monotonic()
+
+
+def set_cifar_label(batch_file: Path, index: int, label: int) -> None:
+    """Overwrite label ``index`` of a CIFAR batch file (pickled as the real ones are), e.g. out of range."""
+    with open(batch_file, "rb") as handle:
+        batch = pickle.load(handle, encoding="latin1")
+    key = "labels" if "labels" in batch else "fine_labels"
+    batch[key][index] = label
+    with open(batch_file, "wb") as handle:
+        pickle.dump(batch, handle)
 
 
 def one_line(text: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import random
 import re
 import resource
@@ -37,8 +36,8 @@ from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.ring.exchange import Exchange
 from grafting.ring.grafter import Grafter
-from conftest import (CIFAR_SCRIPT, IMAGENET_SCRIPT, REPO, Proc, child_env, finish, kill, one_line, start_script,
-                      wait_until)
+from conftest import (CIFAR_SCRIPT, IMAGENET_SCRIPT, REPO, Proc, child_env, finish, kill, one_line, set_cifar_label,
+                      start_script, wait_until)
 from grafting.ring.layout import NetworkFiles
 from grafting.train.config import CifarConfig
 from grafting.train.files import load_last, prepare_run_files
@@ -562,12 +561,7 @@ def test_the_lock_dies_with_the_process_when_dataloader_workers_outlive_it(tmp_p
 def _bad_labels(tmp_path: Path, data: Path) -> list[str]:
     copy = tmp_path / "data"
     shutil.copytree(data / "cifar-10-batches-py", copy / "cifar-10-batches-py")
-    batch_file = copy / "cifar-10-batches-py" / "data_batch_3"
-    with open(batch_file, "rb") as handle:
-        batch = pickle.load(handle, encoding="latin1")
-    batch["labels"][0] = 12
-    with open(batch_file, "wb") as handle:
-        pickle.dump(batch, handle)
+    set_cifar_label(copy / "cifar-10-batches-py" / "data_batch_3", 0, 12)
     return ["--data", str(copy)]
 
 

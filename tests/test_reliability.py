@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import child_env, finish, one_line, start_process, wait_until
+from conftest import child_env, finish, one_line, set_cifar_label, start_process, wait_until
 from grafting import Grafter
 from grafting.archs import cifar_models
 from grafting.checkpoint import (MAGNITUDE_RATIO, capture_rng_state, load_file, restore_rng_state,
@@ -630,12 +629,7 @@ def test_more_threads_than_cores_are_capped_with_a_warning(caplog: pytest.LogCap
 
 def test_cifar_labels_out_of_range_are_refused_at_load(tmp_path: Path) -> None:
     write_fake_cifar(tmp_path, 10, train_size=20, test_size=10)
-    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
-    with open(test_batch, "rb") as handle:
-        batch = pickle.load(handle, encoding="latin1")
-    batch["labels"][3] = 12
-    with open(test_batch, "wb") as handle:
-        pickle.dump(batch, handle)
+    set_cifar_label(tmp_path / "cifar-10-batches-py" / "test_batch", 3, 12)
     with pytest.raises(DatasetNotFoundError) as caught:
         load_cifar(tmp_path, 10)
     message = one_line(str(caught.value))
