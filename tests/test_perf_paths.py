@@ -47,6 +47,13 @@ def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fake_cifar(tmp_path_factory.mktemp("cifar_perf"), 10, train_size=96, test_size=40)
 
 
+@pytest.fixture(scope="module")
+def one_batch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated CIFAR-10 of one training batch (32) and 8 test images: bf16 convolutions are slow on CPUs
+    without bf16 instructions, and one step shows all the test looks for."""
+    return write_fake_cifar(tmp_path_factory.mktemp("cifar_one_batch"), 10, train_size=32, test_size=8)
+
+
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """One intra-op thread, restored afterwards: other test files may run beside this one."""
@@ -88,8 +95,8 @@ def test_amp_on_the_cpu_is_bf16_without_a_scaler() -> None:
     assert amp_dtype_for(torch.device("cpu"), False) is None
 
 
-def test_amp_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(cifar: Path) -> None:
-    train, test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40, device=torch.device("cpu"))
+def test_amp_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(one_batch: Path) -> None:
+    train, test, _ = cifar_loaders(one_batch, 10, batch_size=32, test_batch_size=8, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = models.create("resnet20", num_classes=10)
     seen: list[torch.dtype] = []
@@ -169,8 +176,8 @@ def test_channels_last_loader_and_model_compute_what_the_plain_layout_computes(c
 # a compiled model in the loop and the exchange
 
 
-def test_compiled_model_trains_publishes_and_grafts(cifar: Path, tmp_path: Path) -> None:
-    train, _, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40, device=torch.device("cpu"))
+def test_compiled_model_trains_publishes_and_grafts(one_batch: Path, tmp_path: Path) -> None:
+    train, _, _ = cifar_loaders(one_batch, 10, batch_size=32, test_batch_size=8, device=torch.device("cpu"))
     torch.manual_seed(0)
     compiled = torch.compile(models.create("resnet20", num_classes=10), backend="eager")
     torch.manual_seed(1)

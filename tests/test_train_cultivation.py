@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +11,9 @@ import torch
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar
-from conftest import CIFAR_SCRIPT, REPO, Proc, finish, start_script
 from grafting.train.report import read_metrics
-from grafting_cifar.train import parse_args
+from conftest import CIFAR_SCRIPT, Proc, finish, start_script
+from test_scripts import dry_commands, parsed
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
@@ -142,19 +138,11 @@ def test_two_networks_averaging(data: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("script", ["cifar_cultivation.sh", "cifar_ablations.sh"])
 def test_scripts_dry_run_commands_parse(script: str, tmp_path: Path) -> None:
-    env = {**os.environ, "DRY": "1", "GPUS": "0,1", "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "data"),
-           "EPOCHS": "3"}
-    result = subprocess.run(["bash", str(REPO / "scripts" / script)], capture_output=True, text=True, env=env,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    commands = [line for line in result.stdout.splitlines() if line and not line.startswith("#")]
+    lines, commands = dry_commands(script, tmp_path, GPUS="0,1", EPOCHS="3")
     assert commands
     seen = set()
-    for line in commands:
-        words = shlex.split(line)
-        words = words[: words.index(">")] if ">" in words else words
-        argv = words[words.index(str(CIFAR_SCRIPT)) + 1:]
-        args = parse_args(argv)
+    for command in commands:
+        args = parsed(command)
         assert args.epochs == 3
         seen.add((args.num, args.source, args.criterion, args.distill, args.kd_temperature, args.kd_soften_teacher,
                   len(args.teacher)))
