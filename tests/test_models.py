@@ -56,9 +56,13 @@ def _base_name(name: str) -> str:
     return name.removesuffix("_leaky")
 
 
-@functools.lru_cache(maxsize=None)
 def _built(name: str, num_classes: int = 10) -> nn.Module:
     """Each model is built once per class count; tests only read it (eval mode, no_grad)."""
+    return _built_once(name, num_classes)  # one cache key whether num_classes is given or not
+
+
+@functools.lru_cache(maxsize=None)
+def _built_once(name: str, num_classes: int) -> nn.Module:
     torch.manual_seed(0)
     return models.create(name, num_classes=num_classes).eval()
 

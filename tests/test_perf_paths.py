@@ -112,8 +112,8 @@ def test_amp_runs_the_convolutions_in_bf16_and_keeps_fp32_weights(one_batch: Pat
 
 
 @pytest.mark.e2e
-def test_train_script_with_amp_on_the_cpu(cifar: Path, tmp_path: Path) -> None:
-    output = train_script(cifar, tmp_path / "amp", "--amp")
+def test_train_script_with_amp_on_the_cpu(one_batch: Path, tmp_path: Path) -> None:
+    output = train_script(one_batch, tmp_path / "amp", "--amp")
     assert "amp bfloat16" in output
     line = re.search(r"epoch 1/1 \| train loss ([\d.]+) .*\| (\d+) img/s \(test (\d+)\)", output)
     assert line is not None, output
