@@ -15,6 +15,7 @@ stale bound with the environment variables ``GRAFTING_HEARTBEAT_S`` and ``GRAFTI
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -432,6 +433,24 @@ def test_resume_checks_the_saved_configuration(tmp_path: Path, data: Path, inter
         line = one_line(stderr)
         assert code == expected_code and said.format(config=files.config, last=files.last) in line, (case, line)
         assert (digest(files.config), digest(files.last)) == before, case
+
+
+def test_a_folder_another_run_took_over_is_refused_and_the_advice_works(tmp_path: Path, data: Path,
+                                                                       interrupted_run: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    shared = copy_run(interrupted_run, tmp_path)
+    saved = json.loads((shared / "ring.json").read_text())
+    (shared / "ring.json").write_text(json.dumps({**saved, "ring": "0123456789ab"}) + "\n")  # another run's
+    resume = flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",))
+    code, stderr = run_main_here(cifar_main(), resume, capsys)
+    line = one_line(stderr)
+    assert code == 1 and "names ring 0123456789ab: another run has used" in line, line
+    # Followed literally: the network's net1 folder copied into a new --s, resumed there to the end.
+    moved = tmp_path / "moved"
+    shutil.copytree(shared / "net1", moved / "net1")
+    run_main_to_the_end(cifar_main(), flags_for(data, moved, num=1, i=1, epochs=3, extra=("--resume",)))
+    assert last_state(moved, 1)["epoch"] == 3
+    assert json.loads((moved / "ring.json").read_text())["ring"] == saved["ring"]
 
 
 def _limit_file_size(limit: int) -> Callable[[], None]:

@@ -103,7 +103,7 @@ def join_ring(folder: SharedFolder, expected: str | None = None) -> str:
         if expected is not None and found != expected:
             raise GraftingError(
                 f"this network belongs to ring {expected} (its config.json) but {folder.ring} names ring {found}: "
-                f"another run has used {folder.root} since; resume this network in a shared folder of its own "
-                f"(copy its net<i> folder into a new --s)")
+                f"another run has used {folder.root} since; resume the ring in a shared folder of its own: copy "
+                f"its networks' net<i> folders into a new --s and resume each network there")
         return found
     raise GraftingError(f"{folder.ring} keeps disappearing; does another process delete it? use a new --s")
