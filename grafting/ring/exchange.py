@@ -76,7 +76,7 @@ from grafting.ring.layout import SharedFolder
 logger = logging.getLogger(__name__)
 
 __all__ = ["Exchange", "EpochGone", "check_ring_position", "check_epoch", "format_duration", "seconds_from_env",
-           "say"]
+           "stale_after_s", "heartbeat_age", "say"]
 
 
 def say(level: int, message: str) -> None:
@@ -177,6 +177,20 @@ def seconds_from_env(name: str, default: float) -> float:
     return value
 
 
+def stale_after_s() -> float:
+    """How old a heartbeat may be before its network counts as stopped: ``GRAFTING_STALE_S``, else 2 minutes."""
+    return seconds_from_env(STALE_ENV, 120.0)
+
+
+def heartbeat_age(path: Path) -> float | None:
+    """Seconds since the heartbeat file ``path`` was last touched, or None if there is none."""
+    try:
+        modified = os.stat(path).st_mtime
+    except OSError:
+        return None
+    return max(0.0, time.time() - modified)
+
+
 class Exchange:
     """Network ``net`` of a ring of ``num`` networks, talking to the others through the folder ``root``.
 
@@ -210,7 +224,7 @@ class Exchange:
         if heartbeat_interval is None:
             heartbeat_interval = seconds_from_env(HEARTBEAT_ENV, 10.0)
         if stale_after is None:
-            stale_after = seconds_from_env(STALE_ENV, 120.0)
+            stale_after = stale_after_s()
         check_ring_position(net, num)
         self.folder = SharedFolder(Path(root))
         self.root = self.folder.root
@@ -423,11 +437,7 @@ class Exchange:
 
     def heartbeat_age(self, net: int) -> float | None:
         """Seconds since network ``net`` last touched its heartbeat file, or None if it has none."""
-        try:
-            modified = os.stat(self.alive_path(net)).st_mtime
-        except OSError:
-            return None
-        return max(0.0, time.time() - modified)
+        return heartbeat_age(self.alive_path(net))
 
     def peer_state(self, net: int) -> tuple[str, str]:
         """What network ``net``'s heartbeat says: ``(kind, sentence)`` with kind ``running``, ``stopped``

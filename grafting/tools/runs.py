@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from grafting.errors import CheckpointError, UsageError
-from grafting.ring.exchange import STALE_ENV, seconds_from_env
+from grafting.ring.exchange import heartbeat_age, stale_after_s
 from grafting.ring.layout import CONFIG_NAME, NETWORK_FOLDER, NetworkFiles, SharedFolder
 from grafting.tools.published import PUBLISHED_EPOCHS, method_label, published_accuracy
 from grafting.train.report import read_metrics
@@ -183,12 +182,8 @@ def dataset_name(config: Mapping[str, Any]) -> str:
 
 
 def _network_result(files: NetworkFiles, epochs: int | None, stale_after: float) -> NetworkResult:
-    result = NetworkResult(files.net)
-    try:
-        age = time.time() - SharedFolder(files.root).alive(files.net).stat().st_mtime
-        result.alive = age < stale_after
-    except OSError:
-        pass
+    age = heartbeat_age(SharedFolder(files.root).alive(files.net))
+    result = NetworkResult(files.net, alive=age is not None and age < stale_after)
     records = network_metrics(files.metrics)
     if not records:
         return result
@@ -213,7 +208,7 @@ def read_run(folder: Path) -> RunSummary:
     run = RunSummary(folder=folder, model=str(config.get("model") or config.get("arch") or "?"),
                      dataset=dataset_name(config), method=method_label(config), epochs=config.get("epochs"),
                      num=num, generated_data=bool(config.get("generated_data")))
-    stale_after = seconds_from_env(STALE_ENV, 120.0)
+    stale_after = stale_after_s()
     # Networks that have not written their config.json yet (not started) count too: the ring needs them.
     run.networks = [_network_result(NetworkFiles(folder, net), run.epochs, stale_after)
                     for net in sorted(set(nets) | set(range(1, num + 1)))]
