@@ -51,8 +51,9 @@ def _file_name(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)).strip("_") + ".png"
 
 
-def _experiment_key(run: RunSummary) -> tuple[str, str, bool]:
-    return run.model, run.dataset, run.generated_data
+def _experiment_file(kind: str, key: tuple[str, str, bool]) -> str:
+    model, dataset, stand_in = key
+    return _file_name(kind, model, dataset, "stand-in" if stand_in else "")
 
 
 def _experiment_title(key: tuple[str, str, bool]) -> str:
@@ -103,7 +104,7 @@ class _Plotter:
         axes = figure.add_subplot()
         if self._curves(axes, runs, lambda r: r.get("test_acc"), "test top-1 (%)"):
             axes.set_title(f"{_experiment_title(key)}: test accuracy per epoch")
-            self._save(figure, _file_name("accuracy", *map(str, key[:2]), "stand-in" if key[2] else ""))
+            self._save(figure, _experiment_file("accuracy", key))
 
     def invalid_filters(self, key: tuple[str, str, bool], runs: Sequence[RunSummary]) -> None:
         """Invalid filters per epoch at each of the paper's thresholds."""
@@ -116,7 +117,7 @@ class _Plotter:
             axes.set_title(f"{_experiment_title(key)}: invalid filters, t = {threshold:g}")
             drawn = drawn or shown
         if drawn:
-            self._save(figure, _file_name("invalid_filters", *map(str, key[:2]), "stand-in" if key[2] else ""))
+            self._save(figure, _experiment_file("invalid_filters", key))
 
     def filter_norms(self, key: tuple[str, str, bool], runs: Sequence[RunSummary]) -> None:
         """The l1-norm histogram of network 1's checkpoint of every run, baseline against grafted."""
@@ -153,7 +154,7 @@ class _Plotter:
         axes.set_ylabel("filters")
         axes.set_title(f"{_experiment_title(key)}: filter l1 norms, baseline vs grafted")
         axes.legend(fontsize=7)
-        self._save(figure, _file_name("filter_norms", *map(str, key[:2]), "stand-in" if key[2] else ""))
+        self._save(figure, _experiment_file("filter_norms", key))
 
     def alphas(self, run: RunSummary) -> None:
         """The coefficient of every layer over the epochs, one heatmap per network."""
@@ -192,7 +193,7 @@ def plot_runs(runs: Sequence[RunSummary], out: str | Path, *, base: str | Path |
     out.mkdir(parents=True, exist_ok=True)
     experiments: dict[tuple[str, str, bool], list[RunSummary]] = {}
     for run in runs:
-        experiments.setdefault(_experiment_key(run), []).append(run)
+        experiments.setdefault(run.experiment, []).append(run)
     for key, members in sorted(experiments.items()):
         members.sort(key=lambda r: (r.method != "baseline", r.method, str(r.folder)))
         plotter.accuracy(key, members)

@@ -118,6 +118,11 @@ class RunSummary:
     networks: list[NetworkResult] = field(default_factory=list)
 
     @property
+    def experiment(self) -> tuple[str, str, bool]:
+        """What runs must share to be compared: model, dataset, and whether the data was a generated stand-in."""
+        return self.model, self.dataset, self.generated_data
+
+    @property
     def finished(self) -> bool:
         """Every network has trained all its epochs."""
         return self.epochs is not None and all(n.epoch is not None and n.epoch >= self.epochs for n in self.networks)

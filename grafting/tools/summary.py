@@ -50,23 +50,18 @@ def _method_order(method: str) -> tuple[int, list[Any]]:
     return rank, _natural(method)
 
 
-def _experiment(run: RunSummary) -> tuple[str, str, bool]:
-    return run.model, run.dataset, run.generated_data
-
-
 def _baseline_best(runs: Sequence[RunSummary], run: RunSummary) -> float | None:
     """The mean best top-1 over every network of the finished baselines of ``run``'s experiment that
     trained as many epochs."""
     values = [n.best for other in runs if other.method == "baseline" and other.finished
-              and _experiment(other) == _experiment(run) and other.epochs == run.epochs for n in other.networks]
+              and other.experiment == run.experiment and other.epochs == run.epochs for n in other.networks]
     return mean_std(values)[0] if values else None
 
 
 def summary_rows(runs: Sequence[RunSummary], base: str | Path | None = None) -> list[dict[str, Any]]:
     """One dict per run, in table order (experiment, then baseline, slr, dlr, others): recipe, status,
     mean and std of each metric, per-network values, gain over the baseline, paper and difference."""
-    ordered = sorted(runs, key=lambda r: (r.model, r.dataset, r.generated_data, _method_order(r.method),
-                                          str(r.folder)))
+    ordered = sorted(runs, key=lambda r: (*r.experiment, _method_order(r.method), str(r.folder)))
     rows = []
     for run in ordered:
         row: dict[str, Any] = {"model": run.model, "dataset": run.dataset, "generated_stand_in": run.generated_data,
