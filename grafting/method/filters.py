@@ -5,7 +5,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["conv_filter_keys", "count_invalid_filters", "filter_l1_norms"]
+__all__ = ["conv_filter_keys", "count_invalid_filters", "filter_l1_norms", "conv_filter_norms"]
 
 
 def conv_filter_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -24,6 +24,13 @@ def filter_l1_norms(weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() < 2:  # one value per filter
         return weight.abs()
     return torch.linalg.vector_norm(weight, ord=1, dim=tuple(range(1, weight.dim())))
+
+
+def conv_filter_norms(state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The l1 norm of every filter the paper counts (the conv keys), in one float32 tensor; empty when no
+    key says ``conv``."""
+    norms = [filter_l1_norms(state_dict[k]).float() for k in conv_filter_keys(state_dict)]
+    return torch.cat(norms) if norms else torch.zeros(0)
 
 
 def count_invalid_filters(state_dict: Mapping[str, torch.Tensor], threshold: float) -> tuple[int, int]:

@@ -22,10 +22,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from grafting.errors import GraftingError, UsageError
-from grafting.method.filters import conv_filter_keys, filter_l1_norms
+from grafting.method.filters import conv_filter_norms
 from grafting.ring.layout import NetworkFiles
 from grafting.tools.checkpoints import load_trained_weights
 from grafting.tools.runs import RunSummary, find_runs, network_metrics, run_label
@@ -127,10 +125,9 @@ class _Plotter:
             path = files.best if self.checkpoint == "best" else files.last
             if not path.exists():
                 continue
-            state = load_trained_weights(path)
-            norms = [filter_l1_norms(state[k]).float() for k in conv_filter_keys(state)]
-            if norms:
-                series.append((run, torch.cat(norms).numpy()))
+            norms = conv_filter_norms(load_trained_weights(path))
+            if norms.numel():
+                series.append((run, norms.numpy()))
         if not series:
             return
         highest = max(float(values.max()) for _, values in series)

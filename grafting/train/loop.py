@@ -21,7 +21,7 @@ from torch import nn
 
 from grafting.distributed import is_distributed
 from grafting.errors import GraftingError
-from grafting.method.filters import conv_filter_keys, filter_l1_norms
+from grafting.method.filters import conv_filter_norms
 from grafting.method.graft import LayerRecord, unwrap_model
 from grafting.ring.grafter import Grafter, GraftReport
 from grafting.ring.layout import NetworkFiles
@@ -208,9 +208,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
 def paper_filter_norms(model: nn.Module) -> torch.Tensor:
     """The l1 norm of every conv filter the paper counts (keys containing ``conv``), in one CPU tensor;
     empty for models whose keys never say ``conv``."""
-    state = unwrap_model(model).state_dict()
-    norms = [filter_l1_norms(state[key]).float() for key in conv_filter_keys(state)]
-    return torch.cat(norms).cpu() if norms else torch.zeros(0)
+    return conv_filter_norms(unwrap_model(model).state_dict()).cpu()
 
 
 def epoch_record(epoch: int, epochs: int, train: EpochStats, test: EpochStats, *, best_acc: float, lr: float,
