@@ -12,7 +12,10 @@ from grafting.errors import CheckpointError
 from grafting.ring.layout import CONFIG_NAME
 from grafting.tools.runs import read_config
 
-__all__ = ["load_trained_weights", "run_settings", "stand_in_label"]
+__all__ = ["load_trained_weights", "run_settings", "stand_in_label", "STAND_IN_SUFFIX"]
+
+# How tables name a run, checkpoint or dataset trained on generated data.
+STAND_IN_SUFFIX = " (generated stand-in)"
 
 
 def load_trained_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -34,5 +37,5 @@ def run_settings(path: str | Path) -> dict[str, Any] | None:
 
 
 def stand_in_label(settings: dict[str, Any] | None) -> str:
-    """' (generated stand-in)' for a run trained on generated data, else ''."""
-    return " (generated stand-in)" if settings and settings.get("generated_data") else ""
+    """:data:`STAND_IN_SUFFIX` for a run trained on generated data, else ''."""
+    return STAND_IN_SUFFIX if settings and settings.get("generated_data") else ""

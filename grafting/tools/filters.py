@@ -14,7 +14,7 @@ from typing import Sequence
 from grafting.data.fake import MARKER_NAME
 from grafting.errors import CheckpointError
 from grafting.method.filters import conv_filter_keys, filter_l1_norms
-from grafting.tools.checkpoints import load_trained_weights, run_settings, stand_in_label
+from grafting.tools.checkpoints import STAND_IN_SUFFIX, load_trained_weights, run_settings, stand_in_label
 from grafting.tools.published import PUBLISHED_INVALID, published_invalid_models
 from grafting.tools.table import markdown
 from grafting.train.cli import ArgumentParser, entry_point
@@ -65,7 +65,7 @@ def count_filters(checkpoints: Sequence[str], thresholds: Sequence[float]) -> li
 
 
 def _name(row: FilterRow) -> str:
-    return row.name + (" (generated stand-in)" if row.stand_in else "")
+    return row.name + (STAND_IN_SUFFIX if row.stand_in else "")
 
 
 def _notes(rows: Sequence[FilterRow], model: str | None) -> list[str]:

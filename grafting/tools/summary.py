@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from grafting.data.fake import MARKER_NAME
 from grafting.errors import UsageError
+from grafting.tools.checkpoints import STAND_IN_SUFFIX
 from grafting.tools.runs import RunSummary, find_runs, mean_std, run_label
 from grafting.tools.table import markdown, number
 from grafting.train.cli import ArgumentParser, entry_point
@@ -108,7 +109,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     header += ["gain", "paper", "diff"] + (["paper top-5", "diff top-5"] if top5 else []) + ["run"]
     body, previous = [], None
     for row in rows:
-        dataset = row["dataset"] + (" (generated stand-in)" if row["generated_stand_in"] else "")
+        dataset = row["dataset"] + (STAND_IN_SUFFIX if row["generated_stand_in"] else "")
         experiment = (row["model"], dataset)
         cells = [*(experiment if experiment != previous else ("", "")), row["method"], str(row["networks"]),
                  str(row["epochs"] if row["epochs"] is not None else "?"), row["status"],
