@@ -22,11 +22,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from grafting.data.fake import MARKER_NAME
 from grafting.train.report import INVALID_THRESHOLDS, PAPER_THRESHOLD, EpochRecord
 
 __all__ = ["TensorBoardRun", "picture_epochs", "filter_norm_picture", "STAND_IN_NOTE"]
 
-STAND_IN_NOTE = ("GENERATED stand-in data (the data folder holds GENERATED_STAND_IN.txt), not the real dataset: "
+STAND_IN_NOTE = (f"GENERATED stand-in data (the data folder holds {MARKER_NAME}), not the real dataset: "
                  "the accuracies say nothing about the paper")
 # Metrics the HParams view shows for each run (the last value of these scalar tags).
 HPARAM_METRICS = ("test/acc", "test/best")
