@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from grafting.errors import GraftingError, UsageError
-from grafting.method.filters import conv_filter_keys, filter_l1_norms
+from grafting.method.filters import conv_filter_keys, filter_l1_norms, per_filter
 from grafting.method.graft import check_peer_state, check_rule, unwrap_model
 
 __all__ = ["SOURCES", "NOISE_DECAY", "NOISE_STD", "check_source", "conv_weights", "noise_graft_", "internal_graft_",
@@ -114,18 +114,13 @@ def internal_graft_(model: nn.Module, *, threshold: float = 0.1, rule: str = "na
         first_half = active & (rank <= mirror)  # the donor is unchanged (the middle filter: itself)
         second_half = active & (rank > mirror)  # the donor received at step `mirror`, earlier
         sorted_w = weight[order]
-        receivers = _per_filter(first_half, sorted_w)
+        receivers = per_filter(first_half, sorted_w)
         after_first = torch.where(receivers, sorted_w + sorted_w.flip(0), sorted_w)
-        receivers = _per_filter(second_half, sorted_w)
+        receivers = per_filter(second_half, sorted_w)
         after_second = torch.where(receivers, sorted_w + after_first.flip(0), after_first)
         weight[order] = after_second
         touched.append(active.sum())
     return int(torch.stack(touched).sum()) if touched else 0
-
-
-def _per_filter(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A per-filter (output channel) vector shaped to broadcast over ``weight``."""
-    return mask.view(-1, *([1] * (weight.dim() - 1)))
 
 
 @torch.no_grad()

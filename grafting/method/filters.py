@@ -5,7 +5,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["conv_filter_keys", "count_invalid_filters", "filter_l1_norms", "conv_filter_norms"]
+__all__ = ["conv_filter_keys", "count_invalid_filters", "filter_l1_norms", "conv_filter_norms", "per_filter"]
 
 
 def conv_filter_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -24,6 +24,11 @@ def filter_l1_norms(weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() < 2:  # one value per filter
         return weight.abs()
     return torch.linalg.vector_norm(weight, ord=1, dim=tuple(range(1, weight.dim())))
+
+
+def per_filter(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A vector with one value per filter (output channel) of ``weight``, shaped to broadcast over it."""
+    return values.view(-1, *([1] * (weight.dim() - 1)))
 
 
 def conv_filter_norms(state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:

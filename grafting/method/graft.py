@@ -33,6 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 from grafting.checkpoint import state_dict_misfit
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
 from grafting.method.entropy import entropy_tensors, l1_tensor
+from grafting.method.filters import per_filter
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C, graft_coefficient
 
 __all__ = ["LayerRecord", "FilterRecord", "graft_layers", "graft_filters", "unwrap_model", "default_rule",
@@ -306,16 +307,13 @@ def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> l
     def as_inputs(w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return w.view(1, -1, *([1] * (weight.dim() - 2)))
 
-    def as_filters(w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return w.view(-1, *([1] * (weight.dim() - 1)))
-
     inputs_of = {next_name: weights[conv_name] for conv_name, _, _, _, next_name in pairs if next_name is not None}
     steps: list[tuple[str, torch.Tensor]] = []  # (entry, coefficient broadcast over it), applied in order
     for conv_name, conv, bn_name, _, _ in pairs:
         w = weights[conv_name]
         if conv_name in inputs_of:
             steps.append((f"{conv_name}.weight", as_inputs(inputs_of.pop(conv_name), conv.weight)))
-        steps.append((f"{conv_name}.weight", as_filters(w, conv.weight)))
+        steps.append((f"{conv_name}.weight", per_filter(w, conv.weight)))
         if conv.bias is not None:
             steps.append((f"{conv_name}.bias", w))
         steps += [(f"{bn_name}.{part}", w) for part in ("weight", "bias", "running_mean", "running_var")
