@@ -38,7 +38,7 @@ from grafting.data.loading import EpochLoader
 from grafting.distributed import Processes, broadcast_from_main, per_process
 from grafting.errors import CheckpointError, UsageError
 from grafting.method.graft import default_rule
-from grafting.ring.layout import NetworkFiles
+from grafting.ring.layout import CONFIG_NAME, NetworkFiles
 from grafting.train.cli import entry_point, parse_config
 from grafting.train.config import ImagenetConfig
 from grafting.train.imagenet_models import ARCHS, create_model, model_classes, pretrained_weights
@@ -78,7 +78,7 @@ def checkpoint_to_evaluate(config: ImagenetConfig) -> Path | None:
 
 def _saved_settings(path: Path) -> tuple[Path, dict] | None:
     """The run's config.json next to checkpoint ``path`` and its settings, or None when there is none."""
-    config_path = path.parent / "config.json"
+    config_path = path.parent / CONFIG_NAME
     if not config_path.is_file():
         return None
     try:

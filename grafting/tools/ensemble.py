@@ -16,6 +16,7 @@ from grafting.archs import cifar_models
 from grafting.checkpoint import load_weights_into
 from grafting.data.fake import MARKER_NAME, is_generated_stand_in
 from grafting.errors import CheckpointError, DatasetNotFoundError, GraftingError, UsageError
+from grafting.ring.layout import CONFIG_NAME
 from grafting.tools.checkpoints import load_trained_weights, run_settings, stand_in_label
 from grafting.tools.published import published_accuracy
 from grafting.tools.table import markdown, number
@@ -103,7 +104,7 @@ def _ensemble_recipe(args: argparse.Namespace) -> tuple[str, int, str]:
     """Model, class count and data folder: the flags, else the config.json next to the first checkpoint."""
     model, cifar, data = args.model, args.cifar, args.data
     settings = run_settings(args.checkpoints[0]) or {}
-    where = Path(args.checkpoints[0]).parent / "config.json"
+    where = Path(args.checkpoints[0]).parent / CONFIG_NAME
     if model is None and settings.get("model") is not None:
         model = settings["model"]
         if model not in cifar_models.available():
