@@ -265,9 +265,9 @@ def bench_train(args: argparse.Namespace, work: Path, results: Results) -> bool:
             results.save()
             for r in ring.networks:
                 memory = r.gpu_gib if memory_kind == "GPU" else r.rss_gib
-                print(f"{variant:>7} {r.nets:>4} {r.net:>3} {r.run_s:>6.1f} {_maybe(r.warm_epoch_s, '.2f'):>12} "
-                      f"{r.warm_train_img_s:>11.0f} {r.test_img_s:>10.0f} {_maybe(r.graft_ms, '.1f'):>8} "
-                      f"{_maybe(r.wait_s, '.1f'):>6} {_maybe(memory, '.2f') + ' GiB ' + memory_kind:>13} "
+                print(f"{variant:>7} {r.nets:>4} {r.net:>3} {r.run_s:>6.1f} {_cell(r.warm_epoch_s, '.2f'):>12} "
+                      f"{r.warm_train_img_s:>11.0f} {r.test_img_s:>10.0f} {_cell(r.graft_ms, '.1f'):>8} "
+                      f"{_cell(r.wait_s, '.1f'):>6} {_cell(memory, '.2f') + ' GiB ' + memory_kind:>13} "
                       f"{r.cpu_s:>6.1f}")
             if ring.error:
                 ok = False
@@ -284,10 +284,6 @@ def _train_size(data: Path) -> int:
     from grafting.data.cifar import load_cifar
 
     return len(load_cifar(data, 10)[0])
-
-
-def _maybe(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 # ----------------------------------------------------------------------------------------------
