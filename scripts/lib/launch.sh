@@ -70,6 +70,14 @@ _launch_warn() { echo "warning: $*" >&2; }
 
 _is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 
+_contains() {
+    # _contains VALUE ITEMS...: whether VALUE is one of ITEMS.
+    local value="$1" item
+    shift
+    for item in "$@"; do [[ "$item" == "$value" ]] && return 0; done
+    return 1
+}
+
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
         PYTHON="$VIRTUAL_ENV/bin/python"
@@ -137,6 +145,7 @@ _JOB_NETS=()
 _FAILED_RINGS=()
 # The Slurm jobs this shell submitted.
 _SLURM_JOBS=()
+_SUBMITTED=""  # the job id of the last _submit
 
 echo_note() {
     # A comment line: fine to print in DRY mode, where every other line is a command.
@@ -164,19 +173,16 @@ _quoted() {
 
 _has_resume() {
     # Whether EXTRA asks every network to continue from its last.pt.
-    local word
-    for word in $EXTRA; do [[ "$word" == --resume ]] && return 0; done
-    return 1
+    # shellcheck disable=SC2086  # EXTRA is a list of words
+    _contains --resume $EXTRA
 }
 
 check_choices() {
     # check_choices NAME "VALUES" ALLOWED...: stop with one line when a value is not allowed.
-    local name="$1" values="$2" value allowed ok
+    local name="$1" values="$2" value
     shift 2
     for value in $values; do
-        ok=0
-        for allowed in "$@"; do [[ "$value" == "$allowed" ]] && ok=1; done
-        (( ok )) || _launch_die "$name: unknown value '$value'; choose from: $*"
+        _contains "$value" "$@" || _launch_die "$name: unknown value '$value'; choose from: $*"
     done
 }
 
@@ -235,13 +241,11 @@ _check_gpus() {
 
 _check_plan() {
     # Rings that ran before need EXTRA=--resume; two rings in one folder would share their files.
-    local k j ring i
+    local k ring i
     (( ${#_PLAN_RINGS[@]} > 0 )) || _launch_die "the settings select no ring to run; check the lists at the top of the script"
     for k in "${!_PLAN_RINGS[@]}"; do
         ring="${_PLAN_RINGS[k]}"
-        for (( j = 0; j < k; j++ )); do
-            [[ "${_PLAN_RINGS[j]}" != "$ring" ]] || _launch_die "two rings share the folder $ring; give them different names"
-        done
+        ! _contains "$ring" "${_PLAN_RINGS[@]:0:k}" || _launch_die "two rings share the folder $ring; give them different names"
         _has_resume && continue
         for (( i = 1; i <= _PLAN_NUMS[k]; i++ )); do
             [[ ! -e "$ring/net$i/last.pt" ]] \
@@ -293,7 +297,7 @@ _job_finished() {
     # Drop finished networks from the tables; when one failed, stop the rest of its ring, whose
     # networks would otherwise wait for it forever and hold the queue. A ring whose networks have all
     # ended well gets its result line.
-    local keep_pids=() keep_slots=() keep_rings=() keep_nets=() ended=() k status failed ring other running
+    local keep_pids=() keep_slots=() keep_rings=() keep_nets=() ended=() k status ring
     for k in "${!_JOB_PIDS[@]}"; do
         if [[ "${_JOB_PIDS[k]}" == dry ]] || kill -0 "${_JOB_PIDS[k]}" 2>/dev/null; then
             keep_pids+=("${_JOB_PIDS[k]}"); keep_slots+=("${_JOB_SLOTS[k]}")
@@ -303,9 +307,7 @@ _job_finished() {
         ended+=("${_JOB_RINGS[k]}")
         if wait "${_JOB_PIDS[k]}" 2>/dev/null; then status=0; else status=$?; fi
         if (( status != 0 )); then
-            failed=0
-            for ring in "${_FAILED_RINGS[@]+"${_FAILED_RINGS[@]}"}"; do [[ "$ring" == "${_JOB_RINGS[k]}" ]] && failed=1; done
-            if (( ! failed )); then
+            if ! _contains "${_JOB_RINGS[k]}" "${_FAILED_RINGS[@]+"${_FAILED_RINGS[@]}"}"; then
                 _FAILED_RINGS+=("${_JOB_RINGS[k]}")
                 echo "$(date '+%F %T') network ${_JOB_NETS[k]} of ${_JOB_RINGS[k]} failed (exit $status); see ${_JOB_RINGS[k]}/${_JOB_NETS[k]}.log; stopping its ring"
             fi
@@ -314,16 +316,13 @@ _job_finished() {
     _JOB_PIDS=("${keep_pids[@]+"${keep_pids[@]}"}"); _JOB_SLOTS=("${keep_slots[@]+"${keep_slots[@]}"}")
     _JOB_RINGS=("${keep_rings[@]+"${keep_rings[@]}"}"); _JOB_NETS=("${keep_nets[@]+"${keep_nets[@]}"}")
     for k in "${!_JOB_PIDS[@]}"; do
-        for ring in "${_FAILED_RINGS[@]+"${_FAILED_RINGS[@]}"}"; do
-            [[ "$ring" == "${_JOB_RINGS[k]}" && "${_JOB_PIDS[k]}" != dry ]] && kill "${_JOB_PIDS[k]}" 2>/dev/null || true
-        done
+        if [[ "${_JOB_PIDS[k]}" != dry ]] && _contains "${_JOB_RINGS[k]}" "${_FAILED_RINGS[@]+"${_FAILED_RINGS[@]}"}"; then
+            kill "${_JOB_PIDS[k]}" 2>/dev/null || true
+        fi
     done
     for ring in $(printf '%s\n' "${ended[@]+"${ended[@]}"}" | sort -u); do
-        running=0
-        for other in "${_JOB_RINGS[@]+"${_JOB_RINGS[@]}"}"; do [[ "$other" == "$ring" ]] && running=1; done
-        failed=0
-        for other in "${_FAILED_RINGS[@]+"${_FAILED_RINGS[@]}"}"; do [[ "$other" == "$ring" ]] && failed=1; done
-        (( running || failed )) || _ring_finished "$ring"
+        _contains "$ring" "${_JOB_RINGS[@]+"${_JOB_RINGS[@]}"}" "${_FAILED_RINGS[@]+"${_FAILED_RINGS[@]}"}" \
+            || _ring_finished "$ring"
     done
 }
 
@@ -643,23 +642,30 @@ fi
 EOF
 }
 
-_slurm_ring() {
-    # _slurm_ring FOLDER NUM TRAIN_FLAGS...: write FOLDER/job.sbatch and submit it (DRY=1: print it).
-    local ring="$1" num="$2" job answer
-    job="$ring/job.sbatch"
+_submit() {
+    # _submit FILE WRITER ARGS...: write the job script FILE with WRITER ARGS and sbatch it from FILE's folder
+    # (DRY=1: print it instead and return 1: nothing submitted); the job id goes to _SLURM_JOBS and _SUBMITTED.
+    local job="$1" answer
+    shift
     if [[ "$DRY" == 1 ]]; then
         echo_note "---- $job: sbatch $(printf '%q' "$job")"
-        _slurm_job_script "$@"
+        "$@"
         echo_note "---- end of $job"
-        return 0
+        return 1
     fi
-    mkdir -p "$ring"
-    _slurm_job_script "$@" > "$job.tmp" && mv "$job.tmp" "$job" || _launch_die "could not write $job"
-    answer="$(cd "$ring" && sbatch --parsable "$job" 2>&1)" \
+    mkdir -p "$(dirname "$job")"
+    "$@" > "$job.tmp" && mv "$job.tmp" "$job" || _launch_die "could not write $job"
+    answer="$(cd "$(dirname "$job")" && sbatch --parsable "$job" 2>&1)" \
         || _launch_die "sbatch $job failed: $(grep -m 1 -i error <<< "$answer" || head -n 1 <<< "$answer")${_SLURM_JOBS[*]:+; already submitted: ${_SLURM_JOBS[*]}}"
-    answer="${answer%%;*}"  # --parsable: "id" or "id;cluster"
-    _SLURM_JOBS+=("$answer")
-    echo "submitted $ring: job $answer ($num network(s))"
+    _SUBMITTED="${answer%%;*}"  # --parsable: "id" or "id;cluster"
+    _SLURM_JOBS+=("$_SUBMITTED")
+}
+
+_slurm_ring() {
+    # _slurm_ring FOLDER NUM TRAIN_FLAGS...: write FOLDER/job.sbatch and submit it (DRY=1: print it).
+    local ring="$1" num="$2"
+    _submit "$ring/job.sbatch" _slurm_job_script "$@" || return 0
+    echo "submitted $ring: job $_SUBMITTED ($num network(s))"
 }
 
 _after_job_script() {
@@ -686,21 +692,12 @@ _after_job_script() {
 
 _slurm_after() {
     # run_after under Slurm: OUT/after_<k>.sbatch, submitted with a dependency on the ring jobs (afterok).
-    local name job answer
+    local name job
     _AFTER_COUNT=$(( ${_AFTER_COUNT:-0} + 1 ))
     name="after_$_AFTER_COUNT"
     job="$(_abspath "${OUT:-.}")/$name.sbatch"
-    if [[ "$DRY" == 1 ]]; then
-        echo_note "---- $job: sbatch $(printf '%q' "$job")"
-        _after_job_script "$name" "$@"
-        echo_note "---- end of $job"
-        return 0
-    fi
-    _after_job_script "$name" "$@" > "$job.tmp" && mv "$job.tmp" "$job" || _launch_die "could not write $job"
-    answer="$(sbatch --parsable "$job" 2>&1)" \
-        || _launch_die "sbatch $job failed: $(grep -m 1 -i error <<< "$answer" || head -n 1 <<< "$answer")"
-    _SLURM_JOBS+=("${answer%%;*}")
-    echo "submitted $job: job ${answer%%;*}, after the ring jobs before it"
+    _submit "$job" _after_job_script "$name" "$@" || return 0
+    echo "submitted $job: job $_SUBMITTED, after the ring jobs before it"
 }
 
 # ---------------------------------------------------------------------------------------------- the scripts' API
