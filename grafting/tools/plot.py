@@ -26,7 +26,7 @@ from grafting.errors import GraftingError, UsageError
 from grafting.method.filters import conv_filter_norms
 from grafting.ring.layout import NetworkFiles
 from grafting.tools.checkpoints import load_trained_weights
-from grafting.tools.runs import RunSummary, find_runs, network_metrics, run_label
+from grafting.tools.runs import RunSummary, add_folders_argument, find_runs, network_metrics, run_label
 from grafting.train.cli import ArgumentParser, entry_point
 from grafting.train.report import INVALID_THRESHOLDS, PAPER_THRESHOLD
 
@@ -205,8 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-plot``."""
     parser = ArgumentParser(prog="graft-plot", description="PNG figures of run folders: accuracy, coefficients, "
                                                            "invalid filters, filter-norm distributions.")
-    parser.add_argument("folders", nargs="+", metavar="FOLDER",
-                        help="experiment output folders or run folders (--s); every run below them is drawn")
+    add_folders_argument(parser, "drawn")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="folder for the PNG files (default: <first FOLDER>/plots)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",

@@ -6,6 +6,7 @@ Every value read from these files is checked, so a file edited by hand gives a o
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -19,7 +20,7 @@ from grafting.ring.layout import CONFIG_NAME, NETWORK_FOLDER, NetworkFiles, Shar
 from grafting.tools.published import PUBLISHED_EPOCHS, method_label, published_accuracy
 from grafting.train.report import read_metrics
 
-__all__ = ["NetworkResult", "RunSummary", "find_runs", "read_config", "read_run", "network_metrics", "dataset_name",
+__all__ = ["NetworkResult", "RunSummary", "find_runs", "add_folders_argument", "read_config", "read_run", "network_metrics", "dataset_name",
            "mean_std", "run_label"]
 
 # The types of the config.json fields the tools read (a field may be missing: older runs, other scripts).
@@ -230,6 +231,13 @@ def run_label(run: RunSummary, base: str | Path | None) -> str:
     except ValueError:
         return str(run.folder)
     return str(relative) if str(relative) != "." else run.folder.resolve().name
+
+
+def add_folders_argument(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The positional FOLDER... of a tool that reads the runs :func:`find_runs` finds (``verb``: what it does
+    with each run, for the help)."""
+    parser.add_argument("folders", nargs="+", metavar="FOLDER",
+                        help=f"experiment output folders or run folders (--s); every run below them is {verb}")
 
 
 def find_runs(roots: Sequence[str | Path]) -> list[RunSummary]:

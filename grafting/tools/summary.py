@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from grafting.data.fake import MARKER_NAME
 from grafting.errors import UsageError
 from grafting.tools.checkpoints import STAND_IN_SUFFIX
-from grafting.tools.runs import RunSummary, find_runs, mean_std, run_label
+from grafting.tools.runs import RunSummary, add_folders_argument, find_runs, mean_std, run_label
 from grafting.tools.table import markdown, number
 from grafting.train.cli import ArgumentParser, entry_point
 
@@ -142,8 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-summary``."""
     parser = ArgumentParser(prog="graft-summary", description="Results of run folders, grouped by experiment, next "
                                                               "to the paper's numbers.")
-    parser.add_argument("folders", nargs="+", metavar="FOLDER",
-                        help="experiment output folders or run folders (--s); every run below them is listed")
+    add_folders_argument(parser, "listed")
     parser.add_argument("--format", choices=FORMATS, default="markdown",
                         help="markdown table with notes, csv, or json with the per-network values (default: markdown)")
     return parser.parse_args(argv)
