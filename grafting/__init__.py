@@ -38,9 +38,17 @@ The layers of the package:
 Training scripts: ``graft-cifar`` (grafting_cifar/train.py) and ``graft-imagenet``
 (grafting_imagenet/train.py); see the README.
 """
+
 from grafting.checkpoint import extract_state_dict, load_file, load_state_dict_file, save_atomic
-from grafting.errors import (CheckpointError, DatasetNotFoundError, GraftingError, LockError, PeerMismatchError,
-                             PeerTimeoutError, UsageError)
+from grafting.errors import (
+    CheckpointError,
+    DatasetNotFoundError,
+    GraftingError,
+    LockError,
+    PeerMismatchError,
+    PeerTimeoutError,
+    UsageError,
+)
 from grafting.method.entropy import layer_entropies, layer_entropy, layer_l1
 from grafting.method.filters import count_invalid_filters
 from grafting.method.graft import FilterRecord, LayerRecord, default_rule, graft_filters, graft_layers
@@ -49,10 +57,28 @@ from grafting.ring.exchange import Exchange
 from grafting.ring.grafter import Grafter, GraftReport
 
 __all__ = [
-    "Grafter", "GraftReport", "Exchange",
-    "layer_entropy", "layer_entropies", "layer_l1", "graft_coefficient",
-    "graft_layers", "graft_filters", "default_rule", "LayerRecord", "FilterRecord",
-    "count_invalid_filters", "load_state_dict_file", "extract_state_dict", "load_file", "save_atomic",
-    "GraftingError", "UsageError", "CheckpointError", "DatasetNotFoundError", "LockError",
-    "PeerMismatchError", "PeerTimeoutError",
+    "Grafter",
+    "GraftReport",
+    "Exchange",
+    "layer_entropy",
+    "layer_entropies",
+    "layer_l1",
+    "graft_coefficient",
+    "graft_layers",
+    "graft_filters",
+    "default_rule",
+    "LayerRecord",
+    "FilterRecord",
+    "count_invalid_filters",
+    "load_state_dict_file",
+    "extract_state_dict",
+    "load_file",
+    "save_atomic",
+    "GraftingError",
+    "UsageError",
+    "CheckpointError",
+    "DatasetNotFoundError",
+    "LockError",
+    "PeerMismatchError",
+    "PeerTimeoutError",
 ]

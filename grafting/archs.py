@@ -7,6 +7,7 @@ folder under the same name, so both ways give one module and one registry::
     from grafting.archs import cifar_models
     net = cifar_models.create("resnet32", num_classes=10)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,11 +28,14 @@ def _load() -> ModuleType:
         if err.name != PACKAGE:
             raise
     folder = Path(__file__).resolve().parent.parent / "models"
-    spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(
+        PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"neither the package {PACKAGE} nor the folder {folder} is there; "
-                                  f"reinstall the project (pip install .)", name=PACKAGE)
+        raise ModuleNotFoundError(
+            f"neither the package {PACKAGE} nor the folder {folder} is there; reinstall the project (pip install .)",
+            name=PACKAGE,
+        )
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = module
     spec.loader.exec_module(module)

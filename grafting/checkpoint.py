@@ -104,8 +104,9 @@ def write_text_atomic(text: str, path: str | Path) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             temp.unlink()
-        raise CheckpointError(f"could not write {path}: {err.strerror or err}; free space or fix the permissions "
-                              f"of its folder") from None
+        raise CheckpointError(
+            f"could not write {path}: {err.strerror or err}; free space or fix the permissions of its folder"
+        ) from None
 
 
 def remove_temp_files(folder: str | Path, names: re.Pattern[str] | None = None) -> list[Path]:
@@ -146,8 +147,13 @@ def _short_reason(err: BaseException) -> str:
     return f"{name}: {first_sentence}" if first_sentence else name
 
 
-def load_file(path: str | Path, *, weights_only: bool = True, map_location: Any = "cpu",
-              advice: str = "delete it or resume from an earlier checkpoint") -> Any:
+def load_file(
+    path: str | Path,
+    *,
+    weights_only: bool = True,
+    map_location: Any = "cpu",
+    advice: str = "delete it or resume from an earlier checkpoint",
+) -> Any:
     """``torch.load`` a checkpoint, turning every failure into a one-line :class:`CheckpointError`.
 
     A missing file, something that is not a regular file (a folder, a FIFO: read, it would block
@@ -214,8 +220,10 @@ def weights_problem(state: Mapping[str, torch.Tensor], reference: Mapping[str, t
             continue
         largest, scale = float(value.detach().abs().max()), max(float(own.detach().abs().max()), 1.0)
         if largest > MAGNITUDE_RATIO * scale:
-            return (f"holds values up to {largest:.3g} ({key}), more than {MAGNITUDE_RATIO:g} times this network's "
-                    f"{scale:.3g}")
+            return (
+                f"holds values up to {largest:.3g} ({key}), more than {MAGNITUDE_RATIO:g} times this network's "
+                f"{scale:.3g}"
+            )
     return ""
 
 
@@ -236,7 +244,7 @@ def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
         changed = False
         for prefix in _WRAPPER_PREFIXES:
             if all(key.startswith(prefix) for key in stripped):
-                stripped = {key[len(prefix):]: value for key, value in stripped.items()}
+                stripped = {key[len(prefix) :]: value for key, value in stripped.items()}
                 changed = True
     return stripped
 
@@ -331,8 +339,9 @@ def state_dict_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, 
     return ""
 
 
-def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, expected: str,
-                      advice: str) -> None:
+def load_weights_into(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, expected: str, advice: str
+) -> None:
     """``model.load_state_dict(state)``; a mismatch (other architecture or class count) becomes one
     CheckpointError line: ``<source> does not fit <expected>: it <reason>; <advice>``."""
     problem = state_dict_misfit(model.state_dict(), state)
@@ -401,7 +410,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             # A run resumed on a different number of GPUs: restore what matches, the rest start fresh.
             logger.warning(
                 "checkpoint holds RNG states of %d GPUs but %d are visible; restoring the first %d",
-                len(cuda_states), visible, min(visible, len(cuda_states)),
+                len(cuda_states),
+                visible,
+                min(visible, len(cuda_states)),
             )
         for index, cuda_state in enumerate(cuda_states[:visible]):
             torch.cuda.set_rng_state(cuda_state.cpu().to(torch.uint8), device=index)

@@ -1,11 +1,12 @@
 """Several processes (torchrun, DistributedDataParallel) training ONE network: where this process
 sits, its device, and handing rank 0's objects to the other ranks. Rank 0 alone talks to the
 shared folder; everything the others need comes from it through these broadcasts."""
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -42,7 +43,7 @@ def broadcast_from_main(obj: T) -> T:
         return obj
     box = [_cpu_copy(obj) if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    return cast(T, box[0])
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,18 @@ class Processes:
     @classmethod
     def from_environment(cls) -> Processes:
         """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE."""
-        return cls(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                   world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        return cls(
+            rank=int(os.environ.get("RANK", "0")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        )
 
 
 def per_process(total: int, procs: Processes, flag: str) -> int:
     """``total`` (a network's batch size) split evenly over the processes of a torchrun."""
     if total % procs.world_size:
-        raise UsageError(f"{flag} {total} is the network's total; it must be divisible by the "
-                         f"{procs.world_size} processes of this torchrun")
+        raise UsageError(
+            f"{flag} {total} is the network's total; it must be divisible by the "
+            f"{procs.world_size} processes of this torchrun"
+        )
     return total // procs.world_size

@@ -1,8 +1,17 @@
 """Errors a user can cause and fix. Each message is one line that says what to do."""
+
 from __future__ import annotations
 
-__all__ = ["GraftingError", "DatasetNotFoundError", "CheckpointError", "PeerTimeoutError", "PeerMismatchError",
-           "LockError", "UsageError", "first_line"]
+__all__ = [
+    "GraftingError",
+    "DatasetNotFoundError",
+    "CheckpointError",
+    "PeerTimeoutError",
+    "PeerMismatchError",
+    "LockError",
+    "UsageError",
+    "first_line",
+]
 
 
 class GraftingError(Exception):

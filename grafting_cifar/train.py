@@ -6,6 +6,7 @@
 After every epoch each network saves its weights to --s, waits for its ring predecessor's weights
 of the same epoch and grafts them in. --num 1 is the baseline.
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,9 +52,17 @@ def main(argv: list[str] | None = None) -> None:
 
     workers = config.workers if config.workers is not None else min(2, threads)
     train_loader, test_loader, pipeline = cifar_loaders(
-        config.data, config.cifar, config.batch_size, config.test_batch_size, device=device,
-        pipeline=config.pipeline, workers=workers, download=config.download, seed=seed,
-        channels_last=channels_last)
+        config.data,
+        config.cifar,
+        config.batch_size,
+        config.test_batch_size,
+        device=device,
+        pipeline=config.pipeline,
+        workers=workers,
+        download=config.download,
+        seed=seed,
+        channels_last=channels_last,
+    )
 
     model = cifar_models.create(config.model, num_classes=config.num_classes).to(device)
     if channels_last:
@@ -62,11 +71,22 @@ def main(argv: list[str] | None = None) -> None:
     if config.compile:
         model = torch.compile(model)
 
-    config = config.replace(graft_rule=rule, pipeline=pipeline, threads=threads, workers=workers,
-                            device=str(device), channels_last=channels_last,
-                            generated_data=is_generated_stand_in(config.data))
-    run_ring(config, model, train_loader, test_loader,
-             build_model=lambda name, classes: cifar_models.create(name, num_classes=classes))
+    config = config.replace(
+        graft_rule=rule,
+        pipeline=pipeline,
+        threads=threads,
+        workers=workers,
+        device=str(device),
+        channels_last=channels_last,
+        generated_data=is_generated_stand_in(config.data),
+    )
+    run_ring(
+        config,
+        model,
+        train_loader,
+        test_loader,
+        build_model=lambda name, classes: cifar_models.create(name, num_classes=classes),
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ over the K processes as in PyTorch's ImageNet example; rank 0 alone exchanges an
 else the torchvision weights with ``--pretrained``, else network ``--i``'s ``<s>/net<i>/best.pt``. The
 architecture and image size come from the ``config.json`` next to the checkpoint when there is one.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,9 @@ def _saved_settings(path: Path) -> tuple[Path, dict] | None:
     try:
         saved = json.loads(config_path.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{config_path} is unreadable ({err}); fix or move it, or pass -a and --image-size "
-                              f"with --checkpoint") from None
+        raise CheckpointError(
+            f"{config_path} is unreadable ({err}); fix or move it, or pass -a and --image-size with --checkpoint"
+        ) from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{config_path} does not hold a settings object; fix or move it")
     return config_path, saved
@@ -99,45 +101,63 @@ def recipe_for_evaluation(config: ImagenetConfig, path: Path | None) -> Imagenet
     if found is None:
         return config
     config_path, saved = found
-    checks = {"model": (lambda v: isinstance(v, str) and v in ARCHS, "-a/--arch"),
-              "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 16, "--image-size")}
+    checks = {
+        "model": (lambda v: isinstance(v, str) and v in ARCHS, "-a/--arch"),
+        "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 16, "--image-size"),
+    }
     changes = {}
     for name, (valid, flag) in checks.items():
         if name not in saved:
             continue
         value = saved[name]
         if not valid(value):
-            raise CheckpointError(f"{config_path} records {flag} {value!r}, which is not valid; fix it, or move "
-                                  f"it away and pass {flag}")
+            raise CheckpointError(
+                f"{config_path} records {flag} {value!r}, which is not valid; fix it, or move it away and pass {flag}"
+            )
         given, default = getattr(config, name), ImagenetConfig.__dataclass_fields__[name].default
         if given == value:
             continue
         if given != default:
-            raise UsageError(f"-e/--evaluate: {flag} {given} but {path} was trained with {value} ({config_path}); "
-                             f"leave {flag} out to use the run's")
+            raise UsageError(
+                f"-e/--evaluate: {flag} {given} but {path} was trained with {value} ({config_path}); "
+                f"leave {flag} out to use the run's"
+            )
         changes[name] = value
     if changes:
         log.info(f"evaluate: {', '.join(f'{checks[n][1]} {v}' for n, v in changes.items())} from {config_path}")
     return config.replace(**changes)
 
 
-def evaluate_only(config: ImagenetConfig, procs: Processes, device: torch.device, *, batch_size: int,
-                  workers: int) -> None:
+def evaluate_only(
+    config: ImagenetConfig, procs: Processes, device: torch.device, *, batch_size: int, workers: int
+) -> None:
     """``-e``: validate one checkpoint (see :func:`checkpoint_to_evaluate`) on the val/ images alone."""
     path = checkpoint_to_evaluate(config) if procs.is_main else None
     config = broadcast_from_main(recipe_for_evaluation(config, path) if procs.is_main else None)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    val_loader, num_classes = imagenet_val_loader(config.data, image_size=config.image_size, batch_size=batch_size,
-                                                  workers=workers, device=device, distributed=procs.distributed,
-                                                  channels_last=channels_last)
+    val_loader, num_classes = imagenet_val_loader(
+        config.data,
+        image_size=config.image_size,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        distributed=procs.distributed,
+        channels_last=channels_last,
+    )
     model = create_model(config.model, num_classes, pretrained=config.pretrained).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     evaluate_checkpoint(config, model, val_loader, procs, device, path)
 
 
-def evaluate_checkpoint(config: ImagenetConfig, model: nn.Module, val_loader: EpochLoader, procs: Processes,
-                        device: torch.device, path: Path | None) -> None:
+def evaluate_checkpoint(
+    config: ImagenetConfig,
+    model: nn.Module,
+    val_loader: EpochLoader,
+    procs: Processes,
+    device: torch.device,
+    path: Path | None,
+) -> None:
     """Validate ``path`` (from :func:`checkpoint_to_evaluate`; None: the model's own pretrained weights)
     and log top-1 / top-5; writes nothing.
 
@@ -150,13 +170,20 @@ def evaluate_checkpoint(config: ImagenetConfig, model: nn.Module, val_loader: Ep
     else:
         source = str(path)
         state = broadcast_from_main(load_state_dict_file(path) if procs.is_main else None)
-        load_weights_into(model, state, source=source, expected=f"-a {config.model} with {model_classes(model)} classes",
-                          advice="pass the matching --arch and --data")
+        load_weights_into(
+            model,
+            state,
+            source=source,
+            expected=f"-a {config.model} with {model_classes(model)} classes",
+            advice="pass the matching --arch and --data",
+        )
     stats = evaluate(model, val_loader, amp_dtype=amp_dtype_for(device, config.amp))
     top5 = f" top-5 {stats.top5:.2f}" if stats.top5 is not None else ""  # None for 5 classes or fewer
     stand_in = " (GENERATED stand-in data)" if is_generated_stand_in(config.data) else ""
-    log.info(f"evaluate {source}: top-1 {stats.top1:.2f}{top5} loss {stats.loss:.4f} on {len(val_loader)} batches "
-             f"of {config.data}/val{stand_in}")
+    log.info(
+        f"evaluate {source}: top-1 {stats.top1:.2f}{top5} loss {stats.loss:.4f} on {len(val_loader)} batches "
+        f"of {config.data}/val{stand_in}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,8 +219,9 @@ def default_workers() -> int:
     return min(ImagenetConfig.DEFAULT_WORKERS, available_cores())
 
 
-def train(config: ImagenetConfig, procs: Processes, device: torch.device, *, batch_size: int, workers: int,
-          threads: int) -> None:
+def train(
+    config: ImagenetConfig, procs: Processes, device: torch.device, *, batch_size: int, workers: int, threads: int
+) -> None:
     """Everything after process set-up: data, model, then run_ring (or :func:`evaluate_only` with -e)."""
     # Fail on missing files before the data is read and anything is started.
     if config.pretrained:
@@ -205,8 +233,15 @@ def train(config: ImagenetConfig, procs: Processes, device: torch.device, *, bat
     seed_everything(seed)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     train_loader, val_loader, num_classes = imagenet_loaders(
-        config.data, image_size=config.image_size, batch_size=batch_size, workers=workers, device=device,
-        distributed=procs.distributed, seed=seed, channels_last=channels_last)
+        config.data,
+        image_size=config.image_size,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        distributed=procs.distributed,
+        seed=seed,
+        channels_last=channels_last,
+    )
 
     model = create_model(config.model, num_classes, pretrained=config.pretrained).to(device)
     if channels_last:
@@ -217,11 +252,23 @@ def train(config: ImagenetConfig, procs: Processes, device: torch.device, *, bat
     if config.compile:
         model = torch.compile(model)
 
-    config = config.replace(num_classes=num_classes, graft_rule=rule, threads=threads, device=str(device),
-                            world_size=procs.world_size, channels_last=channels_last,
-                            generated_data=is_generated_stand_in(config.data))
-    run_ring(config, model, train_loader, val_loader, is_main=procs.is_main,
-             build_model=lambda name, classes: create_model(name, classes))
+    config = config.replace(
+        num_classes=num_classes,
+        graft_rule=rule,
+        threads=threads,
+        device=str(device),
+        world_size=procs.world_size,
+        channels_last=channels_last,
+        generated_data=is_generated_stand_in(config.data),
+    )
+    run_ring(
+        config,
+        model,
+        train_loader,
+        val_loader,
+        is_main=procs.is_main,
+        build_model=lambda name, classes: create_model(name, classes),
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ select state_dict entries whose key contains ``conv``. Every convolution weight 
 ``conv`` in its key (MobileNetV2's 1x1 shortcut convolutions excepted, as in the paper) and
 no other entry does.
 """
-from typing import Callable, Dict
+
+from typing import Callable
 
 import torch.nn as nn
 
@@ -16,7 +17,7 @@ from grafting.errors import GraftingError
 
 ModelFactory = Callable[..., nn.Module]
 
-_REGISTRY: Dict[str, ModelFactory] = {}
+_REGISTRY: dict[str, ModelFactory] = {}
 
 
 def register(name: str) -> Callable[[ModelFactory], ModelFactory]:

@@ -6,6 +6,7 @@ blocks always add a residual; when their channel count changes, the residual goe
 a 1x1 conv + BN under ``shortcut`` (keys ``shortcut.0.weight``, which the paper's
 ``conv``-substring rule deliberately does not count).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

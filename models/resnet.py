@@ -4,6 +4,7 @@ Depth 6n + 2: a 3x3 stem, three stages of n basic blocks at 16, 32 and 64 channe
 last two halve the resolution), global average pooling and one linear layer. The
 ``_leaky`` variants swap ReLU for LeakyReLU(0.01) and keep every state_dict key.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

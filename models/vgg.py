@@ -7,7 +7,9 @@ the paper's rules find convolutions by the substring ``conv`` in the key. The
 convolutions have no bias because the BatchNorm after them makes it redundant, which
 also keeps ``conv`` keys equal to the set of convolution weights.
 """
-from typing import Sequence, Union
+
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -19,8 +21,7 @@ CONFIGS: dict[str, list[Union[int, str]]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 
 

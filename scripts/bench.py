@@ -33,6 +33,7 @@ The machine is often shared: the train section can repeat each ring (--train-rep
 fastest, and its table lists the CPU seconds of each process, which contention inflates far less
 than wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,16 @@ DEFAULT_SECTIONS = ("train", "entropy", "graft")  # compile takes minutes on a C
 VARIANTS = {"fp32": [], "amp": ["--amp"]}
 COMPILE_MODES = ("eager", "default", "reduce-overhead")
 # The fields of metrics.jsonl (EpochRecord) the benchmark reads; other fields are left alone.
-EPOCH_FIELDS = ("epoch", "epoch_s", "train_images_per_s", "test_images_per_s", "grafted", "waited_s", "graft_ms",
-                "gpu_memory_gib")
+EPOCH_FIELDS = (
+    "epoch",
+    "epoch_s",
+    "train_images_per_s",
+    "test_images_per_s",
+    "grafted",
+    "waited_s",
+    "graft_ms",
+    "gpu_memory_gib",
+)
 # The goals of issue 17, on an H100/H200-class GPU (judged only on CUDA).
 GOAL_AMP_EPOCH_S = 3.0
 GOAL_TWO_NETWORKS_SPEEDUP = 1.6
@@ -148,8 +157,14 @@ def harmonic_mean(values: list[float]) -> float:
 def summarise(nets: int, net: int, run_s: float, usage: os.struct_rusage, records: list[dict[str, Any]]) -> NetRun:
     """Fold one process's metrics.jsonl records and resource usage into a table row."""
     epochs = epoch_rows(records)
-    run = NetRun(nets=nets, net=net, run_s=run_s, cpu_s=usage.ru_utime + usage.ru_stime,
-                 rss_gib=usage.ru_maxrss * 1024 / 2**30, epochs=epochs)  # ru_maxrss is in KiB on Linux
+    run = NetRun(
+        nets=nets,
+        net=net,
+        run_s=run_s,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        rss_gib=usage.ru_maxrss * 1024 / 2**30,
+        epochs=epochs,
+    )  # ru_maxrss is in KiB on Linux
     if not epochs:
         return run
     run.train_img_s = harmonic_mean([e["train_images_per_s"] or 0.0 for e in epochs])
@@ -185,10 +200,30 @@ def run_ring(nets: int, variant: str, args: argparse.Namespace, data: Path, work
     start = time.perf_counter()
     for net in range(1, nets + 1):
         log_path = folder / f"net{net}.log"
-        command = [sys.executable, str(TRAIN_SCRIPT), "--data", str(data), "--s", str(shared.root),
-                   "--num", str(nets), "--i", str(net), "--model", args.model, "--cifar", "10",
-                   "--epochs", str(args.epochs), "--device", args.device, "--print-freq", "0",
-                   *VARIANTS[variant], *args.train_args]
+        command = [
+            sys.executable,
+            str(TRAIN_SCRIPT),
+            "--data",
+            str(data),
+            "--s",
+            str(shared.root),
+            "--num",
+            str(nets),
+            "--i",
+            str(net),
+            "--model",
+            args.model,
+            "--cifar",
+            "10",
+            "--epochs",
+            str(args.epochs),
+            "--device",
+            args.device,
+            "--print-freq",
+            "0",
+            *VARIANTS[variant],
+            *args.train_args,
+        ]
         with open(log_path, "w") as log:
             procs[net] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log_path)
     finished: dict[int, NetRun] = {}
@@ -202,8 +237,9 @@ def run_ring(nets: int, variant: str, args: argparse.Namespace, data: Path, work
                     continue
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 if proc.returncode != 0:
-                    ring.error = (f"network {net} of {nets} exited with {proc.returncode}; end of {log_path}:\n"
-                                  f"{_tail(log_path)}")
+                    ring.error = (
+                        f"network {net} of {nets} exited with {proc.returncode}; end of {log_path}:\n{_tail(log_path)}"
+                    )
                     break
                 records = read_metrics(shared.network(net).metrics)
                 finished[net] = summarise(nets, net, time.perf_counter() - start, usage, records)
@@ -245,14 +281,24 @@ def bench_train(args: argparse.Namespace, work: Path, results: Results) -> bool:
     """The train section: a table of every ring size in --nets for every --variants; False if a ring failed."""
     data, described = prepare_data(args, work)
     flags = f" + {' '.join(args.train_args)}" if args.train_args else ""
-    print(f"\n== train: {args.model} on {device_name(args.device)}, {described}, {args.epochs} epochs, "
-          f"grafting_cifar/train.py processes (defaults: batch 128, test batch 100{flags}) ==", flush=True)
-    section = results["train"] = {"model": args.model, "data": described, "epochs": args.epochs,
-                                  "train_args": args.train_args, "rings": []}
+    print(
+        f"\n== train: {args.model} on {device_name(args.device)}, {described}, {args.epochs} epochs, "
+        f"grafting_cifar/train.py processes (defaults: batch 128, test batch 100{flags}) ==",
+        flush=True,
+    )
+    section = results["train"] = {
+        "model": args.model,
+        "data": described,
+        "epochs": args.epochs,
+        "train_args": args.train_args,
+        "rings": [],
+    }
     images = args.epochs * (args.train_size if args.data is None else _train_size(data))
     memory_kind = "GPU" if args.device.startswith("cuda") else "RSS"
-    header = (f"{'variant':>7} {'nets':>4} {'net':>3} {'run s':>6} {'warm epoch s':>12} {'train img/s':>11} "
-              f"{'test img/s':>10} {'graft ms':>8} {'wait s':>6} {'peak mem':>13} {'cpu s':>6}")
+    header = (
+        f"{'variant':>7} {'nets':>4} {'net':>3} {'run s':>6} {'warm epoch s':>12} {'train img/s':>11} "
+        f"{'test img/s':>10} {'graft ms':>8} {'wait s':>6} {'peak mem':>13} {'cpu s':>6}"
+    )
     ok = True
     print(header, flush=True)
     for variant in args.variants:
@@ -265,18 +311,22 @@ def bench_train(args: argparse.Namespace, work: Path, results: Results) -> bool:
             results.save()
             for r in ring.networks:
                 memory = r.gpu_gib if memory_kind == "GPU" else r.rss_gib
-                print(f"{variant:>7} {r.nets:>4} {r.net:>3} {r.run_s:>6.1f} {_cell(r.warm_epoch_s, '.2f'):>12} "
-                      f"{r.warm_train_img_s:>11.0f} {r.test_img_s:>10.0f} {_cell(r.graft_ms, '.1f'):>8} "
-                      f"{_cell(r.wait_s, '.1f'):>6} {_cell(memory, '.2f') + ' GiB ' + memory_kind:>13} "
-                      f"{r.cpu_s:>6.1f}")
+                print(
+                    f"{variant:>7} {r.nets:>4} {r.net:>3} {r.run_s:>6.1f} {_cell(r.warm_epoch_s, '.2f'):>12} "
+                    f"{r.warm_train_img_s:>11.0f} {r.test_img_s:>10.0f} {_cell(r.graft_ms, '.1f'):>8} "
+                    f"{_cell(r.wait_s, '.1f'):>6} {_cell(memory, '.2f') + ' GiB ' + memory_kind:>13} "
+                    f"{r.cpu_s:>6.1f}"
+                )
             if ring.error:
                 ok = False
                 print(f"{variant} x {nets}: FAILED: {ring.error}")
                 continue
             ratio = section["rings"][-1]["vs_one_network"]
-            print(f"{variant} x {nets}: {ring.wall_s:.1f} s wall for {nets} x {images} training images; warm epoch: "
-                  f"{ring.together_img_s:.0f} img/s together" + (f" ({ratio:.2f}x one network)" if ratio else ""),
-                  flush=True)
+            print(
+                f"{variant} x {nets}: {ring.wall_s:.1f} s wall for {nets} x {images} training images; warm epoch: "
+                f"{ring.together_img_s:.0f} img/s together" + (f" ({ratio:.2f}x one network)" if ratio else ""),
+                flush=True,
+            )
     return ok
 
 
@@ -305,8 +355,9 @@ def per_bin_loop_entropy(w: torch.Tensor, bins: int = 10) -> float:
     return float(total)
 
 
-def best_ms(fn: Callable[[], object], repeat: int, device: torch.device,
-            before: Callable[[], object] | None = None) -> float:
+def best_ms(
+    fn: Callable[[], object], repeat: int, device: torch.device, before: Callable[[], object] | None = None
+) -> float:
     """Fastest of ``repeat`` timed calls of ``fn`` in milliseconds (``before`` runs untimed each time)."""
     fn()  # warm-up: allocator, lazy initialisation, kernel caches
     times = []
@@ -332,11 +383,16 @@ def bench_entropy(args: argparse.Namespace) -> dict[str, Any]:
     from grafting.method.entropy import layer_entropies, layer_entropy
 
     device = torch.device(args.device)
-    tensors = [t for t in models.create(args.graft_model, num_classes=10).to(device).state_dict().values()
-               if torch.is_floating_point(t)]
+    tensors = [
+        t
+        for t in models.create(args.graft_model, num_classes=10).to(device).state_dict().values()
+        if torch.is_floating_point(t)
+    ]
     values = sum(t.numel() for t in tensors)
-    print(f"\n== entropy: every float tensor of {args.graft_model} ({len(tensors)} tensors, {values / 1e6:.2f} M values) "
-          f"on {device_name(args.device)}, {torch.get_num_threads()} threads, best of {args.repeat} ==")
+    print(
+        f"\n== entropy: every float tensor of {args.graft_model} ({len(tensors)} tensors, {values / 1e6:.2f} M values) "
+        f"on {device_name(args.device)}, {torch.get_num_threads()} threads, best of {args.repeat} =="
+    )
     loop_ms = best_ms(lambda: [per_bin_loop_entropy(t) for t in tensors], args.repeat, device)
     single_ms = best_ms(lambda: [layer_entropy(t) for t in tensors], args.repeat, device)
     batched_ms = best_ms(lambda: layer_entropies(tensors), args.repeat, device)
@@ -345,8 +401,15 @@ def bench_entropy(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{'layer_entropy, one call per tensor':<44} {single_ms:>8.1f} ms  {loop_ms / single_ms:>5.1f}x")
     print(f"{'layer_entropies, all tensors in one call':<44} {batched_ms:>8.1f} ms  {loop_ms / batched_ms:>5.1f}x")
     print(f"largest difference from the loop: {difference:.1e}")
-    return {"model": args.graft_model, "tensors": len(tensors), "values": values, "loop_ms": loop_ms,
-            "layer_entropy_ms": single_ms, "layer_entropies_ms": batched_ms, "max_difference": difference}
+    return {
+        "model": args.graft_model,
+        "tensors": len(tensors),
+        "values": values,
+        "loop_ms": loop_ms,
+        "layer_entropy_ms": single_ms,
+        "layer_entropies_ms": batched_ms,
+        "max_difference": difference,
+    }
 
 
 def bench_graft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -367,9 +430,14 @@ def bench_graft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     root = work / "graft"
     shutil.rmtree(root, ignore_errors=True)
     epochs = args.repeat + 1  # +1 for the warm-up
-    print(f"\n== graft: {args.graft_model} on {device_name(args.device)}, layer level, name rule, "
-          f"{torch.get_num_threads()} threads, best of {args.repeat} ==")
-    with Grafter(root, 1, 2, keep_all=True, meta=meta) as grafter, Grafter(root, 2, 2, keep_all=True, meta=meta) as other:
+    print(
+        f"\n== graft: {args.graft_model} on {device_name(args.device)}, layer level, name rule, "
+        f"{torch.get_num_threads()} threads, best of {args.repeat} =="
+    )
+    with (
+        Grafter(root, 1, 2, keep_all=True, meta=meta) as grafter,
+        Grafter(root, 2, 2, keep_all=True, meta=meta) as other,
+    ):
         for epoch in range(1, epochs + 1):
             other.publish(peer, epoch)
         reports = []
@@ -387,9 +455,14 @@ def bench_graft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print(f"{'  graft_layers, peer as read (CPU)':<44} {from_file_ms:>8.1f} ms")
     print(f"{'graft_layers, peer weights on the device':<44} {on_device_ms:>8.1f} ms")
     shutil.rmtree(root, ignore_errors=True)
-    return {"model": args.graft_model, "grafter_ms": step_ms, "read_ms": read_ms,
-            "graft_layers_from_file_ms": from_file_ms, "graft_layers_ms": on_device_ms,
-            "coefficients": len(reports[-1].layers)}
+    return {
+        "model": args.graft_model,
+        "grafter_ms": step_ms,
+        "read_ms": read_ms,
+        "graft_layers_from_file_ms": from_file_ms,
+        "graft_layers_ms": on_device_ms,
+        "coefficients": len(reports[-1].layers),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,8 +510,11 @@ def time_train_steps(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     steady_s = time.perf_counter() - start
     if not bool(torch.stack(losses).isfinite().all()):
         raise RuntimeError(f"the loss became NaN or infinite in {mode} mode")
-    return {"first_steps_s": first_s, "step_ms": steady_s / args.compile_steps * 1000,
-            "img_s": args.compile_batch * args.compile_steps / steady_s}
+    return {
+        "first_steps_s": first_s,
+        "step_ms": steady_s / args.compile_steps * 1000,
+        "img_s": args.compile_batch * args.compile_steps / steady_s,
+    }
 
 
 def bench_compile(args: argparse.Namespace, results: Results) -> bool:
@@ -447,11 +523,19 @@ def bench_compile(args: argparse.Namespace, results: Results) -> bool:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the training script sets it
     precision = "bf16 autocast" if args.compile_precision == "amp" else "fp32"
-    print(f"\n== compile: one {args.model} training step, batch {args.compile_batch}, {precision}, on "
-          f"{device_name(args.device)}, backend {args.compile_backend}, {args.compile_warmup} warm-up + "
-          f"{args.compile_steps} timed steps ==", flush=True)
-    section = results["compile"] = {"model": args.model, "batch": args.compile_batch, "precision": precision,
-                                    "backend": args.compile_backend, "modes": []}
+    print(
+        f"\n== compile: one {args.model} training step, batch {args.compile_batch}, {precision}, on "
+        f"{device_name(args.device)}, backend {args.compile_backend}, {args.compile_warmup} warm-up + "
+        f"{args.compile_steps} timed steps ==",
+        flush=True,
+    )
+    section = results["compile"] = {
+        "model": args.model,
+        "batch": args.compile_batch,
+        "precision": precision,
+        "backend": args.compile_backend,
+        "modes": [],
+    }
     ok = True
     for mode in args.compile_modes:
         row: dict[str, Any] = {"mode": mode}
@@ -469,9 +553,12 @@ def bench_compile(args: argparse.Namespace, results: Results) -> bool:
         if "error" in row:
             print(f"{mode:<16} FAILED: {row['error']}", flush=True)
         else:
-            print(f"{mode:<16} first {args.compile_warmup} steps {row['first_steps_s']:>6.1f} s, then "
-                  f"{row['step_ms']:>7.2f} ms/step, {row['img_s']:>8.0f} img/s"
-                  + (f" ({row['vs_eager']:.2f}x eager)" if "vs_eager" in row else ""), flush=True)
+            print(
+                f"{mode:<16} first {args.compile_warmup} steps {row['first_steps_s']:>6.1f} s, then "
+                f"{row['step_ms']:>7.2f} ms/step, {row['img_s']:>8.0f} img/s"
+                + (f" ({row['vs_eager']:.2f}x eager)" if "vs_eager" in row else ""),
+                flush=True,
+            )
     return ok
 
 
@@ -514,8 +601,14 @@ def read_junit(path: Path) -> dict[str, Any]:
                 outcome, message = "skipped", child.get("message", "")
         counts[outcome] += 1
         lines = message.strip().splitlines()
-        cases.append({"name": case.get("name"), "outcome": outcome, "message": lines[0] if lines else "",
-                      "seconds": float(case.get("time", 0) or 0)})
+        cases.append(
+            {
+                "name": case.get("name"),
+                "outcome": outcome,
+                "message": lines[0] if lines else "",
+                "seconds": float(case.get("time", 0) or 0),
+            }
+        )
     return {**counts, "cases": cases}
 
 
@@ -530,28 +623,49 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
 
     def add(goal: str, value: float | str | None, text: str, met: bool) -> None:
-        rows.append({"goal": goal, "measured": value, "text": text if value is not None else "not measured",
-                     "met": met if value is not None and on_gpu else None})
+        rows.append(
+            {
+                "goal": goal,
+                "measured": value,
+                "text": text if value is not None else "not measured",
+                "met": met if value is not None and on_gpu else None,
+            }
+        )
 
     trained = results.get("train", {}).get("model", "ResNet-32")
     one = _ring(results, "amp", 1)
     epoch_s = one["networks"][0]["warm_epoch_s"] if one and one["networks"] else None
-    add(f"{trained} epoch with --amp, one network: at most {GOAL_AMP_EPOCH_S:g} s", epoch_s,
-        f"{epoch_s or 0:.2f} s", epoch_s is not None and epoch_s <= GOAL_AMP_EPOCH_S)
+    add(
+        f"{trained} epoch with --amp, one network: at most {GOAL_AMP_EPOCH_S:g} s",
+        epoch_s,
+        f"{epoch_s or 0:.2f} s",
+        epoch_s is not None and epoch_s <= GOAL_AMP_EPOCH_S,
+    )
     two = _ring(results, "amp", 2)
     ratio = two["vs_one_network"] if two else None
-    add(f"two networks sharing the GPU (--amp): at least {GOAL_TWO_NETWORKS_SPEEDUP:g}x one network's throughput",
-        ratio, f"{ratio or 0:.2f}x", ratio is not None and ratio >= GOAL_TWO_NETWORKS_SPEEDUP)
+    add(
+        f"two networks sharing the GPU (--amp): at least {GOAL_TWO_NETWORKS_SPEEDUP:g}x one network's throughput",
+        ratio,
+        f"{ratio or 0:.2f}x",
+        ratio is not None and ratio >= GOAL_TWO_NETWORKS_SPEEDUP,
+    )
     graft = results.get("graft")
     graft_ms = graft["grafter_ms"] if graft else None
     text = f"{graft_ms or 0:.1f} ms (the read alone {graft['read_ms']:.1f} ms)" if graft else ""
-    add(f"Grafter.graft of {graft['model'] if graft else 'ResNet-110'}, file read included: under {GOAL_GRAFT_MS:g} ms",
-        graft_ms, text,
-        graft_ms is not None and graft_ms < GOAL_GRAFT_MS)
+    add(
+        f"Grafter.graft of {graft['model'] if graft else 'ResNet-110'}, file read included: under {GOAL_GRAFT_MS:g} ms",
+        graft_ms,
+        text,
+        graft_ms is not None and graft_ms < GOAL_GRAFT_MS,
+    )
     case = next((c for c in (results.get("tests") or {}).get("cases", []) if c["name"] == SYNC_TEST), None)
     outcome = None if case is None or case["outcome"] == "skipped" else case["outcome"]
-    add(f"host synchronisations in the entropy of a model: at most {GOAL_HOST_SYNCS}", outcome,
-        f"`{SYNC_TEST}` {outcome}", outcome == "passed")
+    add(
+        f"host synchronisations in the entropy of a model: at most {GOAL_HOST_SYNCS}",
+        outcome,
+        f"`{SYNC_TEST}` {outcome}",
+        outcome == "passed",
+    )
     return rows
 
 
@@ -562,9 +676,12 @@ def _cell(value: float | None, spec: str, unit: str = "") -> str:
 def markdown(results: dict[str, Any]) -> str:
     """The GPU check's tables, ready to paste into the README."""
     on_gpu = str(results.get("device", "")).startswith("cuda")
-    lines = [f"**GPU check** on {results.get('device_name', '?')}, torch {results.get('torch', '?')}"
-             f"{', CUDA ' + results['cuda'] if results.get('cuda') else ''}, {results.get('date', '')}"
-             + ("" if on_gpu else ". REHEARSAL on the CPU with tiny sizes: these are not GPU figures."), ""]
+    lines = [
+        f"**GPU check** on {results.get('device_name', '?')}, torch {results.get('torch', '?')}"
+        f"{', CUDA ' + results['cuda'] if results.get('cuda') else ''}, {results.get('date', '')}"
+        + ("" if on_gpu else ". REHEARSAL on the CPU with tiny sizes: these are not GPU figures."),
+        "",
+    ]
     tests = results.get("tests")
     lines += ["| step | result | seconds |", "|---|---|---|"]
     for step in results.get("steps", []):
@@ -575,9 +692,13 @@ def markdown(results: dict[str, Any]) -> str:
     train = results.get("train")
     if train and train["rings"]:
         sizes = sorted({r["nets"] for r in train["rings"]})
-        lines += ["", f"| {train['model']}, {train['data']}, {train['epochs']} epochs, warm (last) epoch | "
-                  + " | ".join(f"{n} network{'s' if n > 1 else ''}" for n in sizes) + " |",
-                  "|---" * (len(sizes) + 1) + "|"]
+        lines += [
+            "",
+            f"| {train['model']}, {train['data']}, {train['epochs']} epochs, warm (last) epoch | "
+            + " | ".join(f"{n} network{'s' if n > 1 else ''}" for n in sizes)
+            + " |",
+            "|---" * (len(sizes) + 1) + "|",
+        ]
         for variant in dict.fromkeys(r["variant"] for r in train["rings"]):
             label = "`--amp`" if variant == "amp" else variant
             rings = {r["nets"]: r for r in train["rings"] if r["variant"] == variant}
@@ -590,8 +711,10 @@ def markdown(results: dict[str, Any]) -> str:
                     continue
                 runs = ring["networks"]
                 slowest = max(r["warm_epoch_s"] or 0 for r in runs)
-                epoch.append(f"{slowest:.2f} s ({min(r['warm_train_img_s'] for r in runs):,.0f} img/s"
-                             + (" each)" if n > 1 else ")"))
+                epoch.append(
+                    f"{slowest:.2f} s ({min(r['warm_train_img_s'] for r in runs):,.0f} img/s"
+                    + (" each)" if n > 1 else ")")
+                )
                 ratio = ring["vs_one_network"]
                 together.append(f"{ring['together_img_s']:,.0f} img/s" + (f" ({ratio:.2f}x)" if ratio else ""))
                 peaks = [r["gpu_gib"] for r in runs if r["gpu_gib"] is not None]
@@ -604,29 +727,42 @@ def markdown(results: dict[str, Any]) -> str:
         model = (graft or entropy)["model"]
         lines += ["", f"| {model} on {results.get('device_name', '?')} | ms |", "|---|---|"]
         if entropy:
-            lines += [f"| entropy of every tensor ({entropy['tensors']}), per-bin loop of the published code | "
-                      f"{entropy['loop_ms']:.1f} |",
-                      f"| `layer_entropies`, all at once | {entropy['layer_entropies_ms']:.1f} |"]
+            lines += [
+                f"| entropy of every tensor ({entropy['tensors']}), per-bin loop of the published code | "
+                f"{entropy['loop_ms']:.1f} |",
+                f"| `layer_entropies`, all at once | {entropy['layer_entropies_ms']:.1f} |",
+            ]
         if graft:
-            lines += [f"| grafting step (`Grafter.graft`: read the peer's file + graft) | {graft['grafter_ms']:.1f} |",
-                      f"| the read alone (`Exchange.load`, safe loader, finiteness check) | {graft['read_ms']:.1f} |",
-                      f"| `graft_layers`, the peer as read (CPU, copied to the device) | "
-                      f"{graft['graft_layers_from_file_ms']:.1f} |",
-                      f"| `graft_layers`, the peer already on the device | {graft['graft_layers_ms']:.1f} |"]
+            lines += [
+                f"| grafting step (`Grafter.graft`: read the peer's file + graft) | {graft['grafter_ms']:.1f} |",
+                f"| the read alone (`Exchange.load`, safe loader, finiteness check) | {graft['read_ms']:.1f} |",
+                f"| `graft_layers`, the peer as read (CPU, copied to the device) | "
+                f"{graft['graft_layers_from_file_ms']:.1f} |",
+                f"| `graft_layers`, the peer already on the device | {graft['graft_layers_ms']:.1f} |",
+            ]
     compiled = results.get("compile")
     if compiled and compiled["modes"]:
-        lines += ["", f"| {compiled['model']} training step, batch {compiled['batch']}, {compiled['precision']} | "
-                  "first steps (compiling) | ms/step | img/s | vs eager | pays off after |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"| {compiled['model']} training step, batch {compiled['batch']}, {compiled['precision']} | "
+            "first steps (compiling) | ms/step | img/s | vs eager | pays off after |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in compiled["modes"]:
             name = "eager" if row["mode"] == "eager" else f"`torch.compile`, {row['mode']}"
             if "error" in row:
                 lines.append(f"| {name} | failed: {row['error']} | | | | |")
                 continue
             pays = row.get("pays_off_after_epochs")
-            after = "-" if row["mode"] == "eager" else ("never" if pays is None else
-                                                      "< 0.1 epoch" if pays < 0.1 else f"{pays:.1f} epochs")
-            lines.append(f"| {name} | {row['first_steps_s']:.1f} s | {row['step_ms']:.2f} | {row['img_s']:,.0f} | "
-                         f"{_cell(row.get('vs_eager'), '.2f', 'x')} | {after} |")
+            after = (
+                "-"
+                if row["mode"] == "eager"
+                else ("never" if pays is None else "< 0.1 epoch" if pays < 0.1 else f"{pays:.1f} epochs")
+            )
+            lines.append(
+                f"| {name} | {row['first_steps_s']:.1f} s | {row['step_ms']:.2f} | {row['img_s']:,.0f} | "
+                f"{_cell(row.get('vs_eager'), '.2f', 'x')} | {after} |"
+            )
     rows = results.get("goals", [])
     if rows:
         lines += ["", "| goal | measured | met |", "|---|---|---|"]
@@ -669,8 +805,13 @@ def device_name(device: str) -> str:
 
 def machine(device: str) -> dict[str, Any]:
     """What the figures were measured on."""
-    facts = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
-             "python": platform.python_version(), "cpu_cores": os.cpu_count()}
+    facts = {
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         facts.update(cuda=torch.version.cuda, gpus=torch.cuda.device_count())
     return facts
@@ -679,48 +820,84 @@ def machine(device: str) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of the benchmark; everything after ``--`` is passed to grafting_cifar/train.py."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--what", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), help="sections to run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda[:N] (default: cuda when present)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:N] (default: cuda when present)",
+    )
     parser.add_argument("--model", default="resnet32", help="model of the train and compile sections")
     parser.add_argument("--nets", type=int, nargs="+", default=[1, 2], help="ring sizes to run side by side")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["fp32"],
-                        help="train section: fp32 (the script's defaults) and/or amp (--amp)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=["fp32"],
+        help="train section: fp32 (the script's defaults) and/or amp (--amp)",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-size", type=int, default=5000, help="generated training images")
     parser.add_argument("--test-size", type=int, default=1000, help="generated test images")
     parser.add_argument("--data", default=None, help="a CIFAR-10 folder to use instead of generated data")
-    parser.add_argument("--train-repeat", type=int, default=1,
-                        help="run each ring this many times and report the fastest (shared machines)")
-    parser.add_argument("--ring-timeout", type=float, default=0, metavar="SECONDS",
-                        help="stop a ring that has not finished after this long (0: no limit)")
+    parser.add_argument(
+        "--train-repeat",
+        type=int,
+        default=1,
+        help="run each ring this many times and report the fastest (shared machines)",
+    )
+    parser.add_argument(
+        "--ring-timeout",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="stop a ring that has not finished after this long (0: no limit)",
+    )
     parser.add_argument("--graft-model", default="resnet110", help="model of the entropy and graft sections")
     parser.add_argument("--repeat", type=int, default=5, help="timed repeats of the entropy and graft sections")
-    parser.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES, default=list(COMPILE_MODES),
-                        help="compile section: eager and torch.compile modes (reduce-overhead: CUDA graphs)")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend (eager: trace only, for a quick check of the section)")
+    parser.add_argument(
+        "--compile-modes",
+        nargs="+",
+        choices=COMPILE_MODES,
+        default=list(COMPILE_MODES),
+        help="compile section: eager and torch.compile modes (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (eager: trace only, for a quick check of the section)",
+    )
     parser.add_argument("--compile-precision", choices=list(VARIANTS), default="amp", help="compile section precision")
     parser.add_argument("--compile-batch", type=int, default=128, help="compile section batch size")
     parser.add_argument("--compile-warmup", type=int, default=3, help="compile section: untimed first steps")
     parser.add_argument("--compile-steps", type=int, default=50, help="compile section: timed steps")
-    parser.add_argument("--work", default=None,
-                        help="folder for data, runs and logs (default: a temporary one, removed at the end)")
+    parser.add_argument(
+        "--work", default=None, help="folder for data, runs and logs (default: a temporary one, removed at the end)"
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
-    parser.add_argument("--report", nargs="+", default=None, metavar="PART.json",
-                        help="run nothing: merge these JSON files of earlier runs into --json and --markdown")
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        metavar="PART.json",
+        help="run nothing: merge these JSON files of earlier runs into --json and --markdown",
+    )
     parser.add_argument("--steps", default=None, metavar="TSV", help="with --report: gpu_check.sh's step results")
     parser.add_argument("--junit", default=None, metavar="XML", help="with --report: pytest's --junitxml file")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="with --report: write the tables here")
     args = parser.parse_args(argv)
     args.train_args = train_args
-    if min(args.nets) < 1 or min(args.epochs, args.train_repeat, args.repeat, args.compile_batch,
-                                 args.compile_steps) < 1 or args.compile_warmup < 0:
-        parser.error("--nets, --epochs, --train-repeat, --repeat, --compile-batch and --compile-steps must be at "
-                     "least 1, --compile-warmup at least 0")
+    if (
+        min(args.nets) < 1
+        or min(args.epochs, args.train_repeat, args.repeat, args.compile_batch, args.compile_steps) < 1
+        or args.compile_warmup < 0
+    ):
+        parser.error(
+            "--nets, --epochs, --train-repeat, --repeat, --compile-batch and --compile-steps must be at "
+            "least 1, --compile-warmup at least 0"
+        )
     if args.report is None and (args.steps or args.junit or args.markdown):
         parser.error("--steps, --junit and --markdown go with --report")
     return args

@@ -2,6 +2,7 @@
 
 Run with --help for the flags; the logic lives in grafting/tools/filters.py.
 """
+
 import sys
 from pathlib import Path
 

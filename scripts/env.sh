@@ -1,7 +1,8 @@
 # Sourced by the other scripts: creates (once) and activates the project's Python environment.
 #
 # Two layers, so that torch (5.6 GB) is installed once per machine and every checkout still runs its own code:
-#   ~/.cache/filter-grafting/venv   shared: torch 2.14.1, torchvision 0.29.1, numpy, tensorboard, pytest, matplotlib
+#   ~/.cache/filter-grafting/venv   shared: torch 2.14.1, torchvision 0.29.1, numpy, tensorboard, pytest, matplotlib,
+#                                   ruff and mypy (the static checks)
 #                                   (override the place with GRAFTING_VENV)
 #   <checkout>/.venv                this checkout's own: sees the shared packages and holds an editable
 #                                   install of this checkout (graft-cifar & co. run this checkout's code)
@@ -14,10 +15,11 @@ _has() {  # _has PYTHON MODULE...: every module is importable (looked up, not im
     "$python" -c 'import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))' \
         "$@" 2>/dev/null
 }
-if ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest setuptools pip matplotlib; then
+if ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest setuptools pip matplotlib ruff mypy; then
     echo "[env] setting up $GRAFTING_VENV (torch 2.14.1, torchvision 0.29.1, ...; a few minutes the first time)"
     python3 -m venv "$GRAFTING_VENV" || return 1
     "$GRAFTING_VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 numpy tensorboard pytest setuptools matplotlib \
+        ruff==0.17.6 mypy==2.4.1 \
         || return 1
 fi
 # Earlier versions installed a checkout into the shared environment itself; remove it, or it would shadow.
@@ -32,8 +34,8 @@ if ! _has "$_local/bin/python" torch; then
         || return 1  # the shared packages, searched after this environment's own
 fi
 # Editable install of this checkout into its own environment (pip comes from the shared one), redone only
-# when setup.py or setup.cfg (packages, console commands) changed since.
-_stamp="$(cat "$_repo/setup.py" "$_repo/setup.cfg" 2>/dev/null | cksum)"
+# when setup.py or pyproject.toml (packages, console commands, tools) changed since.
+_stamp="$(cat "$_repo/setup.py" "$_repo/pyproject.toml" 2>/dev/null | cksum)"
 if [ "$(cat "$_local/.installed" 2>/dev/null)" != "$_stamp" ]; then
     "$_local/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_repo" >/dev/null || return 1
     echo "$_stamp" > "$_local/.installed"

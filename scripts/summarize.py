@@ -2,6 +2,7 @@
 
 Run with --help for the flags; the logic lives in grafting/tools/summary.py.
 """
+
 import sys
 from pathlib import Path
 

@@ -1,10 +1,11 @@
 """Helpers the test files share: starting the project's scripts as real processes, watching and
 stopping them, and the one-line-error check.
 
-Markers (declared in setup.cfg): ``e2e`` for tests that start processes, ``slow`` for the long ones,
+Markers (declared in pyproject.toml): ``e2e`` for tests that start processes, ``slow`` for the long ones,
 ``cuda`` for tests that need a GPU (they skip without one, unless ``GPU_CHECK_REHEARSE=1`` has them
 rehearse on the CPU, as ``scripts/gpu_check.sh`` does). ``pytest -m "not e2e"`` runs the unit tests alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import pytest
 import torch
@@ -28,8 +30,10 @@ RUN_TIMEOUT_S = 300.0
 REHEARSAL = os.environ.get("GPU_CHECK_REHEARSE") == "1"
 # The devices of tests that compare the CPU with the GPU: the GPU case is marked ``cuda``, and runs on
 # the CPU in a rehearsal on a machine without one.
-DEVICES = ["cpu", pytest.param("cpu" if REHEARSAL and not torch.cuda.is_available() else "cuda",
-                               marks=pytest.mark.cuda, id="cuda")]
+DEVICES = [
+    "cpu",
+    pytest.param("cpu" if REHEARSAL and not torch.cuda.is_available() else "cuda", marks=pytest.mark.cuda, id="cuda"),
+]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -92,9 +96,16 @@ def no_process_outlives_its_test() -> Iterator[None]:
             process.wait()
 
 
-def start_process(argv: Sequence[str], workdir: Path, name: str, *, env: dict[str, str] | None = None,
-                  merge_output: bool = False, output: Path | None = None,
-                  preexec_fn: Callable[[], None] | None = None) -> Proc:
+def start_process(
+    argv: Sequence[str],
+    workdir: Path,
+    name: str,
+    *,
+    env: dict[str, str] | None = None,
+    merge_output: bool = False,
+    output: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Proc:
     """Start ``argv`` in ``workdir`` with ``child_env()`` (or ``env``); output goes to
     ``workdir/logs/<name>.out`` and ``.err`` (one file with ``merge_output``; both to ``output`` when given)."""
     logs = workdir / "logs"
@@ -103,9 +114,14 @@ def start_process(argv: Sequence[str], workdir: Path, name: str, *, env: dict[st
     err = out if merge_output or output else logs / f"{name}.err"
     merge_output = merge_output or output is not None
     with open(out, "w") as out_file, open(err, "a") as err_file:
-        process = subprocess.Popen(list(argv), cwd=workdir, stdout=out_file,
-                                   stderr=subprocess.STDOUT if merge_output else err_file,
-                                   env=env or child_env(), preexec_fn=preexec_fn)
+        process = subprocess.Popen(
+            list(argv),
+            cwd=workdir,
+            stdout=out_file,
+            stderr=subprocess.STDOUT if merge_output else err_file,
+            env=env or child_env(),
+            preexec_fn=preexec_fn,
+        )
     _started.append(process)
     return Proc(name, process, out, err)
 
@@ -134,8 +150,9 @@ def finish(procs: Sequence[Proc], timeout: float = RUN_TIMEOUT_S) -> list[int]:
         pytest.fail(f"a process did not finish within {timeout:.0f} s:\n" + "\n".join(p.report() for p in procs))
 
 
-def wait_until(condition: Callable[[], bool], what: str, procs: Sequence[Proc],
-               timeout: float = RUN_TIMEOUT_S) -> float:
+def wait_until(
+    condition: Callable[[], bool], what: str, procs: Sequence[Proc], timeout: float = RUN_TIMEOUT_S
+) -> float:
     """Poll ``condition`` until true and return the time (monotonic); fail if a process exits first."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -8,10 +8,12 @@ are slow on purpose and exist only so that the project's vectorised code can be 
 by ``torch.equal``. Where the project corrects the published code (constant tensors, per-channel
 BatchNorm blending at filter level), the correction is named in the docstring.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Mapping
+from collections.abc import Mapping
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,8 +44,13 @@ def published_coefficient(h_own: float, h_peer: float, a: float = 0.4, c: float 
 
 
 @torch.no_grad()
-def published_key_graft(model: nn.Module, peer: Mapping[str, torch.Tensor], a: float = 0.4, c: float = 500,
-                        score: Callable[[torch.Tensor], float] = published_entropy) -> None:
+def published_key_graft(
+    model: nn.Module,
+    peer: Mapping[str, torch.Tensor],
+    a: float = 0.4,
+    c: float = 500,
+    score: Callable[[torch.Tensor], float] = published_entropy,
+) -> None:
     """The CIFAR script's step: walk the state_dict; a key containing ``conv`` sets the coefficient from its
     own scores, every entry is blended with the latest one; then ``load_state_dict``."""
     mixed = OrderedDict()
@@ -122,4 +129,4 @@ def published_noise(model: nn.Module, epoch: int, threshold: float = 0.1) -> Non
             invalid = torch.norm(u, p=1, dim=(1, 2, 3)) < threshold
             for j in range(len(invalid)):
                 if invalid[j]:
-                    u[j] += torch.randn_like(u[j]) * 0.975 ** epoch
+                    u[j] += torch.randn_like(u[j]) * 0.975**epoch

@@ -2,6 +2,7 @@
 docs/METHOD.md §9): noise and internal grafting on hand-built layers and against the published loops
 (tests/published_code.py) on whole state_dicts, the l1 criterion against a hand computation, and plain
 averaging of three networks exchanging real files."""
+
 from __future__ import annotations
 
 import copy
@@ -10,18 +11,18 @@ import threading
 
 import pytest
 import torch
+from conftest import DEVICES
+from published_code import published_inside, published_noise
 from torch import nn
 
-from conftest import DEVICES
 from grafting.archs import cifar_models as models
-from grafting_cifar.train import parse_args
-from grafting.method.ablation import average_states, conv_weights, internal_graft_, noise_graft_
 from grafting.checkpoint import load_file
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
+from grafting.method.ablation import average_states, conv_weights, internal_graft_, noise_graft_
 from grafting.method.filters import filter_l1_norms
 from grafting.method.graft import graft_layers
 from grafting.ring.grafter import Grafter
-from published_code import published_inside, published_noise
+from grafting_cifar.train import parse_args
 
 torch.set_num_threads(1)
 
@@ -54,6 +55,7 @@ class OneConv(nn.Module):
 
 
 # ---------------------------------------------------------------- noise grafting
+
 
 def test_noise_touches_exactly_the_invalid_filters() -> None:
     torch.manual_seed(0)
@@ -88,7 +90,7 @@ def test_noise_is_a_unit_gaussian_decaying_from_the_first_epoch() -> None:
         generator = torch.Generator().manual_seed(3)
         expected = weight.clone()
         for j in (0, 2):
-            expected[j] += torch.randn(1, 2, 2, generator=generator) * 0.975 ** epoch
+            expected[j] += torch.randn(1, 2, 2, generator=generator) * 0.975**epoch
         assert torch.equal(model.conv.weight.detach(), expected), epoch
 
 
@@ -97,7 +99,7 @@ def test_noise_with_another_std() -> None:
     model = OneConv(weight)
     noise_graft_(model, 4, std=0.5, generator=torch.Generator().manual_seed(1))
     draw = torch.randn(1, 2, 2, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(model.conv.weight[0].detach(), weight[0] + draw * (0.5 * 0.975 ** 4))
+    assert torch.equal(model.conv.weight[0].detach(), weight[0] + draw * (0.5 * 0.975**4))
     assert torch.equal(model.conv.weight[1].detach(), weight[1])
 
 
@@ -147,6 +149,7 @@ def test_the_grafters_first_noise_is_a_unit_gaussian(tmp_path) -> None:
 
 # ---------------------------------------------------------------- internal grafting
 
+
 def test_internal_pairs_weakest_with_strongest_until_the_first_valid() -> None:
     norms = [0.01, 5.0, 0.02, 3.0, 0.05, 1.0, 0.5, 2.0]
     weight = layer_with_norms(norms)
@@ -181,8 +184,21 @@ def test_internal_goes_on_past_the_middle() -> None:
 def test_internal_with_13_of_16_filters_invalid() -> None:
     # Filters 0..15; the 13 invalid ones have norms 0.001 * (1..13) in a shuffled order, the three
     # valid ones 2.0, 3.0 and 5.0. Ascending ranks r0..r15 name the filters below.
-    invalid_norms = {3: 0.001, 7: 0.002, 0: 0.003, 12: 0.004, 9: 0.005, 1: 0.006, 14: 0.007, 5: 0.008,
-                     10: 0.009, 2: 0.010, 15: 0.011, 8: 0.012, 4: 0.013}
+    invalid_norms = {
+        3: 0.001,
+        7: 0.002,
+        0: 0.003,
+        12: 0.004,
+        9: 0.005,
+        1: 0.006,
+        14: 0.007,
+        5: 0.008,
+        10: 0.009,
+        2: 0.010,
+        15: 0.011,
+        8: 0.012,
+        4: 0.013,
+    }
     valid_norms = {11: 2.0, 6: 3.0, 13: 5.0}
     norms = [{**invalid_norms, **valid_norms}[j] for j in range(16)]
     weight = layer_with_norms(norms)
@@ -232,6 +248,7 @@ def test_conv_weights_by_rule() -> None:
 
 # ---------------------------------------------------------------- l1 criterion
 
+
 def test_l1_criterion_alphas_by_hand() -> None:
     torch.manual_seed(1)
     own, peer = TwoConvs(), TwoConvs()
@@ -256,6 +273,7 @@ def test_l1_criterion_alphas_by_hand() -> None:
 
 
 # ---------------------------------------------------------------- the Grafter's sources
+
 
 def test_grafter_noise_and_internal_need_no_peers(tmp_path) -> None:
     for source in ("noise", "internal"):
@@ -286,8 +304,9 @@ def _run_ring(root, nets: list[nn.Module], source: str, epoch: int = 1) -> list:
 
     def one(i: int) -> None:
         try:
-            with Grafter(root, i + 1, len(nets), source=source, peer_timeout=30,
-                         meta={"model": "resnet20", "num_classes": 10}) as grafter:
+            with Grafter(
+                root, i + 1, len(nets), source=source, peer_timeout=30, meta={"model": "resnet20", "num_classes": 10}
+            ) as grafter:
                 reports[i] = grafter.step(nets[i], epoch)
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             errors.append(err)
@@ -345,8 +364,9 @@ def test_a_ring_with_mixed_sources_fails_clearly(tmp_path) -> None:
 
     def one(i: int, source: str) -> None:
         try:
-            with Grafter(tmp_path, i, 2, source=source, peer_timeout=20,
-                         meta={"model": "resnet20", "num_classes": 10}) as grafter:
+            with Grafter(
+                tmp_path, i, 2, source=source, peer_timeout=20, meta={"model": "resnet20", "num_classes": 10}
+            ) as grafter:
                 grafter.step(nets[i - 1], 1)
         except BaseException as err:  # noqa: BLE001
             errors.append(err)
@@ -372,7 +392,6 @@ def test_average_states_checks_shapes_and_needs_states() -> None:
 
 
 # ---------------------------------------------------------------- flags
-
 
 
 def parse(*argv: str):

@@ -1,5 +1,6 @@
 """The public face of the library: ``help(grafting)`` reads as a short manual, and every public
 function, class and method of ``grafting/`` says what it does."""
+
 from __future__ import annotations
 
 import ast
@@ -29,8 +30,11 @@ def test_every_public_definition_has_a_docstring() -> None:
         tree = ast.parse(path.read_text())
         if not ast.get_docstring(tree):
             missing.append(f"{path.relative_to(LIBRARY)} (module)")
-        missing += [f"{path.relative_to(LIBRARY)}: {name}" for name, node in public_definitions(tree)
-                    if not ast.get_docstring(node)]
+        missing += [
+            f"{path.relative_to(LIBRARY)}: {name}"
+            for name, node in public_definitions(tree)
+            if not ast.get_docstring(node)
+        ]
     assert not missing, "public definitions without a docstring:\n" + "\n".join(missing)
 
 

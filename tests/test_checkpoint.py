@@ -70,8 +70,8 @@ def _fail_in_save_like_torch(obj: object, handle) -> None:
     handle.write(b"PK\x03\x04 half a checkpoint")
     try:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    except OSError:
-        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 704 vs 598")
+    except OSError as err:
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 704 vs 598") from err
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The run configuration (grafting/train/config.py): one owner of every flag, its default, whether it is
 fixed on resume and whether the peers of a ring must agree on it."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,24 @@ def test_every_flag_is_fixed_on_resume_or_listed_as_free(script: str) -> None:
     free = {name for name, f in fields.items() if f.metadata["resume"] == "free"}
     assert fixed | free == set(fields) and not fixed & free
     # Everything that shapes the grafting is fixed, and the peers must agree on it.
-    shaping = {"a", "c", "level", "graft_rule", "criterion", "source", "invalid_threshold", "distill",
-               "kd_temperature", "kd_weight", "kd_soften_teacher", "model", "num_classes", "num", "lr", "seed"}
+    shaping = {
+        "a",
+        "c",
+        "level",
+        "graft_rule",
+        "criterion",
+        "source",
+        "invalid_threshold",
+        "distill",
+        "kd_temperature",
+        "kd_weight",
+        "kd_soften_teacher",
+        "model",
+        "num_classes",
+        "num",
+        "lr",
+        "seed",
+    }
     assert shaping <= fixed, shaping - fixed
     assert shaping - {"seed"} <= set(config_cls.shared_by_peers())
     assert "epochs" in config_cls.shared_by_peers() and "epochs" not in fixed  # a finished run can be extended
@@ -45,7 +62,13 @@ def test_every_flag_is_fixed_on_resume_or_listed_as_free(script: str) -> None:
 def test_defaults_are_the_authors_and_written_once() -> None:
     cifar, imagenet = parse_cifar([]), parse_imagenet([])
     assert (cifar.a, cifar.c) == (imagenet.a, imagenet.c) == (DEFAULT_A, DEFAULT_C) == (0.4, 500.0)
-    assert (cifar.epochs, cifar.lr, cifar.batch_size, cifar.weight_decay, cifar.step_epochs) == (200, 0.1, 128, 5e-4, 60)
+    assert (cifar.epochs, cifar.lr, cifar.batch_size, cifar.weight_decay, cifar.step_epochs) == (
+        200,
+        0.1,
+        128,
+        5e-4,
+        60,
+    )
     assert (imagenet.epochs, imagenet.batch_size, imagenet.weight_decay, imagenet.step_epochs) == (90, 256, 1e-4, 30)
     assert (cifar.dataset, cifar.num_classes, cifar.cos) == ("cifar10", 10, False)
     assert imagenet.cos and not parse_imagenet(["--steplr"]).cos
@@ -81,8 +104,9 @@ CHANGED_ON_RESUME = [
 
 
 @pytest.mark.parametrize("changed, before, after", CHANGED_ON_RESUME, ids=[c[0][0] for c in CHANGED_ON_RESUME])
-def test_resume_with_a_changed_grafting_setting_is_one_line_naming_both_values(tmp_path: Path, changed, before,
-                                                                               after) -> None:
+def test_resume_with_a_changed_grafting_setting_is_one_line_naming_both_values(
+    tmp_path: Path, changed, before, after
+) -> None:
     base = ["--s", str(tmp_path), "--num", "2", "--i", "1"]
     prepare_run_files(parse_cifar(base))
     with pytest.raises(GraftingError) as caught:
@@ -94,8 +118,23 @@ def test_resume_with_a_changed_grafting_setting_is_one_line_naming_both_values(t
 def test_resume_may_change_what_does_not_shape_the_run(tmp_path: Path) -> None:
     base = ["--s", str(tmp_path), "--num", "2", "--i", "1"]
     prepare_run_files(parse_cifar(base))
-    prepare_run_files(parse_cifar([*base, "--resume", "--epochs", "300", "--threads", "1", "--peer-timeout", "60",
-                                   "--data", "/elsewhere", "--no-channels-last"]))
+    prepare_run_files(
+        parse_cifar(
+            [
+                *base,
+                "--resume",
+                "--epochs",
+                "300",
+                "--threads",
+                "1",
+                "--peer-timeout",
+                "60",
+                "--data",
+                "/elsewhere",
+                "--no-channels-last",
+            ]
+        )
+    )
 
 
 def test_peers_with_different_a_stop_before_any_weights_are_mixed(tmp_path: Path) -> None:
@@ -104,8 +143,10 @@ def test_peers_with_different_a_stop_before_any_weights_are_mixed(tmp_path: Path
     one = parse_cifar(["--s", str(tmp_path), "--num", "2", "--i", "1", "--a", "0.4"])
     two = parse_cifar(["--s", str(tmp_path), "--num", "2", "--i", "2", "--a", "0.2"])
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with Grafter(tmp_path, 1, 2, a=one.a, meta=one.peer_settings()) as mine, \
-            Grafter(tmp_path, 2, 2, a=two.a, meta=two.peer_settings()) as theirs:
+    with (
+        Grafter(tmp_path, 1, 2, a=one.a, meta=one.peer_settings()) as mine,
+        Grafter(tmp_path, 2, 2, a=two.a, meta=two.peer_settings()) as theirs,
+    ):
         mine.publish(net, 1)
         theirs.publish(peer, 1)
         with pytest.raises(PeerMismatchError) as caught:
@@ -115,14 +156,17 @@ def test_peers_with_different_a_stop_before_any_weights_are_mixed(tmp_path: Path
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--s", ""], "--s is empty"),
-    (["--seed", "99999999999999999999999"], "--seed must lie in"),
-    (["--seed", "-1"], "--seed must lie in"),
-    (["--kd-weight", "nan"], "--kd-weight"),
-    (["--kd-temperature", "inf"], "--kd-temperature"),
-    (["--invalid-threshold", "nan"], "--invalid-threshold"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--s", ""], "--s is empty"),
+        (["--seed", "99999999999999999999999"], "--seed must lie in"),
+        (["--seed", "-1"], "--seed must lie in"),
+        (["--kd-weight", "nan"], "--kd-weight"),
+        (["--kd-temperature", "inf"], "--kd-temperature"),
+        (["--invalid-threshold", "nan"], "--invalid-threshold"),
+    ],
+)
 def test_bad_values_are_usage_errors(argv: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse_cifar(argv)

@@ -16,6 +16,7 @@ test split (no randomness) is the CPU's to the last bit of every pixel, every tr
 exactly what the CPU computes from the draws the device made, and the same seed and epoch give the
 same batches again on the device (a resumed run sees the batches an uninterrupted one would).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import CIFAR_SCRIPT, IMAGENET_SCRIPT, REHEARSAL, finish, start_process, start_script
+from published_code import published_entropy, published_key_graft
+
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.cifar import CIFAR_MEAN, CIFAR_STD, CROP_PADDING, TensorCifarLoader, cifar_loaders
@@ -40,7 +42,6 @@ from grafting.method.graft import graft_layers
 from grafting.train.loop import train_one_epoch
 from grafting.train.report import read_metrics
 from grafting.train.schedule import make_scheduler
-from published_code import published_entropy, published_key_graft
 
 RUN_TIMEOUT_S = 180.0
 # A normalised pixel level is 1 / 255 / std ~ 0.02 apart from the next; CUDA divides by 255 as a
@@ -66,10 +67,12 @@ def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.cuda
 def test_tensor_pipeline_test_batches_on_the_device_are_the_cpu_batches(device: torch.device, cifar: Path) -> None:
-    _, cpu_test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=16, device=torch.device("cpu"),
-                                   pipeline="tensor", seed=3)
-    _, device_test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=16, device=device,
-                                      pipeline="tensor", seed=3, channels_last=True)
+    _, cpu_test, _ = cifar_loaders(
+        cifar, 10, batch_size=32, test_batch_size=16, device=torch.device("cpu"), pipeline="tensor", seed=3
+    )
+    _, device_test, _ = cifar_loaders(
+        cifar, 10, batch_size=32, test_batch_size=16, device=device, pipeline="tensor", seed=3, channels_last=True
+    )
     for loader in (cpu_test, device_test):
         loader.set_epoch(2)
     pairs = list(zip(cpu_test, device_test, strict=True))
@@ -84,18 +87,21 @@ def crops_of_the_draws(images: torch.Tensor, top: list[int], left: list[int], fl
     """The CPU reference of the random crop and flip: one slice of the zero-padded image per sample."""
     padded = F.pad(images, (CROP_PADDING,) * 4)
     size = images.shape[-1]
-    crops = [padded[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(top, left))]
+    crops = [padded[i, :, t : t + size, x : x + size] for i, (t, x) in enumerate(zip(top, left))]
     return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flip)])
 
 
 @pytest.mark.cuda
 def test_tensor_pipeline_training_batches_are_the_cpu_computation_of_the_device_draws(
-        device: torch.device, cifar: Path) -> None:
+    device: torch.device, cifar: Path
+) -> None:
     seed, epoch, batch_size = 3, 2, 32
-    cpu_train, _, _ = cifar_loaders(cifar, 10, batch_size=batch_size, device=torch.device("cpu"),
-                                    pipeline="tensor", seed=seed)
-    device_train, _, _ = cifar_loaders(cifar, 10, batch_size=batch_size, device=device, pipeline="tensor",
-                                       seed=seed, channels_last=True)
+    cpu_train, _, _ = cifar_loaders(
+        cifar, 10, batch_size=batch_size, device=torch.device("cpu"), pipeline="tensor", seed=seed
+    )
+    device_train, _, _ = cifar_loaders(
+        cifar, 10, batch_size=batch_size, device=device, pipeline="tensor", seed=seed, channels_last=True
+    )
     device_train.set_epoch(epoch)
     batches = list(device_train)
     assert len(batches) == len(device_train) == 4
@@ -108,7 +114,7 @@ def test_tensor_pipeline_training_batches_are_the_cpu_computation_of_the_device_
     count = len(cpu_train.images)
     order = torch.randperm(count, generator=generator, device=device)
     for start, (images, labels) in zip(range(0, count, batch_size), batches, strict=True):
-        indices = order[start:start + batch_size]
+        indices = order[start : start + batch_size]
         n = len(indices)
         top = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator, device=device)
         left = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator, device=device)
@@ -166,15 +172,20 @@ def model_tensors() -> list[torch.Tensor]:
     tensors = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        tensors += [t for t in models.create("resnet110", num_classes=10).state_dict().values()
-                    if torch.is_floating_point(t)]
+        tensors += [
+            t for t in models.create("resnet110", num_classes=10).state_dict().values() if torch.is_floating_point(t)
+        ]
     generator = torch.Generator().manual_seed(7)
     return tensors + [
-        on_edge_tensor(300, 0), on_edge_tensor(300, 1), on_edge_tensor(517, 2),  # two stacked, one alone
+        on_edge_tensor(300, 0),
+        on_edge_tensor(300, 1),
+        on_edge_tensor(517, 2),  # two stacked, one alone
         torch.randn(300, generator=generator).to(torch.float16),
         torch.randn(300, generator=generator).to(torch.bfloat16),
         torch.randn(300, generator=generator).to(torch.float64),
-        torch.full((16,), 3.0), torch.tensor([0, 1, 1, 2, 10]), torch.empty(0),
+        torch.full((16,), 3.0),
+        torch.tensor([0, 1, 1, 2, 10]),
+        torch.empty(0),
         torch.arange(-50, 51, dtype=torch.float32) / 10,
     ]
 
@@ -194,8 +205,10 @@ def test_entropies_on_the_device_are_the_published_loop_on_the_device(device: to
         assert float(entropy_tensor(t.to(device))) == published_entropy(t.to(device))
     assert layer_entropies([t.to(device) for t in edges]) == [published_entropy(t.to(device)) for t in edges]
     on_cpu = entropy_tensors(tensors).tolist()
-    print(f"entropies that differ between the CPU and {device}, as in the published code: "
-          f"{sum(a != b for a, b in zip(on_cpu, on_device.tolist()))} of {len(tensors)}")
+    print(
+        f"entropies that differ between the CPU and {device}, as in the published code: "
+        f"{sum(a != b for a, b in zip(on_cpu, on_device.tolist()))} of {len(tensors)}"
+    )
 
 
 @pytest.mark.cuda
@@ -215,8 +228,10 @@ def test_graft_layers_on_the_device_is_the_published_step_on_the_device(device: 
     differing = [k for k, v in mine.state_dict().items() if not torch.equal(v, expected[k])]
     assert not differing, f"{len(differing)} entries differ from the published step, first {differing[:3]}"
     on_cpu = graft_layers(own, peer.state_dict())
-    print(f"coefficients that differ between the CPU and {device}, as in the published code: "
-          f"{sum(a.alpha != b.alpha for a, b in zip(on_cpu, records))} of {len(records)}")
+    print(
+        f"coefficients that differ between the CPU and {device}, as in the published code: "
+        f"{sum(a.alpha != b.alpha for a, b in zip(on_cpu, records))} of {len(records)}"
+    )
 
 
 def host_syncs(fn: Callable[[], object]) -> int:
@@ -257,8 +272,9 @@ def test_the_entropy_of_a_model_synchronises_the_host_once(device: torch.device)
 def test_amp_trains_a_few_steps_without_nan(dtype: torch.dtype, device: torch.device, cifar: Path) -> None:
     full, _, _ = cifar_loaders(cifar, 10, batch_size=16, device=device, pipeline="tensor", seed=1)
     images = 8 if REHEARSAL else len(full.images)  # low precision is slow on a CPU: 2 steps per epoch there
-    train = TensorCifarLoader(full.images[:images], full.labels[:images], 4 if REHEARSAL else 16, train=True, seed=1,
-                              channels_last=True)
+    train = TensorCifarLoader(
+        full.images[:images], full.labels[:images], 4 if REHEARSAL else 16, train=True, seed=1, channels_last=True
+    )
     torch.manual_seed(0)
     model = models.create("resnet20", num_classes=10).to(device).to(memory_format=torch.channels_last)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -269,8 +285,9 @@ def test_amp_trains_a_few_steps_without_nan(dtype: torch.dtype, device: torch.de
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     for epoch in (1, 2):
         train.set_epoch(epoch)
-        stats = train_one_epoch(model, train, optimizer, scheduler, epoch=epoch, amp_dtype=dtype, scaler=scaler,
-                                print_freq=0)
+        stats = train_one_epoch(
+            model, train, optimizer, scheduler, epoch=epoch, amp_dtype=dtype, scaler=scaler, print_freq=0
+        )
         assert math.isfinite(stats.loss) and stats.images_per_s > 0
     assert set(seen) == {dtype}  # autocast ran the convolutions in the low precision
     assert all(p.dtype == torch.float32 and bool(p.isfinite().all()) for p in model.parameters())
@@ -288,11 +305,32 @@ def test_amp_trains_a_few_steps_without_nan(dtype: torch.dtype, device: torch.de
 @pytest.mark.e2e
 def test_two_networks_on_one_device_train_and_graft(device: torch.device, cifar: Path, tmp_path: Path) -> None:
     shared = tmp_path / "ring"
-    common = ["--data", str(cifar), "--s", str(shared), "--num", "2", "--model", "resnet20", "--epochs", "2",
-              "--device", device.type, "--batch-size", "32", "--test-batch-size", "40", "--print-freq", "0",
-              "--threads", "1", "--keep-all"]
-    procs = [start_script(CIFAR_SCRIPT, [*common, "--i", str(i)], tmp_path, f"net{i}", merge_output=True)
-             for i in (1, 2)]
+    common = [
+        "--data",
+        str(cifar),
+        "--s",
+        str(shared),
+        "--num",
+        "2",
+        "--model",
+        "resnet20",
+        "--epochs",
+        "2",
+        "--device",
+        device.type,
+        "--batch-size",
+        "32",
+        "--test-batch-size",
+        "40",
+        "--print-freq",
+        "0",
+        "--threads",
+        "1",
+        "--keep-all",
+    ]
+    procs = [
+        start_script(CIFAR_SCRIPT, [*common, "--i", str(i)], tmp_path, f"net{i}", merge_output=True) for i in (1, 2)
+    ]
     assert finish(procs, RUN_TIMEOUT_S) == [0, 0], "\n".join(p.report() for p in procs)
     for net, peer in ((1, 2), (2, 1)):
         config = json.loads((shared / f"net{net}" / "config.json").read_text())
@@ -314,24 +352,47 @@ def test_two_networks_on_one_device_train_and_graft(device: torch.device, cifar:
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes, 16 training and 8 validation JPEG files per class, about 40 px."""
-    return write_fake_imagefolder(tmp_path_factory.mktemp("imagefolder_cuda"), num_classes=3, train_per_class=16,
-                                  val_per_class=8, image_size=40)
+    return write_fake_imagefolder(
+        tmp_path_factory.mktemp("imagefolder_cuda"), num_classes=3, train_per_class=16, val_per_class=8, image_size=40
+    )
 
 
 @pytest.mark.cuda
 @pytest.mark.e2e
-def test_nccl_network_grafts_next_to_a_single_process_peer(device: torch.device, image_folder: Path,
-                                                           tmp_path: Path) -> None:
+def test_nccl_network_grafts_next_to_a_single_process_peer(
+    device: torch.device, image_folder: Path, tmp_path: Path
+) -> None:
     if device.type != "cuda" or torch.cuda.device_count() < 2:
         pytest.skip("a 2-rank NCCL network needs 2 GPUs (CI runs the same ring with gloo on the CPU)")
     shared = tmp_path / "ring"
-    common = [str(IMAGENET_SCRIPT), "--data", str(image_folder), "--s", str(shared), "--num", "2", "--steplr",
-              "--keep-all", "--epochs", "2", "--threads", "1", "-j", "0", "-b", "16", "--image-size", "32",
-              "-p", "0"]
+    common = [
+        str(IMAGENET_SCRIPT),
+        "--data",
+        str(image_folder),
+        "--s",
+        str(shared),
+        "--num",
+        "2",
+        "--steplr",
+        "--keep-all",
+        "--epochs",
+        "2",
+        "--threads",
+        "1",
+        "-j",
+        "0",
+        "-b",
+        "16",
+        "--image-size",
+        "32",
+        "-p",
+        "0",
+    ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--"]
     ddp = start_process([*torchrun, *common, "--i", "1"], tmp_path, "net1", merge_output=True)
-    single = start_process([sys.executable, *common, "--i", "2", "--device", "cuda:1"], tmp_path, "net2",
-                           merge_output=True)
+    single = start_process(
+        [sys.executable, *common, "--i", "2", "--device", "cuda:1"], tmp_path, "net2", merge_output=True
+    )
     assert finish([ddp, single], RUN_TIMEOUT_S) == [0, 0], ddp.report() + single.report()
     assert "[net 1/2 rank 0]" in ddp.log and "[net 1/2 rank 1]" not in ddp.log, ddp.log
     config = json.loads((shared / "net1" / "config.json").read_text())

@@ -1,4 +1,5 @@
 """Tests of grafting.data: generated datasets in the real formats, CIFAR pipelines, ImageNet folders."""
+
 from __future__ import annotations
 
 import math
@@ -54,14 +55,16 @@ def cifar10(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cifar100(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("cifar100"), 100, train_size=TRAIN_SIZE, test_size=TEST_SIZE,
-                            seed=3)
+    return write_fake_cifar(
+        tmp_path_factory.mktemp("cifar100"), 100, train_size=TRAIN_SIZE, test_size=TEST_SIZE, seed=3
+    )
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    return write_fake_imagefolder(tmp_path_factory.mktemp("imagenet"), num_classes=3, train_per_class=10,
-                                  val_per_class=5, image_size=40)
+    return write_fake_imagefolder(
+        tmp_path_factory.mktemp("imagenet"), num_classes=3, train_per_class=10, val_per_class=5, image_size=40
+    )
 
 
 def collect(loader: EpochLoader, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +88,15 @@ def denormalise(images: torch.Tensor, mean, std) -> torch.Tensor:
 def test_fake_cifar10_has_the_real_file_layout(cifar10):
     folder = cifar10 / "cifar-10-batches-py"
     names = sorted(path.name for path in folder.iterdir())
-    assert names == ["batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-                     "test_batch"]
+    assert names == [
+        "batches.meta",
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ]
     assert "not the real dataset" in (cifar10 / MARKER_NAME).read_text()
     sizes = []
     for name in names[1:]:
@@ -171,8 +181,9 @@ def test_incomplete_or_damaged_cifar_is_reported(tmp_path):
         load_cifar(root, 10)
 
 
-def test_present_files_are_neither_hashed_nor_downloaded_and_failed_downloads_are_reported(cifar10, tmp_path,
-                                                                                       monkeypatch):
+def test_present_files_are_neither_hashed_nor_downloaded_and_failed_downloads_are_reported(
+    cifar10, tmp_path, monkeypatch
+):
     import urllib.error
 
     import torchvision.datasets.cifar as torchvision_cifar
@@ -258,8 +269,9 @@ def test_random_crop_matches_torchvision_pad_crop_flip_for_the_same_offsets():
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_cifar_loaders_yield_normalised_device_batches(cifar10, cifar100, pipeline, num_classes):
     root = cifar10 if num_classes == 10 else cifar100
-    train, test, used = cifar_loaders(root, num_classes, batch_size=64, test_batch_size=50, device=CPU,
-                                      pipeline=pipeline, workers=0)
+    train, test, used = cifar_loaders(
+        root, num_classes, batch_size=64, test_batch_size=50, device=CPU, pipeline=pipeline, workers=0
+    )
     assert used == pipeline
     assert isinstance(train, EpochLoader) and isinstance(test, EpochLoader)
     assert (len(train), len(test)) == (math.ceil(TRAIN_SIZE / 64), math.ceil(TEST_SIZE / 50))
@@ -268,7 +280,7 @@ def test_cifar_loaders_yield_normalised_device_batches(cifar10, cifar100, pipeli
     assert sizes == [64, 64, 64, 64, TRAIN_SIZE - 256]
     images, labels = collect(train, 0)
     assert images.dtype == torch.float32 and images.shape == (TRAIN_SIZE, 3, 32, 32)
-    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < num_classes
+    assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < num_classes
     # Shuffled, but every training image exactly once per epoch.
     train_set, test_set = load_cifar(root, num_classes)
     assert sorted(labels.tolist()) == sorted(train_set.targets)
@@ -292,8 +304,10 @@ def test_test_images_are_normalised_like_by_hand(cifar10, pipeline):
 
 
 def test_both_pipelines_give_the_same_test_batches(cifar10):
-    loaders = [cifar_loaders(cifar10, 10, test_batch_size=40, device=CPU, pipeline=pipeline, workers=0)[1]
-               for pipeline in PIPELINES]
+    loaders = [
+        cifar_loaders(cifar10, 10, test_batch_size=40, device=CPU, pipeline=pipeline, workers=0)[1]
+        for pipeline in PIPELINES
+    ]
     for loader in loaders:
         loader.set_epoch(3)
     batches = [list(loader) for loader in loaders]
@@ -407,10 +421,12 @@ def test_imagenet_val_batches_are_resized_center_crops_normalised_on_the_device(
     assert labels.tolist() == [label for label in range(3) for _ in range(5)]  # ImageFolder order
     files = [image_folder / "val" / f"class_{label:03d}" / f"{number}.jpg" for label in range(3) for number in range(5)]
     for image, path in zip(images, files):
-        pixels = TF.center_crop(TF.resize(decode_image(str(path), mode=ImageReadMode.RGB), [37], antialias=True),
-                                [32, 32])
-        by_hand = (pixels.double() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
-            IMAGENET_STD).view(3, 1, 1)
+        pixels = TF.center_crop(
+            TF.resize(decode_image(str(path), mode=ImageReadMode.RGB), [37], antialias=True), [32, 32]
+        )
+        by_hand = (pixels.double() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+            3, 1, 1
+        )
         torch.testing.assert_close(image.double(), by_hand, rtol=0, atol=1e-5)
 
 
@@ -431,8 +447,10 @@ def test_imagenet_train_batches_depend_only_on_seed_and_epoch(image_folder):
 
 
 def test_imagenet_workers_give_the_same_batches(image_folder):
-    loaders = [imagenet_loaders(image_folder, image_size=24, batch_size=8, workers=workers, device=CPU,
-                                channels_last=True)[0] for workers in (0, 2)]
+    loaders = [
+        imagenet_loaders(image_folder, image_size=24, batch_size=8, workers=workers, device=CPU, channels_last=True)[0]
+        for workers in (0, 2)
+    ]
     expected, got = collect(loaders[0], 2), collect(loaders[1], 2)
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
     assert got[0].is_contiguous(memory_format=torch.channels_last)
@@ -441,8 +459,9 @@ def test_imagenet_workers_give_the_same_batches(image_folder):
 def test_imagenet_distributed_uses_a_distributed_sampler(image_folder, tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        train, val, _ = imagenet_loaders(image_folder, image_size=16, batch_size=8, workers=0, device=CPU,
-                                         distributed=True, seed=3)
+        train, val, _ = imagenet_loaders(
+            image_folder, image_size=16, batch_size=8, workers=0, device=CPU, distributed=True, seed=3
+        )
         assert isinstance(train.sampler.index_sampler, torch.utils.data.DistributedSampler)
         first, second = collect(train, 5), collect(train, 6)
         assert train.sampler.index_sampler.epoch == 6

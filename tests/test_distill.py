@@ -1,5 +1,6 @@
 """Tests for grafting.distill: the distillation loss by hand, its gradient, teachers (one checkpoint,
 several averaged in logit space, the peers), the hook's loss parts and resumable state, and the flags."""
+
 from __future__ import annotations
 
 import math
@@ -9,12 +10,19 @@ import torch
 from torch import nn
 
 from grafting.archs import cifar_models as models
-from grafting_cifar.train import parse_args
-from grafting.method.distill import (Distiller, TeacherEnsemble, freeze_, kd_loss, load_teacher, load_teachers,
-                              make_distiller)
 from grafting.errors import CheckpointError, UsageError
+from grafting.method.distill import (
+    Distiller,
+    TeacherEnsemble,
+    freeze_,
+    kd_loss,
+    load_teacher,
+    load_teachers,
+    make_distiller,
+)
 from grafting.ring.grafter import GraftReport
 from grafting.train.loop import cross_entropy
+from grafting_cifar.train import parse_args
 
 torch.set_num_threads(1)
 
@@ -92,6 +100,7 @@ def test_no_gradient_reaches_the_teacher() -> None:
 
 
 # ---------------------------------------------------------------- teachers
+
 
 def tiny(seed: int, classes: int = 3) -> nn.Module:
     torch.manual_seed(seed)
@@ -173,6 +182,7 @@ def test_missing_or_broken_teacher_files(tmp_path) -> None:
 
 # ---------------------------------------------------------------- the hook
 
+
 def test_distiller_adds_the_weighted_term_and_reports_both_parts() -> None:
     teacher, student = tiny(1), tiny(2)
     hook = Distiller(teacher, temperature=2.0, weight=0.5)
@@ -217,8 +227,16 @@ def test_make_distiller_modes(tmp_path) -> None:
     student = models.create("resnet20", num_classes=10)
     assert make_distiller("none", student, teacher_model="resnet20", num_classes=10) is None
     save_resnet20(tmp_path / "t.pt")
-    hook = make_distiller("teacher", student, teachers=[str(tmp_path / "t.pt")] * 2, teacher_model="resnet20",
-                          num_classes=10, build_model=build, temperature=2, soften_teacher=False)
+    hook = make_distiller(
+        "teacher",
+        student,
+        teachers=[str(tmp_path / "t.pt")] * 2,
+        teacher_model="resnet20",
+        num_classes=10,
+        build_model=build,
+        temperature=2,
+        soften_teacher=False,
+    )
     assert isinstance(hook.teacher, TeacherEnsemble) and hook.ready and not hook.soften_teacher
     assert hook.state_dict() == {}  # a fixed teacher is reloaded from its file, not saved
     with pytest.raises(UsageError, match="unknown mode"):
@@ -230,18 +248,33 @@ def test_make_distiller_modes(tmp_path) -> None:
 # ---------------------------------------------------------------- flags
 
 
-
 def parse(*argv: str):
     """The CIFAR script's configuration of ``argv`` (the grafting flags are shared by both scripts)."""
     return parse_args(list(argv))
 
 
 def test_distill_flags() -> None:
-    args = parse("--distill", "teacher", "--teacher", "a.pt", "--teacher", "b.pt", "--kd-temperature", "2",
-                 "--no-kd-soften-teacher", "--teacher-model", "resnet56")
+    args = parse(
+        "--distill",
+        "teacher",
+        "--teacher",
+        "a.pt",
+        "--teacher",
+        "b.pt",
+        "--kd-temperature",
+        "2",
+        "--no-kd-soften-teacher",
+        "--teacher-model",
+        "resnet56",
+    )
     assert args.teacher == ["a.pt", "b.pt"] and args.kd_temperature == 2 and not args.kd_soften_teacher
     defaults = parse()
-    assert (defaults.distill, defaults.kd_temperature, defaults.kd_weight, defaults.kd_soften_teacher) == ("none", 4.0, 1.0, True)
+    assert (defaults.distill, defaults.kd_temperature, defaults.kd_weight, defaults.kd_soften_teacher) == (
+        "none",
+        4.0,
+        1.0,
+        True,
+    )
     assert parse("--num", "2", "--distill", "peers").distill == "peers"
     for argv, message in [
         (("--distill", "teacher"), "needs --teacher PATH"),

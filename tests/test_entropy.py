@@ -14,6 +14,7 @@ The reference is the published computation, written out here:
 Every comparison is exact: the project must give the published float32 value, because c = 500 turns a
 last-bit difference into a different rounded coefficient now and then.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,12 +22,12 @@ from collections import defaultdict
 
 import pytest
 import torch
-
 from conftest import DEVICES
+from published_code import published_entropy
+
 from grafting.method import entropy as entropy_module
 from grafting.method.entropy import entropy_tensor, entropy_tensors, l1_tensor, layer_entropies, layer_entropy, layer_l1
 from grafting.method.weighting import graft_coefficient
-from published_code import published_entropy
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -207,8 +208,24 @@ def test_the_published_example_coefficient() -> None:
 # --- ten thousand tensors ------------------------------------------------------------------------
 
 # Sizes of real layers (3x3 and 1x1 convs, depthwise, linear) and odd ones down to a single value.
-SHAPES = [(16, 3, 3, 3), (16, 16, 3, 3), (32, 16, 3, 3), (64, 1, 3, 3), (24, 144, 1, 1), (10, 64), (96, 1, 3, 3),
-          (1,), (2,), (3,), (7,), (31,), (100,), (257,), (1000,), (2049,)]
+SHAPES = [
+    (16, 3, 3, 3),
+    (16, 16, 3, 3),
+    (32, 16, 3, 3),
+    (64, 1, 3, 3),
+    (24, 144, 1, 1),
+    (10, 64),
+    (96, 1, 3, 3),
+    (1,),
+    (2,),
+    (3,),
+    (7,),
+    (31,),
+    (100,),
+    (257,),
+    (1000,),
+    (2049,),
+]
 # A few larger than what the CPU stacks (grafting.method.entropy._CPU_BATCH_MAX_NUMEL).
 LARGE_SHAPE, LARGE_PAIRS = (64, 64, 3, 3), 8
 PAIRS = 5200
@@ -277,8 +294,8 @@ def _coefficients(values: list[float]) -> list[float]:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_ten_thousand_tensors_give_the_published_float32_values(
-        device: str, ten_thousand: tuple[list[torch.Tensor], list[float], list[list[int]]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    device: str, ten_thousand: tuple[list[torch.Tensor], list[float], list[list[int]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cpu_tensors, cpu_expected, counts = ten_thousand
     tensors = [t.to(device) for t in cpu_tensors]
     assert len(tensors) >= 10_000 and sum(not any(c) for c in counts) > 100  # constant tensors included
@@ -387,6 +404,7 @@ def test_entropy_tensor_needs_no_values_on_the_host() -> None:
     # the host, so running on "meta" proves entropy_tensor is free of hidden synchronisations.
     h = entropy_tensor(torch.empty(64, 32, 3, 3, device="meta"))
     assert h.device.type == "meta" and h.shape == () and h.dtype == torch.float64
-    hs = entropy_tensors([torch.empty(8, 3, device="meta"), torch.empty(8, 3, device="meta"),
-                          torch.empty(5, device="meta")])
+    hs = entropy_tensors(
+        [torch.empty(8, 3, device="meta"), torch.empty(8, 3, device="meta"), torch.empty(5, device="meta")]
+    )
     assert hs.device.type == "meta" and hs.shape == (3,)

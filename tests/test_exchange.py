@@ -173,8 +173,11 @@ def test_a_file_without_meta_is_read_only_when_nothing_is_expected(tmp_path: Pat
     assert meta == {}
     assert list(loaded) == list(state)
     # What the Grafter (and so the training scripts) read must carry the meta this project writes.
-    with pytest.raises(PeerMismatchError, match="has no metadata, so this project did not write it; nothing from it "
-                                                "was used: delete it and restart this network with --resume"):
+    with pytest.raises(
+        PeerMismatchError,
+        match="has no metadata, so this project did not write it; nothing from it "
+        "was used: delete it and restart this network with --resume",
+    ):
         reader.load(2, 1, expect={"model": "resnet32"})
 
 
@@ -263,8 +266,10 @@ def test_wait_for_logs_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture
     lines = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
     assert 3 <= len(lines) <= 5
     target, alive = tmp_path / "net2_epoch5.pt", tmp_path / "net2.alive"
-    pattern = (rf"net 1: waiting for network 2's epoch 5 \({re.escape(str(target))}\) for \d+s; network 2 has not "
-               rf"started yet \(no heartbeat file {re.escape(str(alive))}\)")
+    pattern = (
+        rf"net 1: waiting for network 2's epoch 5 \({re.escape(str(target))}\) for \d+s; network 2 has not "
+        rf"started yet \(no heartbeat file {re.escape(str(alive))}\)"
+    )
     assert all(re.fullmatch(pattern, line) for line in lines), lines
 
 
@@ -280,9 +285,12 @@ def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pyt
             reader.wait_for(2, 5, timeout=0.3)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert re.fullmatch(rf"net 1: waiting for network 2's epoch 5 \(.*net2_epoch5\.pt\) for 0s; network 2 has stopped: "
-                        rf"its heartbeat {re.escape(str(alive))} is 3m1\ds old; check its log and restart it with "
-                        rf"--resume", warnings[0]), warnings[0]
+    assert re.fullmatch(
+        rf"net 1: waiting for network 2's epoch 5 \(.*net2_epoch5\.pt\) for 0s; network 2 has stopped: "
+        rf"its heartbeat {re.escape(str(alive))} is 3m1\ds old; check its log and restart it with "
+        rf"--resume",
+        warnings[0],
+    ), warnings[0]
 
 
 def test_fresh_or_missing_heartbeat_gives_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -12,6 +12,7 @@ too, to see the real exit code and stderr.
 A dead peer is noticed through its heartbeat file; the tests shorten the heartbeat period and the
 stale bound with the environment variables ``GRAFTING_HEARTBEAT_S`` and ``GRAFTING_STALE_S``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,14 +32,25 @@ from typing import Callable
 
 import pytest
 import torch
+from conftest import (
+    CIFAR_SCRIPT,
+    IMAGENET_SCRIPT,
+    REPO,
+    Proc,
+    child_env,
+    finish,
+    kill,
+    one_line,
+    set_cifar_label,
+    start_script,
+    wait_until,
+)
 
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.ring.exchange import Exchange
 from grafting.ring.grafter import Grafter
-from conftest import (CIFAR_SCRIPT, IMAGENET_SCRIPT, REPO, Proc, child_env, finish, kill, one_line, set_cifar_label,
-                      start_script, wait_until)
 from grafting.ring.layout import NetworkFiles
 from grafting.train.config import CifarConfig
 from grafting.train.files import load_last, prepare_run_files
@@ -56,18 +68,56 @@ SEED = 3
 # Processes
 
 
-def start(workdir: Path, name: str, flags: list[str], *, env: dict[str, str] | None = None,
-          preexec_fn: Callable[[], None] | None = None) -> Proc:
+def start(
+    workdir: Path,
+    name: str,
+    flags: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Proc:
     """Start the CIFAR script with ``flags``; its output goes to ``workdir/logs/<name>.out|.err``."""
     return start_script(CIFAR_SCRIPT, flags, workdir, name, env=env, preexec_fn=preexec_fn)
 
 
-def flags_for(data: Path, shared: Path, *, num: int, i: int, epochs: int = RING_EPOCHS, model: str = "resnet20",
-              extra: tuple[str, ...] = ()) -> list[str]:
+def flags_for(
+    data: Path,
+    shared: Path,
+    *,
+    num: int,
+    i: int,
+    epochs: int = RING_EPOCHS,
+    model: str = "resnet20",
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     """The command line of network ``i`` of ``num`` on the small data."""
-    return ["--data", str(data), "--s", str(shared), "--num", str(num), "--i", str(i), "--epochs", str(epochs),
-            "--model", model, "--device", "cpu", "--threads", "1", "--batch-size", str(BATCH),
-            "--test-batch-size", str(TEST_IMAGES), "--print-freq", "2", "--seed", str(SEED), *extra]
+    return [
+        "--data",
+        str(data),
+        "--s",
+        str(shared),
+        "--num",
+        str(num),
+        "--i",
+        str(i),
+        "--epochs",
+        str(epochs),
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--batch-size",
+        str(BATCH),
+        "--test-batch-size",
+        str(TEST_IMAGES),
+        "--print-freq",
+        "2",
+        "--seed",
+        str(SEED),
+        *extra,
+    ]
 
 
 def last_state(shared: Path, net: int) -> dict:
@@ -97,8 +147,9 @@ def assert_same_weights(shared: Path, reference: Path, nets: tuple[int, ...] = (
         assert got["epoch"] == want["epoch"] == RING_EPOCHS
         assert got["model"].keys() == want["model"].keys()
         differing = [key for key in want["model"] if not torch.equal(got["model"][key], want["model"][key])]
-        assert not differing, f"network {net}: {len(differing)} tensors differ from the uninterrupted run, " \
-                              f"first {differing[:3]}"
+        assert not differing, (
+            f"network {net}: {len(differing)} tensors differ from the uninterrupted run, first {differing[:3]}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,8 +179,7 @@ def reference_ring(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path
 # Kills and resumption
 
 
-def test_network_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, data: Path,
-                                                              reference_ring: Path) -> None:
+def test_network_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, data: Path, reference_ring: Path) -> None:
     shared = tmp_path / "s"
     net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1))
     net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2))
@@ -152,7 +202,8 @@ def test_network_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, da
 
 
 def test_second_process_is_refused_and_a_network_killed_while_waiting_resumes(
-        tmp_path: Path, data: Path, reference_ring: Path) -> None:
+    tmp_path: Path, data: Path, reference_ring: Path
+) -> None:
     shared = tmp_path / "s"
     net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1))  # network 2 is not started yet
     wait_until(lambda: (shared / "net1_epoch1.pt").exists(), "network 1's epoch-1 file", [net1])
@@ -235,8 +286,13 @@ for epoch in itertools.count(int(sys.argv[2])):
     while rounds < 3 or (interrupted_saves == 0 and rounds < 10):
         rounds += 1
         first = 1000 * rounds
-        writer = subprocess.Popen([sys.executable, "-c", writer_source, str(tmp_path), str(first)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+        writer = subprocess.Popen(
+            [sys.executable, "-c", writer_source, str(tmp_path), str(first)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
         assert writer.stdout.readline().strip() == "saving", writer.stderr.read()
         time.sleep(chance.uniform(0.3, 1.0))
         os.kill(writer.pid, signal.SIGKILL)
@@ -254,8 +310,7 @@ for epoch in itertools.count(int(sys.argv[2])):
         model = models.create("resnet110", num_classes=10)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        state = load_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
-                          restore_rng=False)
+        state = load_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, restore_rng=False)
         saved_epoch = state.start_epoch - 1
         assert first - 1000 <= saved_epoch < first + 1000, saved_epoch
         assert all(torch.all(p == float(saved_epoch)) for p in model.parameters()), saved_epoch
@@ -288,9 +343,13 @@ def test_peers_that_do_not_match_fail_at_the_first_exchange(tmp_path: Path, data
     for case, (settings1, settings2, _) in MISMATCHES.items():
         shared = tmp_path / case
         # All six processes at once: each pair fails at its first exchange, so this is mostly start-up time.
-        started[case] = (shared, [start(tmp_path, f"{case}-net{i}", flags_for(data, shared, i=i,
-                                                                              **{"epochs": 2, **settings}))
-                                  for i, settings in ((1, settings1), (2, settings2))])
+        started[case] = (
+            shared,
+            [
+                start(tmp_path, f"{case}-net{i}", flags_for(data, shared, i=i, **{"epochs": 2, **settings}))
+                for i, settings in ((1, settings1), (2, settings2))
+            ],
+        )
     for case, (shared, nets) in started.items():
         codes = finish(nets)
         assert codes == [1, 1], f"{case}: " + "\n".join(net.report() for net in nets)
@@ -331,10 +390,12 @@ def started_network(data: Path, shared: Path, net: int, num: int, epochs: int) -
 
 def test_bad_peer_files_are_named_and_never_applied(tmp_path: Path, data: Path) -> None:
     # Network 2 runs alone; network 1's epoch-1 file is put in place by the test, spoiled in four ways.
-    truncated, nonfinite, malicious, bare = (tmp_path / name for name in ("truncated", "nonfinite", "malicious",
-                                                                         "bare"))
-    network1 = {shared: started_network(data, shared, 1, 2, epochs=2) for shared in (truncated, nonfinite, malicious,
-                                                                                     bare)}
+    truncated, nonfinite, malicious, bare = (
+        tmp_path / name for name in ("truncated", "nonfinite", "malicious", "bare")
+    )
+    network1 = {
+        shared: started_network(data, shared, 1, 2, epochs=2) for shared in (truncated, nonfinite, malicious, bare)
+    }
     model = models.create("resnet20", num_classes=10)
     good = network1[truncated].publish(model, 1)
     good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -417,12 +478,17 @@ def cifar_main() -> Callable[[list[str]], None]:
     return main
 
 
-def test_resume_checks_the_saved_configuration(tmp_path: Path, data: Path, interrupted_run: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_checks_the_saved_configuration(
+    tmp_path: Path, data: Path, interrupted_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cases = {  # case: (flags, exit code, text of the error line)
         "lr": (("--resume", "--lr", "0.05"), 2, "--resume: --lr was 0.1 in {config} but is 0.05 now"),
         # The optimizer's saved state would silently override a new weight decay: refused instead.
-        "wd": (("--resume", "--wd", "0.001"), 2, "--resume: --wd/--weight-decay was 0.0005 in {config} but is 0.001 now"),
+        "wd": (
+            ("--resume", "--wd", "0.001"),
+            2,
+            "--resume: --wd/--weight-decay was 0.0005 in {config} but is 0.001 now",
+        ),
         "fresh": ((), 1, "{last} already exists; pass --resume"),
     }
     for case, (extra, expected_code, said) in cases.items():
@@ -435,9 +501,9 @@ def test_resume_checks_the_saved_configuration(tmp_path: Path, data: Path, inter
         assert (digest(files.config), digest(files.last)) == before, case
 
 
-def test_a_folder_another_run_took_over_is_refused_and_the_advice_works(tmp_path: Path, data: Path,
-                                                                       interrupted_run: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_another_run_took_over_is_refused_and_the_advice_works(
+    tmp_path: Path, data: Path, interrupted_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shared = copy_run(interrupted_run, tmp_path)
     saved = json.loads((shared / "ring.json").read_text())
     (shared / "ring.json").write_text(json.dumps({**saved, "ring": "0123456789ab"}) + "\n")  # another run's
@@ -463,15 +529,20 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
     return apply
 
 
-def test_write_error_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, data: Path,
-                                                                interrupted_run: Path) -> None:
+def test_write_error_while_saving_keeps_the_previous_checkpoint(
+    tmp_path: Path, data: Path, interrupted_run: Path
+) -> None:
     shared = copy_run(interrupted_run, tmp_path)
     last, best = shared / "net1" / "last.pt", shared / "net1" / "best.pt"
     last_before = digest(last)
     # Room for best.pt but not for last.pt, which also holds the optimizer's momentum.
     limit = (best.stat().st_size + last.stat().st_size) // 2
-    net = start(tmp_path, "net1", flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)),
-                preexec_fn=_limit_file_size(limit))
+    net = start(
+        tmp_path,
+        "net1",
+        flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)),
+        preexec_fn=_limit_file_size(limit),
+    )
     assert finish([net]) == [1], net.report()
     line = one_line(net.stderr)
     assert f"could not write {last}: File too large; the previous checkpoint is intact" in line, line
@@ -480,8 +551,9 @@ def test_write_error_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, 
     assert temp_files(shared) == []
 
 
-def test_nan_loss_in_the_first_epoch_stops_before_anything_is_shared(tmp_path: Path, data: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_nan_loss_in_the_first_epoch_stops_before_anything_is_shared(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shared = tmp_path / "s"
     # Network 1 of a ring of 2 diverges at once; a peer must never receive its broken weights.
     flags = flags_for(data, shared, num=2, i=1, extra=("--lr", "1e8", "--peer-timeout", "60"))
@@ -493,8 +565,9 @@ def test_nan_loss_in_the_first_epoch_stops_before_anything_is_shared(tmp_path: P
     assert sorted(path.name for path in (shared / "net1").iterdir()) == ["config.json"]
 
 
-def test_nan_loss_later_keeps_the_last_good_checkpoint(tmp_path: Path, data: Path, interrupted_run: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_nan_loss_later_keeps_the_last_good_checkpoint(
+    tmp_path: Path, data: Path, interrupted_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shared = copy_run(interrupted_run, tmp_path)
     last, best = shared / "net1" / "last.pt", shared / "net1" / "best.pt"
     # A stand-in for a run that diverges: finite weights, but momentum so large that the first step of
@@ -504,8 +577,9 @@ def test_nan_loss_later_keeps_the_last_good_checkpoint(tmp_path: Path, data: Pat
         buffers["momentum_buffer"].fill_(3e38)
     torch.save(state, last)
     before = digest(last), digest(best)
-    code, stderr = run_main_here(cifar_main(), flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)),
-                                 capsys)
+    code, stderr = run_main_here(
+        cifar_main(), flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)), capsys
+    )
     line = one_line(stderr)
     assert code == 1 and "the loss became NaN or infinite in epoch 2, batch 2" in line, line
     assert "the checkpoint of epoch 1 is intact" in line.lower(), line
@@ -514,9 +588,9 @@ def test_nan_loss_later_keeps_the_last_good_checkpoint(tmp_path: Path, data: Pat
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_corrupt_own_checkpoint_is_named_on_resume_and_the_advice_works(tmp_path: Path, data: Path,
-                                                                       interrupted_run: Path, damage: str,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_own_checkpoint_is_named_on_resume_and_the_advice_works(
+    tmp_path: Path, data: Path, interrupted_run: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     shared = copy_run(interrupted_run, tmp_path)
     last = shared / "net1" / "last.pt"
     content = last.read_bytes()
@@ -555,25 +629,32 @@ def test_a_ring_extended_with_more_epochs_grafts_on(tmp_path: Path, data: Path, 
     assert exchange_files(shared) == set()
 
 
-def test_the_lock_dies_with_the_process_when_dataloader_workers_outlive_it(tmp_path: Path, data: Path,
-                                                                          image_folder: Path) -> None:
+def test_the_lock_dies_with_the_process_when_dataloader_workers_outlive_it(
+    tmp_path: Path, data: Path, image_folder: Path
+) -> None:
     """An automated restart (a requeue, a supervisor) right after kill -9 must find the lock free, although
     the DataLoader workers of the killed process live on for a few seconds."""
     cifar, imagenet = tmp_path / "cifar", tmp_path / "imagenet"
     runs = {
-        cifar: (CIFAR_SCRIPT, flags_for(data, cifar, num=1, i=1, epochs=3,
-                                        extra=("--pipeline", "torchvision", "--workers", "2"))),
-        imagenet: (IMAGENET_SCRIPT, imagenet_command(image_folder, tmp_path, ["--s", str(imagenet), "-j", "2",
-                                                                               "--epochs", "2", "-p", "1"])),
+        cifar: (
+            CIFAR_SCRIPT,
+            flags_for(data, cifar, num=1, i=1, epochs=3, extra=("--pipeline", "torchvision", "--workers", "2")),
+        ),
+        imagenet: (
+            IMAGENET_SCRIPT,
+            imagenet_command(image_folder, tmp_path, ["--s", str(imagenet), "-j", "2", "--epochs", "2", "-p", "1"]),
+        ),
     }
     for shared, (script, flags) in runs.items():
         net = start_script(script, flags, tmp_path, f"{shared.name}-first")
-        wait_until(lambda: "epoch 1 [" in net.log, "a progress line: the workers run", [net])
+        wait_until(lambda net=net: "epoch 1 [" in net.log, "a progress line: the workers run", [net])
         kill(net)
         with Exchange(shared, 1, 1):  # at once: the lock died with its process
             pass
-    resumed = [start_script(script, [*flags, "--resume"], tmp_path, f"{shared.name}-resumed")
-               for shared, (script, flags) in runs.items()]
+    resumed = [
+        start_script(script, [*flags, "--resume"], tmp_path, f"{shared.name}-resumed")
+        for shared, (script, flags) in runs.items()
+    ]
     assert finish(resumed) == [0, 0], "\n".join(net.report() for net in resumed)
 
 
@@ -588,8 +669,9 @@ def _old_ring_files(tmp_path: Path, data: Path) -> list[str]:
     """A finished run's folder copied, its net1/, net2/ and tb/ deleted: ring.json and exchange files remain."""
     with Exchange(tmp_path / "s", 2, 2) as old:
         for epoch in (1, 2, 3):
-            old.publish(epoch, models.create("resnet20", num_classes=10).state_dict(),
-                        {"model": "resnet20", "num_classes": 10})
+            old.publish(
+                epoch, models.create("resnet20", num_classes=10).state_dict(), {"model": "resnet20", "num_classes": 10}
+            )
     return ["--num", "2", "--peer-timeout", "30"]
 
 
@@ -627,28 +709,44 @@ def _read_only_folder(tmp_path: Path, data: Path) -> list[str]:
 
 BAD_ENVIRONMENTS = {
     # case: (prepare(tmp_path, data or the interrupted run) -> extra flags, exit code, text of the one line)
-    "tb-a-file": (_tb_is_a_file, 1, "tb is a file, not a folder; the run writes TensorBoard events there: move it away"),
+    "tb-a-file": (
+        _tb_is_a_file,
+        1,
+        "tb is a file, not a folder; the run writes TensorBoard events there: move it away",
+    ),
     "lock-a-directory": (_lock_is_a_directory, 1, "net1.lock as network 1's lock file: is a directory; move it away"),
     "s-read-only": (_read_only_folder, 1, "Permission denied; choose a writable --s"),
     "labels-out-of-range": (_bad_labels, 2, "hold label 12, outside 0..9"),
-    "old-ring-files": (_old_ring_files, 1, "holds exchange files this ring cannot have written: net2_epoch1.pt, "
-                                           "net2_epoch2.pt, net2_epoch3.pt (network 2 has no config.json)"),
-    "config-missing": (_damaged("config.json", lambda path: None), 2,
-                       "config.json is missing, so the settings this run must keep cannot be checked"),
-    "config-a-list": (_damaged("config.json", lambda path: path.write_text("[]")), 2,
-                      "holds a JSON list, not the settings object"),
-    "config-garbled": (_damaged("config.json", lambda path: path.write_text("{\"lr\": 0.1,")), 2, "is not valid JSON"),
+    "old-ring-files": (
+        _old_ring_files,
+        1,
+        "holds exchange files this ring cannot have written: net2_epoch1.pt, "
+        "net2_epoch2.pt, net2_epoch3.pt (network 2 has no config.json)",
+    ),
+    "config-missing": (
+        _damaged("config.json", lambda path: None),
+        2,
+        "config.json is missing, so the settings this run must keep cannot be checked",
+    ),
+    "config-a-list": (
+        _damaged("config.json", lambda path: path.write_text("[]")),
+        2,
+        "holds a JSON list, not the settings object",
+    ),
+    "config-garbled": (_damaged("config.json", lambda path: path.write_text('{"lr": 0.1,')), 2, "is not valid JSON"),
     "last-a-fifo": (_damaged("last.pt", os.mkfifo), 1, "last.pt is not a regular file"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_ENVIRONMENTS))
-def test_bad_files_and_folders_are_one_line_errors(case: str, tmp_path: Path, data: Path, interrupted_run: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_files_and_folders_are_one_line_errors(
+    case: str, tmp_path: Path, data: Path, interrupted_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     prepare, expected_code, said = BAD_ENVIRONMENTS[case]
     extra = prepare(tmp_path, interrupted_run if case.startswith(("config", "last")) else data)
-    code, stderr = run_main_here(cifar_main(), flags_for(data, tmp_path / "s", num=1, i=1, epochs=3, extra=tuple(extra)),
-                                 capsys)
+    code, stderr = run_main_here(
+        cifar_main(), flags_for(data, tmp_path / "s", num=1, i=1, epochs=3, extra=tuple(extra)), capsys
+    )
     line = one_line(stderr)
     assert code == expected_code and said in line, line
     assert "Traceback" not in stderr
@@ -722,22 +820,57 @@ IMAGENET_BAD_FLAGS = {
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny generated ImageFolder dataset (train/ and val/)."""
-    return write_fake_imagefolder(tmp_path_factory.mktemp("imagefolder"), num_classes=3, train_per_class=4,
-                                  val_per_class=2, image_size=32)
+    return write_fake_imagefolder(
+        tmp_path_factory.mktemp("imagefolder"), num_classes=3, train_per_class=4, val_per_class=2, image_size=32
+    )
 
 
 def cifar_command(data: Path, workdir: Path, flags: list[str]) -> list[str]:
     """A fast, otherwise valid CIFAR command line followed by ``flags`` (argparse: the last value wins)."""
     flags = [str(workdir / "no-data") if flag == MISSING else flag for flag in flags]
-    return ["--data", str(data), "--s", str(workdir / "s"), "--epochs", "1", "--model", "resnet20", "--device",
-            "cpu", "--threads", "1", "--batch-size", str(BATCH), *flags]
+    return [
+        "--data",
+        str(data),
+        "--s",
+        str(workdir / "s"),
+        "--epochs",
+        "1",
+        "--model",
+        "resnet20",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--batch-size",
+        str(BATCH),
+        *flags,
+    ]
 
 
 def imagenet_command(data: Path, workdir: Path, flags: list[str]) -> list[str]:
     """A fast, otherwise valid ImageNet command line followed by ``flags``."""
     flags = [str(workdir / "no-data") if flag == MISSING else flag for flag in flags]
-    return ["--data", str(data), "--s", str(workdir / "s"), "--epochs", "1", "-a", "resnet18", "--device", "cpu",
-            "--threads", "1", "-b", "4", "-j", "0", "--image-size", "32", *flags]
+    return [
+        "--data",
+        str(data),
+        "--s",
+        str(workdir / "s"),
+        "--epochs",
+        "1",
+        "-a",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "-b",
+        "4",
+        "-j",
+        "0",
+        "--image-size",
+        "32",
+        *flags,
+    ]
 
 
 def skip_if_cuda_case(case: str) -> None:
@@ -748,8 +881,9 @@ def skip_if_cuda_case(case: str) -> None:
         pytest.skip("--device mps is valid on this machine")
 
 
-def run_main_here(main: Callable[[list[str]], None], argv: list[str],
-                  capsys: pytest.CaptureFixture[str]) -> tuple[object, str]:
+def run_main_here(
+    main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[object, str]:
     """Call a script's ``main`` in this process; return its exit code and stderr.
 
     The scripts set up console logging and torch's thread count for their process; both are put back.
@@ -780,8 +914,9 @@ def run_main_to_the_end(main: Callable[[list[str]], None], argv: list[str]) -> N
 
 
 @pytest.mark.parametrize("case", sorted(CIFAR_BAD_FLAGS))
-def test_cifar_bad_flag_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Path, data: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cifar_bad_flag_is_one_line_exit_2_and_writes_nothing(
+    case: str, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from grafting_cifar.train import main
 
     skip_if_cuda_case(case)
@@ -794,8 +929,9 @@ def test_cifar_bad_flag_is_one_line_exit_2_and_writes_nothing(case: str, tmp_pat
 
 
 @pytest.mark.parametrize("case", sorted(IMAGENET_BAD_FLAGS))
-def test_imagenet_bad_flag_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Path, image_folder: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_imagenet_bad_flag_is_one_line_exit_2_and_writes_nothing(
+    case: str, tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from grafting_imagenet.train import main
 
     skip_if_cuda_case(case)
@@ -809,9 +945,10 @@ def test_imagenet_bad_flag_is_one_line_exit_2_and_writes_nothing(case: str, tmp_
 
 def test_bad_flags_in_real_processes(tmp_path: Path, data: Path, image_folder: Path) -> None:
     """A few of the cases above as real processes (all at once): the exit code and stderr a shell sees."""
-    scripts = {"cifar": (CIFAR_SCRIPT, CIFAR_BAD_FLAGS, cifar_command, data),
-               "imagenet": (REPO / "grafting_imagenet" / "train.py", IMAGENET_BAD_FLAGS, imagenet_command,
-                            image_folder)}
+    scripts = {
+        "cifar": (CIFAR_SCRIPT, CIFAR_BAD_FLAGS, cifar_command, data),
+        "imagenet": (REPO / "grafting_imagenet" / "train.py", IMAGENET_BAD_FLAGS, imagenet_command, image_folder),
+    }
     chosen = [("cifar", "lr-nan"), ("cifar", "cuda-absent"), ("imagenet", "missing-data")]
     if torch.cuda.is_available():
         chosen = [(script, case) for script, case in chosen if case not in CUDA_CASES]
@@ -821,8 +958,14 @@ def test_bad_flags_in_real_processes(tmp_path: Path, data: Path, image_folder: P
         workdir = tmp_path / f"{script}-{case}"
         workdir.mkdir()
         flags, named = table[case]
-        process = subprocess.Popen([sys.executable, str(path), *command(dataset, workdir, flags)], cwd=workdir,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+        process = subprocess.Popen(
+            [sys.executable, str(path), *command(dataset, workdir, flags)],
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
         started.append((f"{script} {case}", workdir, named, process))
     for name, workdir, named, process in started:
         _, stderr = process.communicate(timeout=300)

@@ -1,4 +1,5 @@
 """Tests for grafting.filters (invalid-filter counting, docs/METHOD.md §1)."""
+
 import pytest
 import torch
 
@@ -74,8 +75,13 @@ def test_zeroed_filters_become_invalid() -> None:
     model = models.create("resnet32")
     state = model.state_dict()
     base_invalid, total = count_invalid_filters(state, 0.01)
-    chosen = [("conv1.weight", 3), ("layer1.2.conv2.weight", 0), ("layer2.0.conv1.weight", 31),
-              ("layer3.4.conv2.weight", 7), ("layer3.4.conv2.weight", 8)]
+    chosen = [
+        ("conv1.weight", 3),
+        ("layer1.2.conv2.weight", 0),
+        ("layer2.0.conv1.weight", 31),
+        ("layer3.4.conv2.weight", 7),
+        ("layer3.4.conv2.weight", 8),
+    ]
     with torch.no_grad():
         for key, j in chosen:
             assert filter_l1_norms(state[key])[j] >= 0.01  # it was valid before

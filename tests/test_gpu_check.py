@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh's rehearsal (issue 17): every step of the GPU check on the CPU with tiny sizes, so
 the script, the ``cuda`` tests and the benchmark still run when a GPU is finally lent for a few minutes."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, child_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,12 +26,20 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     out = root / "out"
     env = child_env(GPU_CHECK_REHEARSE="1", GPU_CHECK_OUT=str(out), GPU_CHECK_WORK=str(root / "work"))
     start = time.monotonic()
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=1500)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=1500,
+    )
     return done, out, time.monotonic() - start
 
 
-def test_every_step_passes_and_the_report_is_printed(rehearsal: tuple[subprocess.CompletedProcess, Path, float]) -> None:
+def test_every_step_passes_and_the_report_is_printed(
+    rehearsal: tuple[subprocess.CompletedProcess, Path, float],
+) -> None:
     done, out, seconds = rehearsal
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     print(f"rehearsal: {seconds:.0f} s")
@@ -39,8 +47,13 @@ def test_every_step_passes_and_the_report_is_printed(rehearsal: tuple[subprocess
         assert f"[gpu_check] {name}: ok in " in done.stdout
     table = (out / "gpu_check.md").read_text()
     assert table in done.stdout and "REHEARSAL on the CPU" in table
-    for row in ("| cuda_tests | ok: ", "| `--amp`: epoch (train img/s) |", "| grafting step (`Grafter.graft`",
-                "| `torch.compile`, reduce-overhead |", "| host synchronisations in the entropy of a model"):
+    for row in (
+        "| cuda_tests | ok: ",
+        "| `--amp`: epoch (train img/s) |",
+        "| grafting step (`Grafter.graft`",
+        "| `torch.compile`, reduce-overhead |",
+        "| host synchronisations in the entropy of a model",
+    ):
         assert row in table, table
     # The folder the device tool brings back: every file in it comes back.
     files = sorted(p.name for p in out.iterdir())
@@ -58,8 +71,10 @@ def test_the_json_holds_every_part(rehearsal: tuple[subprocess.CompletedProcess,
     tests = results["tests"]
     assert tests["failed"] == 0 and tests["passed"] >= 7
     skipped = {case["name"] for case in tests["cases"] if case["outcome"] == "skipped"}
-    assert skipped == {"test_the_entropy_of_a_model_synchronises_the_host_once",
-                       "test_nccl_network_grafts_next_to_a_single_process_peer"}
+    assert skipped == {
+        "test_the_entropy_of_a_model_synchronises_the_host_once",
+        "test_nccl_network_grafts_next_to_a_single_process_peer",
+    }
 
     [ring] = results["train"]["rings"]  # a rehearsal runs the ring of two only (one network: the same code)
     assert (ring["variant"], ring["nets"], ring["error"]) == ("amp", 2, None) and ring["together_img_s"] > 0

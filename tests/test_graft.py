@@ -5,22 +5,21 @@ they reuse only ``layer_entropy`` and ``graft_coefficient`` and do their own gro
 the published loops (the CIFAR script's key loop, the VGG script's module loops) are written out with
 their own arithmetic and compared with ``torch.equal`` on whole state_dicts.
 """
+
 import copy
 import functools
 
-import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
+from published_code import published_key_graft, published_l1, published_vgg_layer_graft, vgg_filter_graft_per_channel
 from torch import nn
 
-from conftest import DEVICES
 from grafting.archs import cifar_models as models
-from grafting.method.entropy import layer_entropy
 from grafting.errors import GraftingError, PeerMismatchError
+from grafting.method.entropy import layer_entropy
 from grafting.method.graft import FilterRecord, LayerRecord, _blend_, graft_filters, graft_layers, kept_entries
 from grafting.method.weighting import graft_coefficient
-from published_code import (published_key_graft, published_l1, published_vgg_layer_graft,
-                            vgg_filter_graft_per_channel)
 
 LAYER_MODELS = ("resnet32", "mobilenetv2")  # the CIFAR VGGs keep their classifier: tested on their own below
 # A narrow CIFAR VGG (the class of vgg11..vgg19, 0.1 M weights instead of 15 M): the same rules, fast tests.
@@ -52,7 +51,7 @@ def perturb_batchnorms(model: nn.Module, seed: int) -> None:
                 module.num_batches_tracked.fill_(int(torch.randint(0, 5000, (), generator=generator)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_pair(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """(own model, peer state_dict): the same architecture from two seeds, BatchNorms perturbed."""
     torch.manual_seed(1)
@@ -69,7 +68,7 @@ def weight_entropies(state: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: layer_entropy(t) for k, t in state.items() if t.is_floating_point() and t.dim() > 1}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_entropies(name: str) -> tuple[dict[str, float], dict[str, float]]:
     """Entropies of the reference pair's weights, own and peer, computed once per model."""
     own, peer_state = _reference_pair(name)
@@ -478,7 +477,7 @@ def test_filter_graft_by_hand() -> None:
     model = ConvBnConvBn()
     own = model.state_dict()
     with torch.no_grad():
-        for key, tensor in own.items():
+        for _key, tensor in own.items():
             if tensor.is_floating_point():
                 tensor.fill_(1.0)  # own = 1, peer = 0: every blended value equals its coefficient
         own["bn1.weight"].copy_(torch.tensor([3.0, 0.0]))

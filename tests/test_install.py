@@ -1,5 +1,6 @@
 """Installed with ``pip install .``, the project adds no generic top-level ``models`` package (the CIFAR
 architectures are ``grafting_models``), and the console commands work from the install alone."""
+
 from __future__ import annotations
 
 import shutil
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, child_env
+
 from grafting.data.fake import write_fake_cifar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,8 +28,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pip-installed into it, not editable; returns its bin folder."""
     root = tmp_path_factory.mktemp("install")
     source = root / "source"
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in tracked:
         if (REPO / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
@@ -36,12 +38,19 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env_dir = root / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     shared = Path(torch.__file__).resolve().parent.parent  # where torch, pip and setuptools live
     Path(site, "shared.pth").write_text(f"{shared}\n{sysconfig.get_paths()['purelib']}\n")
-    done = run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(source)],
-               root, {k: v for k, v in child_env().items() if k != "PYTHONPATH"})
+    done = run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(source)],
+        root,
+        {k: v for k, v in child_env().items() if k != "PYTHONPATH"},
+    )
     assert done.returncode == 0, done.stderr
     return env_dir / "bin"
 
@@ -51,14 +60,36 @@ def test_no_generic_models_package_and_the_commands_work_from_the_install(instal
     python = str(installed / "python")
     imported = run([python, "-c", "import models"], tmp_path, env)
     assert imported.returncode != 0 and "No module named 'models'" in imported.stderr, imported.stdout
-    where = run([python, "-c", "import grafting, grafting_models; print(grafting.__file__); "
-                               "print(grafting_models.__file__)"], tmp_path, env)
+    where = run(
+        [python, "-c", "import grafting, grafting_models; print(grafting.__file__); print(grafting_models.__file__)"],
+        tmp_path,
+        env,
+    )
     assert where.returncode == 0, where.stderr
     assert all(str(REPO) not in line for line in where.stdout.splitlines()), "the install imports the checkout"
 
     data = write_fake_cifar(tmp_path / "data", 10, train_size=64, test_size=32)
-    trained = run([str(installed / "graft-cifar"), "--data", str(data), "--s", "run", "--model", "resnet20",
-                   "--epochs", "1", "--device", "cpu", "--threads", "1", "--batch-size", "32"], tmp_path, env)
+    trained = run(
+        [
+            str(installed / "graft-cifar"),
+            "--data",
+            str(data),
+            "--s",
+            "run",
+            "--model",
+            "resnet20",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--batch-size",
+            "32",
+        ],
+        tmp_path,
+        env,
+    )
     assert trained.returncode == 0, trained.stdout + trained.stderr
     summary = run([str(installed / "graft-summary"), "run"], tmp_path, env)
     assert summary.returncode == 0 and "resnet20" in summary.stdout, summary.stdout + summary.stderr

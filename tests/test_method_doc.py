@@ -4,6 +4,7 @@ A citation of a section that does not exist, or of ``METHOD.md`` anywhere but un
 reference for whoever reads the clone: the scan over every .py, .sh and .md file of the repository fails
 on it. The README must link the document.
 """
+
 from __future__ import annotations
 
 import re
@@ -89,8 +90,10 @@ def test_the_readme_links_the_document() -> None:
 
 def test_the_scan_catches_dead_references() -> None:
     sections = {1, 2, 3, 4, 5}
-    text = ("see docs/METHOD.md §3-§5, docs/METHOD.md §2 and §4;\n"
-            "METHOD.md §2 is not under docs/; docs/METHOD.md §3-§7 runs past the end; (docs/METHOD.md §42)")
+    text = (
+        "see docs/METHOD.md §3-§5, docs/METHOD.md §2 and §4;\n"
+        "METHOD.md §2 is not under docs/; docs/METHOD.md §3-§7 runs past the end; (docs/METHOD.md §42)"
+    )
     assert citation_problems(text, sections, "x") == [
         "x:2: 'METHOD.md §2' does not point at docs/METHOD.md",
         "x:2: docs/METHOD.md has no §6",

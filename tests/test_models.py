@@ -1,4 +1,5 @@
 """Tests for the CIFAR model zoo and its registry (models/)."""
+
 import ast
 import functools
 import pathlib
@@ -6,10 +7,10 @@ import pathlib
 import pytest
 import torch
 import torch.nn as nn
+from grafting_models.resnet import PadShortcut
 
 from grafting.archs import cifar_models as models
 from grafting.errors import GraftingError
-from grafting_models.resnet import PadShortcut
 
 torch.set_num_threads(2)
 
@@ -61,7 +62,7 @@ def _built(name: str, num_classes: int = 10) -> nn.Module:
     return _built_once(name, num_classes)  # one cache key whether num_classes is given or not
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built_once(name: str, num_classes: int) -> nn.Module:
     torch.manual_seed(0)
     return models.create(name, num_classes=num_classes).eval()
@@ -117,8 +118,9 @@ def test_paper_filter_count(name: str) -> None:
 @pytest.mark.parametrize("name", EXPECTED_NAMES)
 def test_conv_keys_are_exactly_the_conv_weights(name: str) -> None:
     model = _built(name)
-    conv_weights = {f"{module_name}.weight" for module_name, module in model.named_modules()
-                    if isinstance(module, nn.Conv2d)}
+    conv_weights = {
+        f"{module_name}.weight" for module_name, module in model.named_modules() if isinstance(module, nn.Conv2d)
+    }
     # MobileNetV2's 1x1 shortcut convolutions are the one documented exception.
     shortcut_convs = {key for key in conv_weights if ".shortcut." in key}
     keys_with_conv = {key for key in model.state_dict() if "conv" in key}
@@ -135,8 +137,14 @@ def test_conv_keys_are_exactly_the_conv_weights(name: str) -> None:
 def test_resnet_state_dict_order() -> None:
     keys = list(_built("resnet32").state_dict())
     assert keys[:8] == [
-        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
-        "bn1.num_batches_tracked", "layer1.0.conv1.weight", "layer1.0.bn1.weight",
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.bias",
+        "bn1.running_mean",
+        "bn1.running_var",
+        "bn1.num_batches_tracked",
+        "layer1.0.conv1.weight",
+        "layer1.0.bn1.weight",
     ]
     assert keys[-2:] == ["linear.weight", "linear.bias"]
     assert "layer3.4.conv2.weight" in keys and "layer3.5.conv1.weight" not in keys

@@ -6,6 +6,7 @@ here it runs with dynamo's ``eager`` backend, which traces the model exactly as 
 exercises everything this project adds around a compiled model; ``scripts/bench.py -- --compile``
 measures the real thing.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,15 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from grafting.archs import cifar_models as models
-from grafting.method import entropy as entropy_module
 from grafting.data.cifar import cifar_loaders
 from grafting.data.fake import write_fake_cifar
+from grafting.method import entropy as entropy_module
 from grafting.method.entropy import entropy_tensor, entropy_tensors, layer_entropies, layer_entropy
-from grafting.train.report import EpochRecord, read_metrics
-from grafting.train.run import amp_dtype_for
 from grafting.method.graft import graft_layers
 from grafting.ring.grafter import Grafter
 from grafting.train.loop import evaluate, train_one_epoch
+from grafting.train.report import EpochRecord, read_metrics
+from grafting.train.run import amp_dtype_for
 from grafting.train.schedule import make_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,9 +66,27 @@ def one_thread() -> Iterator[None]:
 
 def train_script(data: Path, shared: Path, *flags: str) -> str:
     """Run grafting_cifar/train.py as a user would (one network, 1 epoch) and return its output."""
-    command = [sys.executable, str(TRAIN_SCRIPT), "--data", str(data), "--s", str(shared), "--model", "resnet20",
-               "--epochs", "1", "--device", "cpu", "--threads", "1", "--batch-size", "32",
-               "--test-batch-size", "40", *flags]
+    command = [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        "--data",
+        str(data),
+        "--s",
+        str(shared),
+        "--model",
+        "resnet20",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--batch-size",
+        "32",
+        "--test-batch-size",
+        "40",
+        *flags,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
@@ -132,15 +151,18 @@ def test_no_channels_last_keeps_the_plain_layout(cifar: Path, tmp_path: Path) ->
     train_script(cifar, tmp_path / "nchw", "--no-channels-last")
     state = torch.load(tmp_path / "nchw" / "net1" / "last.pt", map_location="cpu", weights_only=True)["model"]
     weights = [w for w in conv_weights(state) if w.shape[2] > 1]
-    assert weights and all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
-                           for w in weights)
+    assert weights and all(
+        w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last) for w in weights
+    )
 
 
 def test_channels_last_loader_and_model_compute_what_the_plain_layout_computes(cifar: Path) -> None:
-    plain_train, plain_test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40,
-                                               device=torch.device("cpu"), seed=5)
-    last_train, last_test, _ = cifar_loaders(cifar, 10, batch_size=32, test_batch_size=40,
-                                             device=torch.device("cpu"), seed=5, channels_last=True)
+    plain_train, plain_test, _ = cifar_loaders(
+        cifar, 10, batch_size=32, test_batch_size=40, device=torch.device("cpu"), seed=5
+    )
+    last_train, last_test, _ = cifar_loaders(
+        cifar, 10, batch_size=32, test_batch_size=40, device=torch.device("cpu"), seed=5, channels_last=True
+    )
     for loader in (plain_train, last_train):
         loader.set_epoch(1)
     for (x1, y1), (x2, y2) in zip(plain_train, last_train):
@@ -223,8 +245,9 @@ def mixed_tensors() -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("stack_large", [False, True], ids=["cpu-rule", "stack-all-as-on-gpu"])
-def test_entropy_tensors_equal_the_single_tensor_entropies_exactly(stack_large: bool,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_entropy_tensors_equal_the_single_tensor_entropies_exactly(
+    stack_large: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if stack_large:  # the per-row search for every size, as on a GPU
         monkeypatch.setattr(entropy_module, "_CPU_BATCH_MAX_NUMEL", 1 << 40)
     tensors = mixed_tensors() + list(models.create("resnet20", num_classes=10).state_dict().values())
@@ -268,12 +291,40 @@ def load_bench():
 
 def epoch_records() -> list[EpochRecord]:
     """Two epochs of network 1 of 2: the first grafts, the last does not."""
-    first = EpochRecord(epoch=1, epochs=2, train_loss=2.1, train_acc=20.0, test_loss=2.0, test_acc=25.0, test_acc5=70.0,
-                        best_acc=25.0, lr=0.1, grafted=True, peer=2, waited_s=1.5, graft_ms=48.2,
-                        train_images_per_s=300, test_images_per_s=1290, epoch_s=4.0, gpu_memory_gib=1.25)
-    final = EpochRecord(epoch=2, epochs=2, train_loss=1.9, train_acc=30.0, test_loss=1.8, test_acc=35.0, test_acc5=80.0,
-                        best_acc=35.0, lr=0.1, train_images_per_s=600, test_images_per_s=1310, epoch_s=2.5,
-                        gpu_memory_gib=1.5)
+    first = EpochRecord(
+        epoch=1,
+        epochs=2,
+        train_loss=2.1,
+        train_acc=20.0,
+        test_loss=2.0,
+        test_acc=25.0,
+        test_acc5=70.0,
+        best_acc=25.0,
+        lr=0.1,
+        grafted=True,
+        peer=2,
+        waited_s=1.5,
+        graft_ms=48.2,
+        train_images_per_s=300,
+        test_images_per_s=1290,
+        epoch_s=4.0,
+        gpu_memory_gib=1.25,
+    )
+    final = EpochRecord(
+        epoch=2,
+        epochs=2,
+        train_loss=1.9,
+        train_acc=30.0,
+        test_loss=1.8,
+        test_acc=35.0,
+        test_acc5=80.0,
+        best_acc=35.0,
+        lr=0.1,
+        train_images_per_s=600,
+        test_images_per_s=1310,
+        epoch_s=2.5,
+        gpu_memory_gib=1.5,
+    )
     return [first, final]
 
 
@@ -298,29 +349,65 @@ def test_bench_reads_each_network_from_its_metrics_file(tmp_path: Path) -> None:
 
 def gpu_results(bench) -> dict:
     """A GPU check's merged results as scripts/gpu_check.sh's report step sees them (numbers made up)."""
+
     def ring(variant: str, nets: int, img_s: float, epoch_s: float) -> dict:
-        runs = [{"net": i, "warm_epoch_s": epoch_s, "warm_train_img_s": img_s, "gpu_gib": 0.7, "rss_gib": 2.0}
-                for i in range(1, nets + 1)]
+        runs = [
+            {"net": i, "warm_epoch_s": epoch_s, "warm_train_img_s": img_s, "gpu_gib": 0.7, "rss_gib": 2.0}
+            for i in range(1, nets + 1)
+        ]
         return {"variant": variant, "nets": nets, "networks": runs, "error": None, "together_img_s": img_s * nets}
 
-    rings = [ring("amp", 1, 20000, 2.6), ring("amp", 2, 17000, 3.0), ring("fp32", 1, 12000, 4.2),
-             {"variant": "fp32", "nets": 2, "networks": [], "error": "network 2 of 2 exited with 1", "together_img_s": 0}]
+    rings = [
+        ring("amp", 1, 20000, 2.6),
+        ring("amp", 2, 17000, 3.0),
+        ring("fp32", 1, 12000, 4.2),
+        {"variant": "fp32", "nets": 2, "networks": [], "error": "network 2 of 2 exited with 1", "together_img_s": 0},
+    ]
     for r in rings:
-        r["vs_one_network"] = r["together_img_s"] / (20000 if r["variant"] == "amp" else 12000) if r["nets"] > 1 else None
-    return {"device": "cuda", "device_name": "cuda (NVIDIA H200)", "torch": "2.14.1", "cuda": "13.0",
-            "steps": [{"name": "cuda_tests", "status": "ok", "seconds": 41.0, "limit_s": 110.0}],
-            "tests": {"passed": 7, "failed": 0, "skipped": 1,
-                      "cases": [{"name": bench.SYNC_TEST, "outcome": "passed", "message": "", "seconds": 1.0}]},
-            "train": {"model": "resnet32", "data": "generated", "epochs": 2, "rings": rings},
-            "entropy": {"model": "resnet110", "tensors": 547, "loop_ms": 90.0, "layer_entropies_ms": 2.0},
-            "graft": {"model": "resnet110", "grafter_ms": 26.0, "read_ms": 17.5, "graft_layers_from_file_ms": 7.0,
-                      "graft_layers_ms": 3.0},
-            "compile": {"model": "resnet32", "batch": 128, "precision": "bf16 autocast", "modes": [
+        r["vs_one_network"] = (
+            r["together_img_s"] / (20000 if r["variant"] == "amp" else 12000) if r["nets"] > 1 else None
+        )
+    return {
+        "device": "cuda",
+        "device_name": "cuda (NVIDIA H200)",
+        "torch": "2.14.1",
+        "cuda": "13.0",
+        "steps": [{"name": "cuda_tests", "status": "ok", "seconds": 41.0, "limit_s": 110.0}],
+        "tests": {
+            "passed": 7,
+            "failed": 0,
+            "skipped": 1,
+            "cases": [{"name": bench.SYNC_TEST, "outcome": "passed", "message": "", "seconds": 1.0}],
+        },
+        "train": {"model": "resnet32", "data": "generated", "epochs": 2, "rings": rings},
+        "entropy": {"model": "resnet110", "tensors": 547, "loop_ms": 90.0, "layer_entropies_ms": 2.0},
+        "graft": {
+            "model": "resnet110",
+            "grafter_ms": 26.0,
+            "read_ms": 17.5,
+            "graft_layers_from_file_ms": 7.0,
+            "graft_layers_ms": 3.0,
+        },
+        "compile": {
+            "model": "resnet32",
+            "batch": 128,
+            "precision": "bf16 autocast",
+            "modes": [
                 {"mode": "eager", "first_steps_s": 2.0, "step_ms": 5.0, "img_s": 25600},
-                {"mode": "default", "first_steps_s": 42.0, "step_ms": 4.0, "img_s": 32000, "vs_eager": 1.25,
-                 "pays_off_after_epochs": bench.pays_off_after({"first_steps_s": 2.0, "step_ms": 5.0},
-                                                               {"first_steps_s": 42.0, "step_ms": 4.0})},
-                {"mode": "reduce-overhead", "error": "RuntimeError: no"}]}}
+                {
+                    "mode": "default",
+                    "first_steps_s": 42.0,
+                    "step_ms": 4.0,
+                    "img_s": 32000,
+                    "vs_eager": 1.25,
+                    "pays_off_after_epochs": bench.pays_off_after(
+                        {"first_steps_s": 2.0, "step_ms": 5.0}, {"first_steps_s": 42.0, "step_ms": 4.0}
+                    ),
+                },
+                {"mode": "reduce-overhead", "error": "RuntimeError: no"},
+            ],
+        },
+    }
 
 
 def test_bench_report_judges_the_goals_on_a_gpu() -> None:
@@ -346,8 +433,10 @@ def test_bench_report_judges_the_goals_on_a_gpu() -> None:
     assert "| the read alone (`Exchange.load`, safe loader, finiteness check) | 17.5 |" in table
     assert "| `torch.compile`, default | 42.0 s | 4.00 | 32,000 | 1.25x | 102.3 epochs |" in table
     assert "| `torch.compile`, reduce-overhead | failed: RuntimeError: no |" in table
-    assert "| Grafter.graft of resnet110, file read included: under 20 ms | 26.0 ms (the read alone 17.5 ms) | " \
-           "**no** |" in table
+    assert (
+        "| Grafter.graft of resnet110, file read included: under 20 ms | 26.0 ms (the read alone 17.5 ms) | "
+        "**no** |" in table
+    )
 
 
 def test_bench_report_judges_nothing_on_the_cpu_and_names_what_was_not_measured() -> None:
@@ -368,15 +457,17 @@ def test_bench_report_reads_the_step_file_and_pytests_junit_xml(tmp_path: Path) 
     assert bench.read_steps(steps) == [
         {"name": "env", "status": "ok", "seconds": 12.5, "limit_s": 900.0},
         {"name": "cuda_tests", "status": "timed out", "seconds": 110.2, "limit_s": 110.0},
-        {"name": "bench_compile", "status": "skipped", "seconds": 0.0, "limit_s": 0.0}]
+        {"name": "bench_compile", "status": "skipped", "seconds": 0.0, "limit_s": 0.0},
+    ]
     junit = tmp_path / "junit.xml"
     junit.write_text(
         '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">'
         '<testcase classname="tests.test_cuda" name="test_a" time="1.5"/>'
         '<testcase classname="tests.test_cuda" name="test_b" time="0.1"><failure message="assert 2 == 1&#10;more">'
-        'trace</failure></testcase>'
+        "trace</failure></testcase>"
         '<testcase classname="tests.test_cuda" name="test_c" time="0"><skipped message="needs 2 GPUs"/></testcase>'
-        '</testsuite></testsuites>')
+        "</testsuite></testsuites>"
+    )
     tests = bench.read_junit(junit)
     assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
     assert tests["cases"][1] == {"name": "test_b", "outcome": "failed", "message": "assert 2 == 1", "seconds": 0.1}

@@ -1,6 +1,7 @@
 """graft-plot (grafting/tools/plot.py): PNG figures from run folders written here by hand (config.json,
 metrics.jsonl with coefficients and invalid-filter counts, best.pt), and its one-line error without
 matplotlib."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,19 @@ from PIL import Image
 from grafting.archs import cifar_models as models
 from grafting.tools import plot as plot_tool
 
-CONFIG = {"model": "resnet20", "dataset": "cifar10", "num_classes": 10, "epochs": 4, "a": 0.4, "c": 500.0,
-          "level": "layer", "criterion": "entropy", "source": "external", "distill": "none", "cos": True}
+CONFIG = {
+    "model": "resnet20",
+    "dataset": "cifar10",
+    "num_classes": 10,
+    "epochs": 4,
+    "a": 0.4,
+    "c": 500.0,
+    "level": "layer",
+    "criterion": "entropy",
+    "source": "external",
+    "distill": "none",
+    "cos": True,
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -26,8 +38,14 @@ def _write_network(folder: Path, net: int, config: dict, grafted: bool, zeroed: 
     (sub / "config.json").write_text(json.dumps({**config, "i": net}))
     records = []
     for epoch in range(1, 5):
-        record = {"epoch": epoch, "epochs": 4, "test_acc": 20.0 + 10 * epoch + net, "test_acc5": None,
-                  "invalid_filters": {"0.1": 10 - epoch, "0.01": 5 - epoch}, "total_filters": 688}
+        record = {
+            "epoch": epoch,
+            "epochs": 4,
+            "test_acc": 20.0 + 10 * epoch + net,
+            "test_acc5": None,
+            "invalid_filters": {"0.1": 10 - epoch, "0.01": 5 - epoch},
+            "total_filters": 688,
+        }
         if grafted and epoch < 4:  # the last epoch does not graft
             record["alphas"] = {"conv1.weight": 0.3 + 0.1 * epoch, "layer1.0.conv1.weight": 0.6}
         records.append(json.dumps(record))
@@ -63,8 +81,12 @@ def plotted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 def test_the_figures_are_written_as_png_files(plotted):
     out, printed = plotted
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["accuracy_resnet20_cifar10.png", "alpha_graft.png", "filter_norms_resnet20_cifar10.png",
-                     "invalid_filters_resnet20_cifar10.png"]
+    assert names == [
+        "accuracy_resnet20_cifar10.png",
+        "alpha_graft.png",
+        "filter_norms_resnet20_cifar10.png",
+        "invalid_filters_resnet20_cifar10.png",
+    ]
     assert sorted(Path(line).name for line in printed) == names
     for name in names:
         path = out / name

@@ -1,20 +1,17 @@
 """The README's "Grafting in your own training loop" example, run exactly as written: two copies
 side by side graft each other, and the result differs from the same code run without a peer."""
+
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, finish, start_process
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
-
 
 
 def readme_example() -> str:
@@ -27,8 +24,10 @@ def readme_example() -> str:
 def run_copies(folder: Path, argvs: list[list[str]]) -> list[str]:
     script = folder / "own_loop.py"
     script.write_text(readme_example())
-    procs = [start_process([sys.executable, str(script), *argv], folder, f"copy{n}", merge_output=True)
-             for n, argv in enumerate(argvs)]
+    procs = [
+        start_process([sys.executable, str(script), *argv], folder, f"copy{n}", merge_output=True)
+        for n, argv in enumerate(argvs)
+    ]
     for proc, code in zip(procs, finish(procs)):
         assert code == 0, proc.report()
     return [proc.log for proc in procs]
@@ -39,7 +38,7 @@ def test_readme_example_grafts_two_copies(tmp_path: Path) -> None:
     ring.mkdir()
     alone.mkdir()
     outputs = run_copies(ring, [["1", "2"], ["2", "2"]])
-    for net, peer, out in ((1, 2, outputs[0]), (2, 1, outputs[1])):
+    for _net, peer, out in ((1, 2, outputs[0]), (2, 1, outputs[1])):
         for epoch in (1, 2):
             line = re.search(rf"epoch {epoch}: grafted network {peer} \((\d+) coefficients, mean ([0-9.]+)\)", out)
             assert line, out

@@ -5,6 +5,7 @@ from the newest usable checkpoint, strict config.json, the lock under fork, and 
 Unit tests: no training script is started here (tests/test_faults.py does that), except the marked
 ``e2e`` ones at the end, which start small Python processes of their own.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,24 +21,36 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import child_env, finish, one_line, set_cifar_label, start_process, wait_until
 from torch import nn
 
-from conftest import child_env, finish, one_line, set_cifar_label, start_process, wait_until
 from grafting import Grafter
 from grafting.archs import cifar_models
-from grafting.checkpoint import (MAGNITUDE_RATIO, capture_rng_state, load_file, restore_rng_state,
-                                 save_atomic)
+from grafting.checkpoint import MAGNITUDE_RATIO, capture_rng_state, load_file, restore_rng_state, save_atomic
 from grafting.data.cifar import load_cifar
 from grafting.data.fake import write_fake_cifar
-from grafting.errors import (CheckpointError, DatasetNotFoundError, GraftingError, LockError, PeerMismatchError,
-                             PeerTimeoutError, UsageError)
+from grafting.errors import (
+    CheckpointError,
+    DatasetNotFoundError,
+    GraftingError,
+    LockError,
+    PeerMismatchError,
+    PeerTimeoutError,
+    UsageError,
+)
 from grafting.ring.exchange import Exchange
 from grafting.ring.identity import join_ring
 from grafting.ring.layout import NetworkFiles, SharedFolder
 from grafting.train.cli import parse_config
 from grafting.train.config import CifarConfig, RunConfig
-from grafting.train.files import (foreign_exchange_files, load_last, prepare_run_files, read_saved_config,
-                                  save_best, save_last)
+from grafting.train.files import (
+    foreign_exchange_files,
+    load_last,
+    prepare_run_files,
+    read_saved_config,
+    save_best,
+    save_last,
+)
 from grafting.train.runtime import available_cores, choose_device, configure_threads
 
 META = {"model": "tiny", "num_classes": 2}
@@ -65,8 +78,9 @@ def same_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
 # 18.3: the ring's identity
 
 
-def test_the_first_network_creates_the_ring_and_the_others_join_it(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_first_network_creates_the_ring_and_the_others_join_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = SharedFolder(tmp_path)
     names: list[str] = []
     threads = [threading.Thread(target=lambda: names.append(join_ring(folder))) for _ in range(6)]
@@ -79,7 +93,9 @@ def test_the_first_network_creates_the_ring_and_the_others_join_it(tmp_path: Pat
     # A resumed network recreates a deleted ring.json under its recorded name, and refuses another one.
     folder.ring.unlink()
     assert join_ring(folder, expected="abc123abc123") == "abc123abc123"
-    with pytest.raises(GraftingError, match="this network belongs to ring 0123 .* names ring abc123abc123: another run"):
+    with pytest.raises(
+        GraftingError, match="this network belongs to ring 0123 .* names ring abc123abc123: another run"
+    ):
         join_ring(folder, expected="0123")
     folder.ring.write_text("{garbled")
     monkeypatch.setattr("grafting.ring.identity._WRITE_GRACE_S", 0.1)  # not being written: no need to wait
@@ -107,8 +123,9 @@ def test_a_peer_file_of_another_ring_is_refused_saying_what_to_do(tmp_path: Path
     with Grafter(tmp_path / "new", 1, 2, meta=META) as grafter:
         with pytest.raises(PeerMismatchError) as caught:
             grafter.graft(model, 1)
-    assert one_line(str(caught.value)).endswith("move it away and restart this network with --resume, or start this "
-                                                 "ring in a new --s")
+    assert one_line(str(caught.value)).endswith(
+        "move it away and restart this network with --resume, or start this ring in a new --s"
+    )
     assert f"belongs to another run (ring {old.ring}, this ring is {grafter.ring})" in str(caught.value)
     assert same_weights(model, before)
 
@@ -124,10 +141,12 @@ def test_a_fresh_start_refuses_exchange_files_this_ring_cannot_have_written(tmp_
     with pytest.raises(GraftingError) as caught:
         prepare_run_files(config, ring)
     message = one_line(str(caught.value))
-    assert message == (f"{tmp_path} holds exchange files this ring cannot have written: net1_epoch3.pt (network 1 "
-                       f"cannot be at epoch 3 before network 1 has finished epoch 1); net2_epoch1.pt, net2_epoch2.pt, "
-                       f"net2_epoch3.pt (network 2 has no config.json); they are another run's: move them away, or "
-                       f"start this ring in a new --s")
+    assert message == (
+        f"{tmp_path} holds exchange files this ring cannot have written: net1_epoch3.pt (network 1 "
+        f"cannot be at epoch 3 before network 1 has finished epoch 1); net2_epoch1.pt, net2_epoch2.pt, "
+        f"net2_epoch3.pt (network 2 has no config.json); they are another run's: move them away, or "
+        f"start this ring in a new --s"
+    )
     assert not (tmp_path / "net1").exists(), "a refused start writes no run files"
 
     # Network 2 of the new ring has started (its config.json names the ring): still, it cannot be more than
@@ -154,29 +173,43 @@ def test_a_peer_of_another_architecture_is_refused_without_meta(tmp_path: Path) 
     before = {k: v.clone() for k, v in mine.state_dict().items()}
     with Grafter(tmp_path, 1, 2) as one, Grafter(tmp_path, 2, 2) as two:
         two.publish(theirs, 1)
-        with pytest.raises(PeerMismatchError, match=r"network 2's file .*net2_epoch1\.pt has an entry 'layer1\.3\."
-                                                    r"conv1\.weight' that the architecture lacks; all networks of a "
-                                                    r"ring must be the same architecture"):
+        with pytest.raises(
+            PeerMismatchError,
+            match=r"network 2's file .*net2_epoch1\.pt has an entry 'layer1\.3\."
+            r"conv1\.weight' that the architecture lacks; all networks of a "
+            r"ring must be the same architecture",
+        ):
             one.graft(mine, 1)
     assert same_weights(mine, before)
 
 
 BAD_PEER_FILES = {
     # case: (how the peer's file is spoiled, what the reader says)
-    "int64 weights": (lambda state, meta: ({k: v.long() for k, v in state.items()}, meta),
-                      "has dtype torch.int64 for '0.weight' where a floating dtype (torch.float32) is expected"),
-    "x1e30 weights": (lambda state, meta: ({k: v * 1e30 if v.is_floating_point() else v for k, v in state.items()},
-                                           meta), "holds values up to"),
-    "inf weight": (lambda state, meta: ({**state, "3.bias": torch.tensor([0.0, float("inf")])}, meta),
-                   "holds NaN or infinite values (3.bias)"),
-    "extra key": (lambda state, meta: ({**state, "4.weight": torch.zeros(2)}, meta),
-                  "has an entry '4.weight' that the architecture lacks"),
-    "missing key": (lambda state, meta: ({k: v for k, v in state.items() if k != "3.bias"}, meta),
-                    "has no entry '3.bias'"),
-    "meta of another epoch": (lambda state, meta: (state, {**meta, "epoch": 7}),
-                              "says it holds network 2's epoch 7: it was renamed or copied by hand"),
-    "meta of another network": (lambda state, meta: (state, {**meta, "net": 3}),
-                                "says it holds network 3's epoch 1"),
+    "int64 weights": (
+        lambda state, meta: ({k: v.long() for k, v in state.items()}, meta),
+        "has dtype torch.int64 for '0.weight' where a floating dtype (torch.float32) is expected",
+    ),
+    "x1e30 weights": (
+        lambda state, meta: ({k: v * 1e30 if v.is_floating_point() else v for k, v in state.items()}, meta),
+        "holds values up to",
+    ),
+    "inf weight": (
+        lambda state, meta: ({**state, "3.bias": torch.tensor([0.0, float("inf")])}, meta),
+        "holds NaN or infinite values (3.bias)",
+    ),
+    "extra key": (
+        lambda state, meta: ({**state, "4.weight": torch.zeros(2)}, meta),
+        "has an entry '4.weight' that the architecture lacks",
+    ),
+    "missing key": (
+        lambda state, meta: ({k: v for k, v in state.items() if k != "3.bias"}, meta),
+        "has no entry '3.bias'",
+    ),
+    "meta of another epoch": (
+        lambda state, meta: (state, {**meta, "epoch": 7}),
+        "says it holds network 2's epoch 7: it was renamed or copied by hand",
+    ),
+    "meta of another network": (lambda state, meta: (state, {**meta, "net": 3}), "says it holds network 3's epoch 1"),
     "no meta": (lambda state, meta: (state, None), "has no metadata, so this project did not write it"),
 }
 
@@ -186,7 +219,10 @@ def test_bad_peer_files_are_refused_and_nothing_is_grafted(tmp_path: Path, case:
     spoil, said = BAD_PEER_FILES[case]
     model = tiny_model(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with Grafter(tmp_path, 1, 2, meta=META, rule="module") as one, Grafter(tmp_path, 2, 2, meta=META, rule="module") as two:
+    with (
+        Grafter(tmp_path, 1, 2, meta=META, rule="module") as one,
+        Grafter(tmp_path, 2, 2, meta=META, rule="module") as two,
+    ):
         path = two.publish(tiny_model(1), 1)
         payload = load_file(path)
         state, meta = spoil(payload["model"], payload["meta"])
@@ -242,8 +278,9 @@ def test_a_fifo_as_peer_file_checkpoint_or_heartbeat_never_blocks(tmp_path: Path
 # 15 and 18.4: the exchange-file protocol
 
 
-def test_a_network_waiting_says_within_seconds_what_it_waits_for(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_a_network_waiting_says_within_seconds_what_it_waits_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, notice_after=0.2, stale_after=0.5)
     alive, target = tmp_path / "net2.alive", tmp_path / "net2_epoch1.pt"
 
@@ -253,8 +290,9 @@ def test_a_network_waiting_says_within_seconds_what_it_waits_for(tmp_path: Path,
             with pytest.raises(PeerTimeoutError):
                 reader.wait_for(2, 1, timeout=0.35)
         lines = [record.getMessage() for record in caplog.records]
-        assert lines and all(line.startswith(f"net 1: waiting for network 2's epoch 1 ({target}) for 0s; ")
-                             for line in lines), lines
+        assert lines and all(
+            line.startswith(f"net 1: waiting for network 2's epoch 1 ({target}) for 0s; ") for line in lines
+        ), lines
         return [line.split("for 0s; ")[1] for line in lines]
 
     assert said_while_waiting() == [f"network 2 has not started yet (no heartbeat file {alive})"]
@@ -265,31 +303,44 @@ def test_a_network_waiting_says_within_seconds_what_it_waits_for(tmp_path: Path,
     assert said_while_waiting() == [stopped, stopped], "said at once, and again at the notice"
     alive.unlink()
     (tmp_path / "net2").mkdir()
-    assert said_while_waiting() == [f"network 2 is not running (no heartbeat file {alive}; it finished or stopped): "
-                                    f"restart it with --resume, with the same --epochs as this network"]
+    assert said_while_waiting() == [
+        f"network 2 is not running (no heartbeat file {alive}; it finished or stopped): "
+        f"restart it with --resume, with the same --epochs as this network"
+    ]
 
 
 @pytest.mark.e2e
 def test_own_loop_grafter_says_it_waits_without_any_logging_set_up(tmp_path: Path) -> None:
-    script = ("import logging, sys, torch\n"
-              "from grafting import Grafter\n"
-              "with Grafter(sys.argv[1], net=1, num=2, peer_timeout=7) as g:\n"
-              "    g.step(torch.nn.Linear(2, 2), 1)\n")
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                         env=child_env(), timeout=120)
+    script = (
+        "import logging, sys, torch\n"
+        "from grafting import Grafter\n"
+        "with Grafter(sys.argv[1], net=1, num=2, peer_timeout=7) as g:\n"
+        "    g.step(torch.nn.Linear(2, 2), 1)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=child_env(), timeout=120
+    )
     assert run.returncode == 1, run.stderr
     waiting = [line for line in run.stderr.splitlines() if line.startswith("grafting: net 1: waiting")]
-    assert waiting and f"network 2's epoch 1 ({tmp_path / 'net2_epoch1.pt'}) for 5s; network 2 has not started " \
-                       f"yet (no heartbeat file {tmp_path / 'net2.alive'})" in waiting[0], run.stderr
+    assert (
+        waiting
+        and f"network 2's epoch 1 ({tmp_path / 'net2_epoch1.pt'}) for 5s; network 2 has not started "
+        f"yet (no heartbeat file {tmp_path / 'net2.alive'})"
+        in waiting[0]
+    ), run.stderr
 
 
-def test_a_file_gone_after_its_peer_moved_on_is_skipped_not_waited_for(tmp_path: Path,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_a_file_gone_after_its_peer_moved_on_is_skipped_not_waited_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The advice for a corrupt peer file is "delete it and restart this network with --resume": the
     peer never writes that epoch again, so waiting for it would hang for ever."""
     model = tiny_model(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with Grafter(tmp_path, 1, 2, meta=META, rule="module") as one, Grafter(tmp_path, 2, 2, meta=META, rule="module") as two:
+    with (
+        Grafter(tmp_path, 1, 2, meta=META, rule="module") as one,
+        Grafter(tmp_path, 2, 2, meta=META, rule="module") as two,
+    ):
         two.publish(tiny_model(1), 1)
         two.publish(tiny_model(2), 2)
         (tmp_path / "net2_epoch1.pt").unlink()
@@ -314,12 +365,15 @@ def test_a_restarted_network_first_removes_its_files_of_the_epochs_to_come_newes
     assert sorted(p.name for p in tmp_path.glob("net2_epoch*.pt")) == ["net2_epoch1.pt", "net2_epoch2.pt"]
 
 
-def ring_folder_after(tmp_path: Path, *, num: int, source: str, finished: list[int], keep_all: bool = False,
-                      epochs: int = 4) -> list[str]:
+def ring_folder_after(
+    tmp_path: Path, *, num: int, source: str, finished: list[int], keep_all: bool = False, epochs: int = 4
+) -> list[str]:
     """Networks 1..num publish and graft ``epochs`` epochs; those in ``finished`` then finish, the others
     stay open (still running); returns the files left in the folder."""
-    grafters = [Grafter(tmp_path, net, num, meta=META, rule="module", source=source, keep_all=keep_all) for net in
-                range(1, num + 1)]
+    grafters = [
+        Grafter(tmp_path, net, num, meta=META, rule="module", source=source, keep_all=keep_all)
+        for net in range(1, num + 1)
+    ]
     models = [tiny_model(net) for net in range(1, num + 1)]
     for grafter in grafters:
         grafter.open()
@@ -340,11 +394,27 @@ def test_a_finished_network_removes_its_predecessors_files_its_heartbeat_and_its
     # Network 2 finished: network 1's files are gone (network 2 was their only reader); its own stay for
     # network 3, which still runs.
     left = ring_folder_after(tmp_path / "one", num=3, source="external", finished=[2])
-    assert left == ["net1.alive", "net1.lock", "net2_epoch1.pt", "net2_epoch2.pt", "net2_epoch3.pt", "net2_epoch4.pt",
-                    "net3.alive", "net3.lock", "net3_epoch1.pt", "net3_epoch2.pt", "net3_epoch3.pt", "net3_epoch4.pt"]
+    assert left == [
+        "net1.alive",
+        "net1.lock",
+        "net2_epoch1.pt",
+        "net2_epoch2.pt",
+        "net2_epoch3.pt",
+        "net2_epoch4.pt",
+        "net3.alive",
+        "net3.lock",
+        "net3_epoch1.pt",
+        "net3_epoch2.pt",
+        "net3_epoch3.pt",
+        "net3_epoch4.pt",
+    ]
     assert ring_folder_after(tmp_path / "all", num=3, source="external", finished=[1, 2, 3]) == []
     assert ring_folder_after(tmp_path / "keep", num=2, source="external", finished=[1, 2], keep_all=True, epochs=2) == [
-        "net1_epoch1.pt", "net1_epoch2.pt", "net2_epoch1.pt", "net2_epoch2.pt"]
+        "net1_epoch1.pt",
+        "net1_epoch2.pt",
+        "net2_epoch1.pt",
+        "net2_epoch2.pt",
+    ]
     # Averaging: every network reads every file; the first to finish removes what all have read and could
     # need after a resume, the last one the rest.
     left = ring_folder_after(tmp_path / "avg", num=2, source="average", finished=[1])
@@ -380,8 +450,9 @@ time.sleep(60)
 
 @pytest.mark.e2e
 def test_the_lock_dies_with_its_process_even_when_a_forked_worker_lives_on(tmp_path: Path) -> None:
-    child = subprocess.Popen([sys.executable, "-c", FORK_AFTER_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                             env=child_env())
+    child = subprocess.Popen(
+        [sys.executable, "-c", FORK_AFTER_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
     owner, worker = map(int, child.stdout.readline().split())
     child.stdout.close()
     try:
@@ -408,8 +479,17 @@ def train_state(files: NetworkFiles, epoch: int, *, graft_step_done: bool = True
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     files.folder.mkdir(parents=True, exist_ok=True)
-    save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, epoch=epoch, best_acc=10.0,
-              acc=10.0, graft_step_done=graft_step_done)
+    save_last(
+        files,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=None,
+        epoch=epoch,
+        best_acc=10.0,
+        acc=10.0,
+        graft_step_done=graft_step_done,
+    )
     return model
 
 
@@ -450,15 +530,18 @@ HAND_EDITS = {
     "weights x1e30": (lambda s: s["model"].update({k: v * 1e30 for k, v in s["model"].items()}), "holds values up to"),
     "no optimizer": (lambda s: s.pop("optimizer"), "does not fit this run (KeyError: 'optimizer')"),
     "rng garbage": (lambda s: s.update(rng={"python": 3}), "does not fit this run (TypeError"),
-    "other model": (lambda s: s.update(model=dict(cifar_models.create("resnet20", num_classes=2).state_dict())),
-                    "has no entry '0.weight'"),
+    "other model": (
+        lambda s: s.update(model=dict(cifar_models.create("resnet20", num_classes=2).state_dict())),
+        "has no entry '0.weight'",
+    ),
     "not ours": (lambda s: s.update(format="other"), "is not a resumable checkpoint of this project"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HAND_EDITS))
-def test_a_hand_edited_last_pt_is_never_resumed_from(tmp_path: Path, case: str,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_a_hand_edited_last_pt_is_never_resumed_from(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     edit, said = HAND_EDITS[case]
     files = NetworkFiles(tmp_path, 1)
     train_state(files, 1)
@@ -487,9 +570,12 @@ def test_resume_never_restarts_at_epoch_1_over_later_work(tmp_path: Path) -> Non
     assert message.endswith(f"to train it again from epoch 1, move {files.folder} away and start without --resume")
     files.last.unlink()
     files.previous.unlink()
-    with pytest.raises(CheckpointError, match=r"last.pt is missing; previous.pt is missing\) although it reached "
-                                              r"epoch 2 \(best.pt of epoch 2\).*restore .*last.pt from a backup, or "
-                                              r"start the ring again in a new --s"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"last.pt is missing; previous.pt is missing\) although it reached "
+        r"epoch 2 \(best.pt of epoch 2\).*restore .*last.pt from a backup, or "
+        r"start the ring again in a new --s",
+    ):
         resume(files, num=2)
     files.best.unlink()
     (tmp_path / "net1_epoch3.pt").write_bytes(b"x")  # an exchange file of a later epoch says the same
@@ -506,18 +592,24 @@ def test_a_fresh_start_never_overwrites_a_run_that_got_further(tmp_path: Path) -
     config = cifar_config(tmp_path)
     files = prepare_run_files(config)
     save_best(files, tiny_model(), 3, 50.0)  # last.pt was deleted
-    with pytest.raises(GraftingError, match=r"net1 holds a run that reached epoch 3 \(best.pt of epoch 3\); pass "
-                                            r"--resume to continue it, or use another --s"):
+    with pytest.raises(
+        GraftingError,
+        match=r"net1 holds a run that reached epoch 3 \(best.pt of epoch 3\); pass "
+        r"--resume to continue it, or use another --s",
+    ):
         prepare_run_files(config)
 
 
 CONFIG_DAMAGE = {
     # case: (what config.json becomes; None deletes it, what the error says)
-    "missing": (None, "config.json is missing, so the settings this run must keep cannot be checked; restore it from "
-                      "a backup, or start a new run in another --s"),
+    "missing": (
+        None,
+        "config.json is missing, so the settings this run must keep cannot be checked; restore it from "
+        "a backup, or start a new run in another --s",
+    ),
     "a list": ("[]", "holds a JSON list, not the settings object"),
-    "garbled": ("{\"a\": 0.4,", "is not valid JSON"),
-    "no format": ("{\"a\": 0.4}", "has format None"),
+    "garbled": ('{"a": 0.4,', "is not valid JSON"),
+    "no format": ('{"a": 0.4}', "has format None"),
     "a directory": ("<dir>", "is not a regular file"),
 }
 
@@ -584,8 +676,10 @@ BAD_VALUES = {
     "step(epoch=1.5)": (lambda p: Grafter(p, 1, 2).step(tiny_model(), 1.5), "epoch must be a whole number >= 1"),
     "graft(epoch=0)": (lambda p: Grafter(p, 1, 2).graft(tiny_model(), 0), "got 0"),
     "publish(epoch=True)": (lambda p: Exchange(p, 1, 2).publish(True, weights(), META), "got True"),
-    "net1.lock a directory": (lambda p: (_lock_is_a_directory(p), Exchange(p, 1, 2).acquire()),
-                              "net1.lock as network 1's lock file: is a directory; move it away"),
+    "net1.lock a directory": (
+        lambda p: (_lock_is_a_directory(p), Exchange(p, 1, 2).acquire()),
+        "net1.lock as network 1's lock file: is a directory; move it away",
+    ),
     "read-only --s": (lambda p: Exchange(_read_only(p), 1, 2).acquire(), "Permission denied; choose a writable --s"),
     "--s a file": (lambda p: (p.write_text("x"), Exchange(p, 1, 2).acquire()), "cannot create the shared directory"),
     "--s ''": (lambda p: parse_config(CifarConfig, ["--s", ""], prog="t", description=""), "--s is empty"),
@@ -596,11 +690,14 @@ BAD_VALUES = {
     "--device mps": (lambda p: choose_device("mps"), "--device mps: Apple's MPS is not available"),
     "--device meta": (lambda p: choose_device("meta"), "--device meta: this project trains on cpu, cuda or cuda:N"),
     "--device ''": (lambda p: choose_device(""), "--device '' is not a device"),
-    "tb a file": (lambda p: ((p / "tb").parent.mkdir(), (p / "tb").write_text("x"),
-                             prepare_run_files(cifar_config(p))), "tb is a file, not a folder; the run writes "
-                                                                  "TensorBoard events there: move it away"),
-    "net1 a file": (lambda p: (p.mkdir(), (p / "net1").write_text("x"), prepare_run_files(cifar_config(p))),
-                    "net1 is a file, not a folder"),
+    "tb a file": (
+        lambda p: ((p / "tb").parent.mkdir(), (p / "tb").write_text("x"), prepare_run_files(cifar_config(p))),
+        "tb is a file, not a folder; the run writes TensorBoard events there: move it away",
+    ),
+    "net1 a file": (
+        lambda p: (p.mkdir(), (p / "net1").write_text("x"), prepare_run_files(cifar_config(p))),
+        "net1 is a file, not a folder",
+    ),
 }
 
 

@@ -1,7 +1,9 @@
 """What a run reports after each epoch (grafting/train/report.py, tensorboard.py, loop.epoch_record): the
 epoch line, metrics.jsonl and the TensorBoard event file, in this process on hand-made records."""
+
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,13 +28,36 @@ torch.set_num_threads(1)
 
 def grafted_record(**changes) -> EpochRecord:
     """Epoch 3 of 10 of a grafting network, every field with a value of its own."""
-    values = dict(epoch=3, epochs=10, train_loss=1.2345, train_acc=55.5, test_loss=1.3456, test_acc=52.25, best_acc=53.5,
-                  lr=0.0875, test_acc5=91.75, loss_parts={"ce": 1.1, "kd": 0.1345}, grafted=True, peer=2,
-                  waited_s=12.3, graft_ms=45.6, train_images_per_s=812.0, test_images_per_s=3100.0, epoch_s=65.0,
-                  elapsed_s=185.0, eta_s=455.0, gpu_memory_gib=1.5, alpha_mean=0.5125, alpha_min=0.3, alpha_max=0.7,
-                  alphas={"conv1.weight": 0.3, "layer1.0.conv1.weight": 0.7, "layer1.0.conv2.weight": 0.5375},
-                  entropies={"conv1.weight": 1.9}, peer_entropies={"conv1.weight": 2.1},
-                  invalid_filters={"0.1": 14, "0.01": 8}, total_filters=1136)
+    values = {
+        "epoch": 3,
+        "epochs": 10,
+        "train_loss": 1.2345,
+        "train_acc": 55.5,
+        "test_loss": 1.3456,
+        "test_acc": 52.25,
+        "best_acc": 53.5,
+        "lr": 0.0875,
+        "test_acc5": 91.75,
+        "loss_parts": {"ce": 1.1, "kd": 0.1345},
+        "grafted": True,
+        "peer": 2,
+        "waited_s": 12.3,
+        "graft_ms": 45.6,
+        "train_images_per_s": 812.0,
+        "test_images_per_s": 3100.0,
+        "epoch_s": 65.0,
+        "elapsed_s": 185.0,
+        "eta_s": 455.0,
+        "gpu_memory_gib": 1.5,
+        "alpha_mean": 0.5125,
+        "alpha_min": 0.3,
+        "alpha_max": 0.7,
+        "alphas": {"conv1.weight": 0.3, "layer1.0.conv1.weight": 0.7, "layer1.0.conv2.weight": 0.5375},
+        "entropies": {"conv1.weight": 1.9},
+        "peer_entropies": {"conv1.weight": 2.1},
+        "invalid_filters": {"0.1": 14, "0.01": 8},
+        "total_filters": 1136,
+    }
     values.update(changes)
     return EpochRecord(**values)
 
@@ -58,8 +83,9 @@ def test_final_and_filter_level_epochs():
     assert "alpha" not in final and "ETA" not in final and final.endswith("| elapsed 3m05s")
     baseline = grafted_record(epoch=4, grafted=False, graft_ms=None, alphas={}, alpha_mean=None).line()
     assert "| no graft |" in baseline
-    filters = grafted_record(alphas={}, filter_weights={"conv1.weight": 0.4}, alpha_mean=0.4, alpha_min=0.4,
-                             alpha_max=0.4).line()
+    filters = grafted_record(
+        alphas={}, filter_weights={"conv1.weight": 0.4}, alpha_mean=0.4, alpha_min=0.4, alpha_max=0.4
+    ).line()
     assert "| filter w mean 0.400 min 0.400 max 0.400 |" in filters
     no_convs = grafted_record(invalid_filters={}, total_filters=0).line()  # keys never say 'conv'
     assert "invalid" not in no_convs
@@ -69,10 +95,8 @@ def _numbers(value, out: list[float]) -> list[float]:
     """Every number in a JSON value, dict keys that are numbers included."""
     if isinstance(value, dict):
         for key, item in value.items():
-            try:
+            with contextlib.suppress(ValueError):
                 out.append(float(key))
-            except ValueError:
-                pass
             _numbers(item, out)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         out.append(float(value))
@@ -105,8 +129,9 @@ def test_epoch_record_summarises_the_grafting_step_and_counts_invalid_filters():
     layers = [LayerRecord("conv1.weight", 1.5, 1.7, 0.35), LayerRecord("layer1.0.conv1.weight", 2.0, 1.0, 0.65)]
     report = GraftReport(epoch=2, peer=2, waited_s=0.5, graft_ms=12.0, layers=layers, grafted=True)
     stats = EpochStats(loss=1.0, top1=50.0, top5=None, images_per_s=100.0)
-    record = epoch_record(2, 5, stats, stats, best_acc=50.0, lr=0.1, report=report, model=model, epoch_s=3.0,
-                          elapsed_s=6.0, eta_s=9.0)
+    record = epoch_record(
+        2, 5, stats, stats, best_acc=50.0, lr=0.1, report=report, model=model, epoch_s=3.0, elapsed_s=6.0, eta_s=9.0
+    )
     assert (record.alpha_mean, record.alpha_min, record.alpha_max) == (pytest.approx(0.5), 0.35, 0.65)
     assert record.peer_entropies == {"conv1.weight": 1.7, "layer1.0.conv1.weight": 1.0}
     state = model.state_dict()
@@ -200,11 +225,13 @@ def test_tensorboard_shows_the_grafting_and_the_settings(tmp_path):
     text = tags["settings/text_summary"][0][1].tensor.string_val[0].decode()
     assert STAND_IN_NOTE in text and "| model | resnet20 |" in text
     start = plugin_data_pb2.HParamsPluginData.FromString(
-        tags["_hparams_/session_start_info"][0][1].metadata.plugin_data.content).session_start_info
+        tags["_hparams_/session_start_info"][0][1].metadata.plugin_data.content
+    ).session_start_info
     assert start.hparams["model"].string_value == "resnet20" and start.hparams["a"].number_value == 0.4
     assert start.hparams["generated_data"].string_value == "true" and start.hparams["graft_rule"].string_value == "none"
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        tags["_hparams_/experiment"][0][1].metadata.plugin_data.content).experiment
+        tags["_hparams_/experiment"][0][1].metadata.plugin_data.content
+    ).experiment
     assert {m.name.tag for m in experiment.metric_infos} == {"test/acc", "test/best"}
 
 

@@ -6,6 +6,7 @@ ran, and one script trains for real: a ring of two networks for one epoch on gen
 The checks before anything starts (data, GPUs, settings, rings that ran before) are tested here;
 LAUNCHER=slurm is tested in test_slurm.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,18 +20,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from grafting.tools import ensemble as ensemble_tool, runs as runs_tool
-from grafting.data.fake import write_fake_cifar
-from grafting_cifar.train import parse_args as parse_cifar_args
 from conftest import one_line
+
+from grafting.data.fake import write_fake_cifar
+from grafting.tools import ensemble as ensemble_tool
+from grafting.tools import runs as runs_tool
+from grafting_cifar.train import parse_args as parse_cifar_args
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if "lib/launch.sh" in p.read_text())
-OWN_SCRIPTS = {"cifar_baselines.sh", "cifar_grafting.sh", "mobilenetv2_networks.sh", "leaky_resnets.sh",
-               "vgg16_grafting.sh", "mobilenetv2_a_c.sh", "imagenet.sh"}
+OWN_SCRIPTS = {
+    "cifar_baselines.sh",
+    "cifar_grafting.sh",
+    "mobilenetv2_networks.sh",
+    "leaky_resnets.sh",
+    "vgg16_grafting.sh",
+    "mobilenetv2_a_c.sh",
+    "imagenet.sh",
+}
 
 
 @dataclass
@@ -38,7 +47,7 @@ class Command:
     """One printed command line, taken apart."""
 
     env: dict[str, str]
-    program: str        # the script the interpreter runs
+    program: str  # the script the interpreter runs
     launcher: list[str]  # what comes between the interpreter and the program (torchrun)
     args: list[str]
     log: str | None
@@ -46,8 +55,11 @@ class Command:
 
 def _environment(**settings: str) -> dict[str, str]:
     # Only what the scripts need: settings a developer exported must not leak into the test.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
-           "PYTHON": sys.executable}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "PYTHON": sys.executable,
+    }
     env.update(settings)
     return env
 
@@ -63,8 +75,14 @@ def run_script(script: str | Path, cwd: Path, timeout: float = 60, **settings: s
     """Run an experiment script with bash and the given settings (in ``cwd``, which gets the default data
     folders); returns the finished process."""
     data_folders(cwd)
-    return subprocess.run(["bash", str(REPO / "scripts" / script)], cwd=cwd, env=_environment(**settings),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / script)],
+        cwd=cwd,
+        env=_environment(**settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def parse_command(line: str) -> Command:
@@ -81,10 +99,10 @@ def parse_command(line: str) -> Command:
     log = None
     if ">>" in words:
         end = words.index(">>")
-        assert words[end + 2:] == ["2>&1", "&"], line
+        assert words[end + 2 :] == ["2>&1", "&"], line
         log = words[end + 1]
         words = words[:end]
-    return Command(env, words[program_at], words[1:program_at], words[program_at + 1:], log)
+    return Command(env, words[program_at], words[1:program_at], words[program_at + 1 :], log)
 
 
 def dry_commands(script: str | Path, cwd: Path, **settings: str) -> tuple[list[str], list[Command]]:
@@ -140,7 +158,9 @@ def test_dry_run_prints_commands_the_parsers_accept(script, tmp_path):
         assert len(nums) == 1, f"{folder}: networks disagree on --num"
         assert sorted(a.i for a in members) == list(range(1, nums.pop() + 1)), f"{folder}: incomplete ring"
     assert listing(tmp_path) == before, "DRY=1 must not create anything"
-    assert lines[0].startswith(f"# {script.name}: {len(rings)} ring(s), {sum(len(m) for m in rings.values())} network(s)")
+    assert lines[0].startswith(
+        f"# {script.name}: {len(rings)} ring(s), {sum(len(m) for m in rings.values())} network(s)"
+    )
 
 
 EXPECTED_NETWORKS = {  # (rings, training commands) of each script with its default settings
@@ -167,8 +187,12 @@ def test_default_settings_cover_every_published_row(script, tmp_path):
 def test_recipes_of_the_grafting_table(tmp_path):
     _, commands = dry_commands("cifar_grafting.sh", tmp_path)
     rows = {(a.model, a.cifar, Path(a.s).name.rsplit("_", 1)[1]) for _, a in training(commands)}
-    assert rows == {(m, d, r) for m in ("resnet32", "resnet56", "resnet110", "mobilenetv2") for d in (10, 100)
-                    for r in ("slr", "dlr")}
+    assert rows == {
+        (m, d, r)
+        for m in ("resnet32", "resnet56", "resnet110", "mobilenetv2")
+        for d in (10, 100)
+        for r in ("slr", "dlr")
+    }
     for _, args in training(commands):
         recipe = Path(args.s).name.rsplit("_", 1)[1]
         assert (args.difflr, args.cos) == ((True, True) if recipe == "dlr" else (False, False))
@@ -178,8 +202,19 @@ def test_recipes_of_the_grafting_table(tmp_path):
 def test_the_a_and_c_study_and_vgg_levels(tmp_path):
     _, commands = dry_commands("mobilenetv2_a_c.sh", tmp_path, DATASETS="10")
     pairs = [(a.a, a.c) for c, a in training(commands) if a.i == 1]
-    assert pairs == [(0.4, 1), (0.4, 5), (0.4, 10), (0.4, 50), (0.4, 500),
-                     (0.0, 100), (0.2, 100), (0.4, 100), (0.6, 100), (0.8, 100), (1.0, 100)]
+    assert pairs == [
+        (0.4, 1),
+        (0.4, 5),
+        (0.4, 10),
+        (0.4, 50),
+        (0.4, 500),
+        (0.0, 100),
+        (0.2, 100),
+        (0.4, 100),
+        (0.6, 100),
+        (0.8, 100),
+        (1.0, 100),
+    ]
     _, commands = dry_commands("vgg16_grafting.sh", tmp_path, DATASETS="100")
     levels = [(a.num, a.level) for _, a in training(commands) if a.i == 1]
     assert levels == [(1, "layer"), (2, "layer"), (2, "filter")]
@@ -204,26 +239,34 @@ def test_ensemble_members_are_seeded_apart_and_evaluated_afterwards(tmp_path):
 
 def test_gpus_round_robin_and_queue(tmp_path):
     # A ring of 8 on 3 GPUs: round-robin.
-    _, commands = dry_commands("mobilenetv2_networks.sh", tmp_path, GPUS="0,1,2", NETS="8", DATASETS="10",
-                               ENSEMBLE="0")
+    _, commands = dry_commands("mobilenetv2_networks.sh", tmp_path, GPUS="0,1,2", NETS="8", DATASETS="10", ENSEMBLE="0")
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in commands] == ["0", "1", "2", "0", "1", "2", "0", "1"]
     # Rings of 2 on 4 GPUs: two rings at a time, the others queued behind them.
-    lines, commands = dry_commands("cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet32",
-                                   DATASETS="10 100")
+    lines, commands = dry_commands("cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet32", DATASETS="10 100")
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in commands] == ["0", "1", "2", "3"] * 2
     queued = [k for k, line in enumerate(lines) if line.startswith("# queued")]
     assert queued == [5]  # after the plan line and the first two rings
     # Two networks per GPU: all four rings at once.
-    lines, commands = dry_commands("cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet32",
-                                   DATASETS="10 100", JOBS_PER_GPU="2")
+    lines, commands = dry_commands(
+        "cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet32", DATASETS="10 100", JOBS_PER_GPU="2"
+    )
     assert not any(line.startswith("# queued") for line in lines)
     assert sorted(c.env["CUDA_VISIBLE_DEVICES"] for c in commands) == ["0", "0", "1", "1", "2", "2", "3", "3"]
 
 
 def test_cpu_and_extra_flags(tmp_path):
     (tmp_path / "cifar data" / "cifar-100-python").mkdir(parents=True)
-    _, commands = dry_commands("cifar_baselines.sh", tmp_path, GPUS="cpu", MODELS="resnet20", DATASETS="100",
-                               EXTRA="--amp --peer-timeout 60", OUT="my runs", DATA="~/cifar data", HOME=str(tmp_path))
+    _, commands = dry_commands(
+        "cifar_baselines.sh",
+        tmp_path,
+        GPUS="cpu",
+        MODELS="resnet20",
+        DATASETS="100",
+        EXTRA="--amp --peer-timeout 60",
+        OUT="my runs",
+        DATA="~/cifar data",
+        HOME=str(tmp_path),
+    )
     [(command, args)] = training(commands)
     assert command.env == {}
     assert args.device == "cpu" and args.amp and args.peer_timeout == 60
@@ -232,33 +275,41 @@ def test_cpu_and_extra_flags(tmp_path):
 
 
 def test_imagenet_networks_on_several_gpus_use_torchrun(tmp_path):
-    _, commands = dry_commands("imagenet.sh", tmp_path, GPUS="0,1,2,3", GPUS_PER_NET="2", ARCHS="resnet50",
-                               METHODS="grafting", RECIPE="step")
+    _, commands = dry_commands(
+        "imagenet.sh", tmp_path, GPUS="0,1,2,3", GPUS_PER_NET="2", ARCHS="resnet50", METHODS="grafting", RECIPE="step"
+    )
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in commands] == ["0,1", "2,3"]
     for command, args in training(commands):
         assert command.launcher == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--"]
         # torchrun's own parser must hand the script and every one of its flags over untouched
         # (without the "--" it reads --num as its --numa-binding and rejects --s as ambiguous).
         from torch.distributed.run import get_args_parser
+
         run = get_args_parser().parse_args(command.launcher[2:] + [command.program] + command.args)
         assert run.training_script == command.program and run.training_script_args == command.args
         assert args.model == "resnet50" and args.steplr and args.batch_size == 256 and args.num == 2
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"GPUS": "0,,1"}, "GPUS='0,,1' has an empty entry"),
-    ({"METHODS": "slr fancy"}, "METHODS: unknown value 'fancy'"),
-    ({"DATASETS": "10 1000"}, "DATASETS: unknown value '1000'"),
-    ({"JOBS_PER_GPU": "0"}, "JOBS_PER_GPU must be a positive whole number"),
-    ({"GPUS": "0", "GPUS_PER_NET": "2"}, "lists 1 GPU(s) but each network needs GPUS_PER_NET=2"),
-    ({"GPUS": "0,1", "GPUS_PER_NET": "2"}, "only grafting_imagenet/train.py trains one network on several processes"),
-    ({"LAUNCHER": "pbs"}, "LAUNCHER must be nohup or slurm, got 'pbs'"),
-    ({"NODES_PER_NET": "2"}, "NODES_PER_NET=2 needs LAUNCHER=slurm"),
-    ({"MEM_PER_NET": "lots"}, "MEM_PER_NET must be a size like 16G"),
-    ({"METHODS": " "}, "the settings select no ring to run"),
-    ({"DATA": "elsewhere"}, "DATA=elsewhere: no CIFAR-10 in "),
-    ({"DATA": "elsewhere", "DATASETS": "100"}, "cifar-100-python/ is missing"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"GPUS": "0,,1"}, "GPUS='0,,1' has an empty entry"),
+        ({"METHODS": "slr fancy"}, "METHODS: unknown value 'fancy'"),
+        ({"DATASETS": "10 1000"}, "DATASETS: unknown value '1000'"),
+        ({"JOBS_PER_GPU": "0"}, "JOBS_PER_GPU must be a positive whole number"),
+        ({"GPUS": "0", "GPUS_PER_NET": "2"}, "lists 1 GPU(s) but each network needs GPUS_PER_NET=2"),
+        (
+            {"GPUS": "0,1", "GPUS_PER_NET": "2"},
+            "only grafting_imagenet/train.py trains one network on several processes",
+        ),
+        ({"LAUNCHER": "pbs"}, "LAUNCHER must be nohup or slurm, got 'pbs'"),
+        ({"NODES_PER_NET": "2"}, "NODES_PER_NET=2 needs LAUNCHER=slurm"),
+        ({"MEM_PER_NET": "lots"}, "MEM_PER_NET must be a size like 16G"),
+        ({"METHODS": " "}, "the settings select no ring to run"),
+        ({"DATA": "elsewhere"}, "DATA=elsewhere: no CIFAR-10 in "),
+        ({"DATA": "elsewhere", "DATASETS": "100"}, "cifar-100-python/ is missing"),
+    ],
+)
 @pytest.mark.parametrize("dry", ["1", "0"])
 def test_bad_settings_stop_with_one_line(settings, message, dry, tmp_path):
     result = run_script("cifar_grafting.sh", tmp_path, DRY=dry, **settings)
@@ -297,8 +348,9 @@ def test_gpus_are_checked_with_nvidia_smi(tmp_path):
     path = _nvidia_smi(tmp_path, "0,1")
     result = run_script("cifar_grafting.sh", tmp_path, DRY="1", GPUS="0,1,2,3", PATH=path)
     assert result.returncode == 2 and result.stdout == ""
-    assert one_line(result.stderr) == ("error: GPUS=0,1,2,3: this machine has no GPU 2 (nvidia-smi lists 0,1); set "
-                                       "GPUS to those ids, or GPUS=cpu")
+    assert one_line(result.stderr) == (
+        "error: GPUS=0,1,2,3: this machine has no GPU 2 (nvidia-smi lists 0,1); set GPUS to those ids, or GPUS=cpu"
+    )
     result = run_script("cifar_grafting.sh", tmp_path, DRY="1", GPUS="1,0", PATH=path)
     assert result.returncode == 0 and result.stderr == ""
     # Without nvidia-smi the ids cannot be checked: a warning, and the commands all the same.
@@ -313,12 +365,22 @@ def test_a_ring_that_ran_before_needs_resume(tmp_path):
     ring = tmp_path / "out" / "resnet20_c10_dlr"
     (ring / "net2").mkdir(parents=True)
     (ring / "net2" / "last.pt").write_bytes(b"")
-    settings = dict(PYTHON=_stub(tmp_path), FOREGROUND="1", POLL="1", GPUS="0,1", MODELS="resnet20", DATASETS="10",
-                    OUT="out", STUB_SECONDS="0")
+    settings = {
+        "PYTHON": _stub(tmp_path),
+        "FOREGROUND": "1",
+        "POLL": "1",
+        "GPUS": "0,1",
+        "MODELS": "resnet20",
+        "DATASETS": "10",
+        "OUT": "out",
+        "STUB_SECONDS": "0",
+    }
     result = run_script("cifar_grafting.sh", tmp_path, **settings)
     assert result.returncode == 2 and result.stdout == ""
-    assert one_line(result.stderr) == (f"error: {ring}/net2/last.pt exists: that ring has run before; continue it "
-                                       f"with EXTRA=--resume, or choose another OUT")
+    assert one_line(result.stderr) == (
+        f"error: {ring}/net2/last.pt exists: that ring has run before; continue it "
+        f"with EXTRA=--resume, or choose another OUT"
+    )
     assert not (tmp_path / "out" / "resnet20_c10_slr").exists(), "no ring may start before the checks pass"
     # The advice, followed literally.
     result = run_script("cifar_grafting.sh", tmp_path, EXTRA="--resume", **settings)
@@ -367,8 +429,17 @@ def _events(ring: Path) -> dict[str, list[float]]:
 
 def test_queue_runs_rings_one_after_another_when_gpus_are_short(tmp_path):
     started = time.monotonic()
-    result = run_script("cifar_grafting.sh", tmp_path, PYTHON=_stub(tmp_path), FOREGROUND="1", POLL="1",
-                        GPUS="0,1", MODELS="resnet20", DATASETS="10", OUT="out")
+    result = run_script(
+        "cifar_grafting.sh",
+        tmp_path,
+        PYTHON=_stub(tmp_path),
+        FOREGROUND="1",
+        POLL="1",
+        GPUS="0,1",
+        MODELS="resnet20",
+        DATASETS="10",
+        OUT="out",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert time.monotonic() - started < 30
     first, second = tmp_path / "out" / "resnet20_c10_slr", tmp_path / "out" / "resnet20_c10_dlr"
@@ -388,8 +459,18 @@ def test_queue_runs_rings_one_after_another_when_gpus_are_short(tmp_path):
 
 def test_a_failed_network_stops_its_ring_and_the_queue_moves_on(tmp_path):
     started = time.monotonic()
-    result = run_script("cifar_grafting.sh", tmp_path, PYTHON=_stub(tmp_path), FOREGROUND="1", POLL="1",
-                        GPUS="0,1", MODELS="resnet20", DATASETS="10", OUT="out", STUB_FAIL="1")
+    result = run_script(
+        "cifar_grafting.sh",
+        tmp_path,
+        PYTHON=_stub(tmp_path),
+        FOREGROUND="1",
+        POLL="1",
+        GPUS="0,1",
+        MODELS="resnet20",
+        DATASETS="10",
+        OUT="out",
+        STUB_FAIL="1",
+    )
     assert result.returncode == 1
     assert time.monotonic() - started < 30, "the surviving network of the failed ring was not stopped"
     failed = tmp_path / "out" / "resnet20_c10_slr"
@@ -401,8 +482,17 @@ def test_a_failed_network_stops_its_ring_and_the_queue_moves_on(tmp_path):
 
 def test_network_logs_are_appended_with_a_header_per_start(tmp_path):
     # Resuming a ring (EXTRA=--resume) must keep the log lines of the networks' earlier runs.
-    settings = dict(PYTHON=_stub(tmp_path), FOREGROUND="1", POLL="1", GPUS="0,1", MODELS="resnet20", DATASETS="10",
-                    METHODS="slr", OUT="out", STUB_SECONDS="0")
+    settings = {
+        "PYTHON": _stub(tmp_path),
+        "FOREGROUND": "1",
+        "POLL": "1",
+        "GPUS": "0,1",
+        "MODELS": "resnet20",
+        "DATASETS": "10",
+        "METHODS": "slr",
+        "OUT": "out",
+        "STUB_SECONDS": "0",
+    }
     first = run_script("cifar_grafting.sh", tmp_path, **settings)
     assert first.returncode == 0, first.stdout + first.stderr
     again = run_script("cifar_grafting.sh", tmp_path, EXTRA="--resume", **settings)
@@ -417,8 +507,16 @@ def test_network_logs_are_appended_with_a_header_per_start(tmp_path):
 def test_queue_detaches_and_logs_to_queue_log(tmp_path):
     started = time.monotonic()
     # The default POLL: a few seconds between checks, so the second ring follows the first at once.
-    result = run_script("cifar_baselines.sh", tmp_path, PYTHON=_stub(tmp_path), GPUS="0",
-                        MODELS="resnet20", DATASETS="10 100", OUT="out", STUB_SECONDS="0")
+    result = run_script(
+        "cifar_baselines.sh",
+        tmp_path,
+        PYTHON=_stub(tmp_path),
+        GPUS="0",
+        MODELS="resnet20",
+        DATASETS="10 100",
+        OUT="out",
+        STUB_SECONDS="0",
+    )
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 10, "the script should return while the queue runs on"
     assert "started in the background" in result.stdout and "tail -f" in result.stdout
@@ -439,9 +537,22 @@ def test_queue_detaches_and_logs_to_queue_log(tmp_path):
 
 def test_grafting_script_trains_one_epoch_on_the_cpu(tmp_path):
     data = write_fake_cifar(tmp_path / "data", num_classes=10, train_size=128, test_size=50)
-    result = run_script("cifar_grafting.sh", tmp_path, timeout=300, PYTHON=sys.executable, FOREGROUND="1", POLL="1",
-                        GPUS="cpu", EPOCHS="1", MODELS="resnet20", DATASETS="10", METHODS="dlr", DATA=str(data),
-                        OUT="out", EXTRA="--print_frequence 0")
+    result = run_script(
+        "cifar_grafting.sh",
+        tmp_path,
+        timeout=300,
+        PYTHON=sys.executable,
+        FOREGROUND="1",
+        POLL="1",
+        GPUS="cpu",
+        EPOCHS="1",
+        MODELS="resnet20",
+        DATASETS="10",
+        METHODS="dlr",
+        DATA=str(data),
+        OUT="out",
+        EXTRA="--print_frequence 0",
+    )
     ring = tmp_path / "out" / "resnet20_c10_dlr"
     logs = {i: (ring / f"{i}.log").read_text() for i in (1, 2)}
     assert result.returncode == 0, result.stdout + "".join(logs.values())
@@ -456,5 +567,5 @@ def test_grafting_script_trains_one_epoch_on_the_cpu(tmp_path):
     assert [n.final for n in run.networks] == finals
     # The queue printed the ring's summary row when it finished.
     after = result.stdout.split(f"ring {ring} finished:\n", 1)[1].splitlines()
-    rows = [line for line in after[:after.index(next(x for x in after if not x.startswith("    ")))]]
+    rows = list(after[: after.index(next(x for x in after if not x.startswith("    ")))])
     assert any("resnet20" in row and "dlr" in row for row in rows), result.stdout

@@ -9,6 +9,7 @@ One ring serves every run: resnet20 on a generated CIFAR-10 (128 training images
 3 epochs, one thread each, so that a run is deterministic and the Slurm runs can be compared with the
 same ring started with LAUNCHER=nohup.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,24 +19,31 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-
 from conftest import REPO, child_env, finish, one_line, start_process
+from test_scripts import EXPERIMENTS, data_folders, dry_commands, listing, parsed, run_script, training
+
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.tools import runs as runs_tool
 from grafting.train.cli import entry_point
 from grafting.train.signals import STOPPED_EXIT_CODE, StopRequested, stop_on_signals
-from test_scripts import EXPERIMENTS, data_folders, dry_commands, listing, parsed, run_script, training
 
 LOCAL_SLURM = REPO / "scripts" / "ci" / "local_slurm.sh"
-RING = dict(GPUS="cpu", OUT="out", MODELS="resnet20", DATASETS="10", METHODS="dlr", EPOCHS="3",
-            EXTRA="--threads 1 --print_frequence 0")
-SLURM = dict(LAUNCHER="slurm", CPUS_PER_NET="1", MEM_PER_NET="1G", TIME="30:00")
+RING = {
+    "GPUS": "cpu",
+    "OUT": "out",
+    "MODELS": "resnet20",
+    "DATASETS": "10",
+    "METHODS": "dlr",
+    "EPOCHS": "3",
+    "EXTRA": "--threads 1 --print_frequence 0",
+}
+SLURM = {"LAUNCHER": "slurm", "CPUS_PER_NET": "1", "MEM_PER_NET": "1G", "TIME": "30:00"}
 RING_NAME = "resnet20_c10_dlr"
 JOB_TIMEOUT_S = 600.0
 EPOCH_LINE = re.compile(r"\[net (\d)/2\] epoch (\d)/3 \|")
@@ -99,8 +107,12 @@ def watch(ring: Path, submitted: float, finished) -> Ring:
     """Follow a ring until ``finished()``; returns its :class:`Ring` times."""
     logs = [ring / f"{net}.log" for net in (1, 2)]
     started = wait_for(lambda: all(log.exists() for log in logs), "the networks' logs", ring, poll=0.02)
-    trained = wait_for(lambda: all("done: best test accuracy" in log.read_text() for log in logs),
-                       "the networks' last lines", ring, poll=0.02)
+    trained = wait_for(
+        lambda: all("done: best test accuracy" in log.read_text() for log in logs),
+        "the networks' last lines",
+        ring,
+        poll=0.02,
+    )
     ended = wait_for(finished, "the launcher to finish the ring", ring, poll=0.02)
     return Ring(ring, submitted, started, trained, ended)
 
@@ -112,8 +124,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory, cifar: Path) -> Ring:
     data_folders(work)
     settings = {**RING, "FOREGROUND": "1", "DATA": str(cifar), "PYTHON": sys.executable}
     submitted = time.monotonic()
-    script = start_process(["bash", str(REPO / "scripts" / "cifar_grafting.sh")], work, "nohup",
-                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), **settings})
+    script = start_process(
+        ["bash", str(REPO / "scripts" / "cifar_grafting.sh")],
+        work,
+        "nohup",
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), **settings},
+    )
     ring = watch(work / "out" / RING_NAME, submitted, lambda: script.returncode is not None)
     assert script.returncode == 0, script.report()
     return ring
@@ -149,7 +165,9 @@ def wait_for(condition, what: str, ring: Path, timeout: float = JOB_TIMEOUT_S, p
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(ring.glob("*.log")) + sorted(ring.glob("*.out")))
+            logs = "\n".join(
+                f"--- {p.name}\n{p.read_text()}" for p in sorted(ring.glob("*.log")) + sorted(ring.glob("*.out"))
+            )
             pytest.fail(f"timed out waiting for {what}\n{logs}")
         time.sleep(poll)
     return time.monotonic()
@@ -157,7 +175,14 @@ def wait_for(condition, what: str, ring: Path, timeout: float = JOB_TIMEOUT_S, p
 
 def job_ended(env: dict[str, str], job: str) -> bool:
     """Whether the job reached a final state."""
-    return job_fields(env, job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    return job_fields(env, job)["JobState"] in (
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+    )
 
 
 def last_epochs(ring: Path) -> list[int | None]:
@@ -228,8 +253,16 @@ def test_the_scripts_exit_with_the_status_the_job_script_reads(capsys: pytest.Ca
 # ----------------------------------------------------------------------------------------------
 # DRY=1 LAUNCHER=slurm: the job scripts of every experiment script
 
-SETTINGS = dict(PARTITION="gpu-long", ACCOUNT="lab42", QOS="high", TIME="1-12:00:00", CPUS_PER_NET="6",
-                MEM_PER_NET="24G", MAX_REQUEUES="5", SBATCH_EXTRA="--constraint=a100 --mail-type=END")
+SETTINGS = {
+    "PARTITION": "gpu-long",
+    "ACCOUNT": "lab42",
+    "QOS": "high",
+    "TIME": "1-12:00:00",
+    "CPUS_PER_NET": "6",
+    "MEM_PER_NET": "24G",
+    "MAX_REQUEUES": "5",
+    "SBATCH_EXTRA": "--constraint=a100 --mail-type=END",
+}
 JOB_START = re.compile(r"^# ---- (\S+): sbatch (\S+)$")
 
 
@@ -255,12 +288,19 @@ def job_scripts(stdout: str, tmp_path: Path) -> list[JobScript]:
             text = "\n".join(current[1]) + "\n"
             check = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
             assert check.returncode == 0, f"{current[0]} does not parse: {check.stderr}"
-            options = dict(o.split("=", 1) if "=" in o else (o, "") for o in
-                           (l.split()[1] for l in current[1] if l.startswith("#SBATCH ")))
+            options = dict(
+                o.split("=", 1) if "=" in o else (o, "")
+                for o in (line.split()[1] for line in current[1] if line.startswith("#SBATCH "))
+            )
             train = []
-            if any(l.startswith("TRAIN=(") for l in current[1]):
-                words = subprocess.run(["bash", "-c", 'eval "$(grep "^TRAIN=(" /dev/stdin)"; printf "%s\\0" "${TRAIN[@]}"'],
-                                       input=text, text=True, capture_output=True, check=True).stdout
+            if any(line.startswith("TRAIN=(") for line in current[1]):
+                words = subprocess.run(
+                    ["bash", "-c", 'eval "$(grep "^TRAIN=(" /dev/stdin)"; printf "%s\\0" "${TRAIN[@]}"'],
+                    input=text,
+                    text=True,
+                    capture_output=True,
+                    check=True,
+                ).stdout
                 train = words.split("\0")[:-1]
             jobs.append(JobScript(current[0], text, options, train))
             current = None
@@ -290,15 +330,21 @@ def test_dry_run_prints_one_job_script_per_ring(script: Path, tmp_path: Path) ->
     for job in ring_jobs:
         assert job.path.name == "job.sbatch"
         options = job.options
-        assert (options["--partition"], options["--account"], options["--qos"], options["--time"]) == \
-            ("gpu-long", "lab42", "high", "1-12:00:00")
+        assert (options["--partition"], options["--account"], options["--qos"], options["--time"]) == (
+            "gpu-long",
+            "lab42",
+            "high",
+            "1-12:00:00",
+        )
         assert options["--cpus-per-task"] == "6" and options["--mem-per-cpu"] == "4096M"
         assert "--constraint" in options and options["--mail-type"] == "END"
         assert options["--gpus-per-task"] == "4" if script.name == "imagenet.sh" else options["--gpus-per-task"] == "1"
         assert options["--signal"].startswith("USR1@") and "--requeue" in options
         assert options["--output"] == f"{job.path.parent}/slurm-%j.out"
         assert "\nMAX_REQUEUES=5 " in job.text
-        command = type(commands[0])(env={}, program=job.train[0], launcher=[], args=[*job.train[1:], "--i", "1"], log=None)
+        command = type(commands[0])(
+            env={}, program=job.train[0], launcher=[], args=[*job.train[1:], "--i", "1"], log=None
+        )
         args = parsed(command)
         assert args.s == str(job.path.parent) and args.num == rings[args.s]
         name = options["--job-name"]
@@ -320,12 +366,16 @@ def test_dry_run_resources_per_layout(tmp_path: Path) -> None:
         [job] = job_scripts(result.stdout, tmp_path)
         return job.options
 
-    cifar = dict(MODELS="resnet20", DATASETS="10", METHODS="dlr")
+    cifar = {"MODELS": "resnet20", "DATASETS": "10", "METHODS": "dlr"}
     shared = options("cifar_grafting.sh", JOBS_PER_GPU="2", NUM="3", **cifar)  # 3 networks on 2 GPUs
-    assert (shared["--nodes"], shared["--ntasks"], shared["--gpus"]) == ("1", "3", "2") and "--gpus-per-task" not in shared
+    assert (shared["--nodes"], shared["--ntasks"], shared["--gpus"]) == (
+        "1",
+        "3",
+        "2",
+    ) and "--gpus-per-task" not in shared
     on_cpu = options("cifar_grafting.sh", GPUS="cpu", **cifar)
     assert not any(key.startswith("--gpus") for key in on_cpu)
-    imagenet = dict(ARCHS="resnet50", METHODS="grafting", GPUS_PER_NET="8")
+    imagenet = {"ARCHS": "resnet50", "METHODS": "grafting", "GPUS_PER_NET": "8"}
     two_nodes = options("imagenet.sh", NODES_PER_NET="2", **imagenet)
     assert (two_nodes["--nodes"], two_nodes["--ntasks-per-node"], two_nodes["--gpus-per-node"]) == ("4", "1", "8")
     one_node = options("imagenet.sh", **imagenet)
@@ -343,19 +393,40 @@ def test_network_tasks_get_their_gpus_and_resume_flags(tmp_path: Path) -> None:
     stub = tmp_path / "stub-python"
     stub.write_text(STUB)
     stub.chmod(0o755)
-    result = run_script("cifar_grafting.sh", tmp_path, DRY="1", LAUNCHER="slurm", JOBS_PER_GPU="2", NUM="3",
-                        MODELS="resnet20", DATASETS="10", METHODS="dlr", PYTHON=str(stub))
+    result = run_script(
+        "cifar_grafting.sh",
+        tmp_path,
+        DRY="1",
+        LAUNCHER="slurm",
+        JOBS_PER_GPU="2",
+        NUM="3",
+        MODELS="resnet20",
+        DATASETS="10",
+        METHODS="dlr",
+        PYTHON=str(stub),
+    )
     [job] = job_scripts(result.stdout, tmp_path)
     job.path.parent.mkdir(parents=True)
     job.path.write_text(job.text)
     record = tmp_path / "record"
     for task in range(3):  # what srun does on the node: the same script, one task id each
-        env = dict(os.environ, SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_JOB_ID="12",
-                   CUDA_VISIBLE_DEVICES="4,6", RESUME_NETS=" 2", RING_HOSTS="node1", STUB_RECORD=str(record))
+        env = dict(
+            os.environ,
+            SLURM_PROCID=str(task),
+            SLURM_LOCALID=str(task),
+            SLURM_JOB_ID="12",
+            CUDA_VISIBLE_DEVICES="4,6",
+            RESUME_NETS=" 2",
+            RING_HOSTS="node1",
+            STUB_RECORD=str(record),
+        )
         subprocess.run(["bash", str(job.path), "--network"], env=env, check=True, timeout=30)
     lines = record.read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["CUDA_VISIBLE_DEVICES=4", "CUDA_VISIBLE_DEVICES=6",
-                                                  "CUDA_VISIBLE_DEVICES=4"]
+    assert [line.split()[0] for line in lines] == [
+        "CUDA_VISIBLE_DEVICES=4",
+        "CUDA_VISIBLE_DEVICES=6",
+        "CUDA_VISIBLE_DEVICES=4",
+    ]
     assert [line.split()[-3:] for line in lines] == [["3", "--i", "1"], ["--i", "2", "--resume"], ["3", "--i", "3"]]
     log = (job.path.parent / "2.log").read_text()
     assert log.startswith("==== ") and "network 2, Slurm job 12 start 1" in log and "GPU 6" in log
@@ -368,11 +439,23 @@ def test_network_tasks_get_their_gpus_and_resume_flags(tmp_path: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_network_on_two_nodes_grafts_with_a_single_process_peer(tmp_path: Path) -> None:
-    data = write_fake_imagefolder(tmp_path / "imagenet", num_classes=3, train_per_class=16, val_per_class=8,
-                                  image_size=40)
-    result = run_script("imagenet.sh", tmp_path, DRY="1", LAUNCHER="slurm", GPUS="cpu", NODES_PER_NET="2",
-                        ARCHS="resnet18", METHODS="grafting", EPOCHS="2", OUT="out", DATA=str(data),
-                        EXTRA="--threads 1 -j 0 -b 16 --image-size 32 -p 0")
+    data = write_fake_imagefolder(
+        tmp_path / "imagenet", num_classes=3, train_per_class=16, val_per_class=8, image_size=40
+    )
+    result = run_script(
+        "imagenet.sh",
+        tmp_path,
+        DRY="1",
+        LAUNCHER="slurm",
+        GPUS="cpu",
+        NODES_PER_NET="2",
+        ARCHS="resnet18",
+        METHODS="grafting",
+        EPOCHS="2",
+        OUT="out",
+        DATA=str(data),
+        EXTRA="--threads 1 -j 0 -b 16 --image-size 32 -p 0",
+    )
     assert result.returncode == 0, result.stderr
     [job] = job_scripts(result.stdout, tmp_path)
     assert job.options["--nodes"] == "4" and job.options["--ntasks-per-node"] == "1"
@@ -383,10 +466,16 @@ def test_a_network_on_two_nodes_grafts_with_a_single_process_peer(tmp_path: Path
     # process with the same flags.
     agents = []
     for task in (0, 1):
-        env = child_env(SLURM_PROCID=str(task), SLURM_LOCALID="0", SLURM_JOB_ID="7",
-                        RING_HOSTS="localhost localhost localhost localhost", RESUME_NETS="")
-        agents.append(start_process(["bash", str(job.path), "--network"], tmp_path, f"agent{task}", env=env,
-                                    merge_output=True))
+        env = child_env(
+            SLURM_PROCID=str(task),
+            SLURM_LOCALID="0",
+            SLURM_JOB_ID="7",
+            RING_HOSTS="localhost localhost localhost localhost",
+            RESUME_NETS="",
+        )
+        agents.append(
+            start_process(["bash", str(job.path), "--network"], tmp_path, f"agent{task}", env=env, merge_output=True)
+        )
     peer = start_process([sys.executable, *job.train, "--i", "2"], tmp_path, "net2", merge_output=True)
     codes = finish([*agents, peer], timeout=JOB_TIMEOUT_S)
     logs = {p.name: p.read_text() for p in ring.glob("*.log")}
@@ -408,10 +497,13 @@ def test_a_network_on_two_nodes_grafts_with_a_single_process_peer(tmp_path: Path
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_ring_runs_as_one_job_and_the_summary_reads_it(tmp_path: Path, slurm: dict[str, str], cifar: Path,
-                                                        reference: Ring) -> None:
+def test_ring_runs_as_one_job_and_the_summary_reads_it(
+    tmp_path: Path, slurm: dict[str, str], cifar: Path, reference: Ring
+) -> None:
     # Slurm's own checks come before anything is submitted.
-    refused = run_script("cifar_grafting.sh", tmp_path, DATA=str(cifar), **{**RING, **SLURM, **slurm, "PARTITION": "nope"})
+    refused = run_script(
+        "cifar_grafting.sh", tmp_path, DATA=str(cifar), **{**RING, **SLURM, **slurm, "PARTITION": "nope"}
+    )
     assert refused.returncode == 2 and refused.stdout == "", refused.stdout
     assert "sbatch --test-only refused the job of" in one_line(refused.stderr) and "invalid partition" in refused.stderr
     assert not (tmp_path / "out").exists()
@@ -420,8 +512,9 @@ def test_ring_runs_as_one_job_and_the_summary_reads_it(tmp_path: Path, slurm: di
     ring = tmp_path / "out" / RING_NAME
     # The same ring again while its job runs: refused, naming the job.
     again = run_script("cifar_grafting.sh", tmp_path, DATA=str(cifar), **{**RING, **SLURM, **slurm})
-    assert one_line(again.stderr) == (f"error: {ring} is already queued or running as Slurm job {job}; wait for it, "
-                                      f"or stop it: scancel {job}")
+    assert one_line(again.stderr) == (
+        f"error: {ring} is already queued or running as Slurm job {job}; wait for it, or stop it: scancel {job}"
+    )
     timing = watch(ring, submitted, lambda: job_ended(slurm, job))
     fields = job_fields(slurm, job)
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "0"), fields
@@ -429,9 +522,12 @@ def test_ring_runs_as_one_job_and_the_summary_reads_it(tmp_path: Path, slurm: di
     assert_ring_complete(ring, reference.folder)
     overhead = timing.overhead - reference.overhead
     for name, run in (("nohup", reference), ("slurm", timing)):
-        print(f"\n{name}: {run.ended - run.submitted:.1f} s in all; networks started after "
-              f"{run.started - run.submitted:.1f} s, the ring finished {run.ended - run.trained:.1f} s after their "
-              f"last lines", end="")
+        print(
+            f"\n{name}: {run.ended - run.submitted:.1f} s in all; networks started after "
+            f"{run.started - run.submitted:.1f} s, the ring finished {run.ended - run.trained:.1f} s after their "
+            f"last lines",
+            end="",
+        )
     print(f"\nthe Slurm path's overhead over the nohup path: {overhead:+.1f} s")
     assert overhead < 15, f"the Slurm path took {overhead:.1f} s longer than the nohup path"
     # The results tools read the ring folder as they read a nohup run's; the job's output ends with its row.
@@ -444,7 +540,8 @@ def test_ring_runs_as_one_job_and_the_summary_reads_it(tmp_path: Path, slurm: di
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_requeue_resumes_every_network_and_ends_as_an_uninterrupted_run(
-        tmp_path: Path, slurm: dict[str, str], cifar: Path, reference: Ring) -> None:
+    tmp_path: Path, slurm: dict[str, str], cifar: Path, reference: Ring
+) -> None:
     job = submit(tmp_path, cifar, slurm)
     ring = tmp_path / "out" / RING_NAME
     wait_for(lambda: None not in last_epochs(ring), "both networks' first epoch", ring, poll=0.05)
@@ -461,15 +558,18 @@ def test_requeue_resumes_every_network_and_ends_as_an_uninterrupted_run(
         assert log.count("==== ") >= 2 and f"Slurm job {job} start 2" in log, log
         assert f"resumed from {ring}/net{net}/last.pt: epoch {done[net - 1]} done" in log, log
         epoch_s = max(r["epoch_s"] for r in metrics(ring, net))
-        print(f"\nnet{net}: requeued in epoch {done[net - 1] + 1}, {lost[net - 1]:.1f} s after its last finished "
-              f"epoch (an epoch takes up to {epoch_s:.1f} s): the work lost")
+        print(
+            f"\nnet{net}: requeued in epoch {done[net - 1] + 1}, {lost[net - 1]:.1f} s after its last finished "
+            f"epoch (an epoch takes up to {epoch_s:.1f} s): the work lost"
+        )
         assert lost[net - 1] < epoch_s + 5, "more than the unfinished epoch was lost"
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_time_limit_signal_stops_the_networks_and_the_job_requeues_itself(tmp_path: Path, slurm: dict[str, str],
-                                                                          cifar: Path) -> None:
+def test_time_limit_signal_stops_the_networks_and_the_job_requeues_itself(
+    tmp_path: Path, slurm: dict[str, str], cifar: Path
+) -> None:
     job = submit(tmp_path, cifar, slurm)
     ring = tmp_path / "out" / RING_NAME
 
@@ -487,8 +587,11 @@ def test_time_limit_signal_stops_the_networks_and_the_job_requeues_itself(tmp_pa
     slurm_command(slurm, "scancel", "--signal=USR1", job)  # what Slurm sends before the time limit
     stopped = wait_for(lambda: all("stopped by SIGUSR1:" in log(net) for net in (1, 2)), "the stop lines", ring)
     # (exit 75, or 143 where srun's SIGTERM for the ring's first stopped network came during the exit)
-    exited = wait_for(lambda: all(f"network {net} stopped by SIGUSR1 (exit " in log(net) for net in (1, 2)),
-                      "the networks to exit", ring)
+    exited = wait_for(
+        lambda: all(f"network {net} stopped by SIGUSR1 (exit " in log(net) for net in (1, 2)),
+        "the networks to exit",
+        ring,
+    )
     print(f"\nstop lines {stopped - signalled:.1f} s and exits {exited - signalled:.1f} s after the signal")
     assert stopped - signalled < 10, "the networks did not stop at once"
     assert exited - signalled < 60, "the networks took too long to exit"

@@ -5,6 +5,7 @@ Every input is generated here with an answer known by construction: checkpoints 
 filters zeroed, networks whose logits are a fixed table, run folders (config.json, metrics.jsonl,
 heartbeat) written by hand.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,27 @@ from grafting.archs import cifar_models as models
 from grafting.data.fake import MARKER_NAME, write_fake_cifar
 from grafting.errors import CheckpointError, UsageError
 from grafting.method.filters import conv_filter_keys, count_invalid_filters
-from grafting.tools import data as data_tool, ensemble as ensemble_tool, filters as filters_tool, \
-    plot as plot_tool, published as published_tool, runs as runs_tool, summary as summary_tool
+from grafting.tools import (
+    data as data_tool,
+)
+from grafting.tools import (
+    ensemble as ensemble_tool,
+)
+from grafting.tools import (
+    filters as filters_tool,
+)
+from grafting.tools import (
+    plot as plot_tool,
+)
+from grafting.tools import (
+    published as published_tool,
+)
+from grafting.tools import (
+    runs as runs_tool,
+)
+from grafting.tools import (
+    summary as summary_tool,
+)
 
 torch.set_num_threads(1)
 
@@ -42,27 +62,30 @@ def test_published_table_holds_every_row_of_method_section_8():
     assert published_tool.PUBLISHED_INVALID[("mobilenetv2", "baseline", 0.01)] == (9834, 17088)
 
 
-@pytest.mark.parametrize("config, label", [
-    ({"num": 1, "difflr": False, "cos": False}, "baseline"),
-    ({"num": 1, "cos": True}, "baseline"),
-    ({"num": 2, "difflr": False, "cos": False, "a": 0.4, "c": 500.0}, "slr"),
-    ({"num": 2, "difflr": True, "cos": True}, "dlr"),
-    ({"num": 3, "difflr": True, "cos": True}, "dlr x3"),
-    ({"num": 2, "cos": True}, "cos"),
-    ({"num": 2, "difflr": True, "cos": True, "level": "filter"}, "filter dlr"),
-    ({"num": 2, "a": 0.4, "c": 1.0}, "slr a=0.4 c=1"),
-    ({"num": 2, "a": 0.0, "c": 100.0, "difflr": True}, "dlr a=0 c=100"),
-    ({"num": 2, "criterion": "l1"}, "slr l1"),
-    ({"num": 1, "source": "noise"}, "noise slr"),
-    ({"num": 2, "source": "average", "cos": True}, "average cos"),
-    ({"num": 2, "difflr": True, "distill": "peers"}, "dlr +distill peers"),
-    ({"num": 2, "distill": "none"}, "slr"),
-    # The ImageNet script (it records steplr): its recipe is the paper's "grafting", cosine unless --steplr.
-    ({"num": 2, "steplr": False, "cos": True}, "grafting"),
-    ({"num": 2, "steplr": True, "cos": False}, "grafting steplr"),
-    ({"num": 2, "steplr": False, "cos": True, "difflr": True}, "grafting dlr"),
-    ({"num": 1, "steplr": False, "cos": True}, "baseline"),
-])
+@pytest.mark.parametrize(
+    "config, label",
+    [
+        ({"num": 1, "difflr": False, "cos": False}, "baseline"),
+        ({"num": 1, "cos": True}, "baseline"),
+        ({"num": 2, "difflr": False, "cos": False, "a": 0.4, "c": 500.0}, "slr"),
+        ({"num": 2, "difflr": True, "cos": True}, "dlr"),
+        ({"num": 3, "difflr": True, "cos": True}, "dlr x3"),
+        ({"num": 2, "cos": True}, "cos"),
+        ({"num": 2, "difflr": True, "cos": True, "level": "filter"}, "filter dlr"),
+        ({"num": 2, "a": 0.4, "c": 1.0}, "slr a=0.4 c=1"),
+        ({"num": 2, "a": 0.0, "c": 100.0, "difflr": True}, "dlr a=0 c=100"),
+        ({"num": 2, "criterion": "l1"}, "slr l1"),
+        ({"num": 1, "source": "noise"}, "noise slr"),
+        ({"num": 2, "source": "average", "cos": True}, "average cos"),
+        ({"num": 2, "difflr": True, "distill": "peers"}, "dlr +distill peers"),
+        ({"num": 2, "distill": "none"}, "slr"),
+        # The ImageNet script (it records steplr): its recipe is the paper's "grafting", cosine unless --steplr.
+        ({"num": 2, "steplr": False, "cos": True}, "grafting"),
+        ({"num": 2, "steplr": True, "cos": False}, "grafting steplr"),
+        ({"num": 2, "steplr": False, "cos": True, "difflr": True}, "grafting dlr"),
+        ({"num": 1, "steplr": False, "cos": True}, "baseline"),
+    ],
+)
 def test_method_label(config, label):
     assert published_tool.method_label(config) == label
 
@@ -127,8 +150,10 @@ def test_paper_totals_come_out_of_the_tool(tmp_path):
 
 
 def test_filter_table_is_the_papers_layout():
-    rows = [filters_tool.FilterRow("baseline", {0.1: (36, 1136), 0.01: (35, 1136)}),
-            filters_tool.FilterRow("grafted", {0.1: (14, 1136), 0.01: (8, 1136)})]
+    rows = [
+        filters_tool.FilterRow("baseline", {0.1: (36, 1136), 0.01: (35, 1136)}),
+        filters_tool.FilterRow("grafted", {0.1: (14, 1136), 0.01: (8, 1136)}),
+    ]
     assert filters_tool.filter_table(rows, [0.1, 0.01], model="resnet32").splitlines() == [
         "| checkpoint | t = 0.1 | t = 0.01 |",
         "|---|---|---|",
@@ -269,8 +294,9 @@ def test_ensemble_cli_on_generated_cifar(tmp_path, capsys):
     run = tmp_path / "run" / "net1"
     run.mkdir(parents=True)
     second = _save({"model": nets[1].state_dict(), "acc": 1.0}, run / "best.pt")
-    (run / "config.json").write_text(json.dumps({"model": "resnet20", "num_classes": 10, "data": str(data),
-                                                 "generated_data": True}))
+    (run / "config.json").write_text(
+        json.dumps({"model": "resnet20", "num_classes": 10, "data": str(data), "generated_data": True})
+    )
 
     # The expected numbers, computed here directly.
     expected = ensemble_tool.ensemble_accuracy(nets, loader)
@@ -305,8 +331,6 @@ def test_ensemble_cli_reports_a_checkpoint_of_another_model(tmp_path, capsys):
         ensemble_tool.main([path, "--data", str(data)])  # no config.json and no --model
     assert exit_info.value.code == 2
     assert "pass --model and --cifar" in capsys.readouterr().err
-
-
 
 
 @pytest.mark.parametrize("stand_in", [True, False])
@@ -354,13 +378,16 @@ def test_ensemble_refuses_a_nan_checkpoint_instead_of_scoring_chance(tmp_path, c
     assert err.count("\n") == 1 and "NaN or infinite values" in err and "linear.weight" in err
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"model": "resnet999", "num_classes": 10}, "records model 'resnet999'"),
-    ({"model": "resnet20", "num_classes": "ten"}, "'num_classes' is 'ten', not a whole number"),
-    ({"model": "resnet20", "num_classes": 7}, "records 7 classes"),
-    ({"model": ["resnet20"], "num_classes": 10}, "'model' is ['resnet20'], not text"),
-    ({"model": "resnet20", "num_classes": 10, "data": "gone"}, "the data folder gone"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model": "resnet999", "num_classes": 10}, "records model 'resnet999'"),
+        ({"model": "resnet20", "num_classes": "ten"}, "'num_classes' is 'ten', not a whole number"),
+        ({"model": "resnet20", "num_classes": 7}, "records 7 classes"),
+        ({"model": ["resnet20"], "num_classes": 10}, "'model' is ['resnet20'], not text"),
+        ({"model": "resnet20", "num_classes": 10, "data": "gone"}, "the data folder gone"),
+    ],
+)
 def test_ensemble_reports_a_hand_edited_config_in_one_line(config, message, tmp_path, capsys):
     path = _run_folder_checkpoint(tmp_path / "run", models.create("resnet20").state_dict(), **config)
     with pytest.raises(SystemExit):
@@ -371,8 +398,7 @@ def test_ensemble_reports_a_hand_edited_config_in_one_line(config, message, tmp_
 
 def test_ensemble_reports_a_hand_edited_checkpoint_in_one_line(tmp_path, capsys):
     data = _fake_cifar(tmp_path)
-    cases = {"list.pt": [1, 2, 3], "strings.pt": {"model": {"conv1.weight": "zero"}},
-             "text.pt": None}
+    cases = {"list.pt": [1, 2, 3], "strings.pt": {"model": {"conv1.weight": "zero"}}, "text.pt": None}
     for name, content in cases.items():
         path = tmp_path / name
         if content is None:
@@ -390,12 +416,23 @@ def test_ensemble_reports_a_hand_edited_checkpoint_in_one_line(tmp_path, capsys)
 # Run-folder summaries
 
 
-CIFAR10 = {"dataset": "cifar10", "num_classes": 10, "epochs": 200, "a": 0.4, "c": 500.0, "level": "layer",
-           "criterion": "entropy", "source": "external", "distill": "none", "generated_data": False}
+CIFAR10 = {
+    "dataset": "cifar10",
+    "num_classes": 10,
+    "epochs": 200,
+    "a": 0.4,
+    "c": 500.0,
+    "level": "layer",
+    "criterion": "entropy",
+    "source": "external",
+    "distill": "none",
+    "generated_data": False,
+}
 
 
-def _write_run(folder: Path, config: dict, networks: list[dict[int, float | tuple[float, float]]],
-               alive: list[bool] | None = None) -> Path:
+def _write_run(
+    folder: Path, config: dict, networks: list[dict[int, float | tuple[float, float]]], alive: list[bool] | None = None
+) -> Path:
     """A run folder as the training scripts leave it: per network config.json and metrics.jsonl (one record
     per given epoch: test top-1, or (top-1, top-5)), and heartbeat files for the networks marked alive
     (a stale one, an hour old, for the others that are not)."""
@@ -406,8 +443,11 @@ def _write_run(folder: Path, config: dict, networks: list[dict[int, float | tupl
         lines = []
         for epoch, acc in accuracies.items():
             top1, top5 = acc if isinstance(acc, tuple) else (acc, None)
-            lines.append(json.dumps({"epoch": epoch, "epochs": config["epochs"], "test_acc": top1, "test_acc5": top5,
-                                     "train_loss": 1.0}))
+            lines.append(
+                json.dumps(
+                    {"epoch": epoch, "epochs": config["epochs"], "test_acc": top1, "test_acc5": top5, "train_loss": 1.0}
+                )
+            )
         (sub / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
         if alive is not None:
             heartbeat = folder / f"net{net}.alive"
@@ -426,13 +466,18 @@ def cifar_runs(tmp_path) -> Path:
     _write_run(runs / "r32_base", base, [{1: 50.0, 150: 92.5, 200: 92.4}])
     _write_run(runs / "r32_slr", {**base, **slr}, [{1: 50.0, 180: 93.4, 200: 93.3}, {1: 51.0, 190: 93.2, 200: 93.1}])
     _write_run(runs / "r32_dlr", {**base, "difflr": True, "cos": True}, [{200: 94.0}, {200: 93.9}])
-    _write_run(runs / "fake" / "r32_dlr", {**base, "difflr": True, "cos": True, "generated_data": True},
-               [{200: 99.0}, {200: 98.0}])
-    _write_run(runs / "deep" / "mnv2_x3", {**CIFAR10, "dataset": "cifar100", "num_classes": 100,
-                                           "model": "mobilenetv2", "difflr": True, "cos": True},
-               [{1: 10.0, 57: 70.0}, {57: 71.0}, {56: 72.0}], alive=[True, True, True])
-    _write_run(runs / "r56_slr", {**CIFAR10, "model": "resnet56", **slr}, [{30: 80.0}, {31: 81.0}],
-               alive=[False, True])
+    _write_run(
+        runs / "fake" / "r32_dlr",
+        {**base, "difflr": True, "cos": True, "generated_data": True},
+        [{200: 99.0}, {200: 98.0}],
+    )
+    _write_run(
+        runs / "deep" / "mnv2_x3",
+        {**CIFAR10, "dataset": "cifar100", "num_classes": 100, "model": "mobilenetv2", "difflr": True, "cos": True},
+        [{1: 10.0, 57: 70.0}, {57: 71.0}, {56: 72.0}],
+        alive=[True, True, True],
+    )
+    _write_run(runs / "r56_slr", {**CIFAR10, "model": "resnet56", **slr}, [{30: 80.0}, {31: 81.0}], alive=[False, True])
     _write_run(runs / "r56_base_short", {**CIFAR10, "model": "resnet56", "epochs": 3, **slr}, [{3: 40.0}])
     return runs
 
@@ -440,8 +485,9 @@ def cifar_runs(tmp_path) -> Path:
 def test_summary_groups_experiments_and_compares_only_what_is_comparable(cifar_runs, capsys):
     summary_tool.main([str(cifar_runs)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("| model | dataset | method | nets | epochs | status | best top-1 | final top-1 | gain | paper "
-                        "| diff | run |")
+    assert lines[0] == (
+        "| model | dataset | method | nets | epochs | status | best top-1 | final top-1 | gain | paper | diff | run |"
+    )
     table = [line for line in lines if line.startswith("| ") and not line.startswith("| model")]
     assert table == [
         "| mobilenetv2 | cifar100 | dlr x3 | 3 | 200 | running 56/200 | 71.00 ± 1.00 | - | - | 76.21 | - "
@@ -476,33 +522,56 @@ def test_summary_formats_hold_the_same_numbers(cifar_runs, capsys):
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [row["run"] for row in table] == [row["run"] for row in rows]
     fake = next(row for row in table if row["run"] == "fake/r32_dlr")
-    assert (fake["generated_stand_in"], fake["paper"], fake["diff"], fake["best_per_network"]) == ("True", "", "",
-                                                                                                   "99.0;98.0")
+    assert (fake["generated_stand_in"], fake["paper"], fake["diff"], fake["best_per_network"]) == (
+        "True",
+        "",
+        "",
+        "99.0;98.0",
+    )
     assert float(next(row for row in table if row["run"] == "r32_dlr")["gain"]) == pytest.approx(1.45)
 
 
 def test_summary_of_imagenet_recipes_shows_top5(tmp_path, capsys):
     runs = tmp_path / "imagenet"
-    recipe = {"model": "resnet18", "dataset": "imagefolder", "num_classes": 1000, "epochs": 90, "steplr": False,
-              "cos": True, "generated_data": False}
+    recipe = {
+        "model": "resnet18",
+        "dataset": "imagefolder",
+        "num_classes": 1000,
+        "epochs": 90,
+        "steplr": False,
+        "cos": True,
+        "generated_data": False,
+    }
     _write_run(runs / "r18_base", recipe, [{90: (69.5, 89.0)}])
     _write_run(runs / "r18", recipe, [{45: (71.3, 90.3), 90: (71.0, 90.0)}, {90: (71.4, 90.2)}])
     _write_run(runs / "small", {**recipe, "num_classes": 3, "epochs": 2}, [{2: (60.0, None)}])
     summary_tool.main([str(runs)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("| model | dataset | method | nets | epochs | status | best top-1 | final top-1 | best top-5 "
-                        "| final top-5 | gain | paper | diff | paper top-5 | diff top-5 | run |")
-    assert ("| resnet18 | imagefolder (3 classes) | baseline | 1 | 2 | done | 60.00 | 60.00 | - | - | - | - | - | - "
-            "| - | small |") in lines
-    assert ("| resnet18 | imagenet | baseline | 1 | 90 | done | 69.50 | 69.50 | 89.00 | 89.00 | - | 69.15 | +0.35 "
-            "| 88.87 | +0.13 | r18_base |") in lines
-    assert ("|  |  | grafting | 2 | 90 | done | 71.35 ± 0.07 | 71.20 ± 0.28 | 90.25 ± 0.07 | 90.10 ± 0.14 | +1.85 "
-            "| 71.19 | +0.16 | 90.01 | +0.24 | r18 |") in lines
+    assert lines[0] == (
+        "| model | dataset | method | nets | epochs | status | best top-1 | final top-1 | best top-5 "
+        "| final top-5 | gain | paper | diff | paper top-5 | diff top-5 | run |"
+    )
+    assert (
+        "| resnet18 | imagefolder (3 classes) | baseline | 1 | 2 | done | 60.00 | 60.00 | - | - | - | - | - | - "
+        "| - | small |"
+    ) in lines
+    assert (
+        "| resnet18 | imagenet | baseline | 1 | 90 | done | 69.50 | 69.50 | 89.00 | 89.00 | - | 69.15 | +0.35 "
+        "| 88.87 | +0.13 | r18_base |"
+    ) in lines
+    assert (
+        "|  |  | grafting | 2 | 90 | done | 71.35 ± 0.07 | 71.20 ± 0.28 | 90.25 ± 0.07 | 90.10 ± 0.14 | +1.85 "
+        "| 71.19 | +0.16 | 90.01 | +0.24 | r18 |"
+    ) in lines
 
 
 def test_summary_of_a_single_run_folder_names_it(tmp_path, capsys):
-    folder = _write_run(tmp_path / "r20", {**CIFAR10, "model": "resnet20", "epochs": 2, "difflr": True},
-                        [{}, {1: 40.0}], alive=[False, False])
+    folder = _write_run(
+        tmp_path / "r20",
+        {**CIFAR10, "model": "resnet20", "epochs": 2, "difflr": True},
+        [{}, {1: 40.0}],
+        alive=[False, False],
+    )
     [run] = runs_tool.find_runs([folder])
     assert run.folder == folder and run.method == "dlr" and run.published is None
     summary_tool.main([str(folder)])
@@ -533,22 +602,35 @@ def test_summary_errors(tmp_path, capsys):
         runs_tool.find_runs([tmp_path])
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: (d / "net1" / "config.json").write_text('{"model": "resnet20", "epochs": "abc", "num": 1}'),
-     "'epochs' is 'abc', not a whole number"),
-    (lambda d: (d / "net1" / "config.json").write_text('{"model": "resnet20", "epochs": 2, "num": 1, "a": "x"}'),
-     "'a' is 'x', not a number"),
-    (lambda d: (d / "net1" / "config.json").write_text('[]'), "does not hold a settings object"),
-    (lambda d: (d / "net1" / "config.json").write_text('{"epochs": 2, "num": 1000000000}'), "not a ring size"),
-    (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "high"}\n'),
-     "line 1: 'test_acc' is 'high', not a number"),
-    (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": "one", "test_acc": 5}\n'),
-     "line 1: 'epoch' is 'one', not a whole number"),
-    (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"loss": 1}\n'), "no 'epoch' or 'test_acc'"),
-    (lambda d: [(d / "net1" / "metrics.jsonl").unlink(), (d / "net1" / "metrics.jsonl").mkdir()],
-     "metrics.jsonl ([Errno 21] Is a directory"),
-    (lambda d: (d / "net1" / "metrics.jsonl").write_bytes(b"\xff\xfe{"), "cannot read"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda d: (d / "net1" / "config.json").write_text('{"model": "resnet20", "epochs": "abc", "num": 1}'),
+            "'epochs' is 'abc', not a whole number",
+        ),
+        (
+            lambda d: (d / "net1" / "config.json").write_text('{"model": "resnet20", "epochs": 2, "num": 1, "a": "x"}'),
+            "'a' is 'x', not a number",
+        ),
+        (lambda d: (d / "net1" / "config.json").write_text("[]"), "does not hold a settings object"),
+        (lambda d: (d / "net1" / "config.json").write_text('{"epochs": 2, "num": 1000000000}'), "not a ring size"),
+        (
+            lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "high"}\n'),
+            "line 1: 'test_acc' is 'high', not a number",
+        ),
+        (
+            lambda d: (d / "net1" / "metrics.jsonl").write_text('{"epoch": "one", "test_acc": 5}\n'),
+            "line 1: 'epoch' is 'one', not a whole number",
+        ),
+        (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"loss": 1}\n'), "no 'epoch' or 'test_acc'"),
+        (
+            lambda d: [(d / "net1" / "metrics.jsonl").unlink(), (d / "net1" / "metrics.jsonl").mkdir()],
+            "metrics.jsonl ([Errno 21] Is a directory",
+        ),
+        (lambda d: (d / "net1" / "metrics.jsonl").write_bytes(b"\xff\xfe{"), "cannot read"),
+    ],
+)
 def test_summary_reports_hand_edited_files_in_one_line(edit, message, tmp_path, capsys):
     folder = _write_run(tmp_path / "r", {**CIFAR10, "model": "resnet20", "epochs": 2}, [{1: 40.0, 2: 41.0}])
     edit(folder)
@@ -567,14 +649,21 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     from grafting.train.cli import build_parser
     from grafting.train.config import CifarConfig, ImagenetConfig
 
-    parsers = {"graft-cifar": build_parser(CifarConfig, "graft-cifar", ""),
-               "graft-imagenet": build_parser(ImagenetConfig, "graft-imagenet", "")}
-    for name, module in (("graft-summary", summary_tool), ("graft-filters", filters_tool),
-                         ("graft-ensemble", ensemble_tool), ("graft-plot", plot_tool), ("graft-data", data_tool)):
+    parsers = {
+        "graft-cifar": build_parser(CifarConfig, "graft-cifar", ""),
+        "graft-imagenet": build_parser(ImagenetConfig, "graft-imagenet", ""),
+    }
+    for name, module in (
+        ("graft-summary", summary_tool),
+        ("graft-filters", filters_tool),
+        ("graft-ensemble", ensemble_tool),
+        ("graft-plot", plot_tool),
+        ("graft-data", data_tool),
+    ):
         captured = {}
 
-        def keep(self, *args, _name=name, **kwargs):  # the parser a tool builds, without running it
-            captured.setdefault(_name, self)
+        def keep(self, *args, _name=name, _captured=captured, **kwargs):  # the parser a tool builds, unrun
+            _captured.setdefault(_name, self)
             raise SystemExit(0)
 
         original = argparse.ArgumentParser.parse_args

@@ -7,6 +7,7 @@ each network's pre-graft exchange file ``net<i>_epoch1.pt`` and its post-graft `
 epoch 1. ``last.pt`` is replaced by a rename after every epoch, so a watcher thread hard-links
 each new version while the ring runs (see :class:`FileVersions`).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR_SCRIPT, Proc, child_env, finish, start_script
 
-from conftest import CIFAR_SCRIPT, REPO, Proc, child_env, finish, start_script
-from grafting.archs import cifar_models as models
 from grafting import graft_filters, graft_layers
+from grafting.archs import cifar_models as models
 from grafting.data.fake import write_fake_cifar
 from grafting.train.report import read_metrics
 
@@ -87,8 +87,19 @@ def epochs_done(shared: Path, net: int) -> list[int]:
 def ring_flags(data: Path, shared: Path, num: int, epochs: int, *extra: str) -> list[str]:
     """The command line every network of a ring shares (all but ``--i``); --keep-all because the tests read
     the exchange files, which a finished ring otherwise removes."""
-    return ["--data", str(data), "--s", str(shared), "--num", str(num), "--epochs", str(epochs), *FAST_FLAGS,
-            "--keep-all", *extra]
+    return [
+        "--data",
+        str(data),
+        "--s",
+        str(shared),
+        "--num",
+        str(num),
+        "--epochs",
+        str(epochs),
+        *FAST_FLAGS,
+        "--keep-all",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +180,14 @@ def recomputed_graft(shared: Path, net: int, peer: int, epoch: int, *, level: st
     model = models.create(config["model"], num_classes=config["num_classes"])
     model.load_state_dict(own["model"])
     if level == "layer":
-        graft_layers(model, theirs["model"], a=config["a"], c=config["c"], rule=config["graft_rule"],
-                     criterion=config["criterion"])
+        graft_layers(
+            model,
+            theirs["model"],
+            a=config["a"],
+            c=config["c"],
+            rule=config["graft_rule"],
+            criterion=config["criterion"],
+        )
     else:
         graft_filters(model, theirs["model"])
     return model.state_dict()
@@ -181,7 +198,9 @@ def assert_states_equal(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert list(actual) == list(expected), f"{what}: different entries"
     for key, tensor in expected.items():
         if torch.is_floating_point(tensor):
-            torch.testing.assert_close(actual[key], tensor, rtol=0.0, atol=1e-6, msg=lambda m: f"{what}, {key}: {m}")
+            torch.testing.assert_close(
+                actual[key], tensor, rtol=0.0, atol=1e-6, msg=lambda m, key=key: f"{what}, {key}: {m}"
+            )
         else:
             assert torch.equal(actual[key], tensor), f"{what}, {key}: {actual[key]} != {tensor}"
 
@@ -220,8 +239,16 @@ def assert_tensorboard_run(folder: Path) -> None:
 
     [events] = folder.glob("events.out.tfevents.*")
     tags = {value.tag for event in EventFileLoader(str(events)).Load() for value in event.summary.value}
-    expected = {"alpha/all_layers", "filters/l1_norm", "filters/l1_norm_distribution", "entropy_peer/conv1.weight",
-                "settings/text_summary", "_hparams_/session_start_info", "test/acc", "graft/coefficient_mean"}
+    expected = {
+        "alpha/all_layers",
+        "filters/l1_norm",
+        "filters/l1_norm_distribution",
+        "entropy_peer/conv1.weight",
+        "settings/text_summary",
+        "_hparams_/session_start_info",
+        "test/acc",
+        "graft/coefficient_mean",
+    }
     assert expected <= tags, expected - tags
 
 
@@ -246,7 +273,10 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
         assert all(0.3 <= alpha <= 0.7 for alpha in first["alphas"].values())
         alphas = list(first["alphas"].values())
         assert (first["alpha_mean"], first["alpha_min"], first["alpha_max"]) == (
-            pytest.approx(sum(alphas) / len(alphas)), min(alphas), max(alphas))
+            pytest.approx(sum(alphas) / len(alphas)),
+            min(alphas),
+            max(alphas),
+        )
         assert first["entropies"].keys() == first["peer_entropies"].keys()
         assert first["total_filters"] == 688 and set(first["invalid_filters"]) == {"0.1", "0.01"}  # resnet20
         assert first["lr"] == 0.1 and 0 < first["epoch_s"] <= first["elapsed_s"] < final["elapsed_s"]
@@ -254,11 +284,15 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
         assert not final["grafted"] and final["graft_ms"] is None, "the final epoch neither waits nor grafts"
         assert final["alpha_mean"] is None and final["invalid_filters"]
         # The epoch lines print what metrics.jsonl holds.
-        assert (f"epoch 1/2 | train loss {first['train_loss']:.4f} acc {first['train_acc']:.2f} | test loss "
-                f"{first['test_loss']:.4f} acc {first['test_acc']:.2f} top5 {first['test_acc5']:.2f} "
-                f"| best {first['best_acc']:.2f} | lr 0.10000 (epoch start) | wait") in network.log
-        assert (f"| alpha mean {first['alpha_mean']:.3f} min {first['alpha_min']:.3f} max {first['alpha_max']:.3f} "
-                f"| invalid {first['invalid_filters']['0.1']}/688 (l1 < 0.1) |") in network.log
+        assert (
+            f"epoch 1/2 | train loss {first['train_loss']:.4f} acc {first['train_acc']:.2f} | test loss "
+            f"{first['test_loss']:.4f} acc {first['test_acc']:.2f} top5 {first['test_acc5']:.2f} "
+            f"| best {first['best_acc']:.2f} | lr 0.10000 (epoch start) | wait"
+        ) in network.log
+        assert (
+            f"| alpha mean {first['alpha_mean']:.3f} min {first['alpha_min']:.3f} max {first['alpha_max']:.3f} "
+            f"| invalid {first['invalid_filters']['0.1']}/688 (l1 < 0.1) |"
+        ) in network.log
         assert re.search(r"epoch 1/2 .* \| elapsed \d+s \| ETA \d+s\n", network.log), network.log
         assert re.search(r"epoch 2/2 .*\| no graft \(last epoch\) \|.* \| elapsed \d+s\n", network.log), network.log
         assert "layer grafting, name rule" in network.log
@@ -291,8 +325,9 @@ def test_three_network_ring(tmp_path: Path, cifar10: Path) -> None:
 
 def test_baseline_exchanges_nothing(tmp_path: Path, cifar10: Path) -> None:
     # The original torchvision pipeline, without workers, so both data paths run end to end.
-    shared, networks, _ = run_ring(tmp_path, cifar10, 1, 2, "--model", "resnet20", "--pipeline", "torchvision",
-                                   "--workers", "0")
+    shared, networks, _ = run_ring(
+        tmp_path, cifar10, 1, 2, "--model", "resnet20", "--pipeline", "torchvision", "--workers", "0"
+    )
 
     log = networks[0].log
     assert "no grafting (baseline)" in log
@@ -375,15 +410,18 @@ BAD_FLAGS = {
 
 
 @pytest.fixture(scope="module")
-def bad_flag_runs(tmp_path_factory: pytest.TempPathFactory, cifar10: Path) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+def bad_flag_runs(
+    tmp_path_factory: pytest.TempPathFactory, cifar10: Path
+) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """Every bad command line, run at once (each in its own empty folder) to save start-up time."""
     started = {}
     for case, (flags, _) in BAD_FLAGS.items():
         workdir = tmp_path_factory.mktemp(case)
         data = [] if "--data" in flags else ["--data", str(cifar10)]
         command = [sys.executable, str(SCRIPT), "--s", "shared", *data, "--device", "cpu", "--threads", "1", *flags]
-        process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=child_env())
+        process = subprocess.Popen(
+            command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
+        )
         started[case] = (workdir, command, process)
     done = {}
     for case, (workdir, command, process) in started.items():
@@ -417,12 +455,24 @@ def test_graft_cifar_console_script_runs_this_checkout(tmp_path: Path) -> None:
     assert usage.stdout.startswith("usage: graft-cifar"), usage.stdout
     assert "--resume" in usage.stdout and "--keep-all" in usage.stdout
 
-    bad = subprocess.run([str(script), "--num", "2", "--i", "3", "--s", "shared"], cwd=tmp_path, capture_output=True,
-                         text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        [str(script), "--num", "2", "--i", "3", "--s", "shared"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert list(tmp_path.iterdir()) == []
 
-    where = subprocess.run([sys.executable, "-c", "import grafting_cifar.train as t; print(t.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True, env=env, timeout=120)
+    where = subprocess.run(
+        [sys.executable, "-c", "import grafting_cifar.train as t; print(t.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).resolve() == SCRIPT.resolve(), "the installed graft-cifar runs another checkout"

@@ -1,5 +1,6 @@
 """End-to-end runs of grafting_cifar/train.py with distillation (issue 6) and the ablation sources
 (issue 10) on generated CIFAR data, as real processes; and the two shell scripts under DRY=1."""
+
 from __future__ import annotations
 
 import json
@@ -7,20 +8,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR_SCRIPT, Proc, finish, start_script
+from test_scripts import dry_commands, parsed
 
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar
 from grafting.train.report import read_metrics
-from conftest import CIFAR_SCRIPT, Proc, finish, start_script
-from test_scripts import dry_commands, parsed
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 # Small and quick: resnet20, 256 training images, one thread per process; lr low enough for 2 epochs.
 # --keep-all: the tests read the exchange files, which a finished ring otherwise removes.
-COMMON = ["--model", "resnet20", "--epochs", "2", "--device", "cpu", "--threads", "1", "--batch-size", "64",
-          "--lr", "0.02", "--print_frequence", "1000", "--keep-all"]
+COMMON = [
+    "--model",
+    "resnet20",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.02",
+    "--print_frequence",
+    "1000",
+    "--keep-all",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +84,9 @@ def test_two_networks_distil_from_their_peers(data: Path, tmp_path: Path) -> Non
         tags = tensorboard_tags(tmp_path / "tb" / f"net{net}")
         assert len(tags["train/ce"]) == 2 and tags["train/kd"][1] > 0
         for epoch in range(2):
-            assert tags["train/loss"][epoch] == pytest.approx(tags["train/ce"][epoch] + tags["train/kd"][epoch], rel=1e-4)
+            assert tags["train/loss"][epoch] == pytest.approx(
+                tags["train/ce"][epoch] + tags["train/kd"][epoch], rel=1e-4
+            )
         # The teacher of the last epoch is resumable: the predecessor's pre-graft weights of epoch 1.
         last = load_file(tmp_path / f"net{net}" / "last.pt")
         peer = load_file(tmp_path / f"net{2 if net == 1 else 1}_epoch1.pt")["model"]
@@ -85,8 +103,9 @@ def test_one_network_distils_from_two_teachers_in_the_authors_form(data: Path, t
         torch.save({"net": models.create("resnet20", num_classes=10).state_dict(), "acc": 50.0}, path)
         teachers += ["--teacher", str(path)]
     shared = tmp_path / "run"
-    (log,) = run_ring(data, shared, 1, "--distill", "teacher", *teachers, "--kd-temperature", "2",
-                      "--no-kd-soften-teacher")
+    (log,) = run_ring(
+        data, shared, 1, "--distill", "teacher", *teachers, "--kd-temperature", "2", "--no-kd-soften-teacher"
+    )
     assert "distillation from 2 resnet20 teacher(s) (T 2, lambda 1, authors' form" in log
     parts = [r["loss_parts"] for r in records(shared, 1)]
     assert len(parts) == 2 and all(p["ce"] > 0 and p["kd"] > 0 for p in parts)
@@ -144,14 +163,31 @@ def test_scripts_dry_run_commands_parse(script: str, tmp_path: Path) -> None:
     for command in commands:
         args = parsed(command)
         assert args.epochs == 3
-        seen.add((args.num, args.source, args.criterion, args.distill, args.kd_temperature, args.kd_soften_teacher,
-                  len(args.teacher)))
+        seen.add(
+            (
+                args.num,
+                args.source,
+                args.criterion,
+                args.distill,
+                args.kd_temperature,
+                args.kd_soften_teacher,
+                len(args.teacher),
+            )
+        )
     if script == "cifar_ablations.sh":
         # The whole set: baseline, noise, internal (one network); external entropy and l1, average (two).
-        assert {(n, s, c) for n, s, c, *_ in seen} == {(1, "external", "entropy"), (1, "noise", "entropy"),
-                                                      (1, "internal", "entropy"), (2, "external", "entropy"),
-                                                      (2, "external", "l1"), (2, "average", "entropy")}
+        assert {(n, s, c) for n, s, c, *_ in seen} == {
+            (1, "external", "entropy"),
+            (1, "noise", "entropy"),
+            (1, "internal", "entropy"),
+            (2, "external", "entropy"),
+            (2, "external", "l1"),
+            (2, "average", "entropy"),
+        }
         assert len(commands) == 2 * (3 + 3 * 2)  # two datasets
     else:
         assert {(d, t, soft, k) for _, _, _, d, t, soft, k in seen} == {
-            ("peers", 4.0, True, 0), ("teacher", 4.0, True, 1), ("teacher", 2.0, False, 2)}
+            ("peers", 4.0, True, 0),
+            ("teacher", 4.0, True, 1),
+            ("teacher", 2.0, False, 2),
+        }

@@ -10,32 +10,30 @@ grafting epoch 1 and saving ``last.pt``, publishes epoch 2 and then waits for a 
 comes. Its ``last.pt`` is then exactly the grafted state of epoch 1, next to both networks'
 pre-graft exchange files of epoch 1, and the test kills it there, as a crash would.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
 
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_imagefolder
+from grafting.distributed import Processes, per_process
 from grafting.errors import UsageError
 from grafting.method.graft import graft_layers
-from grafting_imagenet import train as imagenet_train
-from grafting.distributed import Processes, per_process
-from conftest import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
 from grafting.train.imagenet_models import create_model
 from grafting.train.report import read_metrics
+from grafting_imagenet import train as imagenet_train
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
@@ -47,14 +45,18 @@ TIMEOUT_S = 240.0
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes, 16 training and 8 validation JPEG files per class, about 40 px."""
-    return write_fake_imagefolder(tmp_path_factory.mktemp("imagefolder"), num_classes=3, train_per_class=16,
-                                  val_per_class=8, image_size=40)
+    return write_fake_imagefolder(
+        tmp_path_factory.mktemp("imagefolder"), num_classes=3, train_per_class=16, val_per_class=8, image_size=40
+    )
 
 
 def start(log: Path, *args: str, torchrun: int = 0) -> Proc:
     """Start the script (under ``torchrun --nproc_per_node N`` when ``torchrun``) with its output in ``log``."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun),
-                "--"] if torchrun else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun), "--"]
+        if torchrun
+        else [sys.executable]
+    )
     return start_process([*launcher, str(SCRIPT), *args], log.parent, log.stem, output=log)
 
 
@@ -79,8 +81,21 @@ def ring_until_graft(workdir: Path, data: Path, arch: str, *extra: str) -> Path:
     Returns the shared folder: ``net2/last.pt`` then holds network 2's grafted weights of epoch 1.
     """
     shared = workdir / "ring"
-    common = [*FAST, "--data", str(data), "--s", str(shared), "--num", "2", "-a", arch, "--keep-all",
-              "--epochs", "2", *extra]
+    common = [
+        *FAST,
+        "--data",
+        str(data),
+        "--s",
+        str(shared),
+        "--num",
+        "2",
+        "-a",
+        arch,
+        "--keep-all",
+        "--epochs",
+        "2",
+        *extra,
+    ]
     net1 = start(workdir / "net1.log", *common, "--i", "1")
     net2 = start(workdir / "net2.log", *common, "--i", "2")
     wait_until(lambda: (shared / "net2" / "last.pt").exists(), "network 2's last.pt of epoch 1", [net2], TIMEOUT_S)
@@ -168,8 +183,21 @@ def test_resnet18_networks_graft_each_other_with_the_name_rule(resnet_ring: Path
 def test_killed_network_resumes_from_its_last_checkpoint(resnet_ring: Path, image_folder: Path) -> None:
     log = resnet_ring.parent / "net2_resume.log"
     # Epoch 2 is the last: network 2 finishes it without a peer.
-    args = [*FAST, "--data", str(image_folder), "--s", str(resnet_ring), "--num", "2", "--i", "2", "--epochs", "2",
-            "--keep-all", "--resume"]
+    args = [
+        *FAST,
+        "--data",
+        str(image_folder),
+        "--s",
+        str(resnet_ring),
+        "--num",
+        "2",
+        "--i",
+        "2",
+        "--epochs",
+        "2",
+        "--keep-all",
+        "--resume",
+    ]
     text = succeeded(start(log, *args))
     assert "resumed from" in text and "epoch 1 done" in text, text
     assert "epoch 1/2 |" not in text and "epoch 2/2 |" in text, text
@@ -182,12 +210,13 @@ def test_killed_network_resumes_from_its_last_checkpoint(resnet_ring: Path, imag
     assert not torch.equal(resumed["model"]["conv1.weight"], before["model"]["conv1.weight"])
 
 
-def test_evaluate_reports_the_best_checkpoint_and_writes_nothing(resnet_ring: Path, image_folder: Path,
-                                                                capsys: pytest.CaptureFixture,
-                                                                in_process_logs: None) -> None:
+def test_evaluate_reports_the_best_checkpoint_and_writes_nothing(
+    resnet_ring: Path, image_folder: Path, capsys: pytest.CaptureFixture, in_process_logs: None
+) -> None:
     before = folder_state(resnet_ring)
-    code, out, err = run_main([*FAST, "--data", str(image_folder), "--s", str(resnet_ring), "--num", "2", "--i", "1",
-                               "-e"], capsys)
+    code, out, err = run_main(
+        [*FAST, "--data", str(image_folder), "--s", str(resnet_ring), "--num", "2", "--i", "1", "-e"], capsys
+    )
     assert code == 0, err
     top1, top5, _ = evaluated(out)
     best = load_file(resnet_ring / "net1" / "best.pt")
@@ -197,8 +226,9 @@ def test_evaluate_reports_the_best_checkpoint_and_writes_nothing(resnet_ring: Pa
     assert folder_state(resnet_ring) == before
 
 
-def test_evaluate_a_checkpoint_file_in_another_layout(resnet_ring: Path, image_folder: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture, in_process_logs: None) -> None:
+def test_evaluate_a_checkpoint_file_in_another_layout(
+    resnet_ring: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, in_process_logs: None
+) -> None:
     last = load_file(resnet_ring / "net1" / "last.pt")
     wrapped = tmp_path / "ddp_style.pth"  # what a DDP training script of another project saves
     torch.save({"state_dict": {f"module.{k}": v for k, v in last["model"].items()}, "epoch": 2}, wrapped)
@@ -211,14 +241,22 @@ def test_evaluate_a_checkpoint_file_in_another_layout(resnet_ring: Path, image_f
     assert loss == pytest.approx(final_loss, rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("case, expected_code, message", [
-    ("missing", 2, "no checkpoint at"),
-    ("other_arch", 1, "does not fit -a resnet18"),
-])
-def test_evaluate_rejects_missing_or_unfitting_checkpoints(case: str, expected_code: int, message: str,
-                                                           image_folder: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture,
-                                                           in_process_logs: None) -> None:
+@pytest.mark.parametrize(
+    "case, expected_code, message",
+    [
+        ("missing", 2, "no checkpoint at"),
+        ("other_arch", 1, "does not fit -a resnet18"),
+    ],
+)
+def test_evaluate_rejects_missing_or_unfitting_checkpoints(
+    case: str,
+    expected_code: int,
+    message: str,
+    image_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    in_process_logs: None,
+) -> None:
     path = tmp_path / "model.pth"
     if case == "other_arch":
         torch.save(create_model("mobilenet_v2", 3).state_dict(), path)
@@ -242,7 +280,8 @@ def test_mobilenet_v2_networks_graft_with_the_module_rule(tmp_path: Path, image_
 
 
 def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
-        tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture, in_process_logs: None) -> None:
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture, in_process_logs: None
+) -> None:
     shared = tmp_path / "ring"
     common = [*FAST, "--data", str(image_folder), "--s", str(shared), "--num", "2", "--steplr", "--keep-all"]
     ddp = start(tmp_path / "net1.log", *common, "--i", "1", "--epochs", "2", torchrun=2)
@@ -262,8 +301,9 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
         # The ranks each test half of the validation set with their own copy of the weights; the summed
         # result equals one process testing last.pt only if every rank held rank 0's weights (grafted
         # or resumed) and BatchNorm statistics.
-        code, out, err = run_main([*FAST, "--data", str(image_folder), "-e", "--checkpoint",
-                                   str(shared / "net1" / "last.pt")], capsys)
+        code, out, err = run_main(
+            [*FAST, "--data", str(image_folder), "-e", "--checkpoint", str(shared / "net1" / "last.pt")], capsys
+        )
         assert code == 0, err
         top1, top5, loss = evaluated(out)
         logged_loss, logged_top1, _ = epoch_results(shared, 1)[epoch]
@@ -289,15 +329,30 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
 
 
 def test_flags_follow_the_original_names() -> None:
-    args = imagenet_train.parse_args(["-a", "mobilenet_v2", "--a", "0.3", "-p", "5", "--wd", "5e-5", "-j", "2",
-                                      "-b", "64", "--steplr", "--gpu", "1"])
-    assert (args.model, args.a, args.print_freq, args.weight_decay, args.workers, args.batch_size) == \
-        ("mobilenet_v2", 0.3, 5, 5e-5, 2, 64)
+    args = imagenet_train.parse_args(
+        ["-a", "mobilenet_v2", "--a", "0.3", "-p", "5", "--wd", "5e-5", "-j", "2", "-b", "64", "--steplr", "--gpu", "1"]
+    )
+    assert (args.model, args.a, args.print_freq, args.weight_decay, args.workers, args.batch_size) == (
+        "mobilenet_v2",
+        0.3,
+        5,
+        5e-5,
+        2,
+        64,
+    )
     assert args.cos is False and args.gpu == 1
     defaults = imagenet_train.parse_args([])
-    assert (defaults.model, defaults.epochs, defaults.batch_size, defaults.lr, defaults.weight_decay,
-            defaults.print_freq, defaults.workers, defaults.cos, defaults.difflr) == \
-        ("resnet18", 90, 256, 0.1, 1e-4, 10, None, True, False)  # -j: see the next test
+    assert (
+        defaults.model,
+        defaults.epochs,
+        defaults.batch_size,
+        defaults.lr,
+        defaults.weight_decay,
+        defaults.print_freq,
+        defaults.workers,
+        defaults.cos,
+        defaults.difflr,
+    ) == ("resnet18", 90, 256, 0.1, 1e-4, 10, None, True, False)  # -j: see the next test
 
 
 @pytest.mark.parametrize("cores, workers", [(2, 2), (4, 4), (64, 4)])
@@ -306,12 +361,15 @@ def test_default_workers_are_capped_by_the_cores(cores: int, workers: int, monke
     assert imagenet_train.default_workers() == workers
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["-a", "resnet81"], "did you mean resnet18"),
-    (["--gpu", "0", "--device", "cpu"], "--gpu N is short for --device cuda:N"),
-    (["--checkpoint", "x.pt"], "--checkpoint only applies with -e/--evaluate"),
-    (["--start-epoch", "5", "--epochs", "4"], "--start-epoch must lie in 1..--epochs"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-a", "resnet81"], "did you mean resnet18"),
+        (["--gpu", "0", "--device", "cpu"], "--gpu N is short for --device cuda:N"),
+        (["--checkpoint", "x.pt"], "--checkpoint only applies with -e/--evaluate"),
+        (["--start-epoch", "5", "--epochs", "4"], "--start-epoch must lie in 1..--epochs"),
+    ],
+)
 def test_bad_flags_are_one_line_usage_errors(argv: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)):
         imagenet_train.parse_args(argv)
@@ -325,7 +383,8 @@ def test_batch_size_must_split_over_the_processes() -> None:
 
 
 def test_pretrained_without_cached_weights_names_the_file_and_downloads_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(UsageError, match=re.escape(str(expected))):
@@ -335,8 +394,8 @@ def test_pretrained_without_cached_weights_names_the_file_and_downloads_nothing(
 
 @pytest.mark.parametrize("arch, classifier", [("resnet18", "fc"), ("squeezenet1_1", "classifier.1")])
 def test_pretrained_weights_load_from_the_cache_and_the_classifier_is_resized(
-        arch: str, classifier: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    arch: str, classifier: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cached = create_model(arch, 1000)  # stands in for the published file
     url = torchvision.models.get_model_weights(arch).DEFAULT.url
@@ -353,11 +412,29 @@ def test_pretrained_weights_load_from_the_cache_and_the_classifier_is_resized(
     assert f"'{classifier}'" in caplog.text and "1000-class" in caplog.text
 
 
-def test_start_epoch_without_resume_moves_the_schedule_on(tmp_path: Path, image_folder: Path,
-                                                          capsys: pytest.CaptureFixture, in_process_logs: None) -> None:
+def test_start_epoch_without_resume_moves_the_schedule_on(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture, in_process_logs: None
+) -> None:
     shared = tmp_path / "run"
-    code, out, err = run_main([*FAST, "--data", str(image_folder), "--s", str(shared), "--epochs", "3",
-                               "--start-epoch", "3", "--steplr", "--step-epochs", "1", "-a", "squeezenet1_1"], capsys)
+    code, out, err = run_main(
+        [
+            *FAST,
+            "--data",
+            str(image_folder),
+            "--s",
+            str(shared),
+            "--epochs",
+            "3",
+            "--start-epoch",
+            "3",
+            "--steplr",
+            "--step-epochs",
+            "1",
+            "-a",
+            "squeezenet1_1",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "--start-epoch 3 without --resume" in out
     [record] = read_metrics(shared / "net1" / "metrics.jsonl")
@@ -368,16 +445,33 @@ def test_start_epoch_without_resume_moves_the_schedule_on(tmp_path: Path, image_
     assert load_file(shared / "net1" / "last.pt")["epoch"] == 3
 
 
-def test_evaluate_pretrained_weights_from_the_cache(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture, in_process_logs: None) -> None:
+def test_evaluate_pretrained_weights_from_the_cache(
+    image_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    in_process_logs: None,
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     url = torchvision.models.get_model_weights("squeezenet1_1").DEFAULT.url
     path = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
     path.parent.mkdir(parents=True)
     torch.save(create_model("squeezenet1_1", 1000).state_dict(), path)
     before = folder_state(tmp_path)
-    code, out, err = run_main([*FAST, "--data", str(image_folder), "--s", str(tmp_path / "unused"), "-a",
-                               "squeezenet1_1", "--pretrained", "-e"], capsys)
+    code, out, err = run_main(
+        [
+            *FAST,
+            "--data",
+            str(image_folder),
+            "--s",
+            str(tmp_path / "unused"),
+            "-a",
+            "squeezenet1_1",
+            "--pretrained",
+            "-e",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "evaluate torchvision's pretrained squeezenet1_1" in out and "replaced" in out
     top1, top5, _ = evaluated(out)
@@ -385,9 +479,9 @@ def test_evaluate_pretrained_weights_from_the_cache(image_folder: Path, tmp_path
     assert folder_state(tmp_path) == before
 
 
-def test_evaluate_takes_the_recipe_from_the_run_and_reads_only_val(image_folder: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture,
-                                                                   in_process_logs: None) -> None:
+def test_evaluate_takes_the_recipe_from_the_run_and_reads_only_val(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, in_process_logs: None
+) -> None:
     # A run of network 2 of some ring, trained with a non-default architecture and image size.
     net2 = tmp_path / "run" / "net2"
     net2.mkdir(parents=True)
@@ -405,8 +499,9 @@ def test_evaluate_takes_the_recipe_from_the_run_and_reads_only_val(image_folder:
     top1, top5, loss = evaluated(out)
     assert top5 is None  # three classes
 
-    code, out, err = run_main([*common, "-a", "squeezenet1_1", "--image-size", "40", "-e", "--checkpoint",
-                               str(net2 / "best.pt")], capsys)
+    code, out, err = run_main(
+        [*common, "-a", "squeezenet1_1", "--image-size", "40", "-e", "--checkpoint", str(net2 / "best.pt")], capsys
+    )
     assert code == 0, err
     assert evaluated(out) == (top1, None, loss)  # the same numbers as with the flags given by hand
 

@@ -1,11 +1,12 @@
 """Tests for grafting.weighting.graft_coefficient against docs/METHOD.md §3."""
+
 import math
 import random
 
 import pytest
+from published_code import published_coefficient
 
 from grafting.method.weighting import graft_coefficient
-from published_code import published_coefficient
 
 
 def is_two_decimals(x: float) -> bool:

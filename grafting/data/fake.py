@@ -12,7 +12,7 @@ import math
 import pickle
 import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ClassVar, Optional, cast
 
 import numpy as np
 from PIL import Image
@@ -45,22 +45,23 @@ class _Py2Str(bytes):
 class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler: the only one with a per-type table
     """Protocol-2 pickler that writes :class:`_Py2Str` values and numpy buffers as Python 2 strings."""
 
-    dispatch = dict(pickle._Pickler.dispatch)
+    # write, memoize and dispatch are the pure-Python pickler's internals: typeshed does not describe them.
+    dispatch: ClassVar[dict[type, Callable[..., None]]] = dict(pickle._Pickler.dispatch)
 
     def _save_py2_str(self, obj: _Py2Str) -> None:
         size = len(obj)
         if size < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([size]) + bytes(obj))
+            self.write(pickle.SHORT_BINSTRING + bytes([size]) + bytes(obj))  # type: ignore[attr-defined]
         else:
-            self.write(pickle.BINSTRING + struct.pack("<i", size) + bytes(obj))
-        self.memoize(obj)
+            self.write(pickle.BINSTRING + struct.pack("<i", size) + bytes(obj))  # type: ignore[attr-defined]
+        self.memoize(obj)  # type: ignore[attr-defined]
 
     dispatch[_Py2Str] = _save_py2_str
 
     def reducer_override(self, obj: Any) -> Any:
         """Store an array's raw buffer as a Python 2 string, as numpy under Python 2 did."""
         if isinstance(obj, np.ndarray):
-            rebuild, args, state = obj.__reduce__()
+            rebuild, args, state = cast(tuple[Any, Any, tuple[Any, ...]], obj.__reduce__())
             return rebuild, args, state[:4] + (_Py2Str(state[4]),)
         return NotImplemented
 

@@ -97,7 +97,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
             self.index_sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.index_sampler) if self.index_sampler is not None else self.num_samples
+        return len(self.index_sampler) if self.index_sampler is not None else self.num_samples  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = epoch_seed(self.seed, self.epoch)
@@ -124,7 +124,7 @@ class SeededTransformDataset(Dataset):
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base)  # type: ignore[arg-type,unused-ignore]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any]:
         index, sample_seed = key
@@ -153,6 +153,7 @@ class DataLoaderEpochLoader:
         self.mean = channel_stats(mean, self.device) if mean is not None else None
         self.std = channel_stats(std, self.device) if std is not None else None
         self.channels_last = channels_last
+        self.sharded = False  # each DDP rank holds its own part of the set (validation under DDP)
         # The DataLoader draws its workers' base seed from this generator; a private one keeps the
         # global random stream untouched (samples are seeded by the sampler anyway).
         loader_generator = torch.Generator()

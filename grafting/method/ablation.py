@@ -16,9 +16,10 @@ The l1-norm criterion needs nothing here: it is external grafting with another l
 Which tensors are conv filters follows the grafting rule: ``"name"`` takes the entries whose key
 contains ``conv`` (the paper's counting rule), ``"module"`` the weights of every convolution module.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +29,17 @@ from grafting.errors import GraftingError, UsageError
 from grafting.method.filters import conv_filter_keys, filter_l1_norms, per_filter
 from grafting.method.graft import check_peer_state, check_rule, unwrap_model
 
-__all__ = ["SOURCES", "NOISE_DECAY", "NOISE_STD", "check_source", "conv_weights", "noise_graft_", "internal_graft_",
-           "average_states", "average_into_"]
+__all__ = [
+    "SOURCES",
+    "NOISE_DECAY",
+    "NOISE_STD",
+    "check_source",
+    "conv_weights",
+    "noise_graft_",
+    "internal_graft_",
+    "average_states",
+    "average_into_",
+]
 
 # Where a network's new weights come from after an epoch: the method and its ablations.
 SOURCES = ("external", "internal", "noise", "average")
@@ -53,8 +63,11 @@ def conv_weights(model: nn.Module, rule: str = "name") -> dict[str, torch.Tensor
     if rule == "name":
         keys = conv_filter_keys(state)
     else:
-        keys = [f"{name}.weight" for name, module in model.named_modules()
-                if isinstance(module, _ConvNd) and f"{name}.weight" in state]
+        keys = [
+            f"{name}.weight"
+            for name, module in model.named_modules()
+            if isinstance(module, _ConvNd) and f"{name}.weight" in state
+        ]
     return {key: state[key].data for key in keys}
 
 
@@ -77,7 +90,7 @@ def noise_graft_(
     stream, so with the same generator state the result is the published code's to the bit. The draws
     are in the standard layout whatever the weight's memory format. Valid filters are left as they were.
     """
-    scale = std * NOISE_DECAY ** epoch
+    scale = std * NOISE_DECAY**epoch
     weights = list(conv_weights(model, rule).values())
     if not weights:
         return 0

@@ -11,13 +11,15 @@ averaged in logit space) or, with ``peers``, the ring predecessor's pre-graft we
 exchange. Grafting proceeds as usual; :class:`Distiller` plugs into the training loop as its
 ``EpochHook``.
 """
+
 from __future__ import annotations
 
 import copy
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +33,18 @@ from grafting.method.graft import unwrap_model
 if TYPE_CHECKING:
     from grafting.ring.grafter import GraftReport
 
-__all__ = ["DISTILL_MODES", "check_distillation", "kd_loss", "TeacherEnsemble", "freeze_", "load_teacher", "load_teachers", "Distiller",
-           "ModelBuilder", "make_distiller"]
+__all__ = [
+    "DISTILL_MODES",
+    "check_distillation",
+    "kd_loss",
+    "TeacherEnsemble",
+    "freeze_",
+    "load_teacher",
+    "load_teachers",
+    "Distiller",
+    "ModelBuilder",
+    "make_distiller",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,7 @@ def check_distillation(temperature: float, weight: float) -> None:
         raise UsageError(f"--kd-temperature must be positive and finite, got {temperature}")
     if not 0 <= weight < math.inf:
         raise UsageError(f"--kd-weight must be >= 0 and finite, got {weight}")
+
 
 # The entry of a resumable checkpoint's 'extra' that holds the peers' teacher.
 _TEACHER_KEY = "distill_teacher"
@@ -60,8 +73,9 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, *,
-            soften_teacher: bool = True) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, *, soften_teacher: bool = True
+) -> torch.Tensor:
     """The distillation term (without lambda), averaged over the batch.
 
     ``soften_teacher=True``: ``T^2 * KL(softmax(z_t/T) || softmax(z/T))``, zero with zero gradient
@@ -78,7 +92,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         per_example = (log_q.exp() * (log_q - log_p)).sum(dim=1)
     else:
         per_example = -(F.softmax(z_t, dim=1) * log_p).sum(dim=1)
-    return per_example.mean() * temperature ** 2
+    return per_example.mean() * temperature**2
 
 
 def freeze_(model: nn.Module) -> nn.Module:
@@ -117,8 +131,14 @@ def _match_memory_format(teacher: nn.Module, student: nn.Module | None) -> nn.Mo
     return teacher
 
 
-def load_teacher(path: str, build_model: ModelBuilder, model_name: str, num_classes: int,
-                 device: torch.device | str = "cpu", student: nn.Module | None = None) -> nn.Module:
+def load_teacher(
+    path: str,
+    build_model: ModelBuilder,
+    model_name: str,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    student: nn.Module | None = None,
+) -> nn.Module:
     """A frozen teacher: architecture ``model_name`` with ``num_classes`` outputs, weights from ``path``.
 
     ``path`` may hold any layout :func:`grafting.checkpoint.extract_state_dict` knows. A checkpoint of
@@ -136,14 +156,22 @@ def load_teacher(path: str, build_model: ModelBuilder, model_name: str, num_clas
         raise UsageError(f"--teacher {path} {classes}; give a teacher trained on the same dataset")
     problem = state_dict_misfit(teacher.state_dict(), state)
     if problem:
-        raise UsageError(f"--teacher {path} does not fit --teacher-model {model_name}: it {problem}; "
-                         f"pass the architecture it was trained with as --teacher-model")
+        raise UsageError(
+            f"--teacher {path} does not fit --teacher-model {model_name}: it {problem}; "
+            f"pass the architecture it was trained with as --teacher-model"
+        )
     teacher.load_state_dict(state)
     return freeze_(_match_memory_format(teacher.to(device), student))
 
 
-def load_teachers(paths: Sequence[str], build_model: ModelBuilder, model_name: str, num_classes: int,
-                  device: torch.device | str = "cpu", student: nn.Module | None = None) -> nn.Module:
+def load_teachers(
+    paths: Sequence[str],
+    build_model: ModelBuilder,
+    model_name: str,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    student: nn.Module | None = None,
+) -> nn.Module:
     """One frozen teacher per checkpoint; several answer as their mean logits (the authors' setting)."""
     if not paths:
         raise UsageError("--distill teacher needs at least one --teacher PATH")
@@ -166,8 +194,15 @@ class Distiller:
     so the epoch line and TensorBoard show both terms, which add up to the loss.
     """
 
-    def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, weight: float = 1.0,
-                 soften_teacher: bool = True, follow_peers: bool = False) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        temperature: float = 4.0,
+        weight: float = 1.0,
+        soften_teacher: bool = True,
+        follow_peers: bool = False,
+    ) -> None:
         check_distillation(temperature, weight)
         self.teacher = freeze_(teacher)
         self.temperature, self.weight, self.soften_teacher = temperature, weight, soften_teacher
@@ -177,8 +212,9 @@ class Distiller:
     def criterion(self, base: Criterion) -> Criterion:
         """``base`` plus the distillation term, reported apart as ``kd``."""
 
-        def loss_fn(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def loss_fn(
+            logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             loss, parts = base(logits, targets, images)
             if self.ready and self.weight > 0:
                 with torch.no_grad():
@@ -259,7 +295,14 @@ def make_distiller(
             raise GraftingError("--distill teacher needs a model builder to construct --teacher-model")
         device = next(plain.parameters()).device
         teacher = load_teachers(list(teachers), build_model, teacher_model, num_classes, device, plain)
-        log.info("distillation from %d %s teacher(s) (T %g, lambda %g, %s)", len(teachers), teacher_model,
-                 temperature, weight, "KL, softened teacher" if soften_teacher else "authors' form, teacher at T=1")
-    return Distiller(teacher, temperature=temperature, weight=weight, soften_teacher=soften_teacher,
-                     follow_peers=mode == "peers")
+        log.info(
+            "distillation from %d %s teacher(s) (T %g, lambda %g, %s)",
+            len(teachers),
+            teacher_model,
+            temperature,
+            weight,
+            "KL, softened teacher" if soften_teacher else "authors' form, teacher at T=1",
+        )
+    return Distiller(
+        teacher, temperature=temperature, weight=weight, soften_teacher=soften_teacher, follow_peers=mode == "peers"
+    )

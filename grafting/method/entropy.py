@@ -14,6 +14,7 @@ value to the last bit, not merely close to it:
   to a single value, so each row comes out bit for bit as the loop's result. Summing in float64 instead
   moves the value by ~1e-8, which flips a rounded coefficient about once in 10,000 comparisons.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

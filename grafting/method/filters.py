@@ -1,7 +1,8 @@
 """Invalid-filter counting (docs/METHOD.md §1): filters whose l1 norm is below a threshold."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -47,6 +48,8 @@ def count_invalid_filters(state_dict: Mapping[str, torch.Tensor], threshold: flo
     norms = [filter_l1_norms(state_dict[k]) for k in conv_filter_keys(state_dict)]
     if not norms:
         return 0, 0
-    counts = torch.stack([torch.stack([(n < threshold).sum(), torch.tensor(n.numel(), device=n.device)]) for n in norms])
+    counts = torch.stack(
+        [torch.stack([(n < threshold).sum(), torch.tensor(n.numel(), device=n.device)]) for n in norms]
+    )
     invalid, total = counts.sum(dim=0).tolist()
     return int(invalid), int(total)

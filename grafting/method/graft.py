@@ -19,11 +19,12 @@ and are truncated back, as loading the published code's float32 blend into an in
 Filter level: per output channel j of each conv followed by a BatchNorm, ``w_j = |g1_j| / (|g1_j| +
 |g2_j|)`` blends filter j, BatchNorm channel j and input slice j of the next conv.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -36,8 +37,21 @@ from grafting.method.entropy import entropy_tensors, l1_tensor
 from grafting.method.filters import per_filter
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C, graft_coefficient
 
-__all__ = ["LayerRecord", "FilterRecord", "graft_layers", "graft_filters", "unwrap_model", "default_rule",
-           "kept_entries", "check_peer_state", "check_rule", "check_criterion", "RULES", "CRITERIA", "KEEPS_ATTRIBUTE"]
+__all__ = [
+    "LayerRecord",
+    "FilterRecord",
+    "graft_layers",
+    "graft_filters",
+    "unwrap_model",
+    "default_rule",
+    "kept_entries",
+    "check_peer_state",
+    "check_rule",
+    "check_criterion",
+    "RULES",
+    "CRITERIA",
+    "KEEPS_ATTRIBUTE",
+]
 
 RULES = ("name", "module")
 CRITERIA = ("entropy", "l1")
@@ -54,7 +68,9 @@ def check_rule(rule: str) -> None:
 def check_criterion(criterion: str) -> None:
     """Raise :class:`UsageError` unless ``criterion`` is one of :data:`CRITERIA`."""
     if criterion not in CRITERIA:
-        raise UsageError(f"unknown grafting criterion '{criterion}' (--criterion); choose one of: {', '.join(CRITERIA)}")
+        raise UsageError(
+            f"unknown grafting criterion '{criterion}' (--criterion); choose one of: {', '.join(CRITERIA)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -112,14 +128,16 @@ def kept_entries(model: nn.Module, state: Mapping[str, torch.Tensor] | None = No
     return [k for k in keys if any(fnmatchcase(k, p) for p in patterns)]
 
 
-def check_peer_state(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor], source: str = "the peer's weights"
-                     ) -> None:
+def check_peer_state(
+    own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor], source: str = "the peer's weights"
+) -> None:
     """Raise :class:`PeerMismatchError` unless ``peer`` has exactly ``own``'s keys and shapes (and floats
     where ``own`` has floats): grafting another architecture in is never what a user wants."""
     problem = state_dict_misfit(own, peer)
     if problem:
-        raise PeerMismatchError(f"{source} {problem}; all networks of a ring must be the same architecture "
-                                f"with the same number of classes")
+        raise PeerMismatchError(
+            f"{source} {problem}; all networks of a ring must be the same architecture with the same number of classes"
+        )
 
 
 def _name_rule_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]:
@@ -270,7 +288,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, _BatchNo
             continue
         if not bn.affine or bn.num_features != module.out_channels:
             continue
-        consumer = next(((n, m) for n, m in modules[idx + 2:] if isinstance(m, nn.Conv2d)), None)
+        consumer = next(((n, m) for n, m in modules[idx + 2 :] if isinstance(m, nn.Conv2d)), None)
         next_name = None
         if consumer is not None and consumer[1].groups == 1 and consumer[1].in_channels == module.out_channels:
             next_name = consumer[0]
@@ -316,8 +334,11 @@ def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> l
         steps.append((f"{conv_name}.weight", per_filter(w, conv.weight)))
         if conv.bias is not None:
             steps.append((f"{conv_name}.bias", w))
-        steps += [(f"{bn_name}.{part}", w) for part in ("weight", "bias", "running_mean", "running_var")
-                  if f"{bn_name}.{part}" in own]
+        steps += [
+            (f"{bn_name}.{part}", w)
+            for part in ("weight", "bias", "running_mean", "running_var")
+            if f"{bn_name}.{part}" in own
+        ]
     for conv_name, w_in in inputs_of.items():  # a consumer conv without a BatchNorm of its own
         steps.append((f"{conv_name}.weight", as_inputs(w_in, own[f"{conv_name}.weight"])))
 

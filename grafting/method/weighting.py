@@ -1,4 +1,5 @@
 """The adaptive weighting coefficient of docs/METHOD.md §3, and the defaults of its hyper-parameters."""
+
 from __future__ import annotations
 
 import math

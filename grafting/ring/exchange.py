@@ -68,15 +68,23 @@ from typing import Any
 import torch
 
 from grafting.checkpoint import extract_state_dict, load_file, remove_temp_files, save_atomic, weights_problem
-from grafting.errors import (CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError,
-                             UsageError)
+from grafting.errors import CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError, UsageError
 from grafting.ring.identity import join_ring
 from grafting.ring.layout import SharedFolder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Exchange", "EpochGone", "check_ring_position", "check_epoch", "format_duration", "seconds_from_env",
-           "stale_after_s", "heartbeat_age", "say"]
+__all__ = [
+    "Exchange",
+    "EpochGone",
+    "check_ring_position",
+    "check_epoch",
+    "format_duration",
+    "seconds_from_env",
+    "stale_after_s",
+    "heartbeat_age",
+    "say",
+]
 
 
 def say(level: int, message: str) -> None:
@@ -103,8 +111,10 @@ class EpochGone(Exception):
     """A peer's file of an epoch is gone and the peer has moved on, so it will never appear again."""
 
     def __init__(self, net: int, epoch: int, later: int, path: Path) -> None:
-        super().__init__(f"network {net}'s file of epoch {epoch} ({path}) is gone and network {net} has moved on "
-                         f"to epoch {later}: epoch {epoch} is not grafted")
+        super().__init__(
+            f"network {net}'s file of epoch {epoch} ({path}) is gone and network {net} has moved on "
+            f"to epoch {later}: epoch {epoch} is not grafted"
+        )
         self.net, self.epoch, self.later, self.path = net, epoch, later, path
 
 
@@ -249,8 +259,7 @@ class Exchange:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise GraftingError(
-                f"cannot create the shared directory {self.root} (--s): {err.strerror or err}; "
-                "choose a writable folder"
+                f"cannot create the shared directory {self.root} (--s): {err.strerror or err}; choose a writable folder"
             ) from err
         if not self.root.is_dir():
             raise GraftingError(f"the shared directory {self.root} (--s) is not a folder; choose another --s")
@@ -318,13 +327,16 @@ class Exchange:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
             except OSError as err:
                 what = "is a directory" if err.errno == errno.EISDIR else (err.strerror or str(err))
-                raise LockError(f"cannot use {path} as network {self.net}'s lock file: {what}; "
-                                f"{'move it away' if err.errno == errno.EISDIR else 'choose a writable --s'}") from None
+                raise LockError(
+                    f"cannot use {path} as network {self.net}'s lock file: {what}; "
+                    f"{'move it away' if err.errno == errno.EISDIR else 'choose a writable --s'}"
+                ) from None
             try:
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
-                    raise LockError(f"{path} is not a regular file (it should be network {self.net}'s lock file); "
-                                    f"move it away")
+                    raise LockError(
+                        f"{path} is not a regular file (it should be network {self.net}'s lock file); move it away"
+                    )
                 os.set_blocking(fd, True)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -349,8 +361,10 @@ class Exchange:
             if named is not None and (named.st_dev, named.st_ino) == (info.st_dev, info.st_ino):
                 return fd
             os.close(fd)  # the file was deleted (and maybe created anew) after we opened it
-        raise LockError(f"{path} keeps being replaced while network {self.net} tries to lock it; "
-                        f"is another process deleting it? use another --s")
+        raise LockError(
+            f"{path} keeps being replaced while network {self.net} tries to lock it; "
+            f"is another process deleting it? use another --s"
+        )
 
     def release(self) -> None:
         """Stop the heartbeat and drop the lock; safe to call more than once.
@@ -447,12 +461,16 @@ class Exchange:
         age = self.heartbeat_age(net)
         if age is None:
             if self.folder.network(net).folder.is_dir():
-                return "not running", (f"network {net} is not running (no heartbeat file {alive}; it finished or "
-                                       f"stopped): restart it with --resume, with the same --epochs as this network")
+                return "not running", (
+                    f"network {net} is not running (no heartbeat file {alive}; it finished or "
+                    f"stopped): restart it with --resume, with the same --epochs as this network"
+                )
             return "not started", f"network {net} has not started yet (no heartbeat file {alive})"
         if age > self.stale_after:
-            return "stopped", (f"network {net} has stopped: its heartbeat {alive} is {format_duration(age)} old; "
-                               f"check its log and restart it with --resume")
+            return "stopped", (
+                f"network {net} has stopped: its heartbeat {alive} is {format_duration(age)} old; "
+                f"check its log and restart it with --resume"
+            )
         return "running", f"network {net} is running (heartbeat {format_duration(age)} ago)"
 
     # ---------------------------------------------------------------- exchange files
@@ -514,8 +532,11 @@ class Exchange:
             newly_stopped = kind == "stopped" and reported_kind != "stopped"
             if now >= next_notice or newly_stopped:
                 level = logging.INFO if kind in ("running", "not started") else logging.WARNING
-                say(level, f"net {self.net}: waiting for network {net}'s epoch {epoch} ({target}) for "
-                           f"{format_duration(waited)}; {state}")
+                say(
+                    level,
+                    f"net {self.net}: waiting for network {net}'s epoch {epoch} ({target}) for "
+                    f"{format_duration(waited)}; {state}",
+                )
                 reported_kind = kind
                 if now >= next_notice:
                     next_notice = now + self.log_every
@@ -552,22 +573,28 @@ class Exchange:
     def repair_advice(net: int) -> str:
         """What to do about a bad file of network ``net`` (it is never used): the advice works, as a file
         that is gone after its network has moved on is skipped (:class:`EpochGone`)."""
-        return (f"nothing from it was used: delete it and restart this network with --resume (an epoch whose file "
-                f"is gone after network {net} has moved on is not grafted)")
+        return (
+            f"nothing from it was used: delete it and restart this network with --resume (an epoch whose file "
+            f"is gone after network {net} has moved on is not grafted)"
+        )
 
     def _check_meta(self, net: int, epoch: int, target: Path, meta: Any, expect: dict[str, Any], fix: str) -> None:
         """Raise :class:`PeerMismatchError` unless ``meta`` is what network ``net`` of this ring writes
         for ``epoch`` and agrees with ``expect``."""
         if not isinstance(meta, dict):
-            raise PeerMismatchError(f"network {net}'s file {target} has no metadata, so this project did not write "
-                                    f"it; {fix}")
+            raise PeerMismatchError(
+                f"network {net}'s file {target} has no metadata, so this project did not write it; {fix}"
+            )
         if self.ring is not None and meta.get("ring") != self.ring:
             raise PeerMismatchError(
                 f"network {net}'s file {target} belongs to another run (ring {meta.get('ring')}, this ring is "
-                f"{self.ring}): move it away and restart this network with --resume, or start this ring in a new --s")
+                f"{self.ring}): move it away and restart this network with --resume, or start this ring in a new --s"
+            )
         if meta.get("net") != net or meta.get("epoch") != epoch:
-            raise PeerMismatchError(f"network {net}'s file {target} says it holds network {meta.get('net')}'s epoch "
-                                    f"{meta.get('epoch')}: it was renamed or copied by hand; {fix}")
+            raise PeerMismatchError(
+                f"network {net}'s file {target} says it holds network {meta.get('net')}'s epoch "
+                f"{meta.get('epoch')}: it was renamed or copied by hand; {fix}"
+            )
         for key, wanted in expect.items():
             if key not in meta:
                 found = f"no '{key}' entry"
@@ -575,8 +602,9 @@ class Exchange:
                 found = f"{key}={meta[key]}"
             else:
                 continue
-            hint = (" (to extend a finished ring, resume every network with --resume --epochs N)"
-                    if key == "epochs" else "")
+            hint = (
+                " (to extend a finished ring, resume every network with --resume --epochs N)" if key == "epochs" else ""
+            )
             raise PeerMismatchError(
                 f"network {net}'s file {target} has {found}, this network has {key}={wanted}; "
                 f"all networks of a ring must use the same {key}{hint}"
@@ -599,8 +627,11 @@ class Exchange:
     def remove_files(self, net: int, *, first: int = 1, last: int | None = None) -> list[Path]:
         """Delete network ``net``'s exchange files of epochs ``first..last`` (no bound: None), newest first,
         so that a reader never sees an epoch missing while a later one is still there; return them."""
-        chosen = [(e, path) for n, e, path in self.folder.exchange_files()
-                  if n == net and e >= first and (last is None or e <= last)]
+        chosen = [
+            (e, path)
+            for n, e, path in self.folder.exchange_files()
+            if n == net and e >= first and (last is None or e <= last)
+        ]
         return self._remove([path for _, path in sorted(chosen, reverse=True)])
 
     def cleanup(self, epoch: int) -> list[Path]:

@@ -12,20 +12,24 @@ followed by ``graft`` (wait for the ring predecessor's file of the same epoch, c
 graft it in). While it waits it says, after a few seconds and then every minute, which file it waits
 for and whether that peer runs, has stopped or has not started; without any logging set up (a plain
 script) these lines go to stderr. ``finish()`` at the end of a run removes the exchange files no
-network needs any more, the heartbeat and the lock (see :mod:`grafting.ring.exchange`). The ``source`` option selects the paper's ablations instead (docs/METHOD.md §9):
+network needs any more, the heartbeat and the lock (see :mod:`grafting.ring.exchange`). The ``source``
+option selects the paper's ablations instead (docs/METHOD.md §9):
 ``internal`` and ``noise`` change the network's own invalid filters and exchange nothing;
-``average`` waits for every network's file and replaces the weights by the plain mean. A loop may call the two halves apart, e.g. evaluate in between so the peer's file
+``average`` waits for every network's file and replaces the weights by the plain mean. A loop may call
+the two halves apart, e.g. evaluate in between so the peer's file
 arrives while this network tests. Under torch.distributed only rank 0 touches the folder; the
 grafted weights are broadcast to the other ranks.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +38,16 @@ from grafting.checkpoint import weights_problem
 from grafting.distributed import is_distributed
 from grafting.errors import CheckpointError, UsageError
 from grafting.method.ablation import average_into_, check_source, internal_graft_, noise_graft_
-from grafting.method.graft import (FilterRecord, LayerRecord, check_criterion, check_peer_state, check_rule,
-                                   graft_filters, graft_layers, unwrap_model)
+from grafting.method.graft import (
+    FilterRecord,
+    LayerRecord,
+    check_criterion,
+    check_peer_state,
+    check_rule,
+    graft_filters,
+    graft_layers,
+    unwrap_model,
+)
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C, check_weighting
 from grafting.ring.exchange import EpochGone, Exchange, check_epoch, check_ring_position, say
 
@@ -71,7 +83,7 @@ class GraftReport:
     peer: int | None = None
     waited_s: float = 0.0
     graft_ms: float = 0.0
-    layers: list[LayerRecord | FilterRecord] = field(default_factory=list)
+    layers: Sequence[LayerRecord | FilterRecord] = field(default_factory=list)
     peer_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     source: str = "external"
     peers: tuple[int, ...] = ()
@@ -91,18 +103,33 @@ class GraftReport:
         if self.invalid_touched is not None:
             return f"epoch {self.epoch}: {self.source} grafting touched {self.invalid_touched} invalid filters"
         if self.source == "average" and self.peers:
-            return (f"epoch {self.epoch}: averaged with networks {', '.join(map(str, self.peers))}, "
-                    f"waited {self.waited_s:.1f} s, {self.graft_ms:.1f} ms")
+            return (
+                f"epoch {self.epoch}: averaged with networks {', '.join(map(str, self.peers))}, "
+                f"waited {self.waited_s:.1f} s, {self.graft_ms:.1f} ms"
+            )
         if self.peer is None:
             return f"epoch {self.epoch}: no grafting"
         a = self.alphas
         mean = sum(a) / len(a) if a else float("nan")
-        return (f"epoch {self.epoch}: grafted network {self.peer} ({len(a)} coefficients, mean {mean:.3f}), "
-                f"waited {self.waited_s:.1f} s, {self.graft_ms:.1f} ms")
+        return (
+            f"epoch {self.epoch}: grafted network {self.peer} ({len(a)} coefficients, mean {mean:.3f}), "
+            f"waited {self.waited_s:.1f} s, {self.graft_ms:.1f} ms"
+        )
 
 
-def check_grafting(*, net: int, num: int, a: float, c: float, level: str, rule: str, criterion: str, source: str,
-                   invalid_threshold: float, peer_timeout: float | None) -> None:
+def check_grafting(
+    *,
+    net: int,
+    num: int,
+    a: float,
+    c: float,
+    level: str,
+    rule: str,
+    criterion: str,
+    source: str,
+    invalid_threshold: float,
+    peer_timeout: float | None,
+) -> None:
     """Raise :class:`UsageError` for the first impossible grafting setting (the one check both the
     :class:`Grafter` and the training scripts' configuration use)."""
     check_ring_position(net, num)
@@ -162,26 +189,54 @@ class Grafter:
         meta: Mapping[str, Any] | None = None,
         ring: str | None = None,
     ) -> None:
-        check_grafting(net=net, num=num, a=a, c=c, level=level, rule=rule, criterion=criterion, source=source,
-                       invalid_threshold=invalid_threshold, peer_timeout=peer_timeout)
+        check_grafting(
+            net=net,
+            num=num,
+            a=a,
+            c=c,
+            level=level,
+            rule=rule,
+            criterion=criterion,
+            source=source,
+            invalid_threshold=invalid_threshold,
+            peer_timeout=peer_timeout,
+        )
         self.net, self.num = net, num
         self.a, self.c, self.level, self.rule, self.criterion = a, c, level, rule, criterion
         self.source, self.invalid_threshold = source, invalid_threshold
         self.peer_timeout = peer_timeout
         self.keep_all = keep_all
         self._last_exchanged = 0  # the last epoch whose grafting step ran (grafted or skipped)
-        # What a peer's file must agree on: the grafting settings, and whatever the caller adds (model, classes, recipe).
-        self.meta = {"num": num, "a": a, "c": c, "level": level, "rule": rule, "criterion": criterion,
-                     "source": source, "invalid_threshold": invalid_threshold, **dict(meta or {}), "net": net}
+        # What a peer's file must agree on: the grafting settings, and whatever the caller adds
+        # (model, classes, recipe).
+        self.meta = {
+            "num": num,
+            "a": a,
+            "c": c,
+            "level": level,
+            "rule": rule,
+            "criterion": criterion,
+            "source": source,
+            "invalid_threshold": invalid_threshold,
+            **dict(meta or {}),
+            "net": net,
+        }
         self._rank_zero = not is_distributed() or torch.distributed.get_rank() == 0
         # Under DDP only rank 0 touches the shared folder (on other nodes it may not even be mounted).
-        self.exchange: Exchange | None = (Exchange(root, net, num, keep_all=keep_all, ring=ring)
-                                          if self._rank_zero else None)
+        self.exchange: Exchange | None = (
+            Exchange(root, net, num, keep_all=keep_all, ring=ring) if self._rank_zero else None
+        )
 
     @property
     def ring(self) -> str | None:
         """The ring's identity once :meth:`open` has joined it (None on DDP ranks other than 0)."""
-        return self.exchange.ring if self.exchange is not None else None
+        return self._shared.ring if self.exchange is not None else None
+
+    @property
+    def _shared(self) -> Exchange:
+        """Rank 0's exchange (only rank 0 calls this: the others return before touching the folder)."""
+        assert self.exchange is not None, "only rank 0 touches the shared folder"
+        return self.exchange
 
     @property
     def active(self) -> bool:
@@ -198,12 +253,12 @@ class Grafter:
     def open(self) -> None:
         """Take this network's lock in the shared folder (rank 0 only), join the ring and start the heartbeat."""
         if self._rank_zero:
-            self.exchange.acquire()
+            self._shared.acquire()
 
     def close(self) -> None:
         """Release the lock; safe to call twice. The heartbeat file stays, so a waiting peer sees it go stale."""
         if self._rank_zero:
-            self.exchange.release()
+            self._shared.release()
 
     def discard_from(self, epoch: int) -> list[Path]:
         """Delete this network's exchange files of epochs >= ``epoch``, newest first; return them.
@@ -214,7 +269,7 @@ class Grafter:
         epoch = check_epoch(epoch)
         if not self._rank_zero:
             return []
-        return self.exchange.remove_files(self.net, first=epoch)
+        return self._shared.remove_files(self.net, first=epoch)
 
     def finish(self) -> None:
         """The run is over: delete the exchange files no network needs any more, this network's heartbeat
@@ -227,7 +282,7 @@ class Grafter:
         """
         if not self._rank_zero:
             return
-        exchange = self.exchange
+        exchange = self._shared
         if self.active and not self.keep_all:
             exchange.finish_heartbeat()
             if self.source == "average":
@@ -244,8 +299,8 @@ class Grafter:
         if not self.active or not self._rank_zero:
             return None
         state = unwrap_model(model).state_dict()
-        path = self.exchange.publish(epoch, state, {**self.meta, "epoch": epoch})
-        self.exchange.cleanup(epoch)
+        path = self._shared.publish(epoch, state, {**self.meta, "epoch": epoch})
+        self._shared.cleanup(epoch)
         return path
 
     def graft(self, model: nn.Module, epoch: int) -> GraftReport:
@@ -268,12 +323,14 @@ class Grafter:
             try:
                 if own_only:
                     if self.source == "internal":
-                        report.invalid_touched = internal_graft_(module, threshold=self.invalid_threshold,
-                                                                 rule=self.rule)
+                        report.invalid_touched = internal_graft_(
+                            module, threshold=self.invalid_threshold, rule=self.rule
+                        )
                     else:
                         # noise_graft_ counts finished epochs from 0 (the published decay); ours count from 1.
-                        report.invalid_touched = noise_graft_(module, epoch - 1, threshold=self.invalid_threshold,
-                                                              rule=self.rule)
+                        report.invalid_touched = noise_graft_(
+                            module, epoch - 1, threshold=self.invalid_threshold, rule=self.rule
+                        )
                 elif self.source == "average":
                     start = self._average(module, epoch, report)
                 else:
@@ -291,14 +348,15 @@ class Grafter:
     def _graft_predecessor(self, module: nn.Module, epoch: int, report: GraftReport) -> float:
         """Wait for the predecessor's file of ``epoch``, check it and graft it into ``module`` (the method).
         Returns when the work (not the waiting) started."""
-        peer = self.exchange.predecessor
+        peer = self._shared.predecessor
         report.peer, report.peers = peer, (peer,)
-        report.waited_s = self.exchange.wait_for(peer, epoch, self.peer_timeout)
+        report.waited_s = self._shared.wait_for(peer, epoch, self.peer_timeout)
         start = time.perf_counter()
         peer_state = self._load_checked(module, peer, epoch)
         if self.level == "layer":
-            report.layers = graft_layers(module, peer_state, a=self.a, c=self.c, rule=self.rule,
-                                         criterion=self.criterion)
+            report.layers = graft_layers(
+                module, peer_state, a=self.a, c=self.c, rule=self.rule, criterion=self.criterion
+            )
         else:
             report.layers = graft_filters(module, peer_state)
         report.peer_state = peer_state
@@ -307,12 +365,12 @@ class Grafter:
     def _load_checked(self, module: nn.Module, net: int, epoch: int) -> dict[str, torch.Tensor]:
         """Network ``net``'s weights of ``epoch``, refused unless their meta, keys, shapes and dtypes fit and
         their magnitudes are those of a network like this one."""
-        state, _ = self.exchange.load(net, epoch, expect=self._expected_meta())
-        own, source = module.state_dict(), f"network {net}'s file {self.exchange.path(net, epoch)}"
+        state, _ = self._shared.load(net, epoch, expect=self._expected_meta())
+        own, source = module.state_dict(), f"network {net}'s file {self._shared.path(net, epoch)}"
         check_peer_state(own, state, source=source)
         problem = weights_problem(state, reference=own)
         if problem:
-            raise CheckpointError(f"{source} {problem}; {self.exchange.repair_advice(net)}")
+            raise CheckpointError(f"{source} {problem}; {self._shared.repair_advice(net)}")
         return state
 
     def _expected_meta(self) -> dict[str, Any]:
@@ -329,13 +387,13 @@ class Grafter:
         """
         others = [n for n in range(1, self.num + 1) if n != self.net]
         for net in others:  # the waits overlap: later files usually exist by the time the first one does
-            report.waited_s += self.exchange.wait_for(net, epoch, self.peer_timeout)
+            report.waited_s += self._shared.wait_for(net, epoch, self.peer_timeout)
         start = time.perf_counter()
         states = {net: self._load_checked(module, net, epoch) for net in others}
         states[self.net] = module.state_dict()
         average_into_(module, [states[n] for n in range(1, self.num + 1)])
-        report.peer, report.peers = self.exchange.predecessor, tuple(others)
-        report.peer_state = states[self.exchange.predecessor]
+        report.peer, report.peers = self._shared.predecessor, tuple(others)
+        report.peer_state = states[self._shared.predecessor]
         return start
 
     def step(self, model: nn.Module, epoch: int) -> GraftReport:

@@ -7,6 +7,7 @@ names. Each network writes the identity into every exchange file it publishes an
 ``config.json``, so a resumed network knows its ring even if ``ring.json`` was deleted, and a peer file
 of another ring is refused before any weights are mixed (:meth:`grafting.ring.exchange.Exchange.load`).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -37,14 +38,20 @@ def new_ring_name() -> str:
 def _create(folder: SharedFolder, name: str) -> bool:
     """Write ``ring.json`` naming ``name`` unless it exists; True when this call created it."""
     path = folder.ring
-    text = json.dumps({"format": RING_FORMAT, "ring": name,
-                       "created": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n"
+    text = (
+        json.dumps(
+            {"format": RING_FORMAT, "ring": name, "created": datetime.datetime.now().isoformat(timespec="seconds")}
+        )
+        + "\n"
+    )
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
     except OSError as err:
-        raise GraftingError(f"cannot create {path}: {err.strerror or err}; use a writable shared folder (--s)") from None
+        raise GraftingError(
+            f"cannot create {path}: {err.strerror or err}; use a writable shared folder (--s)"
+        ) from None
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
@@ -79,8 +86,10 @@ def _read(folder: SharedFolder) -> str | None:
         except (OSError, ValueError) as err:
             problem = str(err)
         if time.monotonic() > deadline:
-            raise GraftingError(f"{path} is unreadable ({problem}); it names the ring of this shared folder: "
-                                f"move it away (a resumed network writes it again), or start the ring in a new --s")
+            raise GraftingError(
+                f"{path} is unreadable ({problem}); it names the ring of this shared folder: "
+                f"move it away (a resumed network writes it again), or start the ring in a new --s"
+            )
         time.sleep(0.05)
 
 
@@ -104,6 +113,7 @@ def join_ring(folder: SharedFolder, expected: str | None = None) -> str:
             raise GraftingError(
                 f"this network belongs to ring {expected} (its config.json) but {folder.ring} names ring {found}: "
                 f"another run has used {folder.root} since; resume the ring in a shared folder of its own: copy "
-                f"its networks' net<i> folders into a new --s and resume each network there")
+                f"its networks' net<i> folders into a new --s and resume each network there"
+            )
         return found
     raise GraftingError(f"{folder.ring} keeps disappearing; does another process delete it? use a new --s")

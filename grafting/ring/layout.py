@@ -14,6 +14,7 @@
 Every writer, reader and tool goes through :class:`SharedFolder` and :class:`NetworkFiles`, so a
 file name is spelled once.
 """
+
 from __future__ import annotations
 
 import os
@@ -106,8 +107,11 @@ class SharedFolder:
             names = os.listdir(self.root)
         except OSError:
             return []
-        found = [(int(m.group(1)), int(m.group(2)), self.root / name)
-                 for name in names if (m := EXCHANGE_FILE.fullmatch(name))]
+        found = [
+            (int(m.group(1)), int(m.group(2)), self.root / name)
+            for name in names
+            if (m := EXCHANGE_FILE.fullmatch(name))
+        ]
         return sorted(found)
 
     def lock(self, net: int) -> Path:

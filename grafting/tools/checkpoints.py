@@ -1,5 +1,6 @@
 """Checkpoints as the results tools read them: the weights of a trained network, refused when they are
 not finite, and the settings of the run that wrote them (the ``config.json`` next to the file)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ def load_trained_weights(path: str | Path) -> dict[str, torch.Tensor]:
     state = load_state_dict_file(path)
     broken = [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
     if broken:
-        raise CheckpointError(f"{path} holds NaN or infinite values in {len(broken)} of its tensors (first: "
-                              f"'{broken[0]}'); it is not a usable network: take an earlier checkpoint of that run")
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {len(broken)} of its tensors (first: "
+            f"'{broken[0]}'); it is not a usable network: take an earlier checkpoint of that run"
+        )
     return state
 
 

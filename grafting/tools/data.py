@@ -8,6 +8,7 @@ without the real data.
 A stand-in folder carries ``GENERATED_STAND_IN.txt``: the training scripts and every results tool then
 label its runs "generated stand-in" and never compare them with the paper.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,33 +32,48 @@ def _positive(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-data``."""
     parser = ArgumentParser(prog="graft-data", description="Fetch CIFAR, or write a generated stand-in dataset.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     parser_class=ArgumentParser)
-    download = commands.add_parser("download", help="download CIFAR-10 and/or CIFAR-100 (needs the internet)",
-                                   description="Download CIFAR into DIR (what --data of graft-cifar expects).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
+    download = commands.add_parser(
+        "download",
+        help="download CIFAR-10 and/or CIFAR-100 (needs the internet)",
+        description="Download CIFAR into DIR (what --data of graft-cifar expects).",
+    )
     download.add_argument("folder", metavar="DIR", help="where cifar-10-batches-py/ and cifar-100-python/ go")
-    download.add_argument("--cifar", type=int, nargs="+", choices=(10, 100), default=[10],
-                          help="which datasets: 10, 100 or both (default: 10)")
+    download.add_argument(
+        "--cifar",
+        type=int,
+        nargs="+",
+        choices=(10, 100),
+        default=[10],
+        help="which datasets: 10, 100 or both (default: 10)",
+    )
 
-    cifar = commands.add_parser("stand-in-cifar", help="write a generated CIFAR-10/100 in the real file format",
-                                description="Write a generated CIFAR stand-in (learnable, but not CIFAR) into DIR.")
+    cifar = commands.add_parser(
+        "stand-in-cifar",
+        help="write a generated CIFAR-10/100 in the real file format",
+        description="Write a generated CIFAR stand-in (learnable, but not CIFAR) into DIR.",
+    )
     cifar.add_argument("folder", metavar="DIR", help="the --data folder to create")
     cifar.add_argument("--cifar", type=int, choices=(10, 100), default=10, help="10 or 100 classes (default: 10)")
     cifar.add_argument("--train-size", type=_positive, default=5000, help="training images (default: 5000)")
     cifar.add_argument("--test-size", type=_positive, default=1000, help="test images (default: 1000)")
     cifar.add_argument("--seed", type=int, default=0, help="seed of the generator (default: 0)")
 
-    folder = commands.add_parser("stand-in-imagefolder", help="write a generated ImageFolder tree (train/, val/)",
-                                 description="Write a generated ImageNet-style stand-in (JPEG files in class "
-                                             "folders) into DIR.")
+    folder = commands.add_parser(
+        "stand-in-imagefolder",
+        help="write a generated ImageFolder tree (train/, val/)",
+        description="Write a generated ImageNet-style stand-in (JPEG files in class folders) into DIR.",
+    )
     folder.add_argument("folder", metavar="DIR", help="the --data folder to create")
     folder.add_argument("--classes", type=_positive, default=10, help="class folders (default: 10)")
-    folder.add_argument("--train-per-class", type=_positive, default=64,
-                        help="training images per class (default: 64)")
-    folder.add_argument("--val-per-class", type=_positive, default=16,
-                        help="validation images per class (default: 16)")
-    folder.add_argument("--image-size", type=int, default=64,
-                        help="image side in pixels, varied by a sixth per image (default: 64, at least 8)")
+    folder.add_argument("--train-per-class", type=_positive, default=64, help="training images per class (default: 64)")
+    folder.add_argument("--val-per-class", type=_positive, default=16, help="validation images per class (default: 16)")
+    folder.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="image side in pixels, varied by a sixth per image (default: 64, at least 8)",
+    )
     folder.add_argument("--seed", type=int, default=0, help="seed of the generator (default: 0)")
     return parser.parse_args(argv)
 
@@ -74,8 +90,10 @@ def _download(folder: str, classes: int) -> None:
         if not isinstance(err.__cause__, OSError):
             raise
         url = (torchvision.datasets.CIFAR10 if classes == 10 else torchvision.datasets.CIFAR100).url
-        raise GraftingError(f"could not download CIFAR-{classes} into {folder} ({first_line(err.__cause__)}); "
-                            f"without internet access, fetch {url} elsewhere and unpack it into {folder}") from None
+        raise GraftingError(
+            f"could not download CIFAR-{classes} into {folder} ({first_line(err.__cause__)}); "
+            f"without internet access, fetch {url} elsewhere and unpack it into {folder}"
+        ) from None
     print(f"CIFAR-{classes}: {len(train)} training and {len(test)} test images in {folder}")
 
 
@@ -89,18 +107,27 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "stand-in-cifar":
         from grafting.data.fake import write_fake_cifar
 
-        write_fake_cifar(args.folder, args.cifar, train_size=args.train_size, test_size=args.test_size,
-                         seed=args.seed)
-        print(f"wrote a GENERATED CIFAR-{args.cifar} stand-in ({args.train_size} training, {args.test_size} test "
-              f"images) to {args.folder}; train with --data {args.folder}")
+        write_fake_cifar(args.folder, args.cifar, train_size=args.train_size, test_size=args.test_size, seed=args.seed)
+        print(
+            f"wrote a GENERATED CIFAR-{args.cifar} stand-in ({args.train_size} training, {args.test_size} test "
+            f"images) to {args.folder}; train with --data {args.folder}"
+        )
     else:
         from grafting.data.fake import write_fake_imagefolder
 
-        write_fake_imagefolder(args.folder, args.classes, train_per_class=args.train_per_class,
-                               val_per_class=args.val_per_class, image_size=args.image_size, seed=args.seed)
-        print(f"wrote a GENERATED ImageFolder stand-in ({args.classes} classes) to {args.folder}; train with "
-              f"graft-imagenet --data {args.folder} --image-size {max(16, min(args.image_size, 224))}")
+        write_fake_imagefolder(
+            args.folder,
+            args.classes,
+            train_per_class=args.train_per_class,
+            val_per_class=args.val_per_class,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
+        print(
+            f"wrote a GENERATED ImageFolder stand-in ({args.classes} classes) to {args.folder}; train with "
+            f"graft-imagenet --data {args.folder} --image-size {max(16, min(args.image_size, 224))}"
+        )
 
 
 if __name__ == "__main__":
-    main()
+    main(None)

@@ -4,12 +4,13 @@ next to the paper's counts, or layer by layer.
     graft-filters base=runs/b/net1/best.pt graft=runs/g/net1/best.pt -t 0.1,0.01 --model resnet32
     graft-filters base=runs/b/net1/best.pt graft=runs/g/net1/best.pt --per-layer
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from grafting.data.fake import MARKER_NAME
 from grafting.errors import CheckpointError
@@ -52,8 +53,10 @@ def count_filters(checkpoints: Sequence[str], thresholds: Sequence[float]) -> li
         state = load_trained_weights(path)
         keys = conv_filter_keys(state)
         if not keys:
-            raise CheckpointError(f"{path} has no convolution weights whose key contains 'conv'; "
-                                  "is it a checkpoint of a CNN from this project or the paper?")
+            raise CheckpointError(
+                f"{path} has no convolution weights whose key contains 'conv'; "
+                "is it a checkpoint of a CNN from this project or the paper?"
+            )
         layers = {}
         for key in keys:
             norms = filter_l1_norms(state[key])
@@ -71,11 +74,15 @@ def _name(row: FilterRow) -> str:
 def _notes(rows: Sequence[FilterRow], model: str | None) -> list[str]:
     notes = []
     if model is not None and model not in published_invalid_models():
-        notes.append(f"the paper counted invalid filters of {' and '.join(published_invalid_models())} only; "
-                     f"it has no rows for {model}")
+        notes.append(
+            f"the paper counted invalid filters of {' and '.join(published_invalid_models())} only; "
+            f"it has no rows for {model}"
+        )
     if any(row.stand_in for row in rows):
-        notes.append(f"generated stand-in: trained on generated data (its folder holds {MARKER_NAME}), not the "
-                     f"real dataset; its counts say nothing about the paper")
+        notes.append(
+            f"generated stand-in: trained on generated data (its folder holds {MARKER_NAME}), not the "
+            f"real dataset; its counts say nothing about the paper"
+        )
     return notes
 
 
@@ -104,10 +111,14 @@ def layer_table(rows: Sequence[FilterRow], thresholds: Sequence[float]) -> str:
     body = []
     for key in keys:
         total = next(row.layers[key][thresholds[0]][1] for row in rows if key in row.layers)
-        body.append([key, str(total)] + [str(row.layers[key][t][0]) if key in row.layers else "-"
-                                         for row in rows for t in thresholds])
+        body.append(
+            [key, str(total)]
+            + [str(row.layers[key][t][0]) if key in row.layers else "-" for row in rows for t in thresholds]
+        )
     totals = {row.counts[thresholds[0]][1] for row in rows}
-    body.append(["all", "/".join(map(str, sorted(totals)))] + [str(row.counts[t][0]) for row in rows for t in thresholds])
+    body.append(
+        ["all", "/".join(map(str, sorted(totals)))] + [str(row.counts[t][0]) for row in rows for t in thresholds]
+    )
     notes = _notes(rows, None)
     return markdown(header, body) + ("\n\n" + "\n".join(notes) if notes else "")
 
@@ -128,17 +139,33 @@ def _thresholds(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-filters``."""
-    parser = ArgumentParser(prog="graft-filters", description="Invalid filters (l1 norm < t) per checkpoint and "
-                                                              "threshold, in all or layer by layer.")
-    parser.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CHECKPOINT",
-                        help="checkpoint files (.pt/.pth/.t7, any common layout), optionally named LABEL=PATH")
-    parser.add_argument("-t", "--thresholds", type=_thresholds, default=[0.1, 0.01], metavar="T1,T2",
-                        help="l1-norm thresholds, comma-separated (default: 0.1,0.01, the paper's)")
-    parser.add_argument("--model", default=None,
-                        help="add the paper's rows for this model; it counted "
-                             f"{' and '.join(published_invalid_models())} (default: no paper rows)")
-    parser.add_argument("--per-layer", action="store_true",
-                        help="one row per conv layer instead of one per checkpoint (default: off)")
+    parser = ArgumentParser(
+        prog="graft-filters",
+        description="Invalid filters (l1 norm < t) per checkpoint and threshold, in all or layer by layer.",
+    )
+    parser.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="[LABEL=]CHECKPOINT",
+        help="checkpoint files (.pt/.pth/.t7, any common layout), optionally named LABEL=PATH",
+    )
+    parser.add_argument(
+        "-t",
+        "--thresholds",
+        type=_thresholds,
+        default=[0.1, 0.01],
+        metavar="T1,T2",
+        help="l1-norm thresholds, comma-separated (default: 0.1,0.01, the paper's)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="add the paper's rows for this model; it counted "
+        f"{' and '.join(published_invalid_models())} (default: no paper rows)",
+    )
+    parser.add_argument(
+        "--per-layer", action="store_true", help="one row per conv layer instead of one per checkpoint (default: off)"
+    )
     return parser.parse_args(argv)
 
 

@@ -14,13 +14,15 @@ per network (the mean channel weight per conv for filter-level grafting).
 
 matplotlib is an optional dependency: ``python -m pip install matplotlib`` (or the ``plot`` extra).
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from grafting.errors import GraftingError, UsageError
 from grafting.method.filters import conv_filter_norms
@@ -32,8 +34,10 @@ from grafting.train.report import INVALID_THRESHOLDS, PAPER_THRESHOLD
 
 __all__ = ["plot_runs", "require_matplotlib", "MATPLOTLIB_MISSING", "parse_args", "main"]
 
-MATPLOTLIB_MISSING = ("graft-plot needs matplotlib, which is not installed: python -m pip install matplotlib "
-                      "(or, in a checkout, python -m pip install -e '.[plot]')")
+MATPLOTLIB_MISSING = (
+    "graft-plot needs matplotlib, which is not installed: python -m pip install matplotlib "
+    "(or, in a checkout, python -m pip install -e '.[plot]')"
+)
 
 
 def require_matplotlib() -> Any:
@@ -65,8 +69,11 @@ class _Plotter:
     def __init__(self, runs: Sequence[RunSummary], out: Path, base: Path | None, checkpoint: str) -> None:
         self.Figure = require_matplotlib()
         self.runs, self.out, self.base, self.checkpoint = runs, out, base, checkpoint
-        self.records = {(run.folder, n.net): network_metrics(NetworkFiles(run.folder, n.net).metrics)
-                        for run in runs for n in run.networks}
+        self.records = {
+            (run.folder, n.net): network_metrics(NetworkFiles(run.folder, n.net).metrics)
+            for run in runs
+            for n in run.networks
+        }
         self.written: list[Path] = []
 
     def _save(self, figure: Any, name: str) -> None:
@@ -86,8 +93,14 @@ class _Plotter:
                 if not points:
                     continue
                 name = f"{run.method} net{network.net}" if len(run.networks) > 1 else run.method
-                axes.plot(*zip(*points), style, color=colour, alpha=0.85, linewidth=1.2,
-                          label=f"{name} ({run_label(run, self.base)})")
+                axes.plot(
+                    *zip(*points),
+                    style,
+                    color=colour,
+                    alpha=0.85,
+                    linewidth=1.2,
+                    label=f"{name} ({run_label(run, self.base)})",
+                )
                 drawn, lines = True, lines + (run.method != "baseline")
         if drawn:
             axes.set_xlabel("epoch")
@@ -110,8 +123,12 @@ class _Plotter:
         drawn = False
         for row, threshold in enumerate(INVALID_THRESHOLDS, start=1):
             axes = figure.add_subplot(len(INVALID_THRESHOLDS), 1, row)
-            shown = self._curves(axes, runs, lambda r, t=threshold: (r.get("invalid_filters") or {}).get(str(t)),
-                                 f"invalid filters (l1 < {threshold:g})")
+            shown = self._curves(
+                axes,
+                runs,
+                lambda r, t=threshold: (r.get("invalid_filters") or {}).get(str(t)),
+                f"invalid filters (l1 < {threshold:g})",
+            )
             axes.set_title(f"{_experiment_title(key)}: invalid filters, t = {threshold:g}")
             drawn = drawn or shown
         if drawn:
@@ -139,11 +156,15 @@ class _Plotter:
         axes = figure.add_subplot()
         for index, (run, values) in enumerate(series):
             invalid = int((values < PAPER_THRESHOLD).sum())
-            axes.hist(np.clip(values, edges[0], edges[-1]), bins=edges, histtype="step", linewidth=1.5,
-                      linestyle="--" if run.method == "baseline" else "-",
-                      color="black" if run.method == "baseline" else f"C{index % 10}",
-                      label=f"{run.method} ({run_label(run, self.base)}): {invalid}/{values.size} below "
-                            f"{PAPER_THRESHOLD:g}")
+            axes.hist(
+                np.clip(values, edges[0], edges[-1]),
+                bins=edges,
+                histtype="step",
+                linewidth=1.5,
+                linestyle="--" if run.method == "baseline" else "-",
+                color="black" if run.method == "baseline" else f"C{index % 10}",
+                label=f"{run.method} ({run_label(run, self.base)}): {invalid}/{values.size} below {PAPER_THRESHOLD:g}",
+            )
         for threshold in INVALID_THRESHOLDS:
             axes.axvline(threshold, color="grey", linestyle=":", linewidth=1)
         axes.set_xscale("log")
@@ -171,19 +192,29 @@ class _Plotter:
             epochs = [r["epoch"] for r in records]
             grid = [[(r.get(field) or {}).get(k, math.nan) for r in records] for k in keys]
             axes = figure.add_subplot(len(panels), 1, row)
-            image = axes.imshow(grid, aspect="auto", cmap="coolwarm", vmin=0.0, vmax=1.0, interpolation="nearest",
-                                extent=(min(epochs) - 0.5, max(epochs) + 0.5, len(keys) - 0.5, -0.5))
+            image = axes.imshow(
+                grid,
+                aspect="auto",
+                cmap="coolwarm",
+                vmin=0.0,
+                vmax=1.0,
+                interpolation="nearest",
+                extent=(min(epochs) - 0.5, max(epochs) + 0.5, len(keys) - 0.5, -0.5),
+            )
             axes.set_yticks(range(len(keys)), [k.removesuffix(".weight") for k in keys], fontsize=5)
             axes.set_xlabel("epoch")
             name = "alpha" if field == "alphas" else "mean filter weight w"
-            axes.set_title(f"{run_label(run, self.base)}, network {net}: {name} per layer "
-                           f"(> 0.5: keeps more of its own)", fontsize=9)
+            axes.set_title(
+                f"{run_label(run, self.base)}, network {net}: {name} per layer (> 0.5: keeps more of its own)",
+                fontsize=9,
+            )
             figure.colorbar(image, ax=axes, label=name)
         self._save(figure, _file_name("alpha", run_label(run, self.base)))
 
 
-def plot_runs(runs: Sequence[RunSummary], out: str | Path, *, base: str | Path | None = None,
-              checkpoint: str = "best") -> list[Path]:
+def plot_runs(
+    runs: Sequence[RunSummary], out: str | Path, *, base: str | Path | None = None, checkpoint: str = "best"
+) -> list[Path]:
     """Write every figure of ``runs`` into ``out`` (created) and return the files written."""
     out = Path(out)
     plotter = _Plotter(runs, out, Path(base) if base is not None else None, checkpoint)
@@ -203,13 +234,20 @@ def plot_runs(runs: Sequence[RunSummary], out: str | Path, *, base: str | Path |
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-plot``."""
-    parser = ArgumentParser(prog="graft-plot", description="PNG figures of run folders: accuracy, coefficients, "
-                                                           "invalid filters, filter-norm distributions.")
+    parser = ArgumentParser(
+        prog="graft-plot",
+        description="PNG figures of run folders: accuracy, coefficients, invalid filters, filter-norm distributions.",
+    )
     add_folders_argument(parser, "drawn")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="folder for the PNG files (default: <first FOLDER>/plots)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                        help="which checkpoint of network 1 the filter-norm histogram reads (default: best)")
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="folder for the PNG files (default: <first FOLDER>/plots)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="which checkpoint of network 1 the filter-norm histogram reads (default: best)",
+    )
     return parser.parse_args(argv)
 
 
@@ -222,8 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
         raise UsageError(f"no runs (net<i>/config.json) under {', '.join(args.folders)}")
     out = Path(args.out) if args.out else Path(args.folders[0]) / "plots"
-    written = plot_runs(runs, out, base=args.folders[0] if len(args.folders) == 1 else None,
-                        checkpoint=args.checkpoint)
+    written = plot_runs(runs, out, base=args.folders[0] if len(args.folders) == 1 else None, checkpoint=args.checkpoint)
     for path in written:
         print(path)
     if not written:
@@ -231,4 +268,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(None)

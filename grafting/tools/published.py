@@ -1,12 +1,21 @@
 """The paper's published numbers (docs/METHOD.md §8) as data, and the method labels that key them."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C
 
-__all__ = ["PUBLISHED", "PUBLISHED_TOP5", "PUBLISHED_INVALID", "PUBLISHED_EPOCHS", "method_label",
-           "published_accuracy", "published_invalid_models"]
+__all__ = [
+    "PUBLISHED",
+    "PUBLISHED_TOP5",
+    "PUBLISHED_INVALID",
+    "PUBLISHED_EPOCHS",
+    "method_label",
+    "published_accuracy",
+    "published_invalid_models",
+]
 
 
 def _two_datasets(model: str, method: str, cifar10: float, cifar100: float) -> dict[tuple[str, str, str], float]:
@@ -29,9 +38,11 @@ def _published_cifar() -> dict[tuple[str, str, str], float]:
         table.update(_two_datasets("mobilenetv2", f"dlr x{num}", c10, c100))
     table.update(_two_datasets("mobilenetv2", "ensemble x6", 94.09, 76.75))
     # Leaky-ReLU ResNets and VGG-16: the paper does not name the schedule, so "grafting" stands for any.
-    leaky = {"resnet32_leaky": ((93.28, 70.04), (93.6, 70.93)),
-             "resnet56_leaky": ((94.03, 72.24), (94.32, 73.14)),
-             "resnet110_leaky": ((93.24, 73.34), (93.97, 73.82))}
+    leaky = {
+        "resnet32_leaky": ((93.28, 70.04), (93.6, 70.93)),
+        "resnet56_leaky": ((94.03, 72.24), (94.32, 73.14)),
+        "resnet110_leaky": ((93.24, 73.34), (93.97, 73.82)),
+    }
     for model, (baseline, grafting) in leaky.items():
         table.update(_two_datasets(model, "baseline", *baseline))
         table.update(_two_datasets(model, "grafting", *grafting))
@@ -39,35 +50,56 @@ def _published_cifar() -> dict[tuple[str, str, str], float]:
     table.update(_two_datasets("vgg16", "grafting", 94.02, 74.28))
     table.update(_two_datasets("vgg16", "filter grafting", 94.26, 74.63))
     # MobileNetV2, a and c (schedule not named): a = 0.4 with c swept, then c = 100 with a swept.
-    for c, (c10, c100) in {1: (93.19, 73.3), 5: (92.76, 72.69), 10: (93.31, 73.26), 50: (93.24, 73.05),
-                           500: (92.79, 72.38)}.items():
+    for c, (c10, c100) in {
+        1: (93.19, 73.3),
+        5: (92.76, 72.69),
+        10: (93.31, 73.26),
+        50: (93.24, 73.05),
+        500: (92.79, 72.38),
+    }.items():
         table.update(_two_datasets("mobilenetv2", f"grafting a=0.4 c={c}", c10, c100))
-    for a, (c10, c100) in {0: (93.4, 72.55), 0.2: (93.61, 72.9), 0.4: (93.46, 73.13), 0.6: (92.6, 72.68),
-                           0.8: (93.03, 71.8), 1: (92.53, 72.27)}.items():
+    for a, (c10, c100) in {
+        0: (93.4, 72.55),
+        0.2: (93.61, 72.9),
+        0.4: (93.46, 73.13),
+        0.6: (92.6, 72.68),
+        0.8: (93.03, 71.8),
+        1: (92.53, 72.27),
+    }.items():
         table.update(_two_datasets("mobilenetv2", f"grafting a={a:g} c=100", c10, c100))
     return table
 
 
 PUBLISHED: dict[tuple[str, str, str], float] = {
     **_published_cifar(),
-    ("resnet18", "imagenet", "baseline"): 69.15, ("resnet18", "imagenet", "grafting"): 71.19,
-    ("resnet34", "imagenet", "baseline"): 72.60, ("resnet34", "imagenet", "grafting"): 74.58,
-    ("resnet50", "imagenet", "baseline"): 75.92, ("resnet50", "imagenet", "grafting"): 76.76,
+    ("resnet18", "imagenet", "baseline"): 69.15,
+    ("resnet18", "imagenet", "grafting"): 71.19,
+    ("resnet34", "imagenet", "baseline"): 72.60,
+    ("resnet34", "imagenet", "grafting"): 74.58,
+    ("resnet50", "imagenet", "baseline"): 75.92,
+    ("resnet50", "imagenet", "grafting"): 76.76,
 }
 """Top-1 test accuracy (%) by (model, dataset, method label)."""
 
 PUBLISHED_TOP5: dict[tuple[str, str, str], float] = {
-    ("resnet18", "imagenet", "baseline"): 88.87, ("resnet18", "imagenet", "grafting"): 90.01,
-    ("resnet34", "imagenet", "baseline"): 90.91, ("resnet34", "imagenet", "grafting"): 92.05,
-    ("resnet50", "imagenet", "baseline"): 92.81, ("resnet50", "imagenet", "grafting"): 93.34,
+    ("resnet18", "imagenet", "baseline"): 88.87,
+    ("resnet18", "imagenet", "grafting"): 90.01,
+    ("resnet34", "imagenet", "baseline"): 90.91,
+    ("resnet34", "imagenet", "grafting"): 92.05,
+    ("resnet50", "imagenet", "baseline"): 92.81,
+    ("resnet50", "imagenet", "grafting"): 93.34,
 }
 """ImageNet top-5 accuracy (%), keyed like :data:`PUBLISHED`."""
 
 PUBLISHED_INVALID: dict[tuple[str, str, float], tuple[int, int]] = {
-    ("resnet32", "baseline", 0.1): (36, 1136), ("resnet32", "grafting", 0.1): (14, 1136),
-    ("resnet32", "baseline", 0.01): (35, 1136), ("resnet32", "grafting", 0.01): (8, 1136),
-    ("mobilenetv2", "baseline", 0.1): (10929, 17088), ("mobilenetv2", "grafting", 0.1): (9903, 17088),
-    ("mobilenetv2", "baseline", 0.01): (9834, 17088), ("mobilenetv2", "grafting", 0.01): (8492, 17088),
+    ("resnet32", "baseline", 0.1): (36, 1136),
+    ("resnet32", "grafting", 0.1): (14, 1136),
+    ("resnet32", "baseline", 0.01): (35, 1136),
+    ("resnet32", "grafting", 0.01): (8, 1136),
+    ("mobilenetv2", "baseline", 0.1): (10929, 17088),
+    ("mobilenetv2", "grafting", 0.1): (9903, 17088),
+    ("mobilenetv2", "baseline", 0.01): (9834, 17088),
+    ("mobilenetv2", "grafting", 0.01): (8492, 17088),
 }
 """Invalid filters (invalid, total) on CIFAR-10 by (model, baseline/grafting, threshold)."""
 

@@ -4,15 +4,17 @@ network's results from its ``config.json`` and ``metrics.jsonl``.
 Every value read from these files is checked, so a file edited by hand gives a one-line
 :class:`CheckpointError` that names the file and the field, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from grafting.errors import CheckpointError, UsageError
 from grafting.ring.exchange import heartbeat_age, stale_after_s
@@ -20,20 +22,52 @@ from grafting.ring.layout import CONFIG_NAME, NETWORK_FOLDER, NetworkFiles, Shar
 from grafting.tools.published import PUBLISHED_EPOCHS, method_label, published_accuracy
 from grafting.train.report import read_metrics
 
-__all__ = ["NetworkResult", "RunSummary", "find_runs", "add_folders_argument", "read_config", "read_run", "network_metrics", "dataset_name",
-           "mean_std", "run_label"]
+__all__ = [
+    "NetworkResult",
+    "RunSummary",
+    "find_runs",
+    "add_folders_argument",
+    "read_config",
+    "read_run",
+    "network_metrics",
+    "dataset_name",
+    "mean_std",
+    "run_label",
+]
 
 # The types of the config.json fields the tools read (a field may be missing: older runs, other scripts).
 _WHOLE, _NUMBER, _TEXT, _SWITCH = "a whole number", "a number", "text", "true or false"
 _CONFIG_FIELDS = {
-    "model": _TEXT, "arch": _TEXT, "dataset": _TEXT, "data": _TEXT, "num": _WHOLE, "i": _WHOLE, "epochs": _WHOLE,
-    "num_classes": _WHOLE, "cifar": _WHOLE, "a": _NUMBER, "c": _NUMBER, "level": _TEXT, "criterion": _TEXT,
-    "source": _TEXT, "distill": _TEXT, "difflr": _SWITCH, "cos": _SWITCH, "steplr": _SWITCH,
-    "generated_data": _SWITCH, "image_size": _WHOLE,
+    "model": _TEXT,
+    "arch": _TEXT,
+    "dataset": _TEXT,
+    "data": _TEXT,
+    "num": _WHOLE,
+    "i": _WHOLE,
+    "epochs": _WHOLE,
+    "num_classes": _WHOLE,
+    "cifar": _WHOLE,
+    "a": _NUMBER,
+    "c": _NUMBER,
+    "level": _TEXT,
+    "criterion": _TEXT,
+    "source": _TEXT,
+    "distill": _TEXT,
+    "difflr": _SWITCH,
+    "cos": _SWITCH,
+    "steplr": _SWITCH,
+    "generated_data": _SWITCH,
+    "image_size": _WHOLE,
 }
 # The metrics.jsonl fields the tools read.
-_METRIC_FIELDS = {"epoch": _WHOLE, "epochs": _WHOLE, "test_acc": _NUMBER, "test_acc5": _NUMBER,
-                  "invalid_filters": "a mapping", "total_filters": _WHOLE}
+_METRIC_FIELDS = {
+    "epoch": _WHOLE,
+    "epochs": _WHOLE,
+    "test_acc": _NUMBER,
+    "test_acc5": _NUMBER,
+    "invalid_filters": "a mapping",
+    "total_filters": _WHOLE,
+}
 
 
 def _fits(value: Any, kind: str) -> bool:
@@ -139,7 +173,7 @@ class RunSummary:
         unfinished network is alive); ``failed e/E`` (a network stopped before its last epoch)."""
         if self.finished:
             paper = self.paper_epochs
-            return f"partial {self.epochs}/{paper}" if paper and self.epochs < paper else "done"
+            return f"partial {self.epochs}/{paper}" if paper and self.epochs and self.epochs < paper else "done"
         done = min((n.epoch or 0) for n in self.networks) if self.networks else 0
         unfinished = [n for n in self.networks if n.epoch is None or self.epochs is None or n.epoch < self.epochs]
         word = "running" if all(n.alive for n in unfinished) else "failed"
@@ -203,21 +237,32 @@ def _network_result(files: NetworkFiles, epochs: int | None, stale_after: float)
 
 def read_run(folder: Path) -> RunSummary:
     """The recipe (from the first network's config.json) and every network's results of one run folder."""
-    nets = sorted(int(match.group(1)) for p in folder.iterdir()
-                  if (match := NETWORK_FOLDER.fullmatch(p.name)) and (p / CONFIG_NAME).exists())
+    nets = sorted(
+        int(match.group(1))
+        for p in folder.iterdir()
+        if (match := NETWORK_FOLDER.fullmatch(p.name)) and (p / CONFIG_NAME).exists()
+    )
     if not nets:
         raise UsageError(f"{folder} holds no net<i>/{CONFIG_NAME}; pass a run folder (--s) or a folder above runs")
     config = read_config(NetworkFiles(folder, nets[0]).config)
     num = config.get("num") or len(nets)
     if not 1 <= num <= 10_000:
         raise CheckpointError(f"{NetworkFiles(folder, nets[0]).config}: 'num' is {num}, not a ring size; fix it")
-    run = RunSummary(folder=folder, model=str(config.get("model") or config.get("arch") or "?"),
-                     dataset=dataset_name(config), method=method_label(config), epochs=config.get("epochs"),
-                     num=num, generated_data=bool(config.get("generated_data")))
+    run = RunSummary(
+        folder=folder,
+        model=str(config.get("model") or config.get("arch") or "?"),
+        dataset=dataset_name(config),
+        method=method_label(config),
+        epochs=config.get("epochs"),
+        num=num,
+        generated_data=bool(config.get("generated_data")),
+    )
     stale_after = stale_after_s()
     # Networks that have not written their config.json yet (not started) count too: the ring needs them.
-    run.networks = [_network_result(NetworkFiles(folder, net), run.epochs, stale_after)
-                    for net in sorted(set(nets) | set(range(1, num + 1)))]
+    run.networks = [
+        _network_result(NetworkFiles(folder, net), run.epochs, stale_after)
+        for net in sorted(set(nets) | set(range(1, num + 1)))
+    ]
     return run
 
 
@@ -236,8 +281,12 @@ def run_label(run: RunSummary, base: str | Path | None) -> str:
 def add_folders_argument(parser: argparse.ArgumentParser, verb: str) -> None:
     """The positional FOLDER... of a tool that reads the runs :func:`find_runs` finds (``verb``: what it does
     with each run, for the help)."""
-    parser.add_argument("folders", nargs="+", metavar="FOLDER",
-                        help=f"experiment output folders or run folders (--s); every run below them is {verb}")
+    parser.add_argument(
+        "folders",
+        nargs="+",
+        metavar="FOLDER",
+        help=f"experiment output folders or run folders (--s); every run below them is {verb}",
+    )
 
 
 def find_runs(roots: Sequence[str | Path]) -> list[RunSummary]:
@@ -247,7 +296,10 @@ def find_runs(roots: Sequence[str | Path]) -> list[RunSummary]:
     for root in map(Path, roots):
         if not root.is_dir():
             raise UsageError(f"{root} is not a folder; pass the output folder of an experiment script or of --s")
-        folders.update(config.parent.parent for config in root.rglob(f"net*/{CONFIG_NAME}")
-                       if NETWORK_FOLDER.fullmatch(config.parent.name))
+        folders.update(
+            config.parent.parent
+            for config in root.rglob(f"net*/{CONFIG_NAME}")
+            if NETWORK_FOLDER.fullmatch(config.parent.name)
+        )
     runs = [read_run(folder) for folder in folders]
     return sorted(runs, key=lambda r: (r.model, r.dataset, r.method, str(r.folder)))

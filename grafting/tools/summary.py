@@ -9,6 +9,7 @@ ring's networks (top-1, and top-5 where the dataset has it), the gain over the e
 baseline, the paper's number and the difference. Runs on a generated stand-in, unfinished runs and
 runs shorter than the paper's recipe are marked and never compared with the paper.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ import csv
 import io
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from grafting.data.fake import MARKER_NAME
 from grafting.errors import UsageError
@@ -36,8 +38,10 @@ _NOTES = (
     "gain: mean best - the mean best of the same experiment's finished baselines with as many epochs; "
     "diff: mean best - paper, only for runs that finished the paper's epochs on the real dataset.",
 )
-_STAND_IN_NOTE = (f"generated stand-in: trained on data written by grafting.data.fake (its folder holds "
-                  f"{MARKER_NAME}), not the real dataset; never compared with the paper.")
+_STAND_IN_NOTE = (
+    f"generated stand-in: trained on data written by grafting.data.fake (its folder holds "
+    f"{MARKER_NAME}), not the real dataset; never compared with the paper."
+)
 
 
 def _natural(text: str) -> list[Any]:
@@ -54,8 +58,15 @@ def _method_order(method: str) -> tuple[int, list[Any]]:
 def _baseline_best(runs: Sequence[RunSummary], run: RunSummary) -> float | None:
     """The mean best top-1 over every network of the finished baselines of ``run``'s experiment that
     trained as many epochs."""
-    values = [n.best for other in runs if other.method == "baseline" and other.finished
-              and other.experiment == run.experiment and other.epochs == run.epochs for n in other.networks]
+    values = [
+        n.best
+        for other in runs
+        if other.method == "baseline"
+        and other.finished
+        and other.experiment == run.experiment
+        and other.epochs == run.epochs
+        for n in other.networks
+    ]
     return mean_std(values)[0] if values else None
 
 
@@ -65,9 +76,15 @@ def summary_rows(runs: Sequence[RunSummary], base: str | Path | None = None) -> 
     ordered = sorted(runs, key=lambda r: (*r.experiment, _method_order(r.method), str(r.folder)))
     rows = []
     for run in ordered:
-        row: dict[str, Any] = {"model": run.model, "dataset": run.dataset, "generated_stand_in": run.generated_data,
-                               "method": run.method, "networks": len(run.networks), "epochs": run.epochs,
-                               "status": run.status}
+        row: dict[str, Any] = {
+            "model": run.model,
+            "dataset": run.dataset,
+            "generated_stand_in": run.generated_data,
+            "method": run.method,
+            "networks": len(run.networks),
+            "epochs": run.epochs,
+            "status": run.status,
+        }
         for metric in _METRICS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = run.stats(metric)
             row[f"{metric}_per_network"] = [getattr(n, metric) for n in run.networks]
@@ -111,13 +128,21 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         dataset = row["dataset"] + (STAND_IN_SUFFIX if row["generated_stand_in"] else "")
         experiment = (row["model"], dataset)
-        cells = [*(experiment if experiment != previous else ("", "")), row["method"], str(row["networks"]),
-                 str(row["epochs"] if row["epochs"] is not None else "?"), row["status"],
-                 _spread(row["best_mean"], row["best_std"]), _spread(row["final_mean"], row["final_std"])]
+        cells = [
+            *(experiment if experiment != previous else ("", "")),
+            row["method"],
+            str(row["networks"]),
+            str(row["epochs"] if row["epochs"] is not None else "?"),
+            row["status"],
+            _spread(row["best_mean"], row["best_std"]),
+            _spread(row["final_mean"], row["final_std"]),
+        ]
         if top5:
             shown = _reports_top5(row)
-            cells += [_spread(row["best_top5_mean"], row["best_top5_std"]) if shown else "-",
-                      _spread(row["final_top5_mean"], row["final_top5_std"]) if shown else "-"]
+            cells += [
+                _spread(row["best_top5_mean"], row["best_top5_std"]) if shown else "-",
+                _spread(row["final_top5_mean"], row["final_top5_std"]) if shown else "-",
+            ]
         cells += [_signed(row["gain"]), number(row["paper"]), _signed(row["diff"])]
         if top5:
             cells += [number(row["paper_top5"]), _signed(row["diff_top5"])]
@@ -133,18 +158,31 @@ def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(list(rows[0]))
     for row in rows:
-        writer.writerow([";".join("" if v is None else str(v) for v in value) if isinstance(value, list)
-                         else "" if value is None else value for value in row.values()])
+        writer.writerow(
+            [
+                ";".join("" if v is None else str(v) for v in value)
+                if isinstance(value, list)
+                else ""
+                if value is None
+                else value
+                for value in row.values()
+            ]
+        )
     return out.getvalue().rstrip("\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-summary``."""
-    parser = ArgumentParser(prog="graft-summary", description="Results of run folders, grouped by experiment, next "
-                                                              "to the paper's numbers.")
+    parser = ArgumentParser(
+        prog="graft-summary", description="Results of run folders, grouped by experiment, next to the paper's numbers."
+    )
     add_folders_argument(parser, "listed")
-    parser.add_argument("--format", choices=FORMATS, default="markdown",
-                        help="markdown table with notes, csv, or json with the per-network values (default: markdown)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="markdown",
+        help="markdown table with notes, csv, or json with the per-network values (default: markdown)",
+    )
     return parser.parse_args(argv)
 
 

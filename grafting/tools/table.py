@@ -1,8 +1,9 @@
 """Formatting results as text: markdown tables and numbers."""
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = ["markdown", "number"]
 

@@ -1,5 +1,6 @@
 """The command line of the training scripts, built from the run configuration's fields, and the
 top-level error handling (one line on stderr, exit code 2 for bad input, 1 for failures)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def _default_text(value: object, action: str | None) -> str:
     if action == "store_true":
         return "off"
     if action == "boolean":
-        return {True: "on", False: "off"}.get(value, "")  # type: ignore[arg-type]
+        return {True: "on", False: "off"}.get(value, "") if isinstance(value, bool) else ""
     if value is None or value == []:
         return ""
     return str(value)
@@ -51,14 +52,16 @@ def build_parser(config_cls: type[RunConfig], prog: str, description: str) -> Ar
             groups[group_name] = parser.add_argument_group(group_name)
         kwargs = dict(f.metadata["argparse"])
         action = kwargs.get("action")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         shown = _default_text(default, action)
-        help_text = f.metadata["help"] + (f" (default: {shown})" if shown and "default:" not in f.metadata["help"]
-                                          else "")
+        help_text = f.metadata["help"] + (
+            f" (default: {shown})" if shown and "default:" not in f.metadata["help"] else ""
+        )
         if action == "boolean":
             kwargs["action"] = argparse.BooleanOptionalAction
-        groups[group_name].add_argument(*flags, dest=f.name, default=default, help=help_text.replace("%", "%%"),
-                                        **kwargs)
+        groups[group_name].add_argument(
+            *flags, dest=f.name, default=default, help=help_text.replace("%", "%%"), **kwargs
+        )
     return parser
 
 

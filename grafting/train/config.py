@@ -12,13 +12,15 @@ Each field says, in its metadata, how it behaves across runs:
 The configuration is what ``config.json`` stores (:meth:`RunConfig.to_json`). Library functions
 (``Grafter``, ``graft_layers`` ...) take plain keyword arguments; a user's own loop never needs it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from grafting.errors import UsageError
 from grafting.method.ablation import SOURCES
@@ -33,15 +35,15 @@ CONFIG_FORMAT = "filter-grafting-config/1"
 _RESUME = ("fixed", "free")
 
 
-def setting(default: Any, *flags: str, help: str, resume: str, peers: bool = False, group: str = "training",
-            **argparse: Any) -> Any:
+def setting(
+    default: Any, *flags: str, help: str, resume: str, peers: bool = False, group: str = "training", **argparse: Any
+) -> Any:
     """A configuration field: its default, its command-line flags (none for values the script derives),
     its help line, whether it is fixed on resume and whether peers must agree, and extra
     ``add_argument`` keywords (type, choices, action, metavar, dest is the field's name)."""
     if resume not in _RESUME:
         raise ValueError(f"resume must be one of {_RESUME}, got {resume!r}")
-    metadata = {"flags": flags, "help": help, "resume": resume, "peers": peers, "group": group,
-                "argparse": argparse}
+    metadata = {"flags": flags, "help": help, "resume": resume, "peers": peers, "group": group, "argparse": argparse}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -69,106 +71,268 @@ class RunConfig:
     """Settings shared by the CIFAR and ImageNet scripts; see :class:`CifarConfig` and :class:`ImagenetConfig`."""
 
     # ---- the ring
-    s: str = setting("checkpoint", "--s", metavar="DIR", resume="free", group="ring",
-                     help="shared folder of the ring: exchange files, each network's checkpoints, TensorBoard")
-    num: int = setting(1, "--num", type=int, resume="fixed", peers=True, group="ring",
-                       help="number of networks in the ring (1 = baseline, no grafting)")
-    i: int = setting(1, "--i", type=int, resume="fixed", group="ring",
-                     help="which network of the ring this process trains (1..num)")
+    s: str = setting(
+        "checkpoint",
+        "--s",
+        metavar="DIR",
+        resume="free",
+        group="ring",
+        help="shared folder of the ring: exchange files, each network's checkpoints, TensorBoard",
+    )
+    num: int = setting(
+        1,
+        "--num",
+        type=int,
+        resume="fixed",
+        peers=True,
+        group="ring",
+        help="number of networks in the ring (1 = baseline, no grafting)",
+    )
+    i: int = setting(
+        1, "--i", type=int, resume="fixed", group="ring", help="which network of the ring this process trains (1..num)"
+    )
     # ---- grafting (docs/METHOD.md §3-§5, §9)
-    a: float = setting(DEFAULT_A, "--a", type=float, resume="fixed", peers=True, group="grafting",
-                       help="weighting hyper-parameter a, in [0, 1]")
-    c: float = setting(DEFAULT_C, "--c", type=float, resume="fixed", peers=True, group="grafting",
-                       help="weighting hyper-parameter c (>= 0)")
-    level: str = setting("layer", "--level", choices=LEVELS, resume="fixed", peers=True, group="grafting",
-                         help="graft whole layers (entropy) or filters (BatchNorm scale, the VGG table)")
-    graft_rule: str | None = setting(None, "--graft-rule", choices=RULES, resume="fixed", peers=True,
-                                     group="grafting",
-                                     help="which tensors share a coefficient: 'name' = keys containing 'conv' "
-                                          "(published), 'module' = by module type; default: name when the "
-                                          "model's first entry is a conv, else module")
-    criterion: str = setting("entropy", "--criterion", choices=CRITERIA, resume="fixed", peers=True,
-                             group="grafting", help="layer information measure")
-    source: str = setting("external", "--graft-source", choices=SOURCES, resume="fixed", peers=True,
-                          group="grafting",
-                          help="where new weights come from after each epoch: 'external' = the ring predecessor "
-                               "(the method); ablations: 'internal' = the layer's own strong filters, 'noise' = "
-                               "Gaussian noise on invalid filters (both need no peers), 'average' = plain mean "
-                               "of all --num networks")
-    invalid_threshold: float = setting(0.1, "--invalid-threshold", type=float, metavar="L1", resume="fixed",
-                                       peers=True, group="grafting",
-                                       help="a filter is invalid when its l1 norm is below this (internal and "
-                                            "noise grafting, the invalid-filter counts)")
-    peer_timeout: float | None = setting(None, "--peer-timeout", type=float, metavar="SECONDS", resume="free",
-                                         group="grafting",
-                                         help="give up when the predecessor's epoch has not appeared after this "
-                                              "long (default: wait forever)")
-    keep_all: bool = setting(False, "--keep-all", action="store_true", resume="free", group="grafting",
-                             help="keep every exchange file (default: remove those no peer needs)")
+    a: float = setting(
+        DEFAULT_A,
+        "--a",
+        type=float,
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="weighting hyper-parameter a, in [0, 1]",
+    )
+    c: float = setting(
+        DEFAULT_C,
+        "--c",
+        type=float,
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="weighting hyper-parameter c (>= 0)",
+    )
+    level: str = setting(
+        "layer",
+        "--level",
+        choices=LEVELS,
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="graft whole layers (entropy) or filters (BatchNorm scale, the VGG table)",
+    )
+    graft_rule: str | None = setting(
+        None,
+        "--graft-rule",
+        choices=RULES,
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="which tensors share a coefficient: 'name' = keys containing 'conv' "
+        "(published), 'module' = by module type; default: name when the "
+        "model's first entry is a conv, else module",
+    )
+    criterion: str = setting(
+        "entropy",
+        "--criterion",
+        choices=CRITERIA,
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="layer information measure",
+    )
+    source: str = setting(
+        "external",
+        "--graft-source",
+        choices=SOURCES,
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="where new weights come from after each epoch: 'external' = the ring predecessor "
+        "(the method); ablations: 'internal' = the layer's own strong filters, 'noise' = "
+        "Gaussian noise on invalid filters (both need no peers), 'average' = plain mean "
+        "of all --num networks",
+    )
+    invalid_threshold: float = setting(
+        0.1,
+        "--invalid-threshold",
+        type=float,
+        metavar="L1",
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="a filter is invalid when its l1 norm is below this (internal and "
+        "noise grafting, the invalid-filter counts)",
+    )
+    peer_timeout: float | None = setting(
+        None,
+        "--peer-timeout",
+        type=float,
+        metavar="SECONDS",
+        resume="free",
+        group="grafting",
+        help="give up when the predecessor's epoch has not appeared after this long (default: wait forever)",
+    )
+    keep_all: bool = setting(
+        False,
+        "--keep-all",
+        action="store_true",
+        resume="free",
+        group="grafting",
+        help="keep every exchange file (default: remove those no peer needs)",
+    )
     # ---- the recipe (docs/METHOD.md §6); the scripts set their own defaults
     model: str = setting("", help="architecture", resume="fixed", peers=True)
     data: str = setting("data", "--data", metavar="DIR", resume="free", help="dataset folder")
-    epochs: int = setting(1, "--epochs", type=int, resume="free", peers=True,
-                          help="epochs to train; a finished run continues to a larger value with --resume")
+    epochs: int = setting(
+        1,
+        "--epochs",
+        type=int,
+        resume="free",
+        peers=True,
+        help="epochs to train; a finished run continues to a larger value with --resume",
+    )
     lr: float = setting(0.1, "--lr", type=float, resume="fixed", peers=True, help="initial learning rate")
     momentum: float = setting(0.9, "--momentum", type=float, resume="fixed", peers=True, help="SGD momentum")
-    weight_decay: float = setting(0.0, "--wd", "--weight-decay", type=float, resume="fixed", peers=True,
-                                  help="weight decay")
-    batch_size: int = setting(1, "--batch-size", type=int, resume="fixed", peers=True,
-                              help="training batch size of the network")
-    cos: bool = setting(False, resume="fixed", peers=True,
-                        help="cosine learning rate per iteration (else x0.1 every --step-epochs epochs)")
-    step_epochs: int = setting(1, "--step-epochs", type=int, resume="fixed", peers=True,
-                               help="epochs between x0.1 steps of the step schedule")
-    difflr: bool = setting(False, "--difflr", action="store_true", resume="fixed", peers=True,
-                           help="different initial lr per network: lr * (1 + cos(pi (num - i) / num)) / 2 ('dlr')")
+    weight_decay: float = setting(
+        0.0, "--wd", "--weight-decay", type=float, resume="fixed", peers=True, help="weight decay"
+    )
+    batch_size: int = setting(
+        1, "--batch-size", type=int, resume="fixed", peers=True, help="training batch size of the network"
+    )
+    cos: bool = setting(
+        False,
+        resume="fixed",
+        peers=True,
+        help="cosine learning rate per iteration (else x0.1 every --step-epochs epochs)",
+    )
+    step_epochs: int = setting(
+        1, "--step-epochs", type=int, resume="fixed", peers=True, help="epochs between x0.1 steps of the step schedule"
+    )
+    difflr: bool = setting(
+        False,
+        "--difflr",
+        action="store_true",
+        resume="fixed",
+        peers=True,
+        help="different initial lr per network: lr * (1 + cos(pi (num - i) / num)) / 2 ('dlr')",
+    )
     start_epoch: int | None = setting(None, resume="free", help="1-based epoch to start at")
-    print_freq: int = setting(100, "--print-freq", type=int, resume="free",
-                              help="print a progress line every this many batches (0: none)")
+    print_freq: int = setting(
+        100, "--print-freq", type=int, resume="free", help="print a progress line every this many batches (0: none)"
+    )
     workers: int | None = setting(None, "--workers", type=int, resume="free", help="DataLoader workers")
-    device: str | None = setting(None, "--device", resume="free",
-                                 help="cpu, cuda or cuda:N (default: cuda when present)")
-    seed: int = setting(0, "--seed", type=int, resume="fixed", group="run control",
-                        help="base seed; network i uses seed + i")
+    device: str | None = setting(
+        None, "--device", resume="free", help="cpu, cuda or cuda:N (default: cuda when present)"
+    )
+    seed: int = setting(
+        0, "--seed", type=int, resume="fixed", group="run control", help="base seed; network i uses seed + i"
+    )
     # ---- run control
-    resume: bool = setting(False, "--resume", action="store_true", resume="free", group="run control",
-                           help="continue this network from <s>/net<i>/last.pt and rejoin the ring")
-    threads: int | None = setting(None, "--threads", type=int, resume="free", group="run control",
-                                  help="torch CPU threads (default: cores / --num on the CPU, at most 2 on CUDA)")
-    amp: bool = setting(False, "--amp", action="store_true", resume="fixed", group="run control",
-                        help="mixed precision: bf16 autocast where supported (the CPU, most GPUs), else fp16 with "
-                             "a grad scaler; changes the numerics")
-    channels_last: bool | None = setting(None, "--channels-last", action="boolean", resume="free",
-                                         group="run control",
-                                         help="channels_last memory format: the same fp32 arithmetic in faster "
-                                              "kernels (default: on; graft-imagenet: on with CUDA only)")
-    compile: bool = setting(False, "--compile", action="store_true", resume="free", group="run control",
-                            help="torch.compile the model (compiling takes a minute or more before the first batch)")
+    resume: bool = setting(
+        False,
+        "--resume",
+        action="store_true",
+        resume="free",
+        group="run control",
+        help="continue this network from <s>/net<i>/last.pt and rejoin the ring",
+    )
+    threads: int | None = setting(
+        None,
+        "--threads",
+        type=int,
+        resume="free",
+        group="run control",
+        help="torch CPU threads (default: cores / --num on the CPU, at most 2 on CUDA)",
+    )
+    amp: bool = setting(
+        False,
+        "--amp",
+        action="store_true",
+        resume="fixed",
+        group="run control",
+        help="mixed precision: bf16 autocast where supported (the CPU, most GPUs), else fp16 with "
+        "a grad scaler; changes the numerics",
+    )
+    channels_last: bool | None = setting(
+        None,
+        "--channels-last",
+        action="boolean",
+        resume="free",
+        group="run control",
+        help="channels_last memory format: the same fp32 arithmetic in faster "
+        "kernels (default: on; graft-imagenet: on with CUDA only)",
+    )
+    compile: bool = setting(
+        False,
+        "--compile",
+        action="store_true",
+        resume="free",
+        group="run control",
+        help="torch.compile the model (compiling takes a minute or more before the first batch)",
+    )
     # ---- distillation (cultivation, docs/METHOD.md §7)
-    distill: str = setting("none", "--distill", choices=DISTILL_MODES, resume="fixed", peers=True,
-                           group="distillation (cultivation)",
-                           help="add a distillation term: from --teacher checkpoints, or from the ring "
-                                "predecessor's weights of the latest exchange ('peers')")
-    teacher: list[str] = setting([], "--teacher", action="append", metavar="PATH", resume="fixed",
-                                 group="distillation (cultivation)",
-                                 help="teacher checkpoint for --distill teacher; repeat it to average several "
-                                      "teachers' logits (default: none)")
-    teacher_model: str | None = setting(None, "--teacher-model", metavar="NAME", resume="fixed",
-                                        group="distillation (cultivation)",
-                                        help="the teachers' architecture (default: the student's)")
-    kd_temperature: float = setting(4.0, "--kd-temperature", type=float, metavar="T", resume="fixed", peers=True,
-                                    group="distillation (cultivation)", help="distillation temperature T")
-    kd_weight: float = setting(1.0, "--kd-weight", type=float, metavar="LAMBDA", resume="fixed", peers=True,
-                               group="distillation (cultivation)", help="weight lambda of the distillation term")
-    kd_soften_teacher: bool = setting(True, "--kd-soften-teacher", action="boolean", resume="fixed", peers=True,
-                                      group="distillation (cultivation)",
-                                      help="soften the teacher by T too (textbook KL); --no-kd-soften-teacher is "
-                                           "the authors' form: cross-entropy against the teacher at T=1")
+    distill: str = setting(
+        "none",
+        "--distill",
+        choices=DISTILL_MODES,
+        resume="fixed",
+        peers=True,
+        group="distillation (cultivation)",
+        help="add a distillation term: from --teacher checkpoints, or from the ring "
+        "predecessor's weights of the latest exchange ('peers')",
+    )
+    teacher: list[str] = setting(
+        [],
+        "--teacher",
+        action="append",
+        metavar="PATH",
+        resume="fixed",
+        group="distillation (cultivation)",
+        help="teacher checkpoint for --distill teacher; repeat it to average several teachers' logits (default: none)",
+    )
+    teacher_model: str | None = setting(
+        None,
+        "--teacher-model",
+        metavar="NAME",
+        resume="fixed",
+        group="distillation (cultivation)",
+        help="the teachers' architecture (default: the student's)",
+    )
+    kd_temperature: float = setting(
+        4.0,
+        "--kd-temperature",
+        type=float,
+        metavar="T",
+        resume="fixed",
+        peers=True,
+        group="distillation (cultivation)",
+        help="distillation temperature T",
+    )
+    kd_weight: float = setting(
+        1.0,
+        "--kd-weight",
+        type=float,
+        metavar="LAMBDA",
+        resume="fixed",
+        peers=True,
+        group="distillation (cultivation)",
+        help="weight lambda of the distillation term",
+    )
+    kd_soften_teacher: bool = setting(
+        True,
+        "--kd-soften-teacher",
+        action="boolean",
+        resume="fixed",
+        peers=True,
+        group="distillation (cultivation)",
+        help="soften the teacher by T too (textbook KL); --no-kd-soften-teacher is "
+        "the authors' form: cross-entropy against the teacher at T=1",
+    )
     # ---- facts the script derives (no flag)
     dataset: str = setting("", resume="fixed", peers=True, help="dataset name")
     num_classes: int = setting(0, resume="fixed", peers=True, help="number of classes")
-    generated_data: bool = setting(False, resume="free",
-                                   help="the data folder holds a generated stand-in, not the real dataset")
+    generated_data: bool = setting(
+        False, resume="free", help="the data folder holds a generated stand-in, not the real dataset"
+    )
 
     # Seeds up to this bound keep seed + i (and the per-epoch seeds derived from it) inside every generator's range.
     MAX_SEED: ClassVar[int] = 2**62
@@ -210,9 +374,18 @@ class RunConfig:
         """Raise :class:`UsageError` for the first impossible value, before anything is read or written."""
         if not self.s.strip():
             raise UsageError("--s is empty; name the shared folder of the ring, e.g. --s runs/r32")
-        check_grafting(net=self.i, num=self.num, a=self.a, c=self.c, level=self.level, rule=self.graft_rule or "name",
-                       criterion=self.criterion, source=self.source, invalid_threshold=self.invalid_threshold,
-                       peer_timeout=self.peer_timeout)
+        check_grafting(
+            net=self.i,
+            num=self.num,
+            a=self.a,
+            c=self.c,
+            level=self.level,
+            rule=self.graft_rule or "name",
+            criterion=self.criterion,
+            source=self.source,
+            invalid_threshold=self.invalid_threshold,
+            peer_timeout=self.peer_timeout,
+        )
         for name in ("lr", "epochs", "batch_size", "step_epochs"):
             _positive(getattr(self, name), self.flag_of(name))
         for name in ("momentum", "weight_decay", "print_freq"):
@@ -239,16 +412,20 @@ class RunConfig:
             raise UsageError(f"--distill peers needs an exchange; --graft-source {self.source} reads no peer weights")
 
     def check_resume(self, saved: Mapping[str, Any], source: str) -> None:
-        """Raise :class:`UsageError` (exit code 2) when a setting fixed on resume differs from the ``saved`` configuration
-        (read from ``source``); names the flag and both values."""
+        """Raise :class:`UsageError` (exit code 2) when a setting fixed on resume differs from the ``saved``
+        configuration (read from ``source``); names the flag and both values."""
         for name in self.fixed_on_resume():
             if name not in saved:
-                raise UsageError(f"--resume: {source} does not record {self.flag_of(name)}; it was written by "
-                                 f"another version or edited by hand: start a new run in another --s")
+                raise UsageError(
+                    f"--resume: {source} does not record {self.flag_of(name)}; it was written by "
+                    f"another version or edited by hand: start a new run in another --s"
+                )
             now, then = getattr(self, name), saved[name]
             if now != then:
-                raise UsageError(f"--resume: {self.flag_of(name)} was {then!r} in {source} but is {now!r} now; "
-                                 f"resume with the same settings or start a new run in another --s")
+                raise UsageError(
+                    f"--resume: {self.flag_of(name)} was {then!r} in {source} but is {now!r} now; "
+                    f"resume with the same settings or start a new run in another --s"
+                )
 
     # ------------------------------------------------------------------ config.json
 
@@ -261,28 +438,44 @@ class RunConfig:
 class CifarConfig(RunConfig):
     """``grafting_cifar/train.py``: the authors' flags and defaults (docs/METHOD.md §6, CIFAR)."""
 
-    model: str = _override(RunConfig, "model", "resnet32", flags=("--model",),
-                           help="architecture (the list is at the top of --help)")
-    cifar: int = setting(10, "--cifar", type=int, choices=(10, 100), resume="fixed", peers=True,
-                         help="CIFAR-10 or CIFAR-100")
-    data: str = _override(RunConfig, "data", "data",
-                          help="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    download: bool = setting(False, "--download", action="store_true", resume="free",
-                             help="download CIFAR into --data when it is missing")
+    model: str = _override(
+        RunConfig, "model", "resnet32", flags=("--model",), help="architecture (the list is at the top of --help)"
+    )
+    cifar: int = setting(
+        10, "--cifar", type=int, choices=(10, 100), resume="fixed", peers=True, help="CIFAR-10 or CIFAR-100"
+    )
+    data: str = _override(RunConfig, "data", "data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
+    download: bool = setting(
+        False, "--download", action="store_true", resume="free", help="download CIFAR into --data when it is missing"
+    )
     epochs: int = _override(RunConfig, "epochs", 200)
     weight_decay: float = _override(RunConfig, "weight_decay", 5e-4)
     batch_size: int = _override(RunConfig, "batch_size", 128)
     test_batch_size: int = setting(100, "--test-batch-size", type=int, resume="free", help="test batch size")
-    cos: bool = _override(RunConfig, "cos", False, flags=("--cos",), argparse={"action": "store_true"},
-                          help="cosine learning rate per iteration (default: x0.1 every --step-epochs epochs)")
+    cos: bool = _override(
+        RunConfig,
+        "cos",
+        False,
+        flags=("--cos",),
+        argparse={"action": "store_true"},
+        help="cosine learning rate per iteration (default: x0.1 every --step-epochs epochs)",
+    )
     step_epochs: int = _override(RunConfig, "step_epochs", 60)
     print_freq: int = _override(RunConfig, "print_freq", 100, flags=("--print_frequence", "--print-freq"))
-    workers: int | None = _override(RunConfig, "workers", None,
-                                    help="DataLoader workers of the torchvision pipeline (default: 2, at most "
-                                         "the threads)")
-    pipeline: str = setting("auto", "--pipeline", choices=("auto", "tensor", "torchvision"), resume="free",
-                            help="data path: the whole dataset as one tensor on the device with batched "
-                                 "augmentation, or torchvision transforms in DataLoader workers (auto: tensor)")
+    workers: int | None = _override(
+        RunConfig,
+        "workers",
+        None,
+        help="DataLoader workers of the torchvision pipeline (default: 2, at most the threads)",
+    )
+    pipeline: str = setting(
+        "auto",
+        "--pipeline",
+        choices=("auto", "tensor", "torchvision"),
+        resume="free",
+        help="data path: the whole dataset as one tensor on the device with batched "
+        "augmentation, or torchvision transforms in DataLoader workers (auto: tensor)",
+    )
 
     def __post_init__(self) -> None:
         self.dataset, self.num_classes = f"cifar{self.cifar}", self.cifar
@@ -294,49 +487,102 @@ class CifarConfig(RunConfig):
         super().check()
         _positive(self.test_batch_size, "--test-batch-size")
         if self.model not in cifar_models.available():
-            raise UsageError(f"--model: unknown model '{self.model}'; choose one of: "
-                             f"{', '.join(cifar_models.available())}")
+            raise UsageError(
+                f"--model: unknown model '{self.model}'; choose one of: {', '.join(cifar_models.available())}"
+            )
 
 
 @dataclass
 class ImagenetConfig(RunConfig):
     """``grafting_imagenet/train.py``: the flags of PyTorch's ImageNet example (docs/METHOD.md §6, ImageNet)."""
 
-    model: str = _override(RunConfig, "model", "resnet18", flags=("-a", "--arch"),
-                           argparse={"metavar": "ARCH"},
-                           help="torchvision classification model (the list is at the top of --help)")
+    model: str = _override(
+        RunConfig,
+        "model",
+        "resnet18",
+        flags=("-a", "--arch"),
+        argparse={"metavar": "ARCH"},
+        help="torchvision classification model (the list is at the top of --help)",
+    )
     data: str = _override(RunConfig, "data", "imagenet", help="folder holding train/ and val/ class folders")
-    workers: int | None = _override(RunConfig, "workers", None, flags=("-j", "--workers"),
-                                    help="data loading workers of the network, split over the processes of a "
-                                         "torchrun (default: 4, or the number of cores when there are fewer)")
+    workers: int | None = _override(
+        RunConfig,
+        "workers",
+        None,
+        flags=("-j", "--workers"),
+        help="data loading workers of the network, split over the processes of a "
+        "torchrun (default: 4, or the number of cores when there are fewer)",
+    )
     epochs: int = _override(RunConfig, "epochs", 90)
-    start_epoch: int | None = _override(RunConfig, "start_epoch", None, flags=("--start-epoch",),
-                                        argparse={"type": int, "metavar": "N"},
-                                        help="1-based epoch to start at; with --resume the resumed epoch wins, "
-                                             "without it fresh weights start at N and the lr schedule skips the "
-                                             "epochs before (default: 1)")
-    batch_size: int = _override(RunConfig, "batch_size", 256, flags=("-b", "--batch-size"),
-                                help="batch size of the network (split over the processes of a torchrun)")
+    start_epoch: int | None = _override(
+        RunConfig,
+        "start_epoch",
+        None,
+        flags=("--start-epoch",),
+        argparse={"type": int, "metavar": "N"},
+        help="1-based epoch to start at; with --resume the resumed epoch wins, "
+        "without it fresh weights start at N and the lr schedule skips the "
+        "epochs before (default: 1)",
+    )
+    batch_size: int = _override(
+        RunConfig,
+        "batch_size",
+        256,
+        flags=("-b", "--batch-size"),
+        help="batch size of the network (split over the processes of a torchrun)",
+    )
     lr: float = _override(RunConfig, "lr", 0.1, flags=("--lr", "--learning-rate"))
     weight_decay: float = _override(RunConfig, "weight_decay", 1e-4)
     print_freq: int = _override(RunConfig, "print_freq", 10, flags=("-p", "--print-freq"))
-    steplr: bool = setting(False, "--steplr", action="store_true", resume="fixed", peers=True,
-                           help="lr x0.1 every --step-epochs epochs (default: cosine annealing per iteration)")
+    steplr: bool = setting(
+        False,
+        "--steplr",
+        action="store_true",
+        resume="fixed",
+        peers=True,
+        help="lr x0.1 every --step-epochs epochs (default: cosine annealing per iteration)",
+    )
     step_epochs: int = _override(RunConfig, "step_epochs", 30)
-    image_size: int = setting(224, "--image-size", type=int, resume="fixed", peers=True,
-                              help="training crop; validation resizes to size*256/224 and centre-crops this")
-    evaluate: bool = setting(False, "-e", "--evaluate", action="store_true", resume="free",
-                             help="only validate (top-1, top-5) --checkpoint, else the --pretrained weights, else "
-                                  "<s>/net<i>/best.pt, on the val/ images alone; -a and --image-size come from "
-                                  "the config.json next to the checkpoint; writes nothing")
-    checkpoint: str | None = setting(None, "--checkpoint", metavar="PATH", resume="free",
-                                     help="checkpoint for --evaluate (a state_dict or a dict with "
-                                          "'model'/'state_dict'/'net'; default: see -e)")
-    pretrained: bool = setting(False, "--pretrained", action="store_true", resume="fixed",
-                               help="start from torchvision's weights; they must already be in the torch hub "
-                                    "cache (never downloaded here)")
-    gpu: int | None = setting(None, "--gpu", type=int, metavar="N", resume="free",
-                              help="use cuda:N (same as --device cuda:N; default: see --device)")
+    image_size: int = setting(
+        224,
+        "--image-size",
+        type=int,
+        resume="fixed",
+        peers=True,
+        help="training crop; validation resizes to size*256/224 and centre-crops this",
+    )
+    evaluate: bool = setting(
+        False,
+        "-e",
+        "--evaluate",
+        action="store_true",
+        resume="free",
+        help="only validate (top-1, top-5) --checkpoint, else the --pretrained weights, else "
+        "<s>/net<i>/best.pt, on the val/ images alone; -a and --image-size come from "
+        "the config.json next to the checkpoint; writes nothing",
+    )
+    checkpoint: str | None = setting(
+        None,
+        "--checkpoint",
+        metavar="PATH",
+        resume="free",
+        help="checkpoint for --evaluate (a state_dict or a dict with 'model'/'state_dict'/'net'; default: see -e)",
+    )
+    pretrained: bool = setting(
+        False,
+        "--pretrained",
+        action="store_true",
+        resume="fixed",
+        help="start from torchvision's weights; they must already be in the torch hub cache (never downloaded here)",
+    )
+    gpu: int | None = setting(
+        None,
+        "--gpu",
+        type=int,
+        metavar="N",
+        resume="free",
+        help="use cuda:N (same as --device cuda:N; default: see --device)",
+    )
     world_size: int = setting(1, resume="fixed", help="processes (GPUs) training this network under torchrun")
 
     # -j when not given: PyTorch's ImageNet example's 4, capped by the cores.
@@ -357,9 +603,15 @@ class ImagenetConfig(RunConfig):
         super().check()
         if self.model not in ARCHS:
             close = difflib.get_close_matches(self.model, ARCHS, n=4, cutoff=0.5) or [
-                "resnet18", "resnet50", "mobilenet_v2", "vgg16_bn"]
-            raise UsageError(f"-a/--arch: unknown torchvision model '{self.model}'; did you mean {', '.join(close)}? "
-                             f"(--help lists all {len(ARCHS)})")
+                "resnet18",
+                "resnet50",
+                "mobilenet_v2",
+                "vgg16_bn",
+            ]
+            raise UsageError(
+                f"-a/--arch: unknown torchvision model '{self.model}'; did you mean {', '.join(close)}? "
+                f"(--help lists all {len(ARCHS)})"
+            )
         if self.image_size < 16:
             raise UsageError(f"--image-size must be at least 16 pixels, got {self.image_size}")
         if self.start_epoch is not None and not 1 <= self.start_epoch <= self.epochs:

@@ -16,6 +16,7 @@ Recovery rules:
 - A missing or unreadable ``config.json`` next to a checkpoint stops ``--resume``: the settings it must
   keep could not be checked.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,24 +26,40 @@ import math
 import os
 import shutil
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from grafting.checkpoint import (capture_rng_state, extract_state_dict, load_file, remove_temp_files,
-                                 restore_rng_state, save_atomic, state_dict_misfit, weights_problem,
-                                 write_text_atomic)
+from grafting.checkpoint import (
+    capture_rng_state,
+    extract_state_dict,
+    load_file,
+    remove_temp_files,
+    restore_rng_state,
+    save_atomic,
+    state_dict_misfit,
+    weights_problem,
+    write_text_atomic,
+)
 from grafting.errors import CheckpointError, GraftingError, UsageError, first_line
 from grafting.method.graft import unwrap_model
 from grafting.ring.layout import NetworkFiles, SharedFolder
 from grafting.train.config import CONFIG_FORMAT, RunConfig
 from grafting.train.report import read_metrics
 
-__all__ = ["ResumeState", "read_saved_config", "prepare_run_files", "load_last", "save_last", "save_best",
-           "CHECKPOINT_FORMAT"]
+__all__ = [
+    "ResumeState",
+    "read_saved_config",
+    "prepare_run_files",
+    "load_last",
+    "save_last",
+    "save_best",
+    "CHECKPOINT_FORMAT",
+]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "filter-grafting/1"
@@ -70,8 +87,10 @@ class ResumeState:
 
 
 def _settings_error(path: Path, problem: str) -> UsageError:
-    return UsageError(f"--resume: {path} {problem}, so the settings this run must keep cannot be checked; "
-                      f"restore it from a backup, or start a new run in another --s")
+    return UsageError(
+        f"--resume: {path} {problem}, so the settings this run must keep cannot be checked; "
+        f"restore it from a backup, or start a new run in another --s"
+    )
 
 
 def read_saved_config(config: RunConfig) -> dict[str, Any] | None:
@@ -151,8 +170,12 @@ def _reached(files: NetworkFiles, *, exchange_files: bool = True) -> tuple[int, 
 
 def _check_folders(files: NetworkFiles) -> None:
     """Every folder the run writes into must be a folder (or not exist yet)."""
-    for path, what in ((files.root, "the shared folder (--s)"), (files.folder, "this network's checkpoints"),
-                       (files.tensorboard.parent, "TensorBoard events"), (files.tensorboard, "TensorBoard events")):
+    for path, what in (
+        (files.root, "the shared folder (--s)"),
+        (files.folder, "this network's checkpoints"),
+        (files.tensorboard.parent, "TensorBoard events"),
+        (files.tensorboard, "TensorBoard events"),
+    ):
         if os.path.lexists(path) and not path.is_dir():
             raise GraftingError(f"{path} is a file, not a folder; the run writes {what} there: move it away")
 
@@ -185,12 +208,19 @@ def foreign_exchange_files(config: RunConfig, ring: str) -> list[tuple[Path, str
             if net not in rings:
                 rings[net] = _peer_ring(shared.network(net))
             if rings[net] != ring:
-                foreign.append((path, f"network {net} has no config.json" if rings[net] is None
-                                else f"network {net} belongs to ring {rings[net]}"))
+                foreign.append(
+                    (
+                        path,
+                        f"network {net} has no config.json"
+                        if rings[net] is None
+                        else f"network {net} belongs to ring {rings[net]}",
+                    )
+                )
                 continue
         if not config.resume and epoch > 1 + (net - config.i) % config.num:
-            foreign.append((path, f"network {net} cannot be at epoch {epoch} before network {config.i} has "
-                                  f"finished epoch 1"))
+            foreign.append(
+                (path, f"network {net} cannot be at epoch {epoch} before network {config.i} has finished epoch 1")
+            )
     return foreign
 
 
@@ -218,24 +248,28 @@ def prepare_run_files(config: RunConfig, ring: str | None = None) -> NetworkFile
         read_saved_config(config)  # run_ring checked it before the lock; callers on their own need it here
     else:
         if os.path.lexists(files.last) or os.path.lexists(files.previous):
-            raise GraftingError(f"{files.last} already exists; pass --resume to continue that run, or use another "
-                                f"--s")
+            raise GraftingError(f"{files.last} already exists; pass --resume to continue that run, or use another --s")
         reached, evidence = _reached(files, exchange_files=False)  # those are checked below
         if reached >= 2:
-            raise GraftingError(f"{files.folder} holds a run that reached epoch {reached} ({', '.join(evidence)}); "
-                                f"pass --resume to continue it, or use another --s")
+            raise GraftingError(
+                f"{files.folder} holds a run that reached epoch {reached} ({', '.join(evidence)}); "
+                f"pass --resume to continue it, or use another --s"
+            )
     exchanging = config.num > 1 and config.source in ("external", "average")
     if exchanging and ring is not None:
         foreign = foreign_exchange_files(config, ring)
         if foreign:
-            raise GraftingError(f"{files.root} holds exchange files this ring cannot have written: "
-                                f"{_describe(foreign)}; they are another run's: move them away, or start this ring "
-                                f"in a new --s")
+            raise GraftingError(
+                f"{files.root} holds exchange files this ring cannot have written: "
+                f"{_describe(foreign)}; they are another run's: move them away, or start this ring "
+                f"in a new --s"
+            )
     try:
         files.folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise GraftingError(f"could not create {files.folder}: {err.strerror or err}; fix the permissions of "
-                            f"--s") from None
+        raise GraftingError(
+            f"could not create {files.folder}: {err.strerror or err}; fix the permissions of --s"
+        ) from None
     remove_temp_files(files.folder)
     settings = json.loads(config.to_json())
     if ring is not None:
@@ -250,8 +284,9 @@ def prepare_run_files(config: RunConfig, ring: str | None = None) -> NetworkFile
 
 def save_best(files: NetworkFiles, model: nn.Module, epoch: int, acc: float) -> None:
     """The tested (pre-graft) weights of the best epoch so far."""
-    save_atomic({"model": unwrap_model(model).state_dict(), "epoch": epoch, "acc": acc,
-                 "format": CHECKPOINT_FORMAT}, files.best)
+    save_atomic(
+        {"model": unwrap_model(model).state_dict(), "epoch": epoch, "acc": acc, "format": CHECKPOINT_FORMAT}, files.best
+    )
 
 
 def _keep_as_previous(files: NetworkFiles) -> None:
@@ -271,14 +306,26 @@ def _keep_as_previous(files: NetworkFiles) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             temp.unlink()
-        log.warning(f"could not keep {files.last} as {files.previous.name} ({err.strerror or err}); "
-                    f"the fallback checkpoint is older")
+        log.warning(
+            f"could not keep {files.last} as {files.previous.name} ({err.strerror or err}); "
+            f"the fallback checkpoint is older"
+        )
 
 
-def save_last(files: NetworkFiles, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-              scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-              epoch: int, best_acc: float, extra: Mapping[str, Any] | None = None,
-              acc: float | None = None, acc5: float | None = None, graft_step_done: bool = True) -> None:
+def save_last(
+    files: NetworkFiles,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    epoch: int,
+    best_acc: float,
+    extra: Mapping[str, Any] | None = None,
+    acc: float | None = None,
+    acc5: float | None = None,
+    graft_step_done: bool = True,
+) -> None:
     """Everything a resumed run needs after ``epoch`` (grafting included), written atomically; the file
     it replaces becomes ``previous.pt``.
 
@@ -310,9 +357,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _restore(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-             restore_rng: bool) -> ResumeState:
+def _restore(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    restore_rng: bool,
+) -> ResumeState:
     """Restore the run from the resumable checkpoint ``path`` or raise :class:`CheckpointError` saying why
     it is unusable (unreadable, another layout, hand-edited values, weights that do not fit or are not
     finite)."""
@@ -322,7 +375,9 @@ def _restore(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
     epoch = state.get("epoch")
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
         raise CheckpointError(f"{path} records epoch {epoch!r}, not a finished epoch")
-    if not _number(state.get("best_acc")) or not all(state.get(k) is None or _number(state[k]) for k in ("acc", "acc5")):
+    if not _number(state.get("best_acc")) or not all(
+        state.get(k) is None or _number(state[k]) for k in ("acc", "acc5")
+    ):
         raise CheckpointError(f"{path} records accuracies that are not finite numbers")
     if not isinstance(state.get("extra") or {}, dict):
         raise CheckpointError(f"{path} records 'extra' entries that are not a dict")
@@ -342,13 +397,26 @@ def _restore(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
     except _UNFIT as err:
         raise CheckpointError(f"{path} does not fit this run ({type(err).__name__}: {first_line(err)})") from None
     done = state.get("graft_step_done", True)  # checkpoints of earlier versions: as if grafted
-    return ResumeState(start_epoch=epoch + 1, best_acc=float(state["best_acc"]), extra=state.get("extra") or {},
-                       graft_step_done=bool(done), acc=state.get("acc"), acc5=state.get("acc5"))
+    return ResumeState(
+        start_epoch=epoch + 1,
+        best_acc=float(state["best_acc"]),
+        extra=state.get("extra") or {},
+        graft_step_done=bool(done),
+        acc=state.get("acc"),
+        acc5=state.get("acc5"),
+    )
 
 
-def load_last(files: NetworkFiles, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-              scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-              restore_rng: bool = True, num: int = 1) -> ResumeState:
+def load_last(
+    files: NetworkFiles,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    restore_rng: bool = True,
+    num: int = 1,
+) -> ResumeState:
     """Restore a run from the newest usable of ``last.pt`` and ``previous.pt``; returns where it continues.
 
     An unusable last.pt is moved aside (kept for inspection) with a warning. With neither file the run
@@ -362,8 +430,9 @@ def load_last(files: NetworkFiles, *, model: nn.Module, optimizer: torch.optim.O
             problems.append(f"{path.name} is missing")
             continue
         try:
-            state = _restore(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                             restore_rng=restore_rng)
+            state = _restore(
+                path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng
+            )
         except CheckpointError as err:
             problems.append(str(err))
             log.warning(f"--resume: {err}")
@@ -375,8 +444,10 @@ def load_last(files: NetworkFiles, *, model: nn.Module, optimizer: torch.optim.O
                 kept = f"; the unusable file is kept as {aside.name}"
             except OSError:
                 kept = ""
-            log.warning(f"--resume: continuing from {files.previous} (epoch {state.start_epoch - 1}) instead of the "
-                        f"unusable {files.last.name}{kept}")
+            log.warning(
+                f"--resume: continuing from {files.previous} (epoch {state.start_epoch - 1}) instead of the "
+                f"unusable {files.last.name}{kept}"
+            )
         log.info(f"resumed from {path}: epoch {state.start_epoch - 1} done, best {state.best_acc:.2f}")
         return state
     reached, evidence = _reached(files)
@@ -387,8 +458,11 @@ def load_last(files: NetworkFiles, *, model: nn.Module, optimizer: torch.optim.O
     if num == 1 or reached <= 1:
         advice = f"to train it again from epoch 1, move {files.folder} away and start without --resume"
     else:
-        advice = (f"its ring has moved on and cannot take it back at epoch 1: restore {files.last} from a backup, "
-                  f"or start the ring again in a new --s")
+        advice = (
+            f"its ring has moved on and cannot take it back at epoch 1: restore {files.last} from a backup, "
+            f"or start the ring again in a new --s"
+        )
     known = f" although it reached epoch {reached} ({', '.join(evidence)})" if reached > 1 else ""
-    raise CheckpointError(f"--resume: network {files.net} has no usable checkpoint ({'; '.join(problems)}){known}; "
-                          f"{advice}")
+    raise CheckpointError(
+        f"--resume: network {files.net} has no usable checkpoint ({'; '.join(problems)}){known}; {advice}"
+    )

@@ -1,5 +1,6 @@
 """torchvision classification models for the ImageNet script: any architecture by name, with the
 folder's class count, and pretrained weights taken only from the local torch hub cache (never downloaded)."""
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,6 @@ ARCHS = sorted(torchvision.models.list_models(module=torchvision.models))
 AUX_HEAD_ARCHS = ("googlenet", "inception_v3")
 
 
-
 def pretrained_weights(arch: str) -> tuple[torchvision.models.WeightsEnum, Path]:
     """torchvision's default weights of ``arch`` and the torch hub cache file they must already be in."""
     try:
@@ -32,8 +32,10 @@ def pretrained_weights(arch: str) -> tuple[torchvision.models.WeightsEnum, Path]
     filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not path.is_file():
-        raise UsageError(f"--pretrained: {arch} weights are not in the torch cache (expected {path}); this script "
-                         f"never downloads: fetch them with `curl -L --create-dirs -o {path} {weights.url}`")
+        raise UsageError(
+            f"--pretrained: {arch} weights are not in the torch cache (expected {path}); this script "
+            f"never downloads: fetch them with `curl -L --create-dirs -o {path} {weights.url}`"
+        )
     return weights, path
 
 
@@ -41,19 +43,27 @@ def _replace_classifier(model: nn.Module, old_classes: int, new_classes: int) ->
     """Swap the last layer that outputs ``old_classes`` for a fresh one with ``new_classes``; return its name."""
     found = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module.out_features == old_classes:
-            found = name, module
-        elif isinstance(module, nn.Conv2d) and module.out_channels == old_classes:  # SqueezeNet
+        if (isinstance(module, nn.Linear) and module.out_features == old_classes) or (
+            isinstance(module, nn.Conv2d) and module.out_channels == old_classes
+        ):
             found = name, module
     if found is None:
-        raise UsageError(f"--pretrained: cannot find the {old_classes}-class output layer to resize to "
-                         f"{new_classes} classes; use as many class folders or train without --pretrained")
+        raise UsageError(
+            f"--pretrained: cannot find the {old_classes}-class output layer to resize to "
+            f"{new_classes} classes; use as many class folders or train without --pretrained"
+        )
     name, layer = found
     if isinstance(layer, nn.Linear):
         fresh: nn.Module = nn.Linear(layer.in_features, new_classes, bias=layer.bias is not None)
     else:
-        fresh = nn.Conv2d(layer.in_channels, new_classes, layer.kernel_size, layer.stride, layer.padding,
-                          bias=layer.bias is not None)
+        fresh = nn.Conv2d(
+            layer.in_channels,
+            new_classes,
+            layer.kernel_size,  # type: ignore[arg-type]  # a Conv2d's own tuples are pairs
+            layer.stride,  # type: ignore[arg-type]
+            layer.padding,  # type: ignore[arg-type]
+            bias=layer.bias is not None,
+        )
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, fresh)
     return name
@@ -73,10 +83,11 @@ def create_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Mo
     classes = len(weights.meta["categories"])
     if classes != num_classes:
         name = _replace_classifier(model, classes, num_classes)
-        log.info(f"--pretrained: replaced {arch}'s {classes}-class layer '{name}' by a fresh "
-                 f"{num_classes}-class one (the folder has {num_classes} classes)")
+        log.info(
+            f"--pretrained: replaced {arch}'s {classes}-class layer '{name}' by a fresh "
+            f"{num_classes}-class one (the folder has {num_classes} classes)"
+        )
     return model
-
 
 
 def model_classes(model: nn.Module) -> int:

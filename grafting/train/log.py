@@ -1,4 +1,5 @@
 """The console of a run: flushed log lines for nohup logs."""
+
 from __future__ import annotations
 
 import logging

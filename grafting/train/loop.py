@@ -8,12 +8,14 @@ One epoch, as the data flows::
 
 The last epoch publishes and grafts nothing: its tested weights are the final ones.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +30,30 @@ from grafting.ring.layout import NetworkFiles
 from grafting.train.files import save_best, save_last
 from grafting.train.report import INVALID_THRESHOLDS, EpochRecord, RunReporter, coefficient_summary
 
-__all__ = ["Criterion", "cross_entropy", "train_one_epoch", "evaluate", "fit", "EpochStats", "NonFiniteLossError",
-           "epoch_record", "paper_filter_norms"]
+__all__ = [
+    "Criterion",
+    "cross_entropy",
+    "train_one_epoch",
+    "evaluate",
+    "fit",
+    "EpochStats",
+    "NonFiniteLossError",
+    "epoch_record",
+    "paper_filter_norms",
+]
 
 log = logging.getLogger(__name__)
 
 # criterion(logits, targets, images) -> (loss to minimise, named parts of it for the logs)
 Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+class Batches(Protocol):
+    """What the loops iterate: ``(images, labels)`` batches with a known count (a loader or a list)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
 
 
 class NonFiniteLossError(GraftingError):
@@ -57,7 +76,9 @@ class EpochHook(Protocol):
         """Restore what :meth:`state_dict` returned."""
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The plain criterion: cross-entropy, reported as ``ce``."""
     loss = F.cross_entropy(logits, targets)
     return loss, {"ce": loss}
@@ -82,11 +103,14 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 def _stopped_because(what: str, epoch: int) -> NonFiniteLossError:
     """The one-line error for a NaN/inf found in ``epoch``, saying which checkpoint survives."""
     if epoch == 1:
-        return NonFiniteLossError(f"{what}; stopped before any checkpoint was written: start again with a lower "
-                                  f"--lr or check the data")
+        return NonFiniteLossError(
+            f"{what}; stopped before any checkpoint was written: start again with a lower --lr or check the data"
+        )
     # --resume keeps the saved settings (--lr included), so a lower --lr needs a fresh run.
-    return NonFiniteLossError(f"{what}; stopped. The checkpoint of epoch {epoch - 1} is intact: check the data, "
-                              f"or start a new run (another --s) with a lower --lr")
+    return NonFiniteLossError(
+        f"{what}; stopped. The checkpoint of epoch {epoch - 1} is intact: check the data, "
+        f"or start a new run (another --s) with a lower --lr"
+    )
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int) -> None:
@@ -104,7 +128,7 @@ def _raise_if_weights_nonfinite(model: nn.Module, epoch: int) -> None:
 
 def train_one_epoch(
     model: nn.Module,
-    loader: Iterable,
+    loader: Batches,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     *,
@@ -152,18 +176,27 @@ def train_one_epoch(
             _raise_if_nonfinite(first_bad, epoch)
             elapsed = time.perf_counter() - start
             text = "".join(f"{k} {float(v) / seen:.4f} " for k, v in sums.items()) if len(sums) > 1 else ""
-            log.info(f"epoch {epoch} [{batch + 1}/{total}] loss {float(loss_sum) / seen:.4f} {text}acc {100.0 * float(correct) / seen:.2f}% "
-                     f"lr {optimizer.param_groups[0]['lr']:.5f} {seen / elapsed:.0f} img/s")
+            log.info(
+                f"epoch {epoch} [{batch + 1}/{total}] loss {float(loss_sum) / seen:.4f} {text}"
+                f"acc {100.0 * float(correct) / seen:.2f}% "
+                f"lr {optimizer.param_groups[0]['lr']:.5f} {seen / elapsed:.0f} img/s"
+            )
     _raise_if_nonfinite(first_bad, epoch)
     seconds = time.perf_counter() - start
     parts_avg = {k: float(v) / max(seen, 1) for k, v in sums.items()}
-    return EpochStats(loss=float(loss_sum) / max(seen, 1), top1=100.0 * float(correct) / max(seen, 1), parts=parts_avg,
-                      images_per_s=seen / seconds if seconds > 0 else 0.0, seconds=seconds)
+    return EpochStats(
+        loss=float(loss_sum) / max(seen, 1),
+        top1=100.0 * float(correct) / max(seen, 1),
+        parts=parts_avg,
+        images_per_s=seen / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | None = None,
-             topk: tuple[int, ...] = (1, 5)) -> EpochStats:
+def evaluate(
+    model: nn.Module, loader: Batches, *, amp_dtype: torch.dtype | None = None, topk: tuple[int, ...] = (1, 5)
+) -> EpochStats:
     """Loss, top-1 and top-5 accuracy (%) of ``model`` on ``loader`` (one host sync at the end).
 
     A loader whose ``sharded`` attribute is true holds this rank's part of the set under
@@ -194,15 +227,21 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
         hits += torch.stack([match[:, : min(k, k_max)].any(dim=1).sum() for k in topk])
         seen += targets.size(0)
     if sharded:
-        totals = torch.cat([loss_sum.double().view(1), hits.double(),
-                            torch.tensor([seen], dtype=torch.float64, device=device)])
+        totals = torch.cat(
+            [loss_sum.double().view(1), hits.double(), torch.tensor([seen], dtype=torch.float64, device=device)]
+        )
         torch.distributed.all_reduce(totals)
         loss_sum, hits, seen = totals[0], totals[1:-1], int(totals[-1].item())
     seconds = time.perf_counter() - start
     acc = (100.0 * hits.double() / max(seen, 1)).tolist()
     top5 = acc[1] if len(acc) > 1 and classes > 5 else None
-    return EpochStats(loss=float(loss_sum) / max(seen, 1), top1=acc[0], top5=top5,
-                      images_per_s=seen / seconds if seconds > 0 else 0.0, seconds=seconds)
+    return EpochStats(
+        loss=float(loss_sum) / max(seen, 1),
+        top1=acc[0],
+        top5=top5,
+        images_per_s=seen / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+    )
 
 
 def paper_filter_norms(model: nn.Module) -> torch.Tensor:
@@ -211,18 +250,46 @@ def paper_filter_norms(model: nn.Module) -> torch.Tensor:
     return conv_filter_norms(unwrap_model(model).state_dict()).cpu()
 
 
-def epoch_record(epoch: int, epochs: int, train: EpochStats, test: EpochStats, *, best_acc: float, lr: float,
-                 report: GraftReport, model: nn.Module, epoch_s: float, elapsed_s: float = 0.0, eta_s: float = 0.0,
-                 filter_norms: torch.Tensor | None = None) -> EpochRecord:
+def epoch_record(
+    epoch: int,
+    epochs: int,
+    train: EpochStats,
+    test: EpochStats,
+    *,
+    best_acc: float,
+    lr: float,
+    report: GraftReport,
+    model: nn.Module,
+    epoch_s: float,
+    elapsed_s: float = 0.0,
+    eta_s: float = 0.0,
+    filter_norms: torch.Tensor | None = None,
+) -> EpochRecord:
     """Everything ``epoch`` produced, for the epoch line, metrics.jsonl and TensorBoard. ``filter_norms``
     (from :func:`paper_filter_norms`, computed here when not given) gives the invalid-filter counts."""
-    record = EpochRecord(epoch=epoch, epochs=epochs, train_loss=train.loss, train_acc=train.top1,
-                         test_loss=test.loss, test_acc=test.top1, test_acc5=test.top5, best_acc=best_acc, lr=lr,
-                         loss_parts=dict(train.parts), grafted=report.grafted, source=report.source,
-                         peer=report.peer, waited_s=report.waited_s,
-                         graft_ms=report.graft_ms if report.grafted else None,
-                         invalid_touched=report.invalid_touched, train_images_per_s=train.images_per_s,
-                         test_images_per_s=test.images_per_s, epoch_s=epoch_s, elapsed_s=elapsed_s, eta_s=eta_s)
+    record = EpochRecord(
+        epoch=epoch,
+        epochs=epochs,
+        train_loss=train.loss,
+        train_acc=train.top1,
+        test_loss=test.loss,
+        test_acc=test.top1,
+        test_acc5=test.top5,
+        best_acc=best_acc,
+        lr=lr,
+        loss_parts=dict(train.parts),
+        grafted=report.grafted,
+        source=report.source,
+        peer=report.peer,
+        waited_s=report.waited_s,
+        graft_ms=report.graft_ms if report.grafted else None,
+        invalid_touched=report.invalid_touched,
+        train_images_per_s=train.images_per_s,
+        test_images_per_s=test.images_per_s,
+        epoch_s=epoch_s,
+        elapsed_s=elapsed_s,
+        eta_s=eta_s,
+    )
     for layer in report.layers:
         if isinstance(layer, LayerRecord):
             record.alphas[layer.key] = layer.alpha
@@ -274,8 +341,17 @@ def fit(
         started = time.perf_counter()
         train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, train_loader, optimizer, scheduler, epoch=epoch, criterion=loss_fn,
-                                amp_dtype=amp_dtype, scaler=scaler, print_freq=print_freq)
+        train = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            epoch=epoch,
+            criterion=loss_fn,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            print_freq=print_freq,
+        )
         _raise_if_weights_nonfinite(model, epoch)  # broken weights must reach neither the peer nor last.pt
         final = epoch == epochs
         if not final:
@@ -291,11 +367,35 @@ def fit(
         now = time.perf_counter()
         per_epoch_s = (now - run_started) / (epoch - start_epoch + 1)  # this process's pace
         norms = paper_filter_norms(model)
-        reporter.epoch(epoch_record(epoch, epochs, train, test, best_acc=best_acc, lr=lr, report=report, model=model,
-                                    epoch_s=now - started, elapsed_s=reporter.elapsed_before_s + now - run_started,
-                                    eta_s=per_epoch_s * (epochs - epoch), filter_norms=norms), norms)
+        reporter.epoch(
+            epoch_record(
+                epoch,
+                epochs,
+                train,
+                test,
+                best_acc=best_acc,
+                lr=lr,
+                report=report,
+                model=model,
+                epoch_s=now - started,
+                elapsed_s=reporter.elapsed_before_s + now - run_started,
+                eta_s=per_epoch_s * (epochs - epoch),
+                filter_norms=norms,
+            ),
+            norms,
+        )
         if files is not None:
-            save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                      best_acc=best_acc, extra=extra_state() if extra_state else None, acc=test.top1, acc5=test.top5,
-                      graft_step_done=not final)
+            save_last(
+                files,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                epoch=epoch,
+                best_acc=best_acc,
+                extra=extra_state() if extra_state else None,
+                acc=test.top1,
+                acc5=test.top5,
+                graft_step_done=not final,
+            )
     return best_acc

@@ -6,23 +6,27 @@ TensorBoard (:mod:`grafting.train.tensorboard`).
 records of the epochs it is about to repeat, so every epoch appears once. Its keys are the fields of
 :class:`EpochRecord`, and every number of the epoch line is one of them.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from grafting.train.tensorboard import TensorBoardRun
 
 from grafting.checkpoint import write_text_atomic
 from grafting.ring.exchange import format_duration
 
-__all__ = ["EpochRecord", "RunReporter", "read_metrics", "coefficient_summary", "PAPER_THRESHOLD",
-           "INVALID_THRESHOLDS"]
+__all__ = ["EpochRecord", "RunReporter", "read_metrics", "coefficient_summary", "PAPER_THRESHOLD", "INVALID_THRESHOLDS"]
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +117,29 @@ class EpochRecord:
         touched = f" | touched {self.invalid_touched} invalid" if self.invalid_touched is not None else ""
         memory = f" | mem {self.gpu_memory_gib:.2f} GiB" if self.gpu_memory_gib is not None else ""
         eta = "" if self.final else f" | ETA {format_duration(self.eta_s)}"
-        return (f"{tag}epoch {self.epoch}/{self.epochs} | train loss {self.train_loss:.4f} acc {self.train_acc:.2f}"
-                f"{' (' + parts + ')' if parts else ''} | test loss {self.test_loss:.4f} acc {self.test_acc:.2f}{top5} "
-                f"| best {self.best_acc:.2f} | lr {self.lr:.5f} (epoch start) | {self._graft_text()}{touched}"
-                f"{self._coefficient_text()}{self._invalid_text()} "
-                f"| {self.train_images_per_s:.0f} img/s (test {self.test_images_per_s:.0f}){memory} "
-                f"| elapsed {format_duration(self.elapsed_s)}{eta}")
+        return (
+            f"{tag}epoch {self.epoch}/{self.epochs} | train loss {self.train_loss:.4f} acc {self.train_acc:.2f}"
+            f"{' (' + parts + ')' if parts else ''} | test loss {self.test_loss:.4f} acc {self.test_acc:.2f}{top5} "
+            f"| best {self.best_acc:.2f} | lr {self.lr:.5f} (epoch start) | {self._graft_text()}{touched}"
+            f"{self._coefficient_text()}{self._invalid_text()} "
+            f"| {self.train_images_per_s:.0f} img/s (test {self.test_images_per_s:.0f}){memory} "
+            f"| elapsed {format_duration(self.elapsed_s)}{eta}"
+        )
 
     def scalars(self) -> dict[str, float]:
         """TensorBoard scalars, by tag."""
-        values = {"train/loss": self.train_loss, "train/acc": self.train_acc, "test/loss": self.test_loss,
-                  "test/acc": self.test_acc, "test/best": self.best_acc, "lr": self.lr,
-                  "speed/train_img_per_s": self.train_images_per_s, "speed/test_img_per_s": self.test_images_per_s,
-                  "time/epoch_s": self.epoch_s, "time/elapsed_s": self.elapsed_s}
+        values = {
+            "train/loss": self.train_loss,
+            "train/acc": self.train_acc,
+            "test/loss": self.test_loss,
+            "test/acc": self.test_acc,
+            "test/best": self.best_acc,
+            "lr": self.lr,
+            "speed/train_img_per_s": self.train_images_per_s,
+            "speed/test_img_per_s": self.test_images_per_s,
+            "time/epoch_s": self.epoch_s,
+            "time/elapsed_s": self.elapsed_s,
+        }
         values.update({f"train/{k}": v for k, v in self.loss_parts.items()})
         if self.test_acc5 is not None:
             values["test/acc5"] = self.test_acc5
@@ -133,9 +147,14 @@ class EpochRecord:
             values.update({"graft/wait_s": self.waited_s, "graft/ms": self.graft_ms or 0.0})
         if self.invalid_touched is not None:  # noise or internal grafting (docs/METHOD.md §9)
             values["graft/invalid_touched"] = self.invalid_touched
-        if self.alpha_mean is not None:
-            values.update({"graft/coefficient_mean": self.alpha_mean, "graft/coefficient_min": self.alpha_min,
-                           "graft/coefficient_max": self.alpha_max})
+        if self.alpha_mean is not None and self.alpha_min is not None and self.alpha_max is not None:
+            values.update(
+                {
+                    "graft/coefficient_mean": self.alpha_mean,
+                    "graft/coefficient_min": self.alpha_min,
+                    "graft/coefficient_max": self.alpha_max,
+                }
+            )
         values.update({f"alpha/{k}": v for k, v in self.alphas.items()})
         values.update({f"entropy/{k}": v for k, v in self.entropies.items()})
         values.update({f"entropy_peer/{k}": v for k, v in self.peer_entropies.items()})
@@ -159,7 +178,7 @@ def _finite(value: Any) -> Any:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file, in order ([] when it does not exist); a line that does not
     parse (cut off by a crash mid-write) ends the list."""
-    records = []
+    records: list[dict[str, Any]] = []
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -182,13 +201,20 @@ class RunReporter:
     created lazily so a run that fails during set-up leaves no event file behind.
     """
 
-    def __init__(self, metrics: Path | None, tensorboard: Path | None, *, start_epoch: int = 1, tag: str = "",
-                 settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Path | None,
+        tensorboard: Path | None,
+        *,
+        start_epoch: int = 1,
+        tag: str = "",
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.tensorboard = tensorboard
         self.tag = tag
         self.settings = dict(settings or {})
-        self._board = None
+        self._board: TensorBoardRun | None = None
         self.elapsed_before_s = 0.0
         if metrics is not None and start_epoch > 1:
             self._drop_from(start_epoch)
@@ -196,6 +222,7 @@ class RunReporter:
     def _drop_from(self, epoch: int) -> None:
         """Forget the records of ``epoch`` and later (a resumed run repeats them); remember how long the
         kept epochs took, so that the elapsed time goes on from there."""
+        assert self.metrics is not None
         kept = [r for r in read_metrics(self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
         write_text_atomic("".join(json.dumps(r) + "\n" for r in kept), self.metrics)
         last = kept[-1].get("elapsed_s") if kept else None

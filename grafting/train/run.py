@@ -1,6 +1,7 @@
 """Everything between "the model and the data exist" and "the run is over", shared by the CIFAR
 and ImageNet scripts: optimizer and schedule, mixed precision, the grafter and its lock, the run's
 files, resumption, distillation, and the epoch loop."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,13 +41,27 @@ def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
 def _distiller(config: RunConfig, model: nn.Module, build_model: ModelBuilder) -> Distiller | None:
     """The --distill hook, its teacher loaded and checked now, before any file of the run is written."""
     return make_distiller(
-        config.distill, model, teachers=config.teacher, teacher_model=config.teacher_model or config.model,
-        num_classes=config.num_classes, build_model=build_model, temperature=config.kd_temperature,
-        weight=config.kd_weight, soften_teacher=config.kd_soften_teacher)
+        config.distill,
+        model,
+        teachers=config.teacher,
+        teacher_model=config.teacher_model or config.model,
+        num_classes=config.num_classes,
+        build_model=build_model,
+        temperature=config.kd_temperature,
+        weight=config.kd_weight,
+        soften_teacher=config.kd_soften_teacher,
+    )
 
 
-def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader: Any, *,
-             build_model: ModelBuilder, is_main: bool = True) -> float:
+def run_ring(
+    config: RunConfig,
+    model: nn.Module,
+    train_loader: Any,
+    test_loader: Any,
+    *,
+    build_model: ModelBuilder,
+    is_main: bool = True,
+) -> float:
     """Train network ``config.i`` of ``config.num`` to ``config.epochs``; returns its best test top-1.
 
     ``config`` holds the resolved settings (graft rule, device, threads ...) and is what config.json
@@ -57,32 +72,54 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
     device = next(model.parameters()).device
     lr = config.lr * (dlr_factor(config.i, config.num) if config.difflr else 1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = make_scheduler(optimizer, cosine=config.cos, epochs=config.epochs, iters_per_epoch=len(train_loader),
-                               step_epochs=config.step_epochs)
+    scheduler = make_scheduler(
+        optimizer,
+        cosine=config.cos,
+        epochs=config.epochs,
+        iters_per_epoch=len(train_loader),
+        step_epochs=config.step_epochs,
+    )
     amp_dtype = amp_dtype_for(device, config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    log.info(f"network {config.i} of {config.num}: {config.model} on {device}, lr {lr:.4f} "
-             f"({'cosine' if config.cos else f'x0.1 every {config.step_epochs} epochs'}), "
-             f"{_grafting_summary(config)}"
-             f"{', amp ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''}")
+    log.info(
+        f"network {config.i} of {config.num}: {config.model} on {device}, lr {lr:.4f} "
+        f"({'cosine' if config.cos else f'x0.1 every {config.step_epochs} epochs'}), "
+        f"{_grafting_summary(config)}"
+        f"{', amp ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''}"
+    )
     if config.generated_data and is_main:
-        log.warning(f"data: GENERATED stand-in in {config.data} ({MARKER_NAME}), not the real dataset: its "
-                    f"accuracies say nothing about the paper")
+        log.warning(
+            f"data: GENERATED stand-in in {config.data} ({MARKER_NAME}), not the real dataset: its "
+            f"accuracies say nothing about the paper"
+        )
 
     # The hook first: a teacher that does not fit fails before the lock, the run files or training.
     hook = _distiller(config, model, build_model)
     # The saved settings (checked now, before anything is written) name the ring a resumed network belongs to.
     saved = read_saved_config(config) if config.resume and is_main else None
-    grafter = Grafter(config.s, config.i, config.num, a=config.a, c=config.c, level=config.level,
-                      rule=config.graft_rule, criterion=config.criterion, source=config.source,
-                      invalid_threshold=config.invalid_threshold, peer_timeout=config.peer_timeout,
-                      keep_all=config.keep_all, meta=config.peer_settings(), ring=(saved or {}).get("ring"))
+    grafter = Grafter(
+        config.s,
+        config.i,
+        config.num,
+        a=config.a,
+        c=config.c,
+        level=config.level,
+        rule=config.graft_rule or "name",  # the scripts resolve it from the model before this
+        criterion=config.criterion,
+        source=config.source,
+        invalid_threshold=config.invalid_threshold,
+        peer_timeout=config.peer_timeout,
+        keep_all=config.keep_all,
+        meta=config.peer_settings(),
+        ring=(saved or {}).get("ring"),
+    )
     with grafter:
         files = prepare_run_files(config, grafter.ring) if is_main else None
         state = ResumeState()
         if config.resume and files is not None:
-            state = load_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                              num=config.num)
+            state = load_last(
+                files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, num=config.num
+            )
             if hook is not None and state.extra:
                 hook.load_state_dict(state.extra)
         if config.resume:  # under DDP only rank 0 read last.pt: the other ranks get the same state from it
@@ -96,15 +133,41 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
             return state.best_acc
         grafter.discard_from(state.start_epoch)  # an interrupted attempt's files of the epochs to come
         if not state.graft_step_done:
-            _graft_extended_epoch(state, grafter=grafter, files=files, model=model, optimizer=optimizer,
-                                  scheduler=scheduler, scaler=scaler, hook=hook)
-        reporter = RunReporter(files.metrics if files else None, files.tensorboard if files else None,
-                               start_epoch=state.start_epoch, settings=dataclasses.asdict(config))
+            _graft_extended_epoch(
+                state,
+                grafter=grafter,
+                files=files,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                hook=hook,
+            )
+        reporter = RunReporter(
+            files.metrics if files else None,
+            files.tensorboard if files else None,
+            start_epoch=state.start_epoch,
+            settings=dataclasses.asdict(config),
+        )
         try:
-            best = fit(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler, grafter=grafter,
-                       files=files, epochs=config.epochs, start_epoch=state.start_epoch, best_acc=state.best_acc,
-                       hook=hook, amp_dtype=amp_dtype, scaler=scaler, print_freq=config.print_freq,
-                       reporter=reporter, extra_state=hook.state_dict if hook is not None else None)
+            best = fit(
+                model,
+                train_loader,
+                test_loader,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                grafter=grafter,
+                files=files,
+                epochs=config.epochs,
+                start_epoch=state.start_epoch,
+                best_acc=state.best_acc,
+                hook=hook,
+                amp_dtype=amp_dtype,
+                scaler=scaler,
+                print_freq=config.print_freq,
+                reporter=reporter,
+                extra_state=hook.state_dict if hook is not None else None,
+            )
         except StopRequested as stop:
             if files is not None:
                 log.warning(f"{stop}: {files.last} keeps the last finished epoch; continue with --resume")
@@ -116,9 +179,17 @@ def run_ring(config: RunConfig, model: nn.Module, train_loader: Any, test_loader
     return best
 
 
-def _graft_extended_epoch(state: ResumeState, *, grafter: Grafter, files: Any, model: nn.Module,
-                          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                          scaler: torch.amp.GradScaler | None, hook: Distiller | None) -> None:
+def _graft_extended_epoch(
+    state: ResumeState,
+    *,
+    grafter: Grafter,
+    files: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    hook: Distiller | None,
+) -> None:
     """The grafting step of the epoch that was the final one of the run before it was extended (a final
     epoch publishes and grafts nothing): publish its weights, graft the peer's, save last.pt again."""
     epoch = state.start_epoch - 1
@@ -128,9 +199,18 @@ def _graft_extended_epoch(state: ResumeState, *, grafter: Grafter, files: Any, m
         hook.after_exchange(report)
     log.info(report.summary())
     if files is not None:
-        save_last(files, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                  best_acc=state.best_acc, extra=hook.state_dict() if hook is not None else None, acc=state.acc,
-                  acc5=state.acc5)
+        save_last(
+            files,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            epoch=epoch,
+            best_acc=state.best_acc,
+            extra=hook.state_dict() if hook is not None else None,
+            acc=state.acc,
+            acc5=state.acc5,
+        )
     state.graft_step_done = True
 
 
@@ -147,9 +227,14 @@ def _grafting_summary(config: RunConfig) -> str:
     return text if config.distill == "none" else f"{text}, distillation from {config.distill}"
 
 
-def share_resumed_state(state: ResumeState, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler,
-                        scaler: torch.amp.GradScaler | None) -> ResumeState:
+def share_resumed_state(
+    state: ResumeState,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> ResumeState:
     """Give every DDP rank what rank 0 restored from last.pt: weights, optimizer, schedule, scaler, epoch.
 
     Only rank 0 reads the shared folder; the others receive the restored state dicts with one
@@ -158,13 +243,17 @@ def share_resumed_state(state: ResumeState, *, model: nn.Module, optimizer: torc
     """
     if not is_distributed():
         return state
-    payload = None
+    payload: dict[str, Any] | None = None
     if torch.distributed.get_rank() == 0:
-        payload = {"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-                   "resume": state}
+        payload = {
+            "model": unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "resume": state,
+        }
     payload = broadcast_from_main(payload)
+    assert payload is not None
     if torch.distributed.get_rank() != 0:
         unwrap_model(model).load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
@@ -174,8 +263,9 @@ def share_resumed_state(state: ResumeState, *, model: nn.Module, optimizer: torc
     return payload["resume"]
 
 
-def _apply_start_epoch(config: RunConfig, state: ResumeState,
-                       scheduler: torch.optim.lr_scheduler.LRScheduler, iters_per_epoch: int) -> ResumeState:
+def _apply_start_epoch(
+    config: RunConfig, state: ResumeState, scheduler: torch.optim.lr_scheduler.LRScheduler, iters_per_epoch: int
+) -> ResumeState:
     """--start-epoch (ImageNet script, 1-based): with --resume the resumed epoch wins; without, fresh
     weights start at that epoch with the learning-rate schedule moved on to it."""
     start = config.start_epoch
@@ -184,8 +274,10 @@ def _apply_start_epoch(config: RunConfig, state: ResumeState,
     if config.resume:
         log.warning(f"--start-epoch {start} ignored: --resume continues at epoch {state.start_epoch}")
         return state
-    log.warning(f"--start-epoch {start} without --resume: fresh weights start at epoch {start} and the "
-                f"learning-rate schedule skips the epochs before it; use --resume to continue a run")
+    log.warning(
+        f"--start-epoch {start} without --resume: fresh weights start at epoch {start} and the "
+        f"learning-rate schedule skips the epochs before it; use --resume to continue a run"
+    )
     skipped = (start - 1) * iters_per_epoch
     scheduler.last_epoch = skipped - 1
     with warnings.catch_warnings():  # "scheduler stepped before optimizer": intended, nothing was trained

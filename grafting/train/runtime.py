@@ -1,4 +1,5 @@
 """Process set-up shared by the training scripts: device, CPU threads, seeds."""
+
 from __future__ import annotations
 
 import logging
@@ -56,11 +57,14 @@ def choose_process_device(requested: str | None, procs: Processes) -> torch.devi
     if device.type != "cuda":
         return device
     if requested not in (None, "cuda"):
-        log.warning(f"--gpu/--device {requested} ignored under torchrun: rank {procs.rank} uses "
-                    f"cuda:{procs.local_rank}")
+        log.warning(
+            f"--gpu/--device {requested} ignored under torchrun: rank {procs.rank} uses cuda:{procs.local_rank}"
+        )
     if procs.local_rank >= torch.cuda.device_count():
-        raise UsageError(f"torchrun started {procs.world_size} processes but only {torch.cuda.device_count()} "
-                         f"GPU(s) are visible; lower --nproc_per_node")
+        raise UsageError(
+            f"torchrun started {procs.world_size} processes but only {torch.cuda.device_count()} "
+            f"GPU(s) are visible; lower --nproc_per_node"
+        )
     torch.cuda.set_device(procs.local_rank)
     return torch.device("cuda", procs.local_rank)
 

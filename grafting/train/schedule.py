@@ -3,6 +3,7 @@
 Both schedules are stepped once per batch (a LambdaLR over the iteration count), so a resumed run
 restores one counter and the step schedule equals the original's per-epoch StepLR.
 """
+
 from __future__ import annotations
 
 import math

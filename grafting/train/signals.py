@@ -7,14 +7,15 @@ checkpoint is written atomically after its epoch, so ``last.pt`` keeps the last 
 the unfinished one is lost. The script then exits with :data:`STOPPED_EXIT_CODE`, which the Slurm job
 script of ``scripts/lib/launch.sh`` reads as "stopped on request: requeue and resume".
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
-from typing import Iterator
 
 __all__ = ["STOPPED_EXIT_CODE", "STOP_SIGNALS", "StopRequested", "stop_on_signals"]
 

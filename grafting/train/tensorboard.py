@@ -12,12 +12,14 @@ What each epoch adds, besides the scalars of :meth:`EpochRecord.scalars`:
 The settings go in once, as a text table (``settings``) and as hparams, so runs can be compared in the
 HParams view. A run on a generated stand-in says so in both.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +29,10 @@ from grafting.train.report import INVALID_THRESHOLDS, PAPER_THRESHOLD, EpochReco
 
 __all__ = ["TensorBoardRun", "picture_epochs", "filter_norm_picture", "STAND_IN_NOTE"]
 
-STAND_IN_NOTE = (f"GENERATED stand-in data (the data folder holds {MARKER_NAME}), not the real dataset: "
-                 "the accuracies say nothing about the paper")
+STAND_IN_NOTE = (
+    f"GENERATED stand-in data (the data folder holds {MARKER_NAME}), not the real dataset: "
+    "the accuracies say nothing about the paper"
+)
 # Metrics the HParams view shows for each run (the last value of these scalar tags).
 HPARAM_METRICS = ("test/acc", "test/best")
 
@@ -76,16 +80,18 @@ class TensorBoardRun:
         self.writer.add_text("settings", _settings_text(settings), 0)
         # Written into this run (SummaryWriter.add_hparams would start a separate one), so the
         # HParams view pairs the settings with this run's own test accuracy.
-        experiment, start, end = hparams({name: _hparam_value(v) for name, v in settings.items()},
-                                         {tag: 0.0 for tag in HPARAM_METRICS})
+        experiment, start, end = hparams(
+            {name: _hparam_value(v) for name, v in settings.items()}, dict.fromkeys(HPARAM_METRICS, 0.0)
+        )
         file_writer = self.writer._get_file_writer()
         for summary in (experiment, start, end):
             file_writer.add_summary(summary)
 
     def _write_entropy_layout(self, keys: Sequence[str]) -> None:
         """One chart per layer with its own entropy and its peer's (the Custom Scalars tab)."""
-        charts = {key: ["Multiline", [f"^entropy/{re.escape(key)}$", f"^entropy_peer/{re.escape(key)}$"]]
-                  for key in keys}
+        charts = {
+            key: ["Multiline", [f"^entropy/{re.escape(key)}$", f"^entropy_peer/{re.escape(key)}$"]] for key in keys
+        }
         self.writer.add_custom_scalars({"entropy: own vs peer": charts})
         self._layout_written = True
 
@@ -123,8 +129,7 @@ _BINS_PER_DECADE = 8
 _LOWEST_DECADE = -3  # norms below 0.001 are drawn in the first bin
 
 
-def filter_norm_picture(norms: np.ndarray, title: str, thresholds: Sequence[float] = INVALID_THRESHOLDS
-                        ) -> np.ndarray:
+def filter_norm_picture(norms: np.ndarray, title: str, thresholds: Sequence[float] = INVALID_THRESHOLDS) -> np.ndarray:
     """A histogram of filter l1 norms on a log axis as an RGB uint8 array (H, W, 3).
 
     Bins below the paper's threshold are red (invalid filters), the others blue; dashed lines mark
@@ -160,11 +165,14 @@ def filter_norm_picture(norms: np.ndarray, title: str, thresholds: Sequence[floa
     draw.line([_LEFT, _TOP + plot_h, _LEFT + plot_w, _TOP + plot_h], fill="black")
     draw.line([_LEFT, _TOP, _LEFT, _TOP + plot_h], fill="black")
     for decade in range(_LOWEST_DECADE, top_decade + 1):
-        x = x_of(10.0 ** decade)
+        x = x_of(10.0**decade)
         draw.line([x, _TOP + plot_h, x, _TOP + plot_h + 4], fill="black")
-        draw.text((x - 12, _TOP + plot_h + 6), f"{10.0 ** decade:g}", fill="black")
-    draw.text((_LEFT, _HEIGHT - 16), "filter l1 norm (log scale); red: invalid, dashed: t = "
-              + ", ".join(f"{t:g}" for t in thresholds), fill="black")
+        draw.text((x - 12, _TOP + plot_h + 6), f"{10.0**decade:g}", fill="black")
+    draw.text(
+        (_LEFT, _HEIGHT - 16),
+        "filter l1 norm (log scale); red: invalid, dashed: t = " + ", ".join(f"{t:g}" for t in thresholds),
+        fill="black",
+    )
     draw.text((4, _TOP - 4), f"{peak}", fill="black")
     draw.text((4, _TOP + plot_h - 10), "0", fill="black")
     draw.text((_LEFT, 8), f"{title}: {invalid} of {norms.size} filters have l1 < {PAPER_THRESHOLD:g}", fill="black")
