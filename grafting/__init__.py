@@ -36,7 +36,7 @@ The layers of the package:
 - ``grafting.archs``: the CIFAR architectures of the repository's ``models/`` folder.
 
 Training scripts: ``graft-cifar`` (grafting_cifar/train.py) and ``graft-imagenet``
-(grafting_imagenet/train.py); see the README.
+(grafting_imagenet/train.py); see docs/library.md.
 """
 
 from grafting.checkpoint import extract_state_dict, load_file, load_state_dict_file, save_atomic

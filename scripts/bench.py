@@ -674,7 +674,7 @@ def _cell(value: float | None, spec: str, unit: str = "") -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The GPU check's tables, ready to paste into the README."""
+    """The GPU check's tables, ready to paste into docs/performance.md."""
     on_gpu = str(results.get("device", "")).startswith("cuda")
     lines = [
         f"**GPU check** on {results.get('device_name', '?')}, torch {results.get('torch', '?')}"

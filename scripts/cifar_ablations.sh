@@ -13,7 +13,7 @@
 #
 #   scripts/cifar_ablations.sh                        the whole set for resnet32 on CIFAR-10 and CIFAR-100, queued
 #   DRY=1 scripts/cifar_ablations.sh                  print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_ablations.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_ablations.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1,2,3 MODELS=resnet56 DATASETS=10 ABLATIONS="noise internal" scripts/cifar_ablations.sh
 #
 # Each run's <ring>/net<i>/config.json records 'source' and 'criterion', which scripts/summarize.py uses to

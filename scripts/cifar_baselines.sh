@@ -5,7 +5,7 @@
 #
 #   scripts/cifar_baselines.sh                        all 8 runs, queued in the background
 #   DRY=1 scripts/cifar_baselines.sh                  print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_baselines.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_baselines.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1,2,3 MODELS="resnet56" DATASETS=100 scripts/cifar_baselines.sh
 #
 # Queue: each run gets a GPU of its own and the runs are queued, as many at once as there are GPUs (set

@@ -12,7 +12,7 @@
 #
 #   scripts/cifar_cultivation.sh                      every variant for every model and dataset, queued
 #   DRY=1 scripts/cifar_cultivation.sh                print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_cultivation.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_cultivation.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1 MODELS=resnet56 DATASETS=100 VARIANTS=peers scripts/cifar_cultivation.sh
 #
 # 'teacher' and 'authors' need their teachers' checkpoints: run scripts/cifar_baselines.sh and

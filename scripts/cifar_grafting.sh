@@ -4,7 +4,7 @@
 #
 #   scripts/cifar_grafting.sh                         all 16 rings, queued in the background
 #   DRY=1 scripts/cifar_grafting.sh                   print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_grafting.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_grafting.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1,2,3 MODELS="resnet32 resnet56" DATASETS=10 METHODS=dlr scripts/cifar_grafting.sh
 #
 # Queue: each network gets a GPU of its own; rings start one after another as GPUs free up, so 8 GPUs run

@@ -13,7 +13,7 @@
 #                  fp32, 1, 2 and 4 networks sharing the GPU (scripts/bench.py --what train)
 #   bench_graft    ResNet-110: entropies, Grafter.graft, the file read alone, graft_layers (--what entropy graft)
 #   bench_compile  one ResNet-32 training step: eager, torch.compile, its CUDA-graph mode (--what compile)
-#   report         $GPU_CHECK_OUT/gpu_check.json and gpu_check.md (the tables for the README), printed too
+#   report         $GPU_CHECK_OUT/gpu_check.json and gpu_check.md (the tables for docs/performance.md), printed too
 # The steps after env share a budget of GPU_CHECK_BUDGET_S seconds (default 420): no step runs past it.
 # With torch already on the machine env takes a minute at most, so the whole check ends within 8 minutes.
 # $GPU_CHECK_OUT holds only those two files and one log per step (8 files, no subfolders). The generated

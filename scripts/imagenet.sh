@@ -5,7 +5,7 @@
 #
 #   scripts/imagenet.sh                               everything, queued in the background
 #   DRY=1 scripts/imagenet.sh                         print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/imagenet.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/imagenet.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1,2,3 GPUS_PER_NET=2 ARCHS=resnet18 METHODS=grafting scripts/imagenet.sh
 #
 # GPUs: each network gets GPUS_PER_NET GPUs (torchrun, DistributedDataParallel; the batch is the network's

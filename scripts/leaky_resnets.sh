@@ -4,7 +4,7 @@
 #
 #   scripts/leaky_resnets.sh                          everything, queued in the background
 #   DRY=1 scripts/leaky_resnets.sh                    print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/leaky_resnets.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/leaky_resnets.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1 MODELS=resnet56_leaky METHODS=dlr scripts/leaky_resnets.sh
 #
 # The paper does not say which grafting recipe this table used; dlr (its best) is the default, METHODS="baseline

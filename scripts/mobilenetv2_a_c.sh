@@ -4,7 +4,7 @@
 #
 #   scripts/mobilenetv2_a_c.sh                        all 22 rings, queued in the background
 #   DRY=1 scripts/mobilenetv2_a_c.sh                  print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/mobilenetv2_a_c.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/mobilenetv2_a_c.sh  one Slurm job per ring (docs/slurm.md)
 #   DATASETS=10 C_VALUES="1 500" A_VALUES="" scripts/mobilenetv2_a_c.sh
 #
 # The paper does not say which recipe this study used; its numbers sit nearer slr's than dlr's, so slr is the

@@ -6,7 +6,7 @@
 #
 #   scripts/mobilenetv2_networks.sh                   10 rings (2+3+4+6+8 networks per dataset) + 12 baselines
 #   DRY=1 scripts/mobilenetv2_networks.sh             print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/mobilenetv2_networks.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/mobilenetv2_networks.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1,2,3,4,5,6,7 NETS="6 8" ENSEMBLE=0 scripts/mobilenetv2_networks.sh
 #
 # Queue: one network per GPU; a ring waits until all its networks fit (a ring larger than the GPU list runs

@@ -4,7 +4,7 @@
 #
 #   scripts/vgg16_grafting.sh                         everything, queued in the background
 #   DRY=1 scripts/vgg16_grafting.sh                   print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/vgg16_grafting.sh  one Slurm job per ring (README: Slurm)
+#   LAUNCHER=slurm PARTITION=gpu scripts/vgg16_grafting.sh  one Slurm job per ring (docs/slurm.md)
 #   DATASETS=10 METHODS=filter scripts/vgg16_grafting.sh
 #
 # layer = entropy-weighted layers (--level layer; the convs and BatchNorms, the classifier keeps its own weights);

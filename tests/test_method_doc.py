@@ -37,12 +37,14 @@ def cited_sections(tail: str) -> set[int]:
 
 
 def citation_problems(text: str, sections: set[int], where: str) -> list[str]:
-    """Every dead reference in ``text``: a ``METHOD.md`` not under ``docs/``, or a section not in ``sections``."""
+    """Every dead reference in ``text``: a ``METHOD.md`` not under ``docs/`` (a page in docs/ itself may say
+    ``METHOD.md``), or a section not in ``sections``."""
     problems = []
+    beside = where.startswith("docs/")
     for match in CITATION.finditer(text):
         line = text.count("\n", 0, match.start()) + 1
-        folder = match.group(1).lstrip("[(`'\"")
-        if not folder.endswith("docs/"):
+        folder = re.split(r"[\[\]()`'\"]", match.group(1))[-1]  # the path, without link or quote marks
+        if not folder.endswith("docs/") and not (beside and folder == ""):
             problems.append(f"{where}:{line}: '{match.group(0).strip()}' does not point at docs/METHOD.md")
         for number in sorted(cited_sections(match.group(2)) - sections):
             problems.append(f"{where}:{line}: docs/METHOD.md has no §{number}")

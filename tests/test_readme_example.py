@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 
 def readme_example() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "library.md").read_text()
     match = re.search(r"<!-- example: own_loop.py -->\s*```python\n(.*?)```", text, re.S)
     assert match, "the README lost its own-loop example block"
     return match.group(1)

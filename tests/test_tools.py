@@ -696,12 +696,12 @@ def test_every_flag_of_every_command_shows_its_default_and_meaning():
 
 
 # ----------------------------------------------------------------------------------------------
-# graft-data: the README's download command and the stand-in generators
+# graft-data: the download command of docs/training.md and the stand-in generators
 
 
 def _readme_command(start: str) -> list[str]:
-    """The arguments of the README's first command line that starts with ``start`` (comment removed)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    """The arguments of docs/training.md's first command line that starts with ``start`` (comment removed)."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
     line = next(line for line in readme.splitlines() if line.startswith(start))
     return line.split("#")[0].split()[1:]
 
