@@ -27,7 +27,7 @@ import torchvision
 from conftest import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
 
 from grafting.checkpoint import load_file
-from grafting.data.fake import write_fake_imagefolder
+from grafting.data.fake import stand_in_description, write_fake_imagefolder
 from grafting.distributed import Processes, per_process
 from grafting.errors import UsageError
 from grafting.method.graft import graft_layers
@@ -442,6 +442,7 @@ def test_start_epoch_without_resume_moves_the_schedule_on(
     assert re.search(r"epoch 3/3 .*\| lr 0\.00100 \(epoch start\) \|", out), out
     config = json.loads((shared / "net1" / "config.json").read_text())
     assert config["workers"] == 0 and config["generated_data"] is True
+    assert config["stand_in"] == stand_in_description(image_folder) and "3 classes" in config["stand_in"]
     assert load_file(shared / "net1" / "last.pt")["epoch"] == 3
 
 

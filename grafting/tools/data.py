@@ -12,21 +12,34 @@ label its runs "generated stand-in" and never compare them with the paper.
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
+from grafting.data.fake import MAX_IMAGE_SIZE
 from grafting.errors import DatasetNotFoundError, GraftingError, first_line
 from grafting.train.cli import ArgumentParser, entry_point
 
 __all__ = ["parse_args", "main"]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high`` (no upper bound: None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value} must be at least {low}" if high is None else f"{value} must lie in {low}..{high}"
+            )
+        return value
+
+    return parse
+
+
+_positive = _whole(1)
+_seed = _whole(0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cifar.add_argument("--cifar", type=int, choices=(10, 100), default=10, help="10 or 100 classes (default: 10)")
     cifar.add_argument("--train-size", type=_positive, default=5000, help="training images (default: 5000)")
     cifar.add_argument("--test-size", type=_positive, default=1000, help="test images (default: 1000)")
-    cifar.add_argument("--seed", type=int, default=0, help="seed of the generator (default: 0)")
+    cifar.add_argument("--seed", type=_seed, default=0, help="seed of the generator, >= 0 (default: 0)")
 
     folder = commands.add_parser(
         "stand-in-imagefolder",
@@ -70,11 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     folder.add_argument("--val-per-class", type=_positive, default=16, help="validation images per class (default: 16)")
     folder.add_argument(
         "--image-size",
-        type=int,
+        type=_whole(8, MAX_IMAGE_SIZE),
         default=64,
-        help="image side in pixels, varied by a sixth per image (default: 64, at least 8)",
+        help=f"image side in pixels, 8 to {MAX_IMAGE_SIZE}, varied by a sixth per image (default: 64)",
     )
-    folder.add_argument("--seed", type=int, default=0, help="seed of the generator (default: 0)")
+    folder.add_argument("--seed", type=_seed, default=0, help="seed of the generator, >= 0 (default: 0)")
     return parser.parse_args(argv)
 
 

@@ -53,13 +53,13 @@ def _file_name(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)).strip("_") + ".png"
 
 
-def _experiment_file(kind: str, key: tuple[str, str, bool]) -> str:
-    model, dataset, stand_in = key
+def _experiment_file(kind: str, key: tuple[str, str, bool, str]) -> str:
+    model, dataset, stand_in, _ = key
     return _file_name(kind, model, dataset, "stand-in" if stand_in else "")
 
 
-def _experiment_title(key: tuple[str, str, bool]) -> str:
-    model, dataset, stand_in = key
+def _experiment_title(key: tuple[str, str, bool, str]) -> str:
+    model, dataset, stand_in, _ = key
     return f"{model}, {dataset}" + (" (GENERATED stand-in data)" if stand_in else "")
 
 
@@ -109,7 +109,7 @@ class _Plotter:
             axes.legend(fontsize=7)
         return drawn
 
-    def accuracy(self, key: tuple[str, str, bool], runs: Sequence[RunSummary]) -> None:
+    def accuracy(self, key: tuple[str, str, bool, str], runs: Sequence[RunSummary]) -> None:
         """Test top-1 per epoch of every network, baselines dashed."""
         figure = self.Figure(figsize=(8, 5), layout="constrained")
         axes = figure.add_subplot()
@@ -117,7 +117,7 @@ class _Plotter:
             axes.set_title(f"{_experiment_title(key)}: test accuracy per epoch")
             self._save(figure, _experiment_file("accuracy", key))
 
-    def invalid_filters(self, key: tuple[str, str, bool], runs: Sequence[RunSummary]) -> None:
+    def invalid_filters(self, key: tuple[str, str, bool, str], runs: Sequence[RunSummary]) -> None:
         """Invalid filters per epoch at each of the paper's thresholds."""
         figure = self.Figure(figsize=(8, 4 * len(INVALID_THRESHOLDS)), layout="constrained")
         drawn = False
@@ -134,7 +134,7 @@ class _Plotter:
         if drawn:
             self._save(figure, _experiment_file("invalid_filters", key))
 
-    def filter_norms(self, key: tuple[str, str, bool], runs: Sequence[RunSummary]) -> None:
+    def filter_norms(self, key: tuple[str, str, bool, str], runs: Sequence[RunSummary]) -> None:
         """The l1-norm histogram of network 1's checkpoint of every run, baseline against grafted."""
         series = []
         for run in runs:
@@ -219,7 +219,7 @@ def plot_runs(
     out = Path(out)
     plotter = _Plotter(runs, out, Path(base) if base is not None else None, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    experiments: dict[tuple[str, str, bool], list[RunSummary]] = {}
+    experiments: dict[tuple[str, str, bool, str], list[RunSummary]] = {}
     for run in runs:
         experiments.setdefault(run.experiment, []).append(run)
     for key, members in sorted(experiments.items()):
