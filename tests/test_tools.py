@@ -913,8 +913,16 @@ def test_a_stand_in_never_overwrites_a_real_dataset(command, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "without the marker" in err and "pass another folder" in err, err
     assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file()} == before and not (real / MARKER_NAME).exists()
-    # over a stand-in (it has the marker), a new stand-in is written as asked
+    if command != "stand-in-cifar":
+        return
+    # real CIFAR is never downloaded into a stand-in's folder either: the marker would label it generated
     stand_in = write_fake_cifar(tmp_path / "stand-in", 10, train_size=10, test_size=10)
+    with pytest.raises(SystemExit) as exit_info:
+        data_tool.main(["download", str(stand_in)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a generated stand-in" in err and "pass another folder" in err, err
+    # over a stand-in (it has the marker), a new stand-in is written as asked
     data_tool.main(["stand-in-cifar", str(stand_in), "--train-size", "20", "--test-size", "5"])
     assert "20 train and 5 test images" in (stand_in / MARKER_NAME).read_text()
 
@@ -930,6 +938,7 @@ def test_a_stand_in_never_overwrites_a_real_dataset(command, tmp_path, capsys):
         ),
         (["stand-in-imagefolder", "big", "--image-size", "4"], "argument --image-size: 4 must lie in 8..1024"),
         (["stand-in-cifar", "s", "--seed", "-1"], "argument --seed: -1 must be at least 0"),
+        (["download", "{file}"], "{file} is a file, not a folder; pass the folder CIFAR should go into"),
     ],
 )
 def test_graft_data_refuses_bad_places_and_sizes_in_one_line(argv, message, tmp_path, capsys, monkeypatch):

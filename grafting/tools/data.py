@@ -12,10 +12,11 @@ label its runs "generated stand-in" and never compare them with the paper.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
-from grafting.data.fake import MAX_IMAGE_SIZE
-from grafting.errors import DatasetNotFoundError, GraftingError, first_line
+from grafting.data.fake import MARKER_NAME, MAX_IMAGE_SIZE, is_generated_stand_in
+from grafting.errors import DatasetNotFoundError, GraftingError, UsageError, first_line
 from grafting.train.cli import ArgumentParser, entry_point
 
 __all__ = ["parse_args", "main"]
@@ -91,6 +92,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_download_folder(folder: str) -> None:
+    """A one-line UsageError for a folder real CIFAR must not go into: a file, or a generated stand-in's folder
+    (its marker would label the real data generated)."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder; pass the folder CIFAR should go into")
+    if is_generated_stand_in(path):
+        raise UsageError(
+            f"{folder} holds a generated stand-in ({MARKER_NAME}), which would label real CIFAR there as generated; "
+            f"pass another folder"
+        )
+
+
 def _download(folder: str, classes: int) -> None:
     """Fetch CIFAR-``classes`` into ``folder``; without the internet, one line that says what to do instead."""
     import torchvision
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     """``graft-data``: run the chosen command; failures (no internet, bad sizes) are one line."""
     args = parse_args(argv)
     if args.command == "download":
+        _check_download_folder(args.folder)
         for classes in args.cifar:
             _download(args.folder, classes)
     elif args.command == "stand-in-cifar":
