@@ -4,13 +4,12 @@ torch the user brings (GRAFTING_PYTHON) used instead of the shared environment, 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, copy_checkout
 
 pytestmark = pytest.mark.e2e  # every test here runs bash
 
@@ -51,14 +50,7 @@ def test_a_stray_egg_info_in_the_current_folder_prints_no_pip_warning(tmp_path: 
 
 @pytest.mark.slow
 def test_bring_your_own_torch_and_go_back(tmp_path: Path) -> None:
-    checkout = tmp_path / "checkout"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in tracked:
-        if (REPO / name).is_file():
-            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, checkout / name)
+    checkout = copy_checkout(tmp_path / "checkout")
     import torch
 
     never = tmp_path / "no-shared-venv"  # with GRAFTING_PYTHON the shared environment is neither made nor used

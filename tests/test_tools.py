@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -729,17 +727,7 @@ def test_graft_filters_warns_when_the_papers_rows_are_for_another_model(tmp_path
     assert "| paper: resnet32 baseline | 36/1136 | 35/1136 |" in out  # the rows stay, the warning says what they are
 
 
-@pytest.fixture
-def root_logger_kept() -> Iterator[None]:
-    """A script's main() points the root logger at the console; put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def test_evaluate_flags_that_disagree_with_the_run_are_one_rule_for_every_value(tmp_path, capsys, root_logger_kept):
+def test_evaluate_flags_that_disagree_with_the_run_are_one_rule_for_every_value(tmp_path, capsys, in_process_logs):
     from grafting_imagenet import train as imagenet
 
     net1 = tmp_path / "run" / "net1"

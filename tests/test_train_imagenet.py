@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -124,16 +123,6 @@ def assert_last_is_graft_of_epoch1(shared: Path, arch: str, rule: str) -> None:
         changed += not torch.equal(own[key], tensor)
     assert changed > len(expected) // 2, f"grafting changed only {changed} of {len(expected)} tensors"
     assert json.loads((shared / "net2" / "config.json").read_text())["graft_rule"] == rule
-
-
-@pytest.fixture
-def in_process_logs() -> Iterator[None]:
-    """main() points the root logger at stdout; put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

@@ -13,34 +13,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
 
 from grafting.data.fake import MARKER_NAME, MAX_IMAGE_SIZE, is_generated_stand_in
 from grafting.errors import DatasetNotFoundError, GraftingError, UsageError, first_line
+from grafting.tools.flags import bounded
 from grafting.train.cli import ArgumentParser, entry_point
 
 __all__ = ["parse_args", "main"]
 
 
-def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: a whole number from ``low`` to ``high`` (no upper bound: None)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                f"{value} must be at least {low}" if high is None else f"{value} must lie in {low}..{high}"
-            )
-        return value
-
-    return parse
-
-
-_positive = _whole(1)
-_seed = _whole(0)
+_positive = bounded(int, 1)
+_seed = bounded(int, 0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     folder.add_argument("--val-per-class", type=_positive, default=16, help="validation images per class (default: 16)")
     folder.add_argument(
         "--image-size",
-        type=_whole(8, MAX_IMAGE_SIZE),
+        type=bounded(int, 8, MAX_IMAGE_SIZE),
         default=64,
         help=f"image side in pixels, 8 to {MAX_IMAGE_SIZE}, varied by a sixth per image (default: 64)",
     )

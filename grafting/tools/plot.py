@@ -39,6 +39,7 @@ from grafting.errors import GraftingError, UsageError
 from grafting.method.filters import conv_filter_norms
 from grafting.ring.layout import NetworkFiles
 from grafting.tools.checkpoints import load_trained_weights
+from grafting.tools.flags import bounded
 from grafting.tools.runs import RunSummary, add_folders_argument, find_runs, network_metrics, run_label
 from grafting.train.cli import ArgumentParser, entry_point
 from grafting.train.report import INVALID_THRESHOLDS, PAPER_THRESHOLD
@@ -457,26 +458,6 @@ def _output_folder(out: Path) -> Path:
     return out
 
 
-def _dpi(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if not 50 <= value <= 1200:
-        raise argparse.ArgumentTypeError(f"{value} must lie in 50..1200")
-    return value
-
-
-def _width(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of inches") from None
-    if not 2.0 <= value <= 20.0:
-        raise argparse.ArgumentTypeError(f"{value:g} inches must lie in 2..20")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of ``graft-plot``."""
     parser = ArgumentParser(
@@ -496,13 +477,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dpi",
-        type=_dpi,
+        type=bounded(int, 50, 1200),
         default=DEFAULT_DPI,
         help=f"resolution of PNG files and of heat maps (default: {DEFAULT_DPI})",
     )
     parser.add_argument(
         "--width",
-        type=_width,
+        type=bounded(float, 2.0, 20.0, "a number of inches"),
         default=COLUMN_WIDTH_IN,
         metavar="INCHES",
         help=f"figure width; fonts stay {MIN_FONT_PT:g} pt (default: {COLUMN_WIDTH_IN:g}, one paper column)",
