@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Filter grafting (Meng et al., CVPR 2020) with distillation: one process per network, "
     "entropy-weighted grafting through a shared directory.",
+    license="MIT",  # LICENSE
     python_requires=">=3.9",
     # models/ is installed as grafting_models: a top-level 'models' would collide with users' own packages.
     packages=find_packages(include=["grafting", "grafting.*", "grafting_cifar", "grafting_imagenet"])

@@ -19,7 +19,7 @@ import torch
 
 from grafting.archs import cifar_models
 from grafting.data.cifar import cifar_loaders
-from grafting.data.fake import is_generated_stand_in
+from grafting.data.fake import is_generated_stand_in, stand_in_description
 from grafting.method.graft import default_rule
 from grafting.train.cli import entry_point, parse_config
 from grafting.train.config import CifarConfig
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         device=str(device),
         channels_last=channels_last,
         generated_data=is_generated_stand_in(config.data),
+        stand_in=stand_in_description(config.data) or "",
     )
     run_ring(
         config,

@@ -33,14 +33,14 @@ import torch
 from torch import nn
 
 from grafting.checkpoint import load_state_dict_file, load_weights_into
-from grafting.data.fake import is_generated_stand_in
+from grafting.data.fake import is_generated_stand_in, stand_in_description
 from grafting.data.imagenet import imagenet_loaders, imagenet_val_loader
 from grafting.data.loading import EpochLoader
 from grafting.distributed import Processes, broadcast_from_main, per_process
 from grafting.errors import CheckpointError, UsageError
 from grafting.method.graft import default_rule
 from grafting.ring.layout import CONFIG_NAME, NetworkFiles
-from grafting.train.cli import entry_point, parse_config
+from grafting.train.cli import entry_point, given_settings, parse_config
 from grafting.train.config import ImagenetConfig
 from grafting.train.imagenet_models import ARCHS, create_model, model_classes, pretrained_weights
 from grafting.train.log import setup_console
@@ -93,10 +93,10 @@ def _saved_settings(path: Path) -> tuple[Path, dict] | None:
     return config_path, saved
 
 
-def recipe_for_evaluation(config: ImagenetConfig, path: Path | None) -> ImagenetConfig:
+def recipe_for_evaluation(config: ImagenetConfig, path: Path | None, given: frozenset[str]) -> ImagenetConfig:
     """``config`` with the architecture and image size of the run that wrote checkpoint ``path`` (from the
-    config.json next to it). A flag left at its default takes the run's value; a flag given with another
-    value than the run's is a UsageError."""
+    config.json next to it). A flag not given (``given``: the fields the command line set) takes the run's
+    value; a flag given with another value than the run's, its default included, is a UsageError."""
     found = _saved_settings(path) if path is not None else None
     if found is None:
         return config
@@ -114,12 +114,12 @@ def recipe_for_evaluation(config: ImagenetConfig, path: Path | None) -> Imagenet
             raise CheckpointError(
                 f"{config_path} records {flag} {value!r}, which is not valid; fix it, or move it away and pass {flag}"
             )
-        given, default = getattr(config, name), ImagenetConfig.__dataclass_fields__[name].default
-        if given == value:
+        current = getattr(config, name)
+        if current == value:
             continue
-        if given != default:
+        if name in given:
             raise UsageError(
-                f"-e/--evaluate: {flag} {given} but {path} was trained with {value} ({config_path}); "
+                f"-e/--evaluate: {flag} {current} but {path} was trained with {value} ({config_path}); "
                 f"leave {flag} out to use the run's"
             )
         changes[name] = value
@@ -129,11 +129,18 @@ def recipe_for_evaluation(config: ImagenetConfig, path: Path | None) -> Imagenet
 
 
 def evaluate_only(
-    config: ImagenetConfig, procs: Processes, device: torch.device, *, batch_size: int, workers: int
+    config: ImagenetConfig,
+    procs: Processes,
+    device: torch.device,
+    *,
+    batch_size: int,
+    workers: int,
+    given: frozenset[str] = frozenset(),
 ) -> None:
-    """``-e``: validate one checkpoint (see :func:`checkpoint_to_evaluate`) on the val/ images alone."""
+    """``-e``: validate one checkpoint (see :func:`checkpoint_to_evaluate`) on the val/ images alone; ``given``:
+    the fields the command line set (see :func:`recipe_for_evaluation`)."""
     path = checkpoint_to_evaluate(config) if procs.is_main else None
-    config = broadcast_from_main(recipe_for_evaluation(config, path) if procs.is_main else None)
+    config = broadcast_from_main(recipe_for_evaluation(config, path, given) if procs.is_main else None)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     val_loader, num_classes = imagenet_val_loader(
         config.data,
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         timeout = timedelta(seconds=config.peer_timeout + 600) if config.peer_timeout else PROCESS_GROUP_TIMEOUT
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     try:
-        train(config, procs, device, batch_size=batch_size, workers=workers, threads=threads)
+        given = given_settings(ImagenetConfig, argv) if config.evaluate else frozenset()
+        train(config, procs, device, batch_size=batch_size, workers=workers, threads=threads, given=given)
     finally:
         if procs.distributed:
             torch.distributed.destroy_process_group()
@@ -220,14 +228,22 @@ def default_workers() -> int:
 
 
 def train(
-    config: ImagenetConfig, procs: Processes, device: torch.device, *, batch_size: int, workers: int, threads: int
+    config: ImagenetConfig,
+    procs: Processes,
+    device: torch.device,
+    *,
+    batch_size: int,
+    workers: int,
+    threads: int,
+    given: frozenset[str] = frozenset(),
 ) -> None:
-    """Everything after process set-up: data, model, then run_ring (or :func:`evaluate_only` with -e)."""
+    """Everything after process set-up: data, model, then run_ring (or :func:`evaluate_only` with -e, which
+    needs ``given``: the fields the command line set)."""
     # Fail on missing files before the data is read and anything is started.
     if config.pretrained:
         pretrained_weights(config.model)
     if config.evaluate:
-        evaluate_only(config, procs, device, batch_size=batch_size, workers=workers)
+        evaluate_only(config, procs, device, batch_size=batch_size, workers=workers, given=given)
         return
     seed = config.seed + config.i  # the networks of a ring must start apart; the ranks of one network must not
     seed_everything(seed)
@@ -260,6 +276,7 @@ def train(
         world_size=procs.world_size,
         channels_last=channels_last,
         generated_data=is_generated_stand_in(config.data),
+        stand_in=stand_in_description(config.data) or "",
     )
     run_ring(
         config,

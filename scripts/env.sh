@@ -7,31 +7,59 @@
 #   <checkout>/.venv                this checkout's own: sees the shared packages and holds an editable
 #                                   install of this checkout (graft-cifar & co. run this checkout's code)
 # A second checkout gets its own .venv in seconds and never repoints another checkout's commands.
+#
+# Bring your own torch (a cluster's module, a conda environment, the active virtual environment, a CUDA build that
+# matches the driver): GRAFTING_PYTHON=/path/to/python makes that Python's packages (torch, torchvision, numpy,
+# tensorboard, pip, setuptools; pytest and matplotlib when present) the shared layer instead: nothing is downloaded
+# and the shared environment is neither created nor used. .venv remembers the choice; GRAFTING_PYTHON= (empty)
+# goes back to the shared environment. See docs/setup.md.
 GRAFTING_VENV="${GRAFTING_VENV:-$HOME/.cache/filter-grafting/venv}"
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _local="$_repo/.venv"
-_has() {  # _has PYTHON MODULE...: every module is importable (looked up, not imported: fast)
-    local python="$1"; shift
-    "$python" -c 'import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))' \
+_has() {  # _has PYTHON MODULE...: every module is importable (looked up, not imported: fast; -I: not from the
+    local python="$1"; shift  # current folder, where a stray filter_grafting.egg-info or torch/ would count)
+    "$python" -I -c 'import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))' \
         "$@" 2>/dev/null
 }
-if ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest setuptools pip matplotlib ruff mypy; then
+_base="${GRAFTING_PYTHON-$(cat "$_local/.base" 2>/dev/null || true)}"  # the Python .venv uses, if not the shared
+if [ -n "$_base" ]; then
+    _missing="$("$_base" -c 'import importlib.util as u; print(*(m for m in ("torch", "torchvision", "numpy", "tensorboard", "pip", "setuptools") if u.find_spec(m) is None))' 2>/dev/null)" \
+        || _missing="everything (it does not run)"
+    if [ -n "$_missing" ]; then
+        echo "[env] GRAFTING_PYTHON=$_base lacks $_missing: install them into that Python, or run" \
+            "'GRAFTING_PYTHON= source scripts/env.sh' for the shared environment" >&2
+        return 1
+    fi
+    _base="$(command -v "$_base")"  # a path, kept unresolved: a virtual environment's python stays its own
+elif ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest setuptools pip matplotlib ruff mypy; then
     echo "[env] setting up $GRAFTING_VENV (torch 2.14.1, torchvision 0.29.1, ...; a few minutes the first time)"
     python3 -m venv "$GRAFTING_VENV" || return 1
     "$GRAFTING_VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 numpy tensorboard pytest setuptools matplotlib \
         ruff==0.17.6 mypy==2.4.1 \
         || return 1
 fi
-# Earlier versions installed a checkout into the shared environment itself; remove it, or it would shadow.
-if "$GRAFTING_VENV/bin/python" -c 'import importlib.metadata as m; m.version("filter-grafting")' 2>/dev/null; then
-    "$GRAFTING_VENV/bin/pip" uninstall -q -y filter-grafting >/dev/null || return 1
+if [ -z "$_base" ]; then
+    # Earlier versions installed a checkout into the shared environment itself; remove it, or it would shadow.
+    # (-I: a filter_grafting.egg-info in the current folder, left by `pip install -e .` elsewhere, is no install.)
+    if "$GRAFTING_VENV/bin/python" -I -c 'import importlib.metadata as m; m.version("filter-grafting")' 2>/dev/null; then
+        "$GRAFTING_VENV/bin/pip" uninstall -q -y filter-grafting >/dev/null || return 1
+    fi
 fi
-if ! _has "$_local/bin/python" torch; then
+if ! _has "$_local/bin/python" torch || [ "$(cat "$_local/.base" 2>/dev/null)" != "$_base" ]; then
     rm -rf "$_local"
-    "$GRAFTING_VENV/bin/python" -m venv --without-pip "$_local" || return 1
-    "$GRAFTING_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+    if [ -n "$_base" ]; then
+        # the folder torch is imported from (also where a module puts it on PYTHONPATH) and the site-packages
+        _shared="$("$_base" -c 'import os, sys, torch; print(os.path.dirname(os.path.dirname(torch.__file__))); print(*(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))), sep="\n")')" \
+            || return 1
+    else
+        _shared="$("$GRAFTING_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || return 1
+    fi
+    "${_base:-$GRAFTING_VENV/bin/python}" -m venv --without-pip "$_local" || return 1
+    # the shared packages (or GRAFTING_PYTHON's), searched after this environment's own
+    printf '%s\n' "$_shared" \
         > "$("$_local/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/filter_grafting_shared.pth" \
-        || return 1  # the shared packages, searched after this environment's own
+        || return 1
+    [ -z "$_base" ] || echo "$_base" > "$_local/.base"
 fi
 # Editable install of this checkout into its own environment (pip comes from the shared one), redone only
 # when setup.py or pyproject.toml (packages, console commands, tools) changed since.
@@ -43,3 +71,4 @@ fi
 export PATH="$_local/bin:$PATH"
 export VIRTUAL_ENV="$_local"
 unset -f _has
+unset _base _shared _missing

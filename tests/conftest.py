@@ -8,8 +8,10 @@ rehearse on the CPU, as ``scripts/gpu_check.sh`` does). ``pytest -m "not e2e"`` 
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +46,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def in_process_logs() -> Iterator[None]:
+    """A script's main() run in this process points the root logger at the console; put pytest's handlers
+    back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def copy_checkout(destination: Path) -> Path:
+    """A copy of this checkout's files (tracked, and untracked ones git does not ignore) in ``destination``."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in tracked:
+        if (REPO / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+    return destination
 
 
 def child_env(**extra: str) -> dict[str, str]:

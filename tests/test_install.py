@@ -3,7 +3,6 @@ architectures are ``grafting_models``), and the console commands work from the i
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env
+from conftest import REPO, child_env, copy_checkout
 
 from grafting.data.fake import write_fake_cifar
 
@@ -27,14 +26,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh environment (torch and friends visible from the test's own) with a copy of the checkout
     pip-installed into it, not editable; returns its bin folder."""
     root = tmp_path_factory.mktemp("install")
-    source = root / "source"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in tracked:
-        if (REPO / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, source / name)
+    source = copy_checkout(root / "source")
     env_dir = root / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"

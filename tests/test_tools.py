@@ -499,7 +499,8 @@ def test_summary_groups_experiments_and_compares_only_what_is_comparable(cifar_r
         # a stand-in is its own experiment and never compared with the paper (today: 98.50 | 93.94 | +4.56)
         "| resnet32 | cifar10 (generated stand-in) | dlr | 2 | 200 | done | 98.50 ± 0.71 | 98.50 ± 0.71 | - | - | - "
         "| fake/r32_dlr |",
-        "| resnet56 | cifar10 | baseline | 1 | 3 | partial 3/200 | 40.00 | 40.00 | - | 93.50 | - | r56_base_short |",
+        # done: every epoch it was given trained; the paper's 200 were not, so no diff
+        "| resnet56 | cifar10 | baseline | 1 | 3 | done | 40.00 | 40.00 | - | 93.50 | - | r56_base_short |",
         "|  |  | slr | 2 | 200 | failed 30/200 | 80.50 ± 0.71 | - | - | 94.28 | - | r56_slr |",
     ]
     assert any("generated stand-in: trained on data written by grafting.data.fake" in line for line in lines)
@@ -641,6 +642,169 @@ def test_summary_reports_hand_edited_files_in_one_line(edit, message, tmp_path, 
     assert err.count("\n") == 1 and message in err, err
 
 
+def test_two_different_stand_ins_are_two_experiments(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    stand_in = {**CIFAR10, "model": "resnet20", "epochs": 2, "generated_data": True, "difflr": True}
+    small = {**stand_in, "stand_in": "CIFAR-10 layout, 1000 train and 200 test images, seed 0"}
+    large = {**stand_in, "stand_in": "CIFAR-10 layout, 2000 train and 500 test images, seed 0"}
+    _write_run(runs / "small_base", small, [{2: 30.0}])
+    _write_run(runs / "small_dlr", small, [{2: 40.0}, {2: 42.0}])
+    _write_run(runs / "large_base", large, [{2: 60.0}])
+    _write_run(runs / "large_dlr", large, [{2: 61.0}, {2: 61.0}])
+    summary_tool.main([str(runs)])
+    table = [line for line in capsys.readouterr().out.splitlines() if "| resnet20 |" in line or "|  |  |" in line]
+    assert table == [
+        # each stand-in is its own experiment with its own baseline (today: one experiment, gain +11.00 for both)
+        "| resnet20 | cifar10 (generated stand-in: CIFAR-10 layout, 1000 train and 200 test images, seed 0) "
+        "| baseline | 1 | 2 | done | 30.00 | 30.00 | - | - | - | small_base |",
+        "|  |  | dlr | 2 | 2 | done | 41.00 ± 1.41 | 41.00 ± 1.41 | +11.00 | - | - | small_dlr |",
+        "| resnet20 | cifar10 (generated stand-in: CIFAR-10 layout, 2000 train and 500 test images, seed 0) "
+        "| baseline | 1 | 2 | done | 60.00 | 60.00 | - | - | - | large_base |",
+        "|  |  | dlr | 2 | 2 | done | 61.00 ± 0.00 | 61.00 ± 0.00 | +1.00 | - | - | large_dlr |",
+    ]
+
+
+def test_a_stand_in_describes_itself(tmp_path):
+    from grafting.data.fake import stand_in_description, write_fake_imagefolder
+
+    cifar = write_fake_cifar(tmp_path / "c", 10, train_size=20, test_size=10, seed=3)
+    folder = write_fake_imagefolder(tmp_path / "f", 2, train_per_class=1, val_per_class=1, image_size=16, seed=4)
+    assert stand_in_description(cifar) == "CIFAR-10 layout, 20 train and 10 test images, seed 3"
+    assert stand_in_description(folder) == (
+        "ImageFolder layout, 2 classes, 1 train and 1 val images per class, 16 pixels, seed 4"
+    )
+    assert stand_in_description(tmp_path) is None  # real data: no marker
+    (tmp_path / MARKER_NAME).write_text("made by hand\n")
+    assert stand_in_description(tmp_path) == ""  # the training scripts' config.json: tests/test_train_*.py
+
+
+def test_done_means_every_epoch_trained_on_every_dataset(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write_run(runs / "cifar", {**CIFAR10, "model": "resnet20", "epochs": 2}, [{1: 30.0, 2: 35.0}])
+    folder = {"model": "resnet18", "dataset": "imagefolder", "num_classes": 3, "epochs": 2, "steplr": False}
+    _write_run(runs / "folder", folder, [{1: 50.0, 2: 55.0}])
+    _write_run(runs / "imagenet", {**folder, "num_classes": 1000}, [{1: 5.0, 2: 9.0}])
+    [cifar, folder_run, imagenet] = sorted(runs_tool.find_runs([runs]), key=lambda r: r.folder.name)
+    # today: "partial 2/200" for CIFAR and "done" for the ImageFolder run of the same 2 epochs
+    assert cifar.status == folder_run.status == imagenet.status == "done"
+    assert not any(run.comparable for run in (cifar, folder_run, imagenet))  # not the paper's 200 / 90 epochs
+    real = _write_run(tmp_path / "real", {**CIFAR10, "model": "resnet32", "num": 1}, [{200: 92.0}])
+    [full] = runs_tool.find_runs([real])
+    assert full.status == "done" and full.comparable
+    longer = _write_run(tmp_path / "longer", {**CIFAR10, "model": "resnet32", "epochs": 300}, [{300: 94.0}])
+    [run] = runs_tool.find_runs([longer])
+    assert run.status == "done" and not run.comparable  # not the paper's recipe either
+
+
+def test_footnotes_speak_only_of_the_columns_the_table_has(tmp_path, capsys):
+    cifar = _write_run(tmp_path / "cifar", {**CIFAR10, "model": "resnet20", "epochs": 2}, [{2: (35.0, 90.0)}])
+    summary_tool.main([str(cifar)])
+    out = capsys.readouterr().out
+    assert "top-5" not in out.lower()  # today: "best: highest test accuracy of any epoch (top-5 at that epoch)"
+    assert "200 on cifar10" in out and "90 on imagenet" in out
+    folder = {"model": "resnet18", "dataset": "imagefolder", "num_classes": 1000, "epochs": 2, "steplr": False}
+    imagenet = _write_run(tmp_path / "imagenet", folder, [{2: (9.0, 20.0)}])
+    summary_tool.main([str(imagenet)])
+    out = capsys.readouterr().out
+    assert "best top-5: the top-5 of that epoch" in out and "diff and diff top-5" in out
+    assert "generated stand-in" not in out
+
+
+def test_graft_filters_warns_when_the_papers_rows_are_for_another_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    resnet20 = _run_folder_checkpoint(tmp_path / "r20", models.create("resnet20").state_dict(), model="resnet20")
+    bare = _save(models.create("resnet20").state_dict(), tmp_path / "bare.pt")  # no config.json: by its filters
+    resnet32 = _save(_resnet32_with_zeroed_filters(zeroed=0, small=0), tmp_path / "r32.pt")
+    filters_tool.main([f"mine={resnet20}", f"bare={bare}", f"r32={resnet32}", "--model", "resnet32"])
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: the paper's rows are for resnet32, but mine is not a resnet32 (its config.json says resnet20); "
+        "compare it with the paper's rows of its own model, if any",
+        "warning: the paper's rows are for resnet32, but bare is not a resnet32 (it has 688 filters, resnet32 has "
+        "1136); compare it with the paper's rows of its own model, if any",
+    ]
+    assert "| paper: resnet32 baseline | 36/1136 | 35/1136 |" in out  # the rows stay, the warning says what they are
+
+
+def test_evaluate_flags_that_disagree_with_the_run_are_one_rule_for_every_value(tmp_path, capsys, in_process_logs):
+    from grafting_imagenet import train as imagenet
+
+    net1 = tmp_path / "run" / "net1"
+    net1.mkdir(parents=True)
+    (net1 / "config.json").write_text(json.dumps({"model": "squeezenet1_1", "image_size": 40, "num": 1, "i": 1}))
+    (net1 / "best.pt").write_bytes(b"not read: the flags are checked first")
+    common = [
+        "--data",
+        str(tmp_path / "no-data"),
+        "--device",
+        "cpu",
+        "-j",
+        "0",
+        "-e",
+        "--checkpoint",
+        str(net1 / "best.pt"),
+    ]
+    # 224 and resnet18 are the flags' defaults: given explicitly they disagree with the run all the same
+    # (today both were silently replaced by the run's values while --image-size 128 was an error)
+    for flags, message in (
+        (["--image-size", "224"], "--image-size 224 but"),
+        (["--image-size", "128"], "--image-size 128 but"),
+        (["-a", "resnet18"], "-a/--arch resnet18 but"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            imagenet.main([*common, *flags])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "leave" in err, err
+    from grafting.train.cli import given_settings
+    from grafting.train.config import ImagenetConfig
+
+    config = imagenet.parse_args([*common, "--image-size=40"])
+    assert given_settings(ImagenetConfig, [*common, "--image-size=40"]) >= {"image_size", "evaluate", "data"}
+    assert imagenet.recipe_for_evaluation(config, net1 / "best.pt", frozenset({"image_size"})).model == "squeezenet1_1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the runs are and whether they are alive
+
+
+def test_symlinked_run_folders_are_listed_once(tmp_path):
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    recipe = {**CIFAR10, "model": "resnet20", "epochs": 2}
+    _write_run(runs / "here", recipe, [{2: 30.0}])
+    _write_run(elsewhere / "there", recipe, [{2: 31.0}])
+    (runs / "there").symlink_to(elsewhere / "there")  # a run kept on another disk, linked in
+    (runs / "latest").symlink_to(runs / "here")  # the same run under a second name
+    (runs / "loop").symlink_to(runs)  # a loop must not hang the walk
+    found = runs_tool.find_runs([runs])
+    assert sorted(runs_tool.run_label(run, runs) for run in found) == ["here", "there"]  # today: ["here"]
+    [linked] = runs_tool.find_runs([runs / "latest"])
+    assert runs_tool.run_label(linked, runs / "latest") == "latest"
+
+
+def test_a_reader_whose_clock_runs_ahead_still_sees_live_networks(tmp_path, monkeypatch):
+    import time as real_time
+    import types
+
+    from grafting.ring import exchange
+
+    folder = _write_run(tmp_path / "r", {**CIFAR10, "model": "resnet20", "epochs": 4}, [{1: 30.0}], alive=[True])
+    [run] = runs_tool.find_runs([folder])
+    assert run.status == "running 1/4"
+    # This machine's clock 2 minutes ahead of the clock that stamps the folder's files (an NFS server's).
+    ahead = types.SimpleNamespace(
+        **{name: getattr(real_time, name) for name in dir(real_time) if not name.startswith("_")}
+    )
+    ahead.time = lambda: real_time.time() + 150.0
+    monkeypatch.setattr(exchange, "time", ahead)
+    monkeypatch.setattr(exchange, "_CLOCK_OFFSETS", {}, raising=False)  # nothing measured yet
+    [run] = runs_tool.find_runs([folder])
+    assert run.status == "running 1/4"  # today: "failed 1/4", the heartbeat taken for 150 s old
+    assert exchange.heartbeat_age(folder / "net1.alive") < 10
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".clock")]  # the probe file is gone
+
+
 # ----------------------------------------------------------------------------------------------
 # --help of every command: each flag shows its default and what it means
 
@@ -723,6 +887,58 @@ def test_the_readme_download_command_fails_in_one_line_offline(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: could not download CIFAR-10 into data")
     assert "cifar-10-python.tar.gz" in err and "--download" not in err
+
+
+@pytest.mark.parametrize("command", ["stand-in-cifar", "stand-in-imagefolder"])
+def test_a_stand_in_never_overwrites_a_real_dataset(command, tmp_path, capsys):
+    real = write_fake_cifar(tmp_path / "data", 10, train_size=10, test_size=10)
+    (real / MARKER_NAME).unlink()  # what the project takes for the real CIFAR-10
+    (real / "train").mkdir()  # and an ImageFolder's train/
+    before = {p: p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        data_tool.main([command, str(real), "--train-size" if command == "stand-in-cifar" else "--classes", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "without the marker" in err and "pass another folder" in err, err
+    assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file()} == before and not (real / MARKER_NAME).exists()
+    if command != "stand-in-cifar":
+        return
+    # real CIFAR is never downloaded into a stand-in's folder either: the marker would label it generated
+    stand_in = write_fake_cifar(tmp_path / "stand-in", 10, train_size=10, test_size=10)
+    with pytest.raises(SystemExit) as exit_info:
+        data_tool.main(["download", str(stand_in)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a generated stand-in" in err and "pass another folder" in err, err
+    # over a stand-in (it has the marker), a new stand-in is written as asked
+    data_tool.main(["stand-in-cifar", str(stand_in), "--train-size", "20", "--test-size", "5"])
+    assert "20 train and 5 test images" in (stand_in / MARKER_NAME).read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["stand-in-cifar", "{file}"], "{file} is a file, not a folder"),
+        (["stand-in-imagefolder", "{file}"], "{file} is a file, not a folder"),
+        (
+            ["stand-in-imagefolder", "big", "--image-size", "100000"],
+            "argument --image-size: 100000 must lie in 8..1024",
+        ),
+        (["stand-in-imagefolder", "big", "--image-size", "4"], "argument --image-size: 4 must lie in 8..1024"),
+        (["stand-in-cifar", "s", "--seed", "-1"], "argument --seed: -1 must be at least 0"),
+        (["download", "{file}"], "{file} is a file, not a folder; pass the folder CIFAR should go into"),
+    ],
+)
+def test_graft_data_refuses_bad_places_and_sizes_in_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("keep me")
+    argv = [a.replace("{file}", "a-file") for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        data_tool.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.replace("{file}", "a-file") in err, err
+    assert (tmp_path / "a-file").read_text() == "keep me" and not (tmp_path / "big").exists()
 
 
 def test_the_readme_stand_in_commands_write_marked_datasets(tmp_path, capsys, monkeypatch):

@@ -26,7 +26,7 @@ from conftest import CIFAR_SCRIPT, Proc, child_env, finish, start_script
 
 from grafting import graft_filters, graft_layers
 from grafting.archs import cifar_models as models
-from grafting.data.fake import write_fake_cifar
+from grafting.data.fake import stand_in_description, write_fake_cifar
 from grafting.train.report import read_metrics
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
@@ -300,6 +300,11 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
         assert "data: GENERATED stand-in in" in network.log and "(GENERATED stand-in data)" in network.log
         config = json.loads((shared / network.name / "config.json").read_text())
         assert config["generated_data"] is True
+        assert (
+            config["stand_in"]
+            == stand_in_description(cifar10)
+            == "CIFAR-10 layout, 256 train and 64 test images, seed 0"
+        )
         last = torch.load(shared / network.name / "last.pt", weights_only=True)
         assert last["epoch"] == 2
         assert (shared / network.name / "best.pt").is_file()

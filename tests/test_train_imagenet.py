@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ import torchvision
 from conftest import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
 
 from grafting.checkpoint import load_file
-from grafting.data.fake import write_fake_imagefolder
+from grafting.data.fake import stand_in_description, write_fake_imagefolder
 from grafting.distributed import Processes, per_process
 from grafting.errors import UsageError
 from grafting.method.graft import graft_layers
@@ -124,16 +123,6 @@ def assert_last_is_graft_of_epoch1(shared: Path, arch: str, rule: str) -> None:
         changed += not torch.equal(own[key], tensor)
     assert changed > len(expected) // 2, f"grafting changed only {changed} of {len(expected)} tensors"
     assert json.loads((shared / "net2" / "config.json").read_text())["graft_rule"] == rule
-
-
-@pytest.fixture
-def in_process_logs() -> Iterator[None]:
-    """main() points the root logger at stdout; put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -442,6 +431,7 @@ def test_start_epoch_without_resume_moves_the_schedule_on(
     assert re.search(r"epoch 3/3 .*\| lr 0\.00100 \(epoch start\) \|", out), out
     config = json.loads((shared / "net1" / "config.json").read_text())
     assert config["workers"] == 0 and config["generated_data"] is True
+    assert config["stand_in"] == stand_in_description(image_folder) and "3 classes" in config["stand_in"]
     assert load_file(shared / "net1" / "last.pt")["epoch"] == 3
 
 

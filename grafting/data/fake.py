@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import re
 import struct
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, cast
@@ -17,9 +18,12 @@ from typing import Any, Callable, ClassVar, Optional, cast
 import numpy as np
 from PIL import Image
 
-from grafting.errors import GraftingError
+from grafting.errors import GraftingError, UsageError
 
-__all__ = ["write_fake_cifar", "write_fake_imagefolder", "MARKER_NAME", "is_generated_stand_in"]
+__all__ = [
+    "write_fake_cifar", "write_fake_imagefolder", "MARKER_NAME", "is_generated_stand_in", "stand_in_description",
+    "MAX_IMAGE_SIZE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,11 @@ _MARKER_TEXT = (
 _IMAGE_EXTENSIONS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
 # Rows generated at once: bounds the float64 scratch memory to about 100 MB at 32x32.
 _CHUNK = 4000
+# The largest side of a generated ImageFolder image: above ImageNet's typical 500 pixels, and small enough that
+# one image's float64 scratch (about 40 MB at 1024 + a sixth) never exhausts memory.
+MAX_IMAGE_SIZE = 1024
+# What a real dataset leaves in a folder: a stand-in is never written over it.
+_REAL_DATA = ("cifar-10-batches-py", "cifar-100-python", "train", "val")
 
 
 class _Py2Str(bytes):
@@ -117,6 +126,36 @@ def is_generated_stand_in(folder: str | Path) -> bool:
     return (Path(folder).expanduser() / MARKER_NAME).is_file()
 
 
+def stand_in_description(folder: str | Path) -> str | None:
+    """What the stand-in in ``folder`` holds, from its marker file (layout, sizes, seed): two stand-ins with
+    different descriptions are different datasets. None when ``folder`` holds no stand-in; '' for a marker
+    without a description (written by hand or by an older version)."""
+    try:
+        first = (Path(folder).expanduser() / MARKER_NAME).read_text(errors="replace").split("\n", 1)[0]
+    except OSError:
+        return None
+    match = re.search(r"grafting\.data\.fake \((.*)\)\.?$", first)
+    return match.group(1) if match else ""
+
+
+def _prepare_root(root: Path) -> None:
+    """Create ``root`` for a stand-in; a one-line error when a file is in the way or when it holds a dataset
+    that is not a stand-in (the project takes such a folder for the real data: writing over it would lose it)."""
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is a file, not a folder; pass a folder for the generated stand-in")
+    if root.is_dir() and not is_generated_stand_in(root):
+        found = [name for name in _REAL_DATA if (root / name).exists()]
+        if found:
+            raise UsageError(
+                f"{root} holds {found[0]}/ without the marker {MARKER_NAME}: a real dataset, which a stand-in would "
+                f"overwrite; pass another folder"
+            )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create {root} ({err.strerror or err}); pass another folder") from None
+
+
 def _write_marker(root: Path, what: str) -> None:
     (root / MARKER_NAME).write_text(_MARKER_TEXT.format(what=what))
 
@@ -136,7 +175,10 @@ def write_fake_cifar(root: str | Path, num_classes: int = 10, train_size: int = 
     if train_size < 1 or test_size < 1:
         raise GraftingError(f"a generated CIFAR needs at least one image per split, got train_size={train_size} "
                             f"test_size={test_size}")
+    if seed < 0:
+        raise UsageError(f"the seed of a generated CIFAR must be >= 0, got {seed}")
     root = Path(root)
+    _prepare_root(root)
     rng = np.random.default_rng(seed)
     look = _ClassLook(num_classes, rng)
     train_labels = _balanced_labels(train_size, num_classes, rng)
@@ -184,7 +226,7 @@ def write_fake_cifar(root: str | Path, num_classes: int = 10, train_size: int = 
             "fine_label_names": [_Py2Str(f"class_{index:03d}".encode("ascii")) for index in range(100)],
             "coarse_label_names": [_Py2Str(f"superclass_{index:02d}".encode("ascii")) for index in range(20)],
         }), folder / "meta")
-    _write_marker(root, f"CIFAR-{num_classes} layout, {train_size} train and {test_size} test images")
+    _write_marker(root, f"CIFAR-{num_classes} layout, {train_size} train and {test_size} test images, seed {seed}")
     logger.info("wrote a generated CIFAR-%d stand-in to %s", num_classes, folder)
     return root
 
@@ -201,10 +243,13 @@ def write_fake_imagefolder(root: str | Path, num_classes: int = 3, train_per_cla
     image_format: Optional[str] = _IMAGE_EXTENSIONS.get(ext.lower())
     if image_format is None:
         raise GraftingError(f"cannot write images with extension {ext!r}; use one of {sorted(_IMAGE_EXTENSIONS)}")
-    if num_classes < 1 or image_size < 8:
-        raise GraftingError(f"a generated image folder needs num_classes >= 1 and image_size >= 8, got "
-                            f"{num_classes} and {image_size}")
+    if num_classes < 1 or not 8 <= image_size <= MAX_IMAGE_SIZE:
+        raise UsageError(f"a generated image folder needs num_classes >= 1 and an image size from 8 to "
+                            f"{MAX_IMAGE_SIZE}, got {num_classes} and {image_size}")
+    if seed < 0:
+        raise UsageError(f"the seed of a generated image folder must be >= 0, got {seed}")
     root = Path(root)
+    _prepare_root(root)
     rng = np.random.default_rng(seed)
     look = _ClassLook(num_classes, rng)
     spread = max(1, image_size // 6)
@@ -221,6 +266,6 @@ def write_fake_imagefolder(root: str | Path, num_classes: int = 3, train_per_cla
                 options = {"quality": 92} if image_format == "JPEG" else {}
                 image.save(folder / f"{number}.{ext}", format=image_format, **options)
     _write_marker(root, f"ImageFolder layout, {num_classes} classes, {train_per_class} train and "
-                        f"{val_per_class} val images per class")
+                        f"{val_per_class} val images per class, {image_size} pixels, seed {seed}")
     logger.info("wrote a generated image folder stand-in to %s", root)
     return root

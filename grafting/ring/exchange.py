@@ -83,6 +83,7 @@ __all__ = [
     "seconds_from_env",
     "stale_after_s",
     "heartbeat_age",
+    "folder_clock_offset",
     "say",
 ]
 
@@ -192,13 +193,45 @@ def stale_after_s() -> float:
     return seconds_from_env(STALE_ENV, 120.0)
 
 
+# Per folder: when its clock offset was measured (this machine's time) and the offset itself.
+_CLOCK_OFFSETS: dict[str, tuple[float, float]] = {}
+_CLOCK_REFRESH_S = 60.0
+
+
+def folder_clock_offset(folder: Path) -> float:
+    """Seconds by which the clock that stamps the files of ``folder`` runs ahead of this machine's (a network
+    file system's server stamps them with its own): measured by creating and removing a file there, at most
+    once a minute per folder; 0 where nothing can be created there."""
+    key = os.path.abspath(folder)
+    measured = _CLOCK_OFFSETS.get(key)
+    if measured is not None and time.time() - measured[0] < _CLOCK_REFRESH_S:
+        return measured[1]
+    offset = 0.0
+    probe = os.path.join(key, f".clock-probe-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        before = time.time()
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            stamped = os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        offset = stamped - (before + time.time()) / 2
+    except OSError:
+        pass  # a folder this reader may not write to: its own clock is all there is
+    _CLOCK_OFFSETS[key] = (time.time(), offset)
+    return offset
+
+
 def heartbeat_age(path: Path) -> float | None:
-    """Seconds since the heartbeat file ``path`` was last touched, or None if there is none."""
+    """Seconds since the heartbeat file ``path`` was last touched, or None if there is none; by the clock
+    that stamped it (:func:`folder_clock_offset`), so a reader whose clock is off does not take a live
+    network for a stopped one."""
     try:
         modified = os.stat(path).st_mtime
     except OSError:
         return None
-    return max(0.0, time.time() - modified)
+    return max(0.0, time.time() + folder_clock_offset(path.parent) - modified)
 
 
 class Exchange:

@@ -11,12 +11,9 @@ import torch
 from grafting.checkpoint import load_state_dict_file
 from grafting.errors import CheckpointError
 from grafting.ring.layout import CONFIG_NAME
-from grafting.tools.runs import read_config
+from grafting.tools.runs import STAND_IN_SUFFIX, read_config
 
-__all__ = ["load_trained_weights", "run_settings", "stand_in_label", "STAND_IN_SUFFIX"]
-
-# How tables name a run, checkpoint or dataset trained on generated data.
-STAND_IN_SUFFIX = " (generated stand-in)"
+__all__ = ["load_trained_weights", "run_settings", "stand_in_label"]
 
 
 def load_trained_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -12,21 +12,18 @@ label its runs "generated stand-in" and never compare them with the paper.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from grafting.errors import DatasetNotFoundError, GraftingError, first_line
+from grafting.data.fake import MARKER_NAME, MAX_IMAGE_SIZE, is_generated_stand_in
+from grafting.errors import DatasetNotFoundError, GraftingError, UsageError, first_line
+from grafting.tools.flags import bounded
 from grafting.train.cli import ArgumentParser, entry_point
 
 __all__ = ["parse_args", "main"]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+_positive = bounded(int, 1)
+_seed = bounded(int, 0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cifar.add_argument("--cifar", type=int, choices=(10, 100), default=10, help="10 or 100 classes (default: 10)")
     cifar.add_argument("--train-size", type=_positive, default=5000, help="training images (default: 5000)")
     cifar.add_argument("--test-size", type=_positive, default=1000, help="test images (default: 1000)")
-    cifar.add_argument("--seed", type=int, default=0, help="seed of the generator (default: 0)")
+    cifar.add_argument("--seed", type=_seed, default=0, help="seed of the generator, >= 0 (default: 0)")
 
     folder = commands.add_parser(
         "stand-in-imagefolder",
@@ -70,12 +67,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     folder.add_argument("--val-per-class", type=_positive, default=16, help="validation images per class (default: 16)")
     folder.add_argument(
         "--image-size",
-        type=int,
+        type=bounded(int, 8, MAX_IMAGE_SIZE),
         default=64,
-        help="image side in pixels, varied by a sixth per image (default: 64, at least 8)",
+        help=f"image side in pixels, 8 to {MAX_IMAGE_SIZE}, varied by a sixth per image (default: 64)",
     )
-    folder.add_argument("--seed", type=int, default=0, help="seed of the generator (default: 0)")
+    folder.add_argument("--seed", type=_seed, default=0, help="seed of the generator, >= 0 (default: 0)")
     return parser.parse_args(argv)
+
+
+def _check_download_folder(folder: str) -> None:
+    """A one-line UsageError for a folder real CIFAR must not go into: a file, or a generated stand-in's folder
+    (its marker would label the real data generated)."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder; pass the folder CIFAR should go into")
+    if is_generated_stand_in(path):
+        raise UsageError(
+            f"{folder} holds a generated stand-in ({MARKER_NAME}), which would label real CIFAR there as generated; "
+            f"pass another folder"
+        )
 
 
 def _download(folder: str, classes: int) -> None:
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     """``graft-data``: run the chosen command; failures (no internet, bad sizes) are one line."""
     args = parse_args(argv)
     if args.command == "download":
+        _check_download_folder(args.folder)
         for classes in args.cifar:
             _download(args.folder, classes)
     elif args.command == "stand-in-cifar":

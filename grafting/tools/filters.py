@@ -15,8 +15,9 @@ from pathlib import Path
 from grafting.data.fake import MARKER_NAME
 from grafting.errors import CheckpointError
 from grafting.method.filters import conv_filter_keys, filter_l1_norms
-from grafting.tools.checkpoints import STAND_IN_SUFFIX, load_trained_weights, run_settings, stand_in_label
+from grafting.tools.checkpoints import load_trained_weights, run_settings, stand_in_label
 from grafting.tools.published import PUBLISHED_INVALID, published_invalid_models
+from grafting.tools.runs import STAND_IN_SUFFIX
 from grafting.tools.table import markdown
 from grafting.train.cli import ArgumentParser, entry_point
 
@@ -32,6 +33,7 @@ class FilterRow:
     counts: dict[float, tuple[int, int]]
     layers: dict[str, dict[float, tuple[int, int]]] = field(default_factory=dict)
     stand_in: bool = False
+    model: str | None = None  # as the config.json next to the checkpoint records it
 
 
 def _split_label(text: str) -> tuple[str, Path]:
@@ -62,8 +64,9 @@ def count_filters(checkpoints: Sequence[str], thresholds: Sequence[float]) -> li
             norms = filter_l1_norms(state[key])
             layers[key] = {t: (int((norms < t).sum()), norms.numel()) for t in thresholds}
         counts = {t: (sum(c[t][0] for c in layers.values()), sum(c[t][1] for c in layers.values())) for t in thresholds}
-        stand_in = bool(stand_in_label(run_settings(path)))
-        rows.append(FilterRow(label, counts, layers, stand_in))
+        settings = run_settings(path)
+        model = settings.get("model") or settings.get("arch") if settings else None
+        rows.append(FilterRow(label, counts, layers, bool(stand_in_label(settings)), model))
     return rows
 
 
@@ -78,12 +81,34 @@ def _notes(rows: Sequence[FilterRow], model: str | None) -> list[str]:
             f"the paper counted invalid filters of {' and '.join(published_invalid_models())} only; "
             f"it has no rows for {model}"
         )
+    elif model is not None:
+        notes += _other_model_warnings(rows, model)
     if any(row.stand_in for row in rows):
         notes.append(
             f"generated stand-in: trained on generated data (its folder holds {MARKER_NAME}), not the "
             f"real dataset; its counts say nothing about the paper"
         )
     return notes
+
+
+def _other_model_warnings(rows: Sequence[FilterRow], model: str) -> list[str]:
+    """A warning per checkpoint that is not a ``model`` (by its config.json, else by its filter count): the
+    paper's rows for ``model`` say nothing about it."""
+    paper_total = next(total for (name, _, _), (_, total) in PUBLISHED_INVALID.items() if name == model)
+    warnings = []
+    for row in rows:
+        total = next(iter(row.counts.values()))[1]
+        if row.model not in (None, model):
+            why = f"its config.json says {row.model}"
+        elif total != paper_total:
+            why = f"it has {total} filters, {model} has {paper_total}"
+        else:
+            continue
+        warnings.append(
+            f"warning: the paper's rows are for {model}, but {row.name} is not a {model} ({why}); "
+            f"compare it with the paper's rows of its own model, if any"
+        )
+    return warnings
 
 
 def filter_table(rows: Sequence[FilterRow], thresholds: Sequence[float], model: str | None = None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,13 @@ __all__ = [
     "dataset_name",
     "mean_std",
     "run_label",
+    "STAND_IN",
+    "STAND_IN_SUFFIX",
 ]
+
+# How tables and figures name a run, checkpoint or dataset trained on generated data.
+STAND_IN = "generated stand-in"
+STAND_IN_SUFFIX = f" ({STAND_IN})"
 
 # The types of the config.json fields the tools read (a field may be missing: older runs, other scripts).
 _WHOLE, _NUMBER, _TEXT, _SWITCH = "a whole number", "a number", "text", "true or false"
@@ -57,6 +64,7 @@ _CONFIG_FIELDS = {
     "cos": _SWITCH,
     "steplr": _SWITCH,
     "generated_data": _SWITCH,
+    "stand_in": _TEXT,
     "image_size": _WHOLE,
 }
 # The metrics.jsonl fields the tools read.
@@ -150,16 +158,27 @@ class RunSummary:
     epochs: int | None
     num: int = 1
     generated_data: bool = False
+    stand_in: str = ""
     networks: list[NetworkResult] = field(default_factory=list)
 
     @property
-    def experiment(self) -> tuple[str, str, bool]:
-        """What runs must share to be compared: model, dataset, and whether the data was a generated stand-in."""
-        return self.model, self.dataset, self.generated_data
+    def experiment(self) -> tuple[str, str, bool, str]:
+        """What runs must share to be compared: model, dataset, whether the data was a generated stand-in and
+        which one (its description: two different stand-ins are two datasets)."""
+        return self.model, self.dataset, self.generated_data, self.stand_in
+
+    @property
+    def dataset_label(self) -> str:
+        """The dataset as tables and figures name it: ``cifar10``, ``cifar10 (generated stand-in: ...)``."""
+        if not self.generated_data:
+            return self.dataset
+        if not self.stand_in:
+            return self.dataset + STAND_IN_SUFFIX
+        return f"{self.dataset} ({STAND_IN}: {self.stand_in})"
 
     @property
     def finished(self) -> bool:
-        """Every network has trained all its epochs."""
+        """Every network has trained all its epochs: the one definition of ``done``."""
         return self.epochs is not None and all(n.epoch is not None and n.epoch >= self.epochs for n in self.networks)
 
     @property
@@ -169,11 +188,10 @@ class RunSummary:
 
     @property
     def status(self) -> str:
-        """``done``; ``partial E/P`` (finished with fewer epochs than the paper's P); ``running e/E`` (every
-        unfinished network is alive); ``failed e/E`` (a network stopped before its last epoch)."""
+        """``done`` (every network trained all its epochs, however many); ``running e/E`` (every unfinished
+        network is alive); ``failed e/E`` (a network stopped before its last epoch)."""
         if self.finished:
-            paper = self.paper_epochs
-            return f"partial {self.epochs}/{paper}" if paper and self.epochs and self.epochs < paper else "done"
+            return "done"
         done = min((n.epoch or 0) for n in self.networks) if self.networks else 0
         unfinished = [n for n in self.networks if n.epoch is None or self.epochs is None or n.epoch < self.epochs]
         word = "running" if all(n.alive for n in unfinished) else "failed"
@@ -181,8 +199,9 @@ class RunSummary:
 
     @property
     def comparable(self) -> bool:
-        """Whether the paper's number applies: finished with the paper's epochs, on the real dataset."""
-        return self.status == "done" and not self.generated_data and self.paper_epochs is not None
+        """Whether the paper's number applies: done, with the paper's epochs, on the real dataset."""
+        paper = self.paper_epochs
+        return self.finished and not self.generated_data and paper is not None and self.epochs == paper
 
     def stats(self, what: str) -> tuple[float | None, float | None]:
         """Mean and standard deviation over the networks of ``best``, ``final``, ``best_top5`` or ``final_top5``."""
@@ -256,6 +275,7 @@ def read_run(folder: Path) -> RunSummary:
         epochs=config.get("epochs"),
         num=num,
         generated_data=bool(config.get("generated_data")),
+        stand_in=str(config.get("stand_in") or ""),
     )
     stale_after = stale_after_s()
     # Networks that have not written their config.json yet (not started) count too: the ring needs them.
@@ -267,15 +287,15 @@ def read_run(folder: Path) -> RunSummary:
 
 
 def run_label(run: RunSummary, base: str | Path | None) -> str:
-    """How tables and figures name a run: its folder relative to ``base``; a run folder that is ``base``
-    itself by its own name; the whole path without a ``base``."""
+    """How tables and figures name a run: its folder relative to ``base`` (as reached, symbolic links kept);
+    a run folder that is ``base`` itself by its own name; the whole path without a ``base``."""
     if base is None:
         return str(run.folder)
     try:
-        relative = run.folder.resolve().relative_to(Path(base).resolve())
+        relative = Path(os.path.abspath(run.folder)).relative_to(os.path.abspath(base))
     except ValueError:
         return str(run.folder)
-    return str(relative) if str(relative) != "." else run.folder.resolve().name
+    return str(relative) if str(relative) != "." else Path(os.path.abspath(run.folder)).name
 
 
 def add_folders_argument(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -289,17 +309,34 @@ def add_folders_argument(parser: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
+def _run_folders(root: Path) -> list[Path]:
+    """The run folders at or below ``root``, following symbolic links (a run folder linked into an experiment
+    folder is one of its runs) and listing each folder once, by the first path that reaches it (real folders
+    before links)."""
+    found, seen = [], set()
+    for top, subfolders, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # reached again through a link (or a link loop): already walked
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort(key=lambda name: (os.path.islink(os.path.join(top, name)), name))
+        if any(
+            NETWORK_FOLDER.fullmatch(name) and os.path.isfile(os.path.join(top, name, CONFIG_NAME))
+            for name in subfolders
+        ):
+            found.append(Path(top))
+    return found
+
+
 def find_runs(roots: Sequence[str | Path]) -> list[RunSummary]:
-    """Every run under ``roots``: a folder with ``net<i>/config.json`` files; sorted by model,
-    dataset, method and folder. A root may itself be a run folder."""
-    folders: set[Path] = set()
+    """Every run under ``roots``: a folder with ``net<i>/config.json`` files, also where a symbolic link leads;
+    sorted by model, dataset, method and folder. A root may itself be a run folder."""
+    folders: dict[str, Path] = {}
     for root in map(Path, roots):
         if not root.is_dir():
             raise UsageError(f"{root} is not a folder; pass the output folder of an experiment script or of --s")
-        folders.update(
-            config.parent.parent
-            for config in root.rglob(f"net*/{CONFIG_NAME}")
-            if NETWORK_FOLDER.fullmatch(config.parent.name)
-        )
-    runs = [read_run(folder) for folder in folders]
+        for folder in _run_folders(root):
+            folders.setdefault(os.path.realpath(folder), folder)
+    runs = [read_run(folder) for folder in folders.values()]
     return sorted(runs, key=lambda r: (r.model, r.dataset, r.method, str(r.folder)))

@@ -6,8 +6,9 @@
 One row per run (a ring, or a baseline), grouped by experiment (model and dataset) with the baseline
 first and the grafted recipes after it. Per row: each metric's mean and standard deviation over the
 ring's networks (top-1, and top-5 where the dataset has it), the gain over the experiment's own
-baseline, the paper's number and the difference. Runs on a generated stand-in, unfinished runs and
-runs shorter than the paper's recipe are marked and never compared with the paper.
+baseline, the paper's number and the difference. Runs on a generated stand-in (each stand-in its own
+experiment), unfinished runs and runs with other epochs than the paper's recipe are never compared with
+the paper.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from grafting.data.fake import MARKER_NAME
 from grafting.errors import UsageError
-from grafting.tools.checkpoints import STAND_IN_SUFFIX
+from grafting.tools.published import PUBLISHED_EPOCHS
 from grafting.tools.runs import RunSummary, add_folders_argument, find_runs, mean_std, run_label
 from grafting.tools.table import markdown, number
 from grafting.train.cli import ArgumentParser, entry_point
@@ -32,16 +33,26 @@ __all__ = ["summary_rows", "summary_table", "FORMATS", "parse_args", "main"]
 
 FORMATS = ("markdown", "csv", "json")
 _METRICS = ("best", "final", "best_top5", "final_top5")
-_NOTES = (
-    "best: highest test accuracy of any epoch (top-5 at that epoch); final: after the last epoch; "
-    "mean ± sample std over the ring's networks.",
-    "gain: mean best - the mean best of the same experiment's finished baselines with as many epochs; "
-    "diff: mean best - paper, only for runs that finished the paper's epochs on the real dataset.",
-)
 _STAND_IN_NOTE = (
     f"generated stand-in: trained on data written by grafting.data.fake (its folder holds "
     f"{MARKER_NAME}), not the real dataset; never compared with the paper."
 )
+
+
+def _notes(rows: Sequence[dict[str, Any]], top5: bool) -> list[str]:
+    """The footnotes of a table: what its columns mean, top-5 only where the table shows it."""
+    paper_epochs = ", ".join(f"{epochs} on {dataset}" for dataset, epochs in PUBLISHED_EPOCHS.items())
+    notes = [
+        "best: highest test top-1 of any epoch"
+        + ("; best top-5: the top-5 of that epoch" if top5 else "")
+        + "; final: after the last epoch; mean ± sample std over the ring's networks.",
+        "gain: mean best - the mean best of the same experiment's finished baselines with as many epochs; "
+        f"diff{' and diff top-5' if top5 else ''}: mean best - paper, only for runs done with the paper's "
+        f"epochs ({paper_epochs}) on the real dataset.",
+    ]
+    if any(row["generated_stand_in"] for row in rows):
+        notes.append(_STAND_IN_NOTE)
+    return notes
 
 
 def _natural(text: str) -> list[Any]:
@@ -80,6 +91,8 @@ def summary_rows(runs: Sequence[RunSummary], base: str | Path | None = None) -> 
             "model": run.model,
             "dataset": run.dataset,
             "generated_stand_in": run.generated_data,
+            "stand_in": run.stand_in,
+            "dataset_label": run.dataset_label,
             "method": run.method,
             "networks": len(run.networks),
             "epochs": run.epochs,
@@ -126,8 +139,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     header += ["gain", "paper", "diff"] + (["paper top-5", "diff top-5"] if top5 else []) + ["run"]
     body, previous = [], None
     for row in rows:
-        dataset = row["dataset"] + (STAND_IN_SUFFIX if row["generated_stand_in"] else "")
-        experiment = (row["model"], dataset)
+        experiment = (row["model"], row["dataset_label"])
         cells = [
             *(experiment if experiment != previous else ("", "")),
             row["method"],
@@ -148,8 +160,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
             cells += [number(row["paper_top5"]), _signed(row["diff_top5"])]
         body.append(cells + [row["run"]])
         previous = experiment
-    notes = list(_NOTES) + ([_STAND_IN_NOTE] if any(row["generated_stand_in"] for row in rows) else [])
-    return markdown(header, body) + "\n\n" + "\n".join(notes)
+    return markdown(header, body) + "\n\n" + "\n".join(_notes(rows, top5))
 
 
 def summary_csv(rows: Sequence[dict[str, Any]]) -> str:

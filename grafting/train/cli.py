@@ -13,7 +13,7 @@ from grafting.errors import DatasetNotFoundError, GraftingError, UsageError
 from grafting.train.config import RunConfig
 from grafting.train.signals import STOPPED_EXIT_CODE, StopRequested, stop_on_signals
 
-__all__ = ["ArgumentParser", "build_parser", "parse_config", "entry_point"]
+__all__ = ["ArgumentParser", "build_parser", "parse_config", "given_settings", "entry_point"]
 
 C = TypeVar("C", bound=RunConfig)
 
@@ -71,6 +71,15 @@ def parse_config(config_cls: type[C], argv: list[str] | None, *, prog: str, desc
     config = config_cls(**vars(namespace))
     config.check()
     return config
+
+
+def given_settings(config_cls: type[RunConfig], argv: list[str] | None) -> frozenset[str]:
+    """The fields whose flags ``argv`` (None: the command line) gives, whatever their values: a flag given
+    with its default value is given all the same."""
+    parser = build_parser(config_cls, "", "")
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
 
 
 def entry_point(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:

@@ -333,6 +333,9 @@ class RunConfig:
     generated_data: bool = setting(
         False, resume="free", help="the data folder holds a generated stand-in, not the real dataset"
     )
+    stand_in: str = setting(
+        "", resume="free", help="what the generated stand-in holds (its marker file's description); '' for real data"
+    )
 
     # Seeds up to this bound keep seed + i (and the per-epoch seeds derived from it) inside every generator's range.
     MAX_SEED: ClassVar[int] = 2**62
