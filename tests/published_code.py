@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -130,3 +131,62 @@ def published_noise(model: nn.Module, epoch: int, threshold: float = 0.1) -> Non
             for j in range(len(invalid)):
                 if invalid[j]:
                     u[j] += torch.randn_like(u[j]) * 0.975**epoch
+
+
+# --- the published CIFAR ResNet (grafting_cifar/models/resnet.py and resnet_leaky.py) --------------------
+
+
+class _PublishedBasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers; the option-A shortcut subsamples by 2 (hard-wired) and zero-pads
+    ``planes // 4`` channels on each side; the shortcut is added in place before the last activation."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, leaky: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = planes // 4 if stride != 1 or in_planes != planes else None
+        self.act = F.leaky_relu if leaky else F.relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0)
+        return self.act(out)
+
+
+class PublishedCifarResNet(nn.Module):
+    """The published ResNet-(6n+2): stem, three stages of n blocks at 16/32/64 channels, then
+    ``F.avg_pool2d(out, out.size()[3])`` (a square window as wide as the feature map, stride equal to it),
+    a flatten and the linear layer. Conv and linear weights get ``kaiming_normal_`` through ``apply``
+    (children before parents; the leaves come in construction order)."""
+
+    def __init__(self, depth: int, num_classes: int = 10, leaky: bool = False) -> None:
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.act = F.leaky_relu if leaky else F.relu
+        planes_in = 16
+        stages = []
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for block_stride in [stride] + [1] * (n - 1):
+                blocks.append(_PublishedBasicBlock(planes_in, planes, block_stride, leaky))
+                planes_in = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(64, num_classes)
+        self.apply(_published_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+def _published_init(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.kaiming_normal_(module.weight)
