@@ -85,8 +85,7 @@ def published_vgg_layer_graft(model: nn.Module, peer: nn.Module, a: float = 0.4,
 def vgg_filter_graft_per_channel(model: nn.Module, peer: nn.Module) -> None:
     """The VGG script's filter level with the documented correction: channel j of each BatchNorm is blended
     with its own ``w_j = |g1_j| / (|g1_j| + |g2_j|)`` (0.5 where both are 0), where the published loop
-    blended the whole tensor once per channel. The convs as published: the input slice j of conv i by
-    the previous BatchNorm's ``w_j``, then filter j by its own."""
+    blended the whole tensor once per channel. The convs as published (:func:`_published_vgg_conv_blend`)."""
     weights = []
     for m1, m2 in zip(model.modules(), peer.modules()):
         if isinstance(m1, nn.BatchNorm2d):
@@ -98,6 +97,29 @@ def vgg_filter_graft_per_channel(model: nn.Module, peer: nn.Module) -> None:
                 for part in BN_PARTS:
                     t1, t2 = getattr(m1, part), getattr(m2, part)
                     t1[j] = t1[j].clone() * wj + t2[j].clone() * (1 - wj)
+    _published_vgg_conv_blend(model, peer, weights)
+
+
+@torch.no_grad()
+def published_vgg_filter_graft(model: nn.Module, peer: nn.Module) -> None:
+    """The VGG script's filter level exactly as published (its ``BN`` function): per BatchNorm, module by
+    module, ``w = |g1| / (|g1| + |g2|)`` from the pre-graft scales, then for each channel j in order the
+    *whole* weight, bias, running variance and running mean become ``t * w_j + p * (1 - w_j)``, with
+    ``w_j`` a 0-dim float32 tensor; then the convs (:func:`_published_vgg_conv_blend`)."""
+    weights = []
+    for m1, m2 in zip(model.modules(), peer.modules()):
+        if isinstance(m1, nn.BatchNorm2d):
+            weights.append(m1.weight.abs() / (m1.weight.abs() + m2.weight.abs()))
+            for wj in weights[-1]:
+                for part in BN_PARTS:
+                    t1, t2 = getattr(m1, part), getattr(m2, part)
+                    t1.copy_(t1.clone() * wj + t2.clone() * (1 - wj))
+    _published_vgg_conv_blend(model, peer, weights)
+
+
+def _published_vgg_conv_blend(model: nn.Module, peer: nn.Module, weights: list[torch.Tensor]) -> None:
+    """The published conv loop of filter-level grafting: conv i (module order) has its input slice j blended
+    with the previous BatchNorm's ``w_j``, then its filter j with its own BatchNorm's ``w_j``."""
     convs = [(m1, m2) for m1, m2 in zip(model.modules(), peer.modules()) if isinstance(m1, nn.Conv2d)]
     for i, (m1, m2) in enumerate(convs):
         if i:

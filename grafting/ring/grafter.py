@@ -41,6 +41,7 @@ from grafting.method.ablation import average_into_, check_source, internal_graft
 from grafting.method.graft import (
     FilterRecord,
     LayerRecord,
+    check_bn_blend,
     check_criterion,
     check_peer_state,
     check_rule,
@@ -129,6 +130,7 @@ def check_grafting(
     source: str,
     invalid_threshold: float,
     peer_timeout: float | None,
+    bn_blend: str = "per-channel",
 ) -> None:
     """Raise :class:`UsageError` for the first impossible grafting setting (the one check both the
     :class:`Grafter` and the training scripts' configuration use)."""
@@ -138,6 +140,9 @@ def check_grafting(
         raise UsageError(f"unknown grafting level '{level}' (--level); choose one of: {', '.join(LEVELS)}")
     check_rule(rule)
     check_criterion(criterion)
+    check_bn_blend(bn_blend)
+    if bn_blend != "per-channel" and level != "filter":
+        raise UsageError(f"--filter-bn-blend {bn_blend} only applies with --level filter")
     check_source(source)
     if not 0 <= invalid_threshold < math.inf:
         raise UsageError(f"--invalid-threshold must be >= 0 and finite, got {invalid_threshold}")
@@ -157,6 +162,8 @@ class Grafter:
         level: ``"layer"`` (entropy-weighted per layer) or ``"filter"`` (per channel by BN scale).
         rule: ``"name"`` (published key rule) or ``"module"`` (by module type), for layer level.
         criterion: ``"entropy"`` or ``"l1"``.
+        bn_blend: how filter level blends a BatchNorm: ``"per-channel"`` or ``"repeated-whole"`` (the
+            published loop); see :func:`grafting.method.graft.graft_filters`.
         source: ``"external"`` (the method: the ring predecessor's weights), ``"internal"`` or
             ``"noise"`` (the network's own invalid filters, no exchange), ``"average"`` (plain mean of
             all ``num`` networks); docs/METHOD.md §9.
@@ -188,6 +195,7 @@ class Grafter:
         keep_all: bool = False,
         meta: Mapping[str, Any] | None = None,
         ring: str | None = None,
+        bn_blend: str = "per-channel",
     ) -> None:
         check_grafting(
             net=net,
@@ -200,8 +208,10 @@ class Grafter:
             source=source,
             invalid_threshold=invalid_threshold,
             peer_timeout=peer_timeout,
+            bn_blend=bn_blend,
         )
         self.net, self.num = net, num
+        self.bn_blend = bn_blend
         self.a, self.c, self.level, self.rule, self.criterion = a, c, level, rule, criterion
         self.source, self.invalid_threshold = source, invalid_threshold
         self.peer_timeout = peer_timeout
@@ -218,6 +228,7 @@ class Grafter:
             "criterion": criterion,
             "source": source,
             "invalid_threshold": invalid_threshold,
+            "bn_blend": bn_blend,
             **dict(meta or {}),
             "net": net,
         }
@@ -358,7 +369,7 @@ class Grafter:
                 module, peer_state, a=self.a, c=self.c, rule=self.rule, criterion=self.criterion
             )
         else:
-            report.layers = graft_filters(module, peer_state)
+            report.layers = graft_filters(module, peer_state, bn_blend=self.bn_blend)
         report.peer_state = peer_state
         return start
 

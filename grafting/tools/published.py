@@ -131,8 +131,8 @@ def method_label(config: Mapping[str, Any]) -> str:
 
     ``baseline`` (one network); ``slr`` / ``dlr`` / ``cos`` (the schedule) for two networks of the CIFAR
     script, ``grafting`` (cosine, the paper's ImageNet recipe) with `` dlr`` and `` steplr`` when they
-    apply for the ImageNet script; ``filter`` before it for filter-level grafting and `` xN`` after it for
-    N != 2 networks;
+    apply for the ImageNet script; ``filter`` before it for filter-level grafting (`` repeated-whole``
+    after it for the published BatchNorm loop) and `` xN`` after it for N != 2 networks;
     ``noise``/``internal``/``average`` for the ablation sources; then `` a=.. c=..`` when they are
     not the defaults, the criterion when it is not entropy, and `` +distill <mode>`` with distillation.
     """
@@ -152,6 +152,8 @@ def method_label(config: Mapping[str, Any]) -> str:
             label = schedule
         if config.get("level") == "filter":
             label = f"filter {label}"
+            if config.get("filter_bn_blend", "per-channel") != "per-channel":
+                label += f" {config['filter_bn_blend']}"
         if num != 2:
             label += f" x{num}"
     if label != "baseline" and source == "external":

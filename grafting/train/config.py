@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from grafting.errors import UsageError
 from grafting.method.ablation import SOURCES
 from grafting.method.distill import DISTILL_MODES, check_distillation
-from grafting.method.graft import CRITERIA, RULES
+from grafting.method.graft import BN_BLENDS, CRITERIA, RULES
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C
 from grafting.ring.grafter import LEVELS, check_grafting
 
@@ -118,6 +118,17 @@ class RunConfig:
         peers=True,
         group="grafting",
         help="graft whole layers (entropy) or filters (BatchNorm scale, the VGG table)",
+    )
+    filter_bn_blend: str = setting(
+        "per-channel",
+        "--filter-bn-blend",
+        choices=BN_BLENDS,
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="--level filter: blend BatchNorm channel j with its own weight w_j (per-channel), or as the "
+        "published loop did, the whole BatchNorm once per channel in turn, which leaves each network its "
+        "peer's BatchNorm (repeated-whole)",
     )
     graft_rule: str | None = setting(
         None,
@@ -385,6 +396,7 @@ class RunConfig:
             source=self.source,
             invalid_threshold=self.invalid_threshold,
             peer_timeout=self.peer_timeout,
+            bn_blend=self.filter_bn_blend,
         )
         for name in ("lr", "epochs", "batch_size", "step_epochs"):
             _positive(getattr(self, name), self.flag_of(name))

@@ -109,6 +109,7 @@ def run_ring(
         source=config.source,
         invalid_threshold=config.invalid_threshold,
         peer_timeout=config.peer_timeout,
+        bn_blend=config.filter_bn_blend,
         keep_all=config.keep_all,
         meta=config.peer_settings(),
         ring=(saved or {}).get("ring"),
@@ -224,6 +225,8 @@ def _grafting_summary(config: RunConfig) -> str:
         text = f"plain averaging of {config.num} networks"
     else:
         text = f"{config.level} grafting, {config.graft_rule} rule, {config.criterion}"
+        if config.level == "filter":
+            text = f"filter grafting, {config.filter_bn_blend} BatchNorm blend"
     return text if config.distill == "none" else f"{text}, distillation from {config.distill}"
 
 
