@@ -212,3 +212,19 @@ class PublishedCifarResNet(nn.Module):
 def _published_init(module: nn.Module) -> None:
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.kaiming_normal_(module.weight)
+
+
+# --- the published ImageNet schedules (grafting_imagenet/baseline.py and grafting.py) -----------------------
+
+
+def published_imagenet_baseline_lr(lr0: float, epoch: int) -> float:
+    """baseline.py sets, before each epoch (counted from 0), ``lr0 * (0.1 ** (epoch // 30))``."""
+    return lr0 * (0.1 ** (epoch // 30))
+
+
+def published_imagenet_grafting_lr(lr0: float, epoch: int, i: int, iters: int, epochs: int, steplr: bool) -> float:
+    """grafting.py sets, before batch ``i`` of ``epoch`` (both from 0), the step value above with ``--steplr``,
+    else ``lr0 * (1 + np.cos(np.pi * (epoch * iters + i) / (epochs * iters))) / 2``."""
+    if steplr:
+        return lr0 * (0.1 ** (epoch // 30))
+    return float(lr0 * (1 + np.cos(np.pi * (epoch * iters + i) / (epochs * iters))) / 2)

@@ -2,22 +2,38 @@
 recipe written out in ``tests/published_code.py``, by ``torch.equal`` on whole state_dicts or schedules:
 
 - filter-level grafting with ``bn_blend="repeated-whole"``: the published VGG ``BN()`` loop;
+- ``scripts/imagenet.sh``: the baselines' step schedule and the grafting rings' cosine, per iteration, as
+  the published ImageNet scripts set them; one network on one process trains like the published
+  single-GPU loop (BatchNorm over the whole batch); SyncBatchNorm when a network has several GPUs;
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from pathlib import Path
 
 import pytest
 import torch
-from published_code import BN_PARTS, published_vgg_filter_graft
+from published_code import (
+    BN_PARTS,
+    published_imagenet_baseline_lr,
+    published_imagenet_grafting_lr,
+    published_vgg_filter_graft,
+)
+from test_scripts import dry_commands, training
 from torch import nn
 
 from grafting.archs import cifar_models as models
+from grafting.distributed import Processes, sync_batchnorm
 from grafting.errors import UsageError
 from grafting.method.graft import graft_filters
 from grafting.ring.grafter import Grafter
+from grafting.train.imagenet_models import create_model
+from grafting.train.loop import train_one_epoch
+from grafting.train.schedule import make_optimizer
 from grafting_cifar.train import parse_args as parse_cifar_args
+from grafting_imagenet.train import parse_args as parse_imagenet_args
 
 torch.set_num_threads(2)
 
@@ -32,7 +48,13 @@ def _differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[s
 
 
 def _vgg16_pair() -> tuple[nn.Module, nn.Module]:
-    """Two CIFAR VGG-16s from different seeds, their BatchNorms given random scales, shifts and statistics."""
+    """Two CIFAR VGG-16s from different seeds, their BatchNorms given random scales, shifts and statistics
+    (private copies: a test may graft them)."""
+    return copy.deepcopy(_vgg16_pair_once())
+
+
+@functools.cache
+def _vgg16_pair_once() -> tuple[nn.Module, nn.Module]:
     pair = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -113,3 +135,100 @@ def test_the_grafter_blends_batchnorms_as_configured(tmp_path) -> None:
         report = first.step(own, 1)
     assert report.grafted and report.peer == 2
     assert _differing(own.state_dict(), expected.state_dict()) == []
+
+
+# --- ImageNet: the published schedules and the per-network layout -------------------------------------------
+
+
+def _lr_per_iteration(config, iters_per_epoch: int) -> torch.Tensor:
+    """The learning rate each iteration of the whole run trains with, by the project's optimizer and schedule."""
+    optimizer, scheduler = make_optimizer(nn.Linear(1, 1), config, iters_per_epoch)
+    lrs = []
+    for _ in range(config.epochs * iters_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return torch.tensor(lrs, dtype=torch.float64)
+
+
+@pytest.mark.e2e  # runs scripts/imagenet.sh with DRY=1
+def test_imagenet_script_rows_follow_the_published_schedules(tmp_path) -> None:
+    _, commands = dry_commands("imagenet.sh", tmp_path, GPUS="0,1", ARCHS="resnet18")
+    rows = training(commands)
+    assert {Path(args.s).name for _, args in rows} == {"resnet18_baseline", "resnet18_grafting"}
+    iters = 7
+    for command, args in rows:
+        assert command.launcher == [] and not args.sync_bn, "one GPU per network, as published"
+        baseline = args.num == 1
+        assert args.steplr == baseline and args.cos == (not baseline)
+        epochs = range(args.epochs)
+        if baseline:
+            expected = [published_imagenet_baseline_lr(args.lr, e) for e in epochs for _ in range(iters)]
+        else:
+            expected = [
+                published_imagenet_grafting_lr(args.lr, e, i, iters, args.epochs, steplr=False)
+                for e in epochs
+                for i in range(iters)
+            ]
+        assert torch.equal(_lr_per_iteration(args, iters), torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.e2e  # runs scripts/imagenet.sh with DRY=1
+@pytest.mark.parametrize("sync", ["1", "0"])
+def test_imagenet_networks_on_several_gpus_sync_their_batchnorms(tmp_path, sync: str) -> None:
+    _, commands = dry_commands(
+        "imagenet.sh", tmp_path, GPUS="0,1,2,3", GPUS_PER_NET="2", ARCHS="resnet18", SYNC_BN=sync
+    )
+    rows = training(commands)
+    assert len(rows) == 3
+    for command, args in rows:
+        assert command.launcher[-3:] == ["--nproc_per_node", "2", "--"]
+        assert args.sync_bn == (sync == "1")
+
+
+def test_one_process_per_network_trains_like_the_published_single_gpu_loop() -> None:
+    """The baseline row's network, trained by the project's loop, optimizer and schedule in one process
+    (BatchNorm over the whole batch), equals the published baseline.py loop on the same batches."""
+    config = parse_imagenet_args(["--steplr", "--epochs", "90", "-b", "4"])
+    torch.manual_seed(5)
+    ours = create_model("resnet18", num_classes=10)
+    theirs = copy.deepcopy(ours)
+    generator = torch.Generator().manual_seed(6)
+    batches = [
+        (torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 10, (4,), generator=generator))
+        for _ in range(2)
+    ]
+
+    optimizer, scheduler = make_optimizer(ours, config, len(batches))
+    train_one_epoch(ours, batches, optimizer, scheduler, epoch=1, print_freq=0)
+
+    sgd = torch.optim.SGD(theirs.parameters(), config.lr, momentum=0.9, weight_decay=1e-4)
+    theirs.train()
+    for group in sgd.param_groups:
+        group["lr"] = published_imagenet_baseline_lr(config.lr, 0)
+    for images, target in batches:
+        loss = nn.CrossEntropyLoss()(theirs(images), target)
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    assert _differing(ours.state_dict(), theirs.state_dict()) == []
+
+
+def test_sync_bn_converts_every_batchnorm_of_a_network_on_several_gpus() -> None:
+    model = create_model("resnet18", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    several = Processes(rank=0, local_rank=0, world_size=2)
+    synced = sync_batchnorm(model, several, torch.device("cuda"), enabled=True)
+    assert not any(type(m) is nn.BatchNorm2d for m in synced.modules())
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 20
+    assert _differing(synced.state_dict(), before) == [], "the checkpoints and the grafting see the same entries"
+    # One process already holds the whole batch; without the flag each GPU normalises its own share.
+    assert sync_batchnorm(model, Processes(), torch.device("cuda"), enabled=True) is model
+    assert sync_batchnorm(model, several, torch.device("cuda"), enabled=False) is model
+
+
+def test_sync_bn_on_cpu_processes_is_a_usage_error() -> None:
+    several = Processes(rank=0, local_rank=0, world_size=2)
+    with pytest.raises(UsageError, match="--sync-bn needs GPUs"):
+        sync_batchnorm(nn.BatchNorm2d(3), several, torch.device("cpu"), enabled=True)
+    assert parse_imagenet_args(["--sync-bn"]).sync_bn and not parse_imagenet_args([]).sync_bn

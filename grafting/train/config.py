@@ -596,6 +596,14 @@ class ImagenetConfig(RunConfig):
         help="use cuda:N (same as --device cuda:N; default: see --device)",
     )
     world_size: int = setting(1, resume="fixed", help="processes (GPUs) training this network under torchrun")
+    sync_bn: bool = setting(
+        False,
+        "--sync-bn",
+        action="store_true",
+        resume="fixed",
+        help="under torchrun: BatchNorm statistics over the network's whole batch (SyncBatchNorm), as on one "
+        "GPU (the published runs); default: each GPU's share, running statistics from rank 0",
+    )
 
     # -j when not given: PyTorch's ImageNet example's 4, capped by the cores.
     DEFAULT_WORKERS: ClassVar[int] = 4

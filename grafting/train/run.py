@@ -21,7 +21,7 @@ from grafting.train.config import RunConfig
 from grafting.train.files import ResumeState, load_last, prepare_run_files, read_saved_config, save_last
 from grafting.train.loop import fit
 from grafting.train.report import RunReporter
-from grafting.train.schedule import dlr_factor, make_scheduler
+from grafting.train.schedule import make_optimizer
 from grafting.train.signals import StopRequested
 
 __all__ = ["amp_dtype_for", "run_ring", "share_resumed_state"]
@@ -70,15 +70,8 @@ def run_ring(
     ``build_model(name, num_classes)`` constructs a --teacher-model.
     """
     device = next(model.parameters()).device
-    lr = config.lr * (dlr_factor(config.i, config.num) if config.difflr else 1.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = make_scheduler(
-        optimizer,
-        cosine=config.cos,
-        epochs=config.epochs,
-        iters_per_epoch=len(train_loader),
-        step_epochs=config.step_epochs,
-    )
+    optimizer, scheduler = make_optimizer(model, config, len(train_loader))
+    lr = optimizer.param_groups[0]["initial_lr"]  # network i's initial lr (dlr), before any schedule step
     amp_dtype = amp_dtype_for(device, config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log.info(
