@@ -228,3 +228,34 @@ def published_imagenet_grafting_lr(lr0: float, epoch: int, i: int, iters: int, e
     if steplr:
         return lr0 * (0.1 ** (epoch // 30))
     return float(lr0 * (1 + np.cos(np.pi * (epoch * iters + i) / (epochs * iters))) / 2)
+
+
+# --- the published distillation script (early commit, grafting_cifar/distillation.py) ----------------------
+
+
+def published_distillation_epoch(
+    net: nn.Module,
+    teachers: list[nn.Module],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    lr0: float,
+    epoch: int,
+    temperature: float = 2,
+) -> None:
+    """One epoch of the published distillation loop (``epoch`` from 0): per batch the lr is set to
+    ``lr0 * 0.1 ** (epoch // 60)``, the loss is cross-entropy plus ``T * T`` times the batch mean of
+    ``sum_k -log_softmax(z / T)_k * softmax(z_t)_k``, where ``z_t`` is the mean over the teachers (in eval
+    mode, not detached) of their logits, stacked and averaged along a new first dimension; then SGD. The
+    student is not grafted."""
+    net.train()
+    for images, targets in batches:
+        for group in optimizer.param_groups:
+            group["lr"] = lr0 * 0.1 ** (epoch // 60)
+        optimizer.zero_grad()
+        outputs = net(images)
+        loss = nn.CrossEntropyLoss()(outputs, targets)
+        teacher_logits = torch.mean(torch.cat([t(images).unsqueeze(0) for t in teachers]), 0).squeeze()
+        soft = (-F.log_softmax(outputs / temperature, 1) * F.softmax(teacher_logits, 1)).sum(dim=1)
+        loss += soft.mean() * temperature * temperature
+        loss.backward()
+        optimizer.step()

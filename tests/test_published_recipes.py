@@ -5,6 +5,7 @@ recipe written out in ``tests/published_code.py``, by ``torch.equal`` on whole s
 - ``scripts/imagenet.sh``: the baselines' step schedule and the grafting rings' cosine, per iteration, as
   the published ImageNet scripts set them; one network on one process trains like the published
   single-GPU loop (BatchNorm over the whole batch); SyncBatchNorm when a network has several GPUs;
+- ``scripts/cifar_cultivation.sh``'s ``authors`` variant: the published distillation script;
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 from published_code import (
     BN_PARTS,
+    published_distillation_epoch,
     published_imagenet_baseline_lr,
     published_imagenet_grafting_lr,
     published_vgg_filter_graft,
@@ -27,10 +29,11 @@ from torch import nn
 from grafting.archs import cifar_models as models
 from grafting.distributed import Processes, sync_batchnorm
 from grafting.errors import UsageError
+from grafting.method.distill import make_distiller
 from grafting.method.graft import graft_filters
 from grafting.ring.grafter import Grafter
 from grafting.train.imagenet_models import create_model
-from grafting.train.loop import train_one_epoch
+from grafting.train.loop import cross_entropy, train_one_epoch
 from grafting.train.schedule import make_optimizer
 from grafting_cifar.train import parse_args as parse_cifar_args
 from grafting_imagenet.train import parse_args as parse_imagenet_args
@@ -232,3 +235,59 @@ def test_sync_bn_on_cpu_processes_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="--sync-bn needs GPUs"):
         sync_batchnorm(nn.BatchNorm2d(3), several, torch.device("cpu"), enabled=True)
     assert parse_imagenet_args(["--sync-bn"]).sync_bn and not parse_imagenet_args([]).sync_bn
+
+
+# --- cultivation: the authors' distillation variant ---------------------------------------------------------
+
+
+@pytest.mark.e2e  # runs scripts/cifar_cultivation.sh with DRY=1
+def test_authors_cultivation_variant_trains_like_the_published_distillation_script(tmp_path) -> None:
+    """The 'authors' row of scripts/cifar_cultivation.sh is one network, not grafted, distilling from one
+    teacher checkpoint with the published loss, temperature and schedule: a few steps of it equal the
+    published distillation loop on the same batches, whole state_dict."""
+    teachers = tmp_path / "teachers"
+    _, commands = dry_commands(
+        "cifar_cultivation.sh",
+        tmp_path,
+        GPUS="0",
+        MODELS="resnet20",
+        DATASETS="10",
+        VARIANTS="authors",
+        TEACHER_RUNS=str(teachers),
+    )
+    [(_, config)] = training(commands)
+    assert (config.num, config.distill, config.kd_temperature, config.kd_weight) == (1, "teacher", 2.0, 1.0)
+    assert not config.kd_soften_teacher and not config.cos and not config.difflr
+    assert (config.lr, config.step_epochs, config.epochs, config.weight_decay) == (0.1, 60, 200, 5e-4)
+    assert config.teacher == [str(teachers / "resnet20_c10_baseline" / "net1" / "best.pt")]
+
+    torch.manual_seed(7)
+    teacher = models.create("resnet20", num_classes=10)
+    Path(config.teacher[0]).parent.mkdir(parents=True)
+    torch.save({"model": teacher.state_dict()}, config.teacher[0])
+    torch.manual_seed(8)
+    student = models.create("resnet20", num_classes=10)
+    published = copy.deepcopy(student)
+    generator = torch.Generator().manual_seed(9)
+    batches = [
+        (torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 10, (8,), generator=generator))
+        for _ in range(3)
+    ]
+
+    distiller = make_distiller(
+        config.distill,
+        student,
+        teachers=config.teacher,
+        teacher_model=config.model,
+        num_classes=10,
+        build_model=lambda name, classes: models.create(name, num_classes=classes),
+        temperature=config.kd_temperature,
+        weight=config.kd_weight,
+        soften_teacher=config.kd_soften_teacher,
+    )
+    optimizer, scheduler = make_optimizer(student, config, len(batches))
+    train_one_epoch(student, batches, optimizer, scheduler, epoch=1, criterion=distiller.criterion(cross_entropy))
+
+    sgd = torch.optim.SGD(published.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    published_distillation_epoch(published, [teacher.eval()], batches, sgd, lr0=0.1, epoch=0)
+    assert _differing(student.state_dict(), published.state_dict()) == []
