@@ -259,3 +259,15 @@ def published_distillation_epoch(
         loss += soft.mean() * temperature * temperature
         loss.backward()
         optimizer.step()
+
+
+# --- the published invalid-filter count (grafting_cifar/filter_comparison.py) -------------------------------
+
+
+def published_invalid_filters(state_dict: Mapping[str, torch.Tensor], threshold: float) -> tuple[int, int]:
+    """(invalid, total): the l1 norms of the rows of every entry whose key contains ``conv``, each flattened
+    to one row per filter, concatenated; invalid are those below ``threshold``, summed as float64."""
+    norm = torch.cat(
+        [torch.norm(v.reshape(v.shape[0], -1), p=1, dim=1) for key, v in state_dict.items() if "conv" in key]
+    )
+    return int(sum((norm < threshold).double())), len(norm)

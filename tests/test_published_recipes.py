@@ -6,12 +6,15 @@ recipe written out in ``tests/published_code.py``, by ``torch.equal`` on whole s
   the published ImageNet scripts set them; one network on one process trains like the published
   single-GPU loop (BatchNorm over the whole batch); SyncBatchNorm when a network has several GPUs;
 - ``scripts/cifar_cultivation.sh``'s ``authors`` variant: the published distillation script;
+- ``graft-filters --checkpoint published``: the checkpoints the published invalid-filter table counted,
+  counted as the published comparison script did;
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from published_code import (
     published_distillation_epoch,
     published_imagenet_baseline_lr,
     published_imagenet_grafting_lr,
+    published_invalid_filters,
     published_vgg_filter_graft,
 )
 from test_scripts import dry_commands, training
@@ -32,6 +36,7 @@ from grafting.errors import UsageError
 from grafting.method.distill import make_distiller
 from grafting.method.graft import graft_filters
 from grafting.ring.grafter import Grafter
+from grafting.tools import filters as filters_tool
 from grafting.train.imagenet_models import create_model
 from grafting.train.loop import cross_entropy, train_one_epoch
 from grafting.train.schedule import make_optimizer
@@ -291,3 +296,69 @@ def test_authors_cultivation_variant_trains_like_the_published_distillation_scri
     sgd = torch.optim.SGD(published.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     published_distillation_epoch(published, [teacher.eval()], batches, sgd, lr0=0.1, epoch=0)
     assert _differing(student.state_dict(), published.state_dict()) == []
+
+
+# --- the invalid-filter table: what the authors counted -----------------------------------------------------
+
+
+def _resnet32_state(seed: int, weak: int) -> dict[str, torch.Tensor]:
+    """ResNet-32 weights with ``weak`` filters scaled to l1 norms between 0.001 and 0.2 (some invalid at 0.1,
+    fewer at 0.01)."""
+    torch.manual_seed(seed)
+    state = models.create("resnet32").state_dict()
+    keys = [k for k in state if "conv" in k]
+    for n in range(weak):
+        filt = state[keys[n % len(keys)]][n // len(keys)]
+        filt.mul_((0.001 + 0.2 * n / weak) / float(filt.abs().sum()))
+    return state
+
+
+def _write_run(folder: Path, num: int, epochs: int, done: int, best: dict, last: dict) -> None:
+    """A run folder as training leaves it: every network's config.json and metrics.jsonl (``done`` epochs),
+    network 1's best.pt and last.pt."""
+    for net in range(1, num + 1):
+        (folder / f"net{net}").mkdir(parents=True)
+        config = {"model": "resnet32", "dataset": "cifar10", "num": num, "i": net, "epochs": epochs}
+        (folder / f"net{net}" / "config.json").write_text(json.dumps(config))
+        lines = [json.dumps({"epoch": e, "epochs": epochs, "test_acc": 50.0 + e}) for e in range(1, done + 1)]
+        (folder / f"net{net}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    torch.save({"model": best, "epoch": 1, "acc": 51.0}, folder / "net1" / "best.pt")
+    torch.save({"model": last, "epoch": done}, folder / "net1" / "last.pt")
+
+
+def test_published_checkpoints_are_what_the_authors_counted(tmp_path, capsys) -> None:
+    """``--checkpoint published``: the baseline's best.pt against the grafting run's network 1 of the final
+    epoch (the published filter_comparison.sh: baseline best.t7 against ckpt1_199.t7), counted as the
+    published filter_comparison.py counts; the default compares the two best.pt, as before."""
+    states = {
+        name: _resnet32_state(seed, weak)
+        for name, seed, weak in [("bb", 1, 40), ("bl", 2, 30), ("gb", 3, 20), ("gl", 4, 10)]
+    }
+    _write_run(tmp_path / "base", 1, 3, 3, states["bb"], states["bl"])
+    _write_run(tmp_path / "graft", 2, 3, 3, states["gb"], states["gl"])
+    entries = [f"baseline={tmp_path / 'base'}", f"grafting={tmp_path / 'graft'}"]
+    thresholds = [0.1, 0.01]
+
+    published = filters_tool.count_filters(entries, thresholds, "published")
+    assert [row.name for row in published] == ["baseline (net1/best.pt)", "grafting (net1/last.pt)"]
+    for row, state in zip(published, (states["bb"], states["gl"])):
+        assert row.counts == {t: published_invalid_filters(state, t) for t in thresholds}
+    current = filters_tool.count_filters(entries, thresholds)
+    for row, state in zip(current, (states["bb"], states["gb"])):
+        assert row.counts == {t: published_invalid_filters(state, t) for t in thresholds}
+    assert published[1].counts != current[1].counts
+
+    filters_tool.main([*entries, "--checkpoint", "published", "--model", "resnet32"])
+    out = capsys.readouterr().out
+    assert f"| grafting (net1/last.pt) | {'/'.join(map(str, published_invalid_filters(states['gl'], 0.1)))} |" in out
+
+
+def test_published_checkpoints_need_a_finished_grafting_run(tmp_path) -> None:
+    state = _resnet32_state(1, 5)
+    _write_run(tmp_path / "graft", 2, 3, 2, state, state)
+    with pytest.raises(
+        UsageError, match=r"this run is failed 2/3; let it finish, or count its latest weights with --checkpoint last"
+    ):
+        filters_tool.count_filters([str(tmp_path / "graft")], [0.1], "published")
+    [row] = filters_tool.count_filters([str(tmp_path / "graft")], [0.1], "last")  # the advice, followed
+    assert row.name.endswith("(net1/last.pt)")
