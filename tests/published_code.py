@@ -155,6 +155,22 @@ def published_noise(model: nn.Module, epoch: int, threshold: float = 0.1) -> Non
                     u[j] += torch.randn_like(u[j]) * 0.975**epoch
 
 
+@torch.no_grad()
+def published_grafting_filter(
+    model: nn.Module, peers: list[Mapping[str, torch.Tensor]], threshold: float = 0.1
+) -> None:
+    """The early code's ``grafting_filter``: per key containing ``conv``, filter by filter, when the entropy of
+    ``u[j]`` is below the threshold, ``u[j] += peers[k][key][j]`` with ``k`` numpy's argmax (the first of equal
+    maxima) of the peers' entropies of their filter j; ``peers`` in the published order, from the
+    successor on. Correction: a constant filter has entropy 0 (:func:`published_entropy`)."""
+    for key, u in model.state_dict().items():
+        if "conv" in key:
+            for j, v in enumerate(u):
+                if published_entropy(v) < threshold:
+                    k = np.argmax([published_entropy(peer[key][j]) for peer in peers])
+                    u[j] += peers[k][key][j]
+
+
 # --- the published CIFAR ResNet (grafting_cifar/models/resnet.py and resnet_leaky.py) --------------------
 
 

@@ -37,6 +37,7 @@ from grafting.method.distill import make_distiller
 from grafting.method.graft import graft_filters
 from grafting.ring.grafter import Grafter
 from grafting.tools import filters as filters_tool
+from grafting.tools.published import method_label
 from grafting.train.imagenet_models import create_model
 from grafting.train.loop import cross_entropy, train_one_epoch
 from grafting.train.schedule import make_optimizer
@@ -362,3 +363,10 @@ def test_published_checkpoints_need_a_finished_grafting_run(tmp_path) -> None:
         filters_tool.count_filters([str(tmp_path / "graft")], [0.1], "published")
     [row] = filters_tool.count_filters([str(tmp_path / "graft")], [0.1], "last")  # the advice, followed
     assert row.name.endswith("(net1/last.pt)")
+
+
+def test_runs_with_the_published_bn_loop_have_their_own_label() -> None:
+    assert method_label({"num": 2, "level": "filter"}) == "filter slr"
+    assert (
+        method_label({"num": 2, "level": "filter", "filter_bn_blend": "repeated-whole"}) == "filter slr repeated-whole"
+    )

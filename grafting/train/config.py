@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from grafting.errors import UsageError
-from grafting.method.ablation import SOURCES
+from grafting.method.ablation import EXCHANGING_SOURCES, SOURCES
 from grafting.method.distill import DISTILL_MODES, check_distillation
 from grafting.method.graft import BN_BLENDS, CRITERIA, RULES
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C
@@ -160,7 +160,8 @@ class RunConfig:
         help="where new weights come from after each epoch: 'external' = the ring predecessor "
         "(the method); ablations: 'internal' = the layer's own strong filters, 'noise' = "
         "Gaussian noise on invalid filters (both need no peers), 'average' = plain mean "
-        "of all --num networks",
+        "of all --num networks, 'filter-entropy' = each filter whose entropy is below "
+        "--invalid-threshold gets the other networks' highest-entropy one added",
     )
     invalid_threshold: float = setting(
         0.1,
@@ -171,7 +172,7 @@ class RunConfig:
         peers=True,
         group="grafting",
         help="a filter is invalid when its l1 norm is below this (internal and "
-        "noise grafting, the invalid-filter counts)",
+        "noise grafting); with --graft-source filter-entropy, when its entropy is (as published)",
     )
     peer_timeout: float | None = setting(
         None,
@@ -420,7 +421,7 @@ class RunConfig:
             raise UsageError("--teacher and --teacher-model only apply with --distill teacher")
         if self.distill == "peers" and self.num < 2:
             raise UsageError("--distill peers needs --num 2 or more (the ring predecessor is the teacher)")
-        if self.distill == "peers" and self.source not in ("external", "average"):
+        if self.distill == "peers" and self.source not in EXCHANGING_SOURCES:
             raise UsageError(f"--distill peers needs an exchange; --graft-source {self.source} reads no peer weights")
 
     def check_resume(self, saved: Mapping[str, Any], source: str) -> None:

@@ -216,6 +216,8 @@ def _grafting_summary(config: RunConfig) -> str:
         text = "no grafting (baseline)"
     elif config.source == "average":
         text = f"plain averaging of {config.num} networks"
+    elif config.source == "filter-entropy":
+        text = f"per-filter entropy grafting (entropy < {config.invalid_threshold:g}) from {config.num - 1} networks"
     else:
         text = f"{config.level} grafting, {config.graft_rule} rule, {config.criterion}"
         if config.level == "filter":
