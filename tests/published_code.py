@@ -1,11 +1,13 @@
-"""The authors' published computations, restated for the tests (docs/METHOD.md §2-§4 and §9).
+"""The authors' published computations, restated for the tests (docs/METHOD.md §2-§4, §6-§9).
 
 Each function walks the published loop step by step with the published arithmetic: 0-dim float32
 tensors for the entropy, numpy for the coefficient, ``u * w + v * (1 - w)`` per tensor and
 ``load_state_dict`` for blending (which truncates a float32 counter into its int64 buffer), one
-``randn`` per invalid filter from the global generator for noise, the in-place ``inside`` loop. They
-are slow on purpose and exist only so that the project's vectorised code can be compared with them
-by ``torch.equal``. Where the project corrects the published code (constant tensors, per-channel
+``randn`` per invalid filter from the global generator for noise, the in-place ``inside`` loop, the VGG
+script's filter-level ``BN`` loop, the early code's ``grafting_filter``, the CIFAR ResNet definition,
+the ImageNet learning rates, the early distillation loop and the invalid-filter count. They are slow on
+purpose and exist only so that the project's vectorised code can be compared with them by
+``torch.equal``. Where the project corrects the published code (constant tensors, per-channel
 BatchNorm blending at filter level), the correction is named in the docstring.
 """
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICES
 from published_code import (
     BN_PARTS,
     published_distillation_epoch,
@@ -81,8 +82,9 @@ def _vgg16_pair_once() -> tuple[nn.Module, nn.Module]:
     return pair[0], pair[1]
 
 
-def test_repeated_whole_bn_blend_is_the_published_vgg_loop_bit_for_bit() -> None:
-    own, peer = _vgg16_pair()
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_whole_bn_blend_is_the_published_vgg_loop_bit_for_bit(device: str) -> None:
+    own, peer = (model.to(device) for model in _vgg16_pair())
     expected = copy.deepcopy(own)
     published_vgg_filter_graft(expected, peer)
     graft_filters(own, peer.state_dict(), bn_blend="repeated-whole")
