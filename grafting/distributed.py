@@ -1,6 +1,7 @@
 """Several processes (torchrun, DistributedDataParallel) training ONE network: where this process
-sits, its device, and handing rank 0's objects to the other ranks. Rank 0 alone talks to the
-shared folder; everything the others need comes from it through these broadcasts."""
+sits, its device, handing rank 0's objects to the other ranks, and BatchNorm statistics over the
+network's whole batch (SyncBatchNorm). Rank 0 alone talks to the shared folder; everything the others
+need comes from it through these broadcasts."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
+from torch import nn
 
 from grafting.errors import UsageError
 
-__all__ = ["Processes", "per_process", "is_distributed", "broadcast_from_main"]
+__all__ = ["Processes", "per_process", "is_distributed", "broadcast_from_main", "check_sync_bn", "sync_batchnorm"]
 
 T = TypeVar("T")
 
@@ -82,3 +84,24 @@ def per_process(total: int, procs: Processes, flag: str) -> int:
             f"{procs.world_size} processes of this torchrun"
         )
     return total // procs.world_size
+
+
+def check_sync_bn(enabled: bool, procs: Processes, device: torch.device) -> None:
+    """Raise :class:`UsageError` when ``--sync-bn`` cannot work: several processes on the CPU (PyTorch's
+    SyncBatchNorm synchronises GPU tensors only)."""
+    if enabled and procs.distributed and device.type != "cuda":
+        raise UsageError(
+            f"--sync-bn needs GPUs: SyncBatchNorm does not run on {device.type} processes; leave --sync-bn "
+            f"out, or train this network in one process (without torchrun) for BatchNorm over its whole batch"
+        )
+
+
+def sync_batchnorm(model: nn.Module, procs: Processes, device: torch.device, enabled: bool) -> nn.Module:
+    """``model`` with every BatchNorm a SyncBatchNorm when ``enabled`` and several processes train it, so
+    that each computes its batch statistics (and running statistics) over the network's whole batch, as
+    one process holding the whole batch would; else ``model`` unchanged. The state_dict keeps its keys
+    and values. Call it before wrapping the model in DistributedDataParallel."""
+    check_sync_bn(enabled, procs, device)
+    if not (enabled and procs.distributed):
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

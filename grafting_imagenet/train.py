@@ -36,7 +36,7 @@ from grafting.checkpoint import load_state_dict_file, load_weights_into
 from grafting.data.fake import is_generated_stand_in, stand_in_description
 from grafting.data.imagenet import imagenet_loaders, imagenet_val_loader
 from grafting.data.loading import EpochLoader
-from grafting.distributed import Processes, broadcast_from_main, per_process
+from grafting.distributed import Processes, broadcast_from_main, check_sync_bn, per_process, sync_batchnorm
 from grafting.errors import CheckpointError, UsageError
 from grafting.method.graft import default_rule
 from grafting.ring.layout import CONFIG_NAME, NetworkFiles
@@ -239,7 +239,8 @@ def train(
 ) -> None:
     """Everything after process set-up: data, model, then run_ring (or :func:`evaluate_only` with -e, which
     needs ``given``: the fields the command line set)."""
-    # Fail on missing files before the data is read and anything is started.
+    # Fail on missing files and impossible settings before the data is read and anything is started.
+    check_sync_bn(config.sync_bn, procs, device)
     if config.pretrained:
         pretrained_weights(config.model)
     if config.evaluate:
@@ -263,6 +264,7 @@ def train(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     rule = config.graft_rule or default_rule(model)
+    model = sync_batchnorm(model, procs, device, config.sync_bn)
     if procs.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:

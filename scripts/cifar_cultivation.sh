@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Cultivation: grafting plus knowledge distillation (docs/METHOD.md §7), next to the plain grafting runs of
-# scripts/cifar_grafting.sh. Three variants per model and dataset, each a ring of NUM grafting networks:
+# scripts/cifar_grafting.sh. Four variants per model and dataset:
 #
-#   peers    each network also distils from its ring predecessor's weights of the latest exchange
-#            (textbook KL, T = KD_T, lambda = KD_WEIGHT); dlr recipe, like the best grafting rows.
-#   teacher  each network distils from a trained teacher: by default the baseline of the same model from
-#            scripts/cifar_baselines.sh (TEACHER_RUNS/<model>_c<cifar>_baseline/net1/best.pt); dlr recipe.
-#   authors  the authors' own distillation script: the teacher is the mean logits of the grafted networks of a
-#            finished grafting run (GRAFTED_RUNS/<model>_c<cifar>_dlr/net*/best.pt), T = 2, only the student
-#            softened (--no-kd-soften-teacher), lr x0.1 every 60 epochs (the slr recipe).
+#   peers             a ring of NUM grafting networks, each also distilling from its ring predecessor's weights of
+#                     the latest exchange (textbook KL, T = KD_T, lambda = KD_WEIGHT); dlr, like the best grafting rows.
+#   teacher           a ring of NUM grafting networks, each distilling from a trained teacher: the baseline of the
+#                     same model from scripts/cifar_baselines.sh (TEACHER_RUNS/<model>_c<cifar>_baseline/net1/best.pt);
+#                     dlr recipe.
+#   authors           the authors' own distillation script: ONE network, no grafting, distilling from one trained
+#                     teacher of its architecture (the same baseline best.pt; theirs was epoch 149 of an earlier run),
+#                     T = 2, only the student softened (--no-kd-soften-teacher), lr 0.1 x0.1 every 60 epochs.
+#   grafted-teachers  a ring of NUM grafting networks (slr) distilling, in the authors' form (T = 2, student softened
+#                     only), from the mean logits of the grafted networks of a finished grafting run
+#                     (GRAFTED_RUNS/<model>_c<cifar>_dlr/net*/best.pt).
 #
 #   scripts/cifar_cultivation.sh                      every variant for every model and dataset, queued
 #   DRY=1 scripts/cifar_cultivation.sh                print the commands, run nothing
 #   LAUNCHER=slurm PARTITION=gpu scripts/cifar_cultivation.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1 MODELS=resnet56 DATASETS=100 VARIANTS=peers scripts/cifar_cultivation.sh
 #
-# 'teacher' and 'authors' need their teachers' checkpoints: run scripts/cifar_baselines.sh and
+# 'teacher', 'authors' and 'grafted-teachers' need their teachers' checkpoints: run scripts/cifar_baselines.sh and
 # scripts/cifar_grafting.sh first (with the same OUT layout); a variant whose teacher is missing is skipped with
 # a note in $OUT/queue.log. Queue and GPUs as in the other scripts (one GPU per network, rings queued; a
 # distilling network also runs its teacher's forward pass, about +30% time). Rerunning needs EXTRA=--resume.
@@ -32,22 +36,22 @@ OUT="${OUT:-runs/cifar_cultivation}"
 EPOCHS="${EPOCHS:-200}"
 MODELS="${MODELS:-resnet32 resnet56 resnet110 mobilenetv2}"
 DATASETS="${DATASETS:-10 100}"
-VARIANTS="${VARIANTS:-peers teacher authors}"
+VARIANTS="${VARIANTS:-peers teacher authors grafted-teachers}"
 NUM="${NUM:-2}"                                         # networks per ring
 KD_T="${KD_T:-4}"                                       # temperature of the textbook variants
 KD_WEIGHT="${KD_WEIGHT:-1}"                             # lambda
-TEACHER_RUNS="${TEACHER_RUNS:-runs/cifar_baselines}"   # where the 'teacher' variant finds its teachers
-GRAFTED_RUNS="${GRAFTED_RUNS:-runs/cifar_grafting}"     # where the 'authors' variant finds its teachers
+TEACHER_RUNS="${TEACHER_RUNS:-runs/cifar_baselines}"   # where 'teacher' and 'authors' find their teachers
+GRAFTED_RUNS="${GRAFTED_RUNS:-runs/cifar_grafting}"     # where 'grafted-teachers' finds its teachers
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
-check_choices VARIANTS "$VARIANTS" peers teacher authors
+check_choices VARIANTS "$VARIANTS" peers teacher authors grafted-teachers
 check_cifar_data "$DATA" "$DATASETS"
 
 # teacher_flags VARIANT MODEL CIFAR: the --teacher flags of a variant, one word per line (empty when missing).
 teacher_flags() {
     local paths=() path net
-    if [[ "$1" == teacher ]]; then
+    if [[ "$1" == teacher || "$1" == authors ]]; then
         paths=("$(_abspath "$TEACHER_RUNS")/${2}_c${3}_baseline/net1/best.pt")
     else
         for (( net = 1; net <= NUM; net++ )); do
@@ -74,17 +78,22 @@ rings() {
                         launch_ring "$OUT/${model}_c${cifar}_dlr_kd_peers" "$NUM" -- "${common[@]}" $(recipe_flags dlr) \
                             --distill peers --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT"
                         ;;
-                    teacher|authors)
+                    teacher|authors|grafted-teachers)
                         mapfile -t teachers < <(teacher_flags "$variant" "$model" "$cifar")
                         (( ${#teachers[@]} > 0 )) || continue
+                        authors_form=(--distill teacher "${teachers[@]}" --kd-temperature 2 --kd-weight 1 --no-kd-soften-teacher)
                         if [[ "$variant" == teacher ]]; then
                             # shellcheck disable=SC2046
                             launch_ring "$OUT/${model}_c${cifar}_dlr_kd_teacher" "$NUM" -- "${common[@]}" $(recipe_flags dlr) \
                                 --distill teacher "${teachers[@]}" --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT"
+                        elif [[ "$variant" == authors ]]; then
+                            # shellcheck disable=SC2046
+                            launch_ring "$OUT/${model}_c${cifar}_slr_kd_authors" 1 -- "${common[@]}" $(recipe_flags slr) \
+                                "${authors_form[@]}"
                         else
                             # shellcheck disable=SC2046
-                            launch_ring "$OUT/${model}_c${cifar}_slr_kd_authors" "$NUM" -- "${common[@]}" $(recipe_flags slr) \
-                                --distill teacher "${teachers[@]}" --kd-temperature 2 --kd-weight 1 --no-kd-soften-teacher
+                            launch_ring "$OUT/${model}_c${cifar}_slr_kd_grafted" "$NUM" -- "${common[@]}" $(recipe_flags slr) \
+                                "${authors_form[@]}"
                         fi
                         ;;
                 esac

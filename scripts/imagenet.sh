@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # ImageNet: ResNet-18/34/50, baseline vs grafting with two networks. docs/METHOD.md §8, "ImageNet top-1 / top-5"
 # (6 runs: 3 baselines, 3 rings of 2 networks). torchvision architectures, batch 256 and lr 0.1 per network,
-# weight decay 1e-4, 90 epochs, cosine per iteration (RECIPE=step: x0.1 every 30 epochs).
+# weight decay 1e-4, 90 epochs. As published: the baselines x0.1 every 30 epochs (BASELINE_RECIPE), the grafting
+# rings cosine per iteration (RECIPE=step: x0.1 every 30 epochs).
 #
 #   scripts/imagenet.sh                               everything, queued in the background
 #   DRY=1 scripts/imagenet.sh                         print the commands, run nothing
 #   LAUNCHER=slurm PARTITION=gpu scripts/imagenet.sh  one Slurm job per ring (docs/slurm.md)
 #   GPUS=0,1,2,3 GPUS_PER_NET=2 ARCHS=resnet18 METHODS=grafting scripts/imagenet.sh
 #
-# GPUs: each network gets GPUS_PER_NET GPUs (torchrun, DistributedDataParallel; the batch is the network's
-# total, split over its GPUs). With the defaults, 8 GPUs hold one two-network ring or two baselines at a time,
-# and the runs are queued. DATA holds train/ and val/ class folders. Rerunning needs EXTRA=--resume.
+# GPUs: as published, each network trains on one GPU, its BatchNorms over the whole batch of 256. With
+# GPUS_PER_NET=K a network runs on K GPUs (torchrun, DistributedDataParallel; the batch is the network's total,
+# split over its GPUs) with SyncBatchNorm, so BatchNorm still sees the whole batch (SYNC_BN=0: each GPU's share,
+# faster, not the published statistics). The runs are queued. DATA holds train/ and val/ class folders.
+# Rerunning needs EXTRA=--resume.
 # Results: python scripts/summarize.py $OUT. Settings below can also be given in the environment.
 set -euo pipefail
 
@@ -19,13 +22,15 @@ LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on th
 TIME="${TIME:-24:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
 CPUS_PER_NET="${CPUS_PER_NET:-24}"                      # slurm: cores of each network (on each of its nodes)
 MEM_PER_NET="${MEM_PER_NET:-128G}"                      # slurm: memory of each network (on each of its nodes)
-GPUS_PER_NET="${GPUS_PER_NET:-4}"                       # GPUs per network
+GPUS_PER_NET="${GPUS_PER_NET:-1}"                       # GPUs per network (1: as published)
+SYNC_BN="${SYNC_BN:-1}"                                 # with GPUS_PER_NET > 1: 1 = BatchNorm over the whole batch
 DATA="${DATA:-imagenet}"                                # holds train/ and val/
 OUT="${OUT:-runs/imagenet}"
 EPOCHS="${EPOCHS:-90}"
 ARCHS="${ARCHS:-resnet18 resnet34 resnet50}"
 METHODS="${METHODS:-baseline grafting}"
-RECIPE="${RECIPE:-cos}"                                 # cos (per iteration) or step (x0.1 every 30 epochs)
+RECIPE="${RECIPE:-cos}"                                 # grafting rows: cos (per iteration) or step (x0.1 every 30 epochs)
+BASELINE_RECIPE="${BASELINE_RECIPE:-step}"              # baseline rows: step (the published baseline.py) or cos
 WORKERS="${WORKERS:-16}"                                # data loading processes per network (-j)
 BATCH="${BATCH:-256}"                                   # per network (-b)
 TRAIN=grafting_imagenet/train.py
@@ -33,17 +38,21 @@ TRAIN=grafting_imagenet/train.py
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices METHODS "$METHODS" baseline grafting
 check_choices RECIPE "$RECIPE" cos step
+check_choices BASELINE_RECIPE "$BASELINE_RECIPE" cos step
+check_choices SYNC_BN "$SYNC_BN" 0 1
 check_imagenet_data "$DATA"
 
 rings() {
-    schedule=()
-    [[ "$RECIPE" == step ]] && schedule=(--steplr)
+    layout=()
+    [[ "$GPUS_PER_NET" != 1 && "$SYNC_BN" == 1 ]] && layout=(--sync-bn)
     for arch in $ARCHS; do
         for method in $METHODS; do
-            num=2
-            [[ "$method" == baseline ]] && num=1
+            num=2 recipe="$RECIPE"
+            [[ "$method" == baseline ]] && num=1 recipe="$BASELINE_RECIPE"
+            schedule=()
+            [[ "$recipe" == step ]] && schedule=(--steplr)
             launch_ring "$OUT/${arch}_${method}" "$num" -- --data "$(_abspath "$DATA")" -a "$arch" -j "$WORKERS" \
-                -b "$BATCH" --epochs "$EPOCHS" --lr 0.1 "${schedule[@]+"${schedule[@]}"}"
+                -b "$BATCH" --epochs "$EPOCHS" --lr 0.1 "${schedule[@]+"${schedule[@]}"}" "${layout[@]+"${layout[@]}"}"
         done
     done
 }

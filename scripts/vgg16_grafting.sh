@@ -8,7 +8,8 @@
 #   DATASETS=10 METHODS=filter scripts/vgg16_grafting.sh
 #
 # layer = entropy-weighted layers (--level layer; the convs and BatchNorms, the classifier keeps its own weights);
-# filter = per-channel weights from the BatchNorm scales (--level filter). Both grafting rows use the published
+# filter = per-channel weights from the BatchNorm scales (--level filter); FILTER_BN_BLEND=repeated-whole blends the
+# BatchNorms as the published loop did (docs/METHOD.md §10.2, folder <...>_filter-repeated-whole_<recipe>). Both grafting rows use the published
 # VGG script's recipe by default: the same lr 0.1 for both networks, x0.1 every 60 epochs (RECIPE=slr);
 # RECIPE=dlr gives the networks different learning rates and the cosine schedule instead.
 # Queue: one network per GPU, rings start as GPUs free up. Results: python scripts/summarize.py $OUT.
@@ -25,12 +26,14 @@ EPOCHS="${EPOCHS:-200}"
 DATASETS="${DATASETS:-10 100}"
 METHODS="${METHODS:-baseline layer filter}"
 RECIPE="${RECIPE:-slr}"                                 # schedule of the grafting rows: slr (published) or dlr
+FILTER_BN_BLEND="${FILTER_BN_BLEND:-per-channel}"       # filter rows: per-channel, or repeated-whole (the published loop)
 MODEL=vgg16
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 check_choices DATASETS "$DATASETS" 10 100
 check_choices METHODS "$METHODS" baseline layer filter
 check_choices RECIPE "$RECIPE" slr dlr
+check_choices FILTER_BN_BLEND "$FILTER_BN_BLEND" per-channel repeated-whole
 check_cifar_data "$DATA" "$DATASETS"
 
 rings() {
@@ -42,6 +45,10 @@ rings() {
             if [[ "$method" == baseline ]]; then
                 launch_ring "$folder" 1 -- "${common[@]}"
             else
+                if [[ "$method" == filter ]]; then
+                    common+=(--filter-bn-blend "$FILTER_BN_BLEND")
+                    [[ "$FILTER_BN_BLEND" == per-channel ]] || folder+="-$FILTER_BN_BLEND"
+                fi
                 # shellcheck disable=SC2046  # the recipe's flags are separate words
                 launch_ring "${folder}_${RECIPE}" 2 -- "${common[@]}" --level "$method" $(recipe_flags "$RECIPE")
             fi

@@ -1,7 +1,8 @@
 """Tests for the paper's ablations (grafting.method.ablation and the Grafter's ``source`` option,
 docs/METHOD.md §9): noise and internal grafting on hand-built layers and against the published loops
-(tests/published_code.py) on whole state_dicts, the l1 criterion against a hand computation, and plain
-averaging of three networks exchanging real files."""
+(tests/published_code.py) on whole state_dicts, the l1 criterion against a hand computation, plain
+averaging of three networks exchanging real files, and the early code's per-filter entropy grafting
+against its published loop, alone and in a ring of three."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ import threading
 import pytest
 import torch
 from conftest import DEVICES
-from published_code import published_inside, published_noise
+from published_code import published_grafting_filter, published_inside, published_noise
 from torch import nn
 
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
-from grafting.method.ablation import average_states, conv_weights, internal_graft_, noise_graft_
+from grafting.method.ablation import (
+    average_states,
+    conv_weights,
+    filter_entropy_graft_,
+    internal_graft_,
+    noise_graft_,
+)
 from grafting.method.filters import filter_l1_norms
 from grafting.method.graft import graft_layers
 from grafting.ring.grafter import Grafter
@@ -297,7 +304,7 @@ def test_grafter_rejects_an_unknown_source(tmp_path) -> None:
         Grafter(tmp_path, 1, 2, source="telepathy")
 
 
-def _run_ring(root, nets: list[nn.Module], source: str, epoch: int = 1) -> list:
+def _run_ring(root, nets: list[nn.Module], source: str, epoch: int = 1, threshold: float = 0.1) -> list:
     """Every network's publish + graft of ``epoch`` in its own thread, as separate processes would."""
     reports: list = [None] * len(nets)
     errors: list[BaseException] = []
@@ -305,7 +312,13 @@ def _run_ring(root, nets: list[nn.Module], source: str, epoch: int = 1) -> list:
     def one(i: int) -> None:
         try:
             with Grafter(
-                root, i + 1, len(nets), source=source, peer_timeout=30, meta={"model": "resnet20", "num_classes": 10}
+                root,
+                i + 1,
+                len(nets),
+                source=source,
+                invalid_threshold=threshold,
+                peer_timeout=30,
+                meta={"model": "resnet20", "num_classes": 10},
             ) as grafter:
                 reports[i] = grafter.step(nets[i], epoch)
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
@@ -408,3 +421,93 @@ def test_flags_of_the_ablations() -> None:
         parse("--num", "1", "--graft-source", "average")
     with pytest.raises(UsageError, match="--invalid-threshold"):
         parse("--invalid-threshold", "-1")
+
+
+# ---------------------------------------------------------------- per-filter entropy grafting (grafting_filter)
+
+
+def resnet20_with_low_entropy_filters(seed: int) -> nn.Module:
+    """A ResNet-20 whose every third filter of every conv has (nearly) all its values equal: one constant
+    filter per layer (entropy 0), the others equal but for one larger value (entropy ~0.007 to 0.04)."""
+    torch.manual_seed(seed)
+    model = models.create("resnet20", num_classes=10)
+    with torch.no_grad():
+        for weight in conv_weights(model).values():
+            for j in range(0, weight.shape[0], 3):
+                weight[j] = weight[j].mean()
+                if j:
+                    weight[j].view(-1)[j % weight[j].numel()] += 1.0
+    return model
+
+
+# Filters 0, 3, 6, ... of ResNet-20's convs: 6 of the stem's 16, 6, 11 or 22 of each stage's 16, 32 or 64.
+LOW_ENTROPY_FILTERS = 6 + 6 * (6 + 11 + 22)
+
+
+def filter_entropy_ring(seeds: tuple[int, ...]) -> list[nn.Module]:
+    """Networks of one ring with low-entropy filters at the same places. A nearly constant filter's entropy
+    depends only on its size, so the peers tie on every such filter and the order in which a network lists
+    its peers decides which one's filter it adds."""
+    return [resnet20_with_low_entropy_filters(seed) for seed in seeds]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_filter_entropy_is_the_published_loop(device: str) -> None:
+    own, *peers = [net.to(device) for net in filter_entropy_ring((0, 1, 2))]
+    peer_states = [copy.deepcopy(p.state_dict()) for p in peers]
+    published = copy.deepcopy(own)
+    published_grafting_filter(published, peer_states)
+    touched = filter_entropy_graft_(own, peer_states)
+    assert touched == LOW_ENTROPY_FILTERS
+    for key, tensor in published.state_dict().items():
+        assert torch.equal(own.state_dict()[key], tensor), key
+
+
+def test_filter_entropy_adds_the_peer_filter_of_highest_entropy_first_of_equals() -> None:
+    generator = torch.Generator().manual_seed(3)
+    random = torch.randn(3, 4, 3, 3, generator=generator)
+    nearly_constant = torch.full((4, 3, 3), 0.2)
+    nearly_constant[1, 1, 1] = 0.9  # 35 of 36 values in the lowest bin: entropy 0.027
+    own = torch.stack([nearly_constant, random[0], torch.full((4, 3, 3), -0.3)])  # low, ordinary, constant (0)
+    first = torch.stack([random[1], random[2], nearly_constant])
+    second = torch.stack([random[1].flip(0), random[0], random[2]])  # filter 0: first's reversed, equal entropy
+    for peers, donor_of_0 in (((first, second), first[0]), ((second, first), second[0])):
+        model = OneConv(own)
+        touched = filter_entropy_graft_(model, [{"conv.weight": p} for p in peers])
+        assert touched == 2
+        grafted = model.conv.weight.detach()
+        assert torch.equal(grafted[0], own[0] + donor_of_0), "equal entropies: the first peer listed"
+        assert torch.equal(grafted[1], own[1]), "a filter of ordinary entropy is left alone"
+        assert torch.equal(grafted[2], own[2] + random[2]), "the peer whose filter has the higher entropy"
+
+
+def test_filter_entropy_ring_of_three_grafts_from_all_others_in_the_published_order(tmp_path) -> None:
+    nets = filter_entropy_ring((0, 1, 2))
+    before = [copy.deepcopy(net.state_dict()) for net in nets]
+    reports = _run_ring(tmp_path, nets, "filter-entropy")
+    for i, (net, report) in enumerate(zip(nets, reports)):
+        order = [(i + k) % 3 for k in (1, 2)]  # the successor first, as the published loop read them
+        expected = models.create("resnet20", num_classes=10)
+        expected.load_state_dict(before[i])
+        published_grafting_filter(expected, [before[n] for n in order])
+        for key, tensor in expected.state_dict().items():
+            assert torch.equal(net.state_dict()[key], tensor), (i, key)
+        assert report.source == "filter-entropy" and report.peers == tuple(n + 1 for n in sorted(order))
+        assert report.invalid_touched == LOW_ENTROPY_FILTERS
+        assert f"touched {LOW_ENTROPY_FILTERS}" in report.summary()
+
+
+def test_filter_entropy_flags() -> None:
+    args = parse("--num", "3", "--graft-source", "filter-entropy", "--invalid-threshold", "0.05")
+    assert (args.source, args.invalid_threshold) == ("filter-entropy", 0.05)
+    with pytest.raises(UsageError, match="filter-entropy needs --num 2"):
+        parse("--num", "1", "--graft-source", "filter-entropy")
+    with pytest.raises(GraftingError, match="at least one other network"):
+        filter_entropy_graft_(OneConv(torch.ones(2, 1, 2, 2)), [])
+
+
+def test_filter_entropy_runs_have_their_own_label() -> None:
+    from grafting.tools.published import method_label
+
+    assert method_label({"num": 3, "source": "filter-entropy"}) == "filter-entropy slr x3"
+    assert method_label({"num": 2, "source": "filter-entropy", "difflr": True, "cos": True}) == "filter-entropy dlr"

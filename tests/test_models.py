@@ -7,7 +7,9 @@ import pathlib
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from grafting_models.resnet import PadShortcut
+from published_code import PublishedCifarResNet
 
 from grafting.archs import cifar_models as models
 from grafting.errors import GraftingError
@@ -247,3 +249,51 @@ def test_models_import_only_errors_from_grafting() -> None:
             for imported in names:
                 if imported == "grafting" or imported.startswith("grafting."):
                     assert imported == "grafting.errors", f"{path.name} imports {imported}"
+
+
+# --- the published model definition ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20_leaky"])
+def test_resnet_trains_bit_identically_to_the_published_definition(name: str) -> None:
+    """Same seed, same initial weights; then 12 SGD steps (the CIFAR recipe's optimizer) on the same batches
+    leave every tensor of the state_dict equal, on the CPU (docs/METHOD.md §6)."""
+    torch.manual_seed(3)
+    ours = models.create(name, num_classes=10)
+    torch.manual_seed(3)
+    theirs = PublishedCifarResNet(20, num_classes=10, leaky=name.endswith("_leaky"))
+    assert _differing_entries(ours, theirs) == [], "the same seed must build the same weights"
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in (ours, theirs)]
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(12):
+        images = torch.randn(8, 3, 32, 32, generator=generator)
+        labels = torch.randint(0, 10, (8,), generator=generator)
+        for model, optimizer in zip((ours, theirs), optimizers):
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    assert _differing_entries(ours, theirs) == []
+
+
+def _differing_entries(a: nn.Module, b: nn.Module) -> list[str]:
+    """The state_dict keys whose tensors are not ``torch.equal`` in ``a`` and ``b`` (the keys must be the same)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+def test_resnet_pools_the_whole_feature_map_of_any_input_size() -> None:
+    """A square input pools exactly as the published window (as wide as the map); a non-square one is
+    averaged over all of it, where the published window would cover only its top square or nothing."""
+    model = _built("resnet20")
+    features: list[torch.Tensor] = []
+    hook = model.layer3.register_forward_hook(lambda module, args, out: features.append(out))
+    try:
+        with torch.no_grad():
+            for height, width in ((32, 32), (48, 32), (32, 48)):
+                features.clear()
+                logits = model(torch.randn(2, 3, height, width))
+                expected = model.linear(features[0].mean(dim=(2, 3)))
+                assert torch.allclose(logits, expected, atol=1e-6), (height, width)
+    finally:
+        hook.remove()

@@ -189,5 +189,6 @@ def test_scripts_dry_run_commands_parse(script: str, tmp_path: Path) -> None:
         assert {(d, t, soft, k) for _, _, _, d, t, soft, k in seen} == {
             ("peers", 4.0, True, 0),
             ("teacher", 4.0, True, 1),
-            ("teacher", 2.0, False, 2),
+            ("teacher", 2.0, False, 1),  # authors: one network, one teacher
+            ("teacher", 2.0, False, 2),  # grafted-teachers
         }

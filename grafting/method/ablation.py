@@ -8,7 +8,10 @@ Both own-weights ablations follow the loops of the authors' early code, to the b
 - internal grafting: within each conv layer, sorted by l1 norm ascending, the j-th weakest filter gets
   the j-th strongest added to it, in place, for j = 0, 1, ... until the first filter whose norm is not
   below the threshold. Past the middle of the layer the added filters are ones already changed;
-- plain averaging: every network becomes the unweighted mean of all N networks.
+- plain averaging: every network becomes the unweighted mean of all N networks;
+- per-filter entropy grafting (the early code's ``grafting_filter``): every conv filter whose own
+  entropy is below a threshold gets added to it the same filter of whichever other network holds it
+  with the highest entropy.
 
 The l1-norm criterion needs nothing here: it is external grafting with another layer score
 (``criterion="l1"`` of :func:`grafting.graft.graft_layers`).
@@ -26,11 +29,14 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from grafting.errors import GraftingError, UsageError
+from grafting.method.entropy import entropy_tensors
 from grafting.method.filters import conv_filter_keys, filter_l1_norms, per_filter
 from grafting.method.graft import check_peer_state, check_rule, unwrap_model
 
 __all__ = [
     "SOURCES",
+    "EXCHANGING_SOURCES",
+    "ALL_PEERS_SOURCES",
     "NOISE_DECAY",
     "NOISE_STD",
     "check_source",
@@ -39,10 +45,15 @@ __all__ = [
     "internal_graft_",
     "average_states",
     "average_into_",
+    "filter_entropy_graft_",
 ]
 
 # Where a network's new weights come from after an epoch: the method and its ablations.
-SOURCES = ("external", "internal", "noise", "average")
+SOURCES = ("external", "internal", "noise", "average", "filter-entropy")
+# The sources that read other networks' weights after each epoch (the others change the network alone) ...
+EXCHANGING_SOURCES = ("external", "average", "filter-entropy")
+# ... and those among them that read every other network's, not only the ring predecessor's.
+ALL_PEERS_SOURCES = ("average", "filter-entropy")
 # The noise scale is multiplied by this once per epoch (the authors' choice).
 NOISE_DECAY = 0.975
 # The standard deviation of the noise before the decay: the published unit Gaussian.
@@ -167,3 +178,43 @@ def average_into_(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]]
     mean = average_states(states)
     for key, tensor in own.items():
         tensor.copy_(mean[key])
+
+
+@torch.no_grad()
+def filter_entropy_graft_(
+    model: nn.Module,
+    peer_states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    threshold: float = 0.1,
+    rule: str = "name",
+) -> int:
+    """Per-filter entropy grafting (the early code's ``grafting_filter``), in place; returns how many filters.
+
+    For every conv weight (by ``rule``) and every filter j: when the entropy of ``W[j]`` (docs/METHOD.md §2,
+    the filter's values alone) is below ``threshold``, ``W[j] += P[j]``, where P is that weight in the peer
+    state whose filter j has the highest entropy; among equal entropies the first of ``peer_states`` wins
+    (the published code listed the other networks from its successor on, wrapping round: i+1, ..., N, 1,
+    ..., i-1). A filter is added, not blended, and every entropy is taken before anything changes.
+    """
+    if not peer_states:
+        raise GraftingError("per-filter entropy grafting needs the weights of at least one other network")
+    own = unwrap_model(model).state_dict()
+    for peer in peer_states:
+        check_peer_state(own, peer, "a peer's weights")
+    weights = conv_weights(model, rule)
+    if not weights:
+        return 0
+    plans = []  # (weight, the peers' same weight stacked, own entropies, the peers' entropies)
+    for key, weight in weights.items():
+        peers = torch.stack([p[key].to(device=weight.device, dtype=weight.dtype) for p in peer_states])
+        n = weight.shape[0]
+        entropies = entropy_tensors([*weight.contiguous(), *peers.reshape(-1, *weight.shape[1:])]).view(-1, n)
+        plans.append((weight, peers, entropies[0], entropies[1:]))
+    touched = 0
+    for weight, peers, own_entropy, peer_entropy in plans:
+        low = own_entropy < threshold
+        # argmax gives the first of equal maxima, as numpy's did in the published loop.
+        donors = peers[peer_entropy.argmax(dim=0), torch.arange(weight.shape[0], device=weight.device)]
+        weight[low] += donors[low]
+        touched += int(low.sum())
+    return touched

@@ -6,9 +6,10 @@ The student's loss becomes cross-entropy plus a distillation term against a froz
     authors' form:       lambda * T^2 * sum_k -softmax(z_t)_k * log_softmax(z / T)_k     batch mean
 
 The authors' script softened only the student (``soften_teacher=False``) and used T = 2 and
-lambda = 1. The teacher is either trained checkpoints given on the command line (several are
-averaged in logit space) or, with ``peers``, the ring predecessor's pre-graft weights of the latest
-exchange. Grafting proceeds as usual; :class:`Distiller` plugs into the training loop as its
+lambda = 1; it trained one network, without grafting, from one teacher checkpoint. The teacher is
+either trained checkpoints given on the command line (several are averaged in logit space) or, with
+``peers``, the ring predecessor's pre-graft weights of the latest exchange. Grafting proceeds as usual
+when the ring has several networks; :class:`Distiller` plugs into the training loop as its
 ``EpochHook``.
 """
 
@@ -172,7 +173,8 @@ def load_teachers(
     device: torch.device | str = "cpu",
     student: nn.Module | None = None,
 ) -> nn.Module:
-    """One frozen teacher per checkpoint; several answer as their mean logits (the authors' setting)."""
+    """One frozen teacher per checkpoint; several answer as their mean logits (as the authors' script
+    combined the list of teachers it was given)."""
     if not paths:
         raise UsageError("--distill teacher needs at least one --teacher PATH")
     teachers = [load_teacher(p, build_model, model_name, num_classes, device, student) for p in paths]

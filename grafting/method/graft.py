@@ -17,7 +17,10 @@ script grafted the convolutions and BatchNorms only. Blending follows the publis
 and are truncated back, as loading the published code's float32 blend into an int64 buffer did.
 
 Filter level: per output channel j of each conv followed by a BatchNorm, ``w_j = |g1_j| / (|g1_j| +
-|g2_j|)`` blends filter j, BatchNorm channel j and input slice j of the next conv.
+|g2_j|)`` blends filter j and input slice j of the next conv. The BatchNorm is blended per channel
+(``bn_blend="per-channel"``, channel j with ``w_j``), or as the published loop did it
+(``"repeated-whole"``: the whole BatchNorm once per channel, channel after channel, which leaves each
+network with its peer's BatchNorm to within float32 rounding).
 """
 
 from __future__ import annotations
@@ -48,13 +51,19 @@ __all__ = [
     "check_peer_state",
     "check_rule",
     "check_criterion",
+    "check_bn_blend",
     "RULES",
     "CRITERIA",
+    "BN_BLENDS",
     "KEEPS_ATTRIBUTE",
 ]
 
 RULES = ("name", "module")
 CRITERIA = ("entropy", "l1")
+# How filter-level grafting blends a BatchNorm: channel j with w_j, or the published loop (docs/METHOD.md §10.2).
+BN_BLENDS = ("per-channel", "repeated-whole")
+# The BatchNorm entries filter-level grafting blends, in the published loop's order.
+_BN_PARTS = ("weight", "bias", "running_var", "running_mean")
 # The model attribute that lists (fnmatch patterns of) state_dict keys layer grafting leaves alone.
 KEEPS_ATTRIBUTE = "layer_grafting_keeps"
 
@@ -70,6 +79,14 @@ def check_criterion(criterion: str) -> None:
     if criterion not in CRITERIA:
         raise UsageError(
             f"unknown grafting criterion '{criterion}' (--criterion); choose one of: {', '.join(CRITERIA)}"
+        )
+
+
+def check_bn_blend(bn_blend: str) -> None:
+    """Raise :class:`UsageError` unless ``bn_blend`` is one of :data:`BN_BLENDS`."""
+    if bn_blend not in BN_BLENDS:
+        raise UsageError(
+            f"unknown BatchNorm blend '{bn_blend}' (--filter-bn-blend); choose one of: {', '.join(BN_BLENDS)}"
         )
 
 
@@ -297,17 +314,26 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, _BatchNo
 
 
 @torch.no_grad()
-def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> list[FilterRecord]:
+def graft_filters(
+    model: nn.Module, peer_state: Mapping[str, torch.Tensor], bn_blend: str = "per-channel"
+) -> list[FilterRecord]:
     """Graft ``peer_state`` into ``model`` in place, filter by filter (docs/METHOD.md §4, the VGG table).
 
     For each conv followed by a BatchNorm with scales g1 (own) and g2 (peer), channel j gets
-    ``w_j = |g1_j| / (|g1_j| + |g2_j|)`` (0.5 where both are 0). Filter j of the conv (and its bias),
-    channel j of the BatchNorm (weight, bias, running mean and variance) and input slice j of the next
-    conv are blended ``own * w_j + peer * (1 - w_j)``. A conv that is both blends twice, as the published
-    code did: first its input slices with the previous BatchNorm's weights, then its filters with its
-    own. Every weight is computed from the pre-graft values. Entries outside these pairs (the classifier,
+    ``w_j = |g1_j| / (|g1_j| + |g2_j|)`` (0.5 where both are 0). Filter j of the conv (and its bias) and
+    input slice j of the next conv are blended ``own * w_j + peer * (1 - w_j)``. A conv that is both blends
+    twice, as the published code did: first its input slices with the previous BatchNorm's weights, then
+    its filters with its own. The BatchNorm (weight, bias, running mean and variance):
+
+    - ``bn_blend="per-channel"``: channel j is blended with ``w_j`` (the method as the paper states it);
+    - ``"repeated-whole"``: the published loop, bit for bit: the whole BatchNorm is blended with ``w_0``,
+      then the result with ``w_1``, and so on through every channel, so each entry ends as
+      ``peer + (own - peer) * prod_j w_j``: the peer's BatchNorm to within float32 rounding.
+
+    Every weight is computed from the pre-graft values. Entries outside these pairs (the classifier,
     counters) keep their own values.
     """
+    check_bn_blend(bn_blend)
     model = unwrap_model(model)
     own = model.state_dict()
     check_peer_state(own, peer_state)
@@ -327,6 +353,7 @@ def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> l
 
     inputs_of = {next_name: weights[conv_name] for conv_name, _, _, _, next_name in pairs if next_name is not None}
     steps: list[tuple[str, torch.Tensor]] = []  # (entry, coefficient broadcast over it), applied in order
+    whole_bn: list[tuple[list[str], torch.Tensor]] = []  # (a BatchNorm's entries, its w) for "repeated-whole"
     for conv_name, conv, bn_name, _, _ in pairs:
         w = weights[conv_name]
         if conv_name in inputs_of:
@@ -334,15 +361,42 @@ def graft_filters(model: nn.Module, peer_state: Mapping[str, torch.Tensor]) -> l
         steps.append((f"{conv_name}.weight", per_filter(w, conv.weight)))
         if conv.bias is not None:
             steps.append((f"{conv_name}.bias", w))
-        steps += [
-            (f"{bn_name}.{part}", w)
-            for part in ("weight", "bias", "running_mean", "running_var")
-            if f"{bn_name}.{part}" in own
-        ]
+        bn_keys = [f"{bn_name}.{part}" for part in _BN_PARTS if f"{bn_name}.{part}" in own]
+        if bn_blend == "per-channel":
+            steps += [(key, w) for key in bn_keys]
+        else:
+            whole_bn.append((bn_keys, w))
     for conv_name, w_in in inputs_of.items():  # a consumer conv without a BatchNorm of its own
         steps.append((f"{conv_name}.weight", as_inputs(w_in, own[f"{conv_name}.weight"])))
 
     for key, k in steps:
         own[key].mul_(k).add_(peer[key] * (1 - k))
+    _blend_whole_per_channel_(own, peer, whole_bn)
     stats = torch.stack([torch.stack([w.mean(), w.min(), w.max()]) for w in weights.values()]).tolist()
     return [FilterRecord(f"{name}.weight", *s) for name, s in zip(weights, stats)]
+
+
+def _blend_whole_per_channel_(
+    own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor], batchnorms: list[tuple[list[str], torch.Tensor]]
+) -> None:
+    """The published filter-level BatchNorm loop: for j = 0 .. n-1, every entry ``t`` of a BatchNorm becomes
+    ``t * w_j + p * (1 - w_j)`` as a whole, in place.
+
+    The n steps must run in order (each rounds), but every element goes through the same float32
+    operations as in the published loop, so all BatchNorms of one width and dtype go through them
+    together: one row per entry, each row with its own BatchNorm's weights.
+    """
+    groups: dict[tuple[int, torch.dtype, torch.device], list[tuple[str, torch.Tensor]]] = {}
+    for keys, w in batchnorms:
+        for key in keys:
+            groups.setdefault((w.numel(), own[key].dtype, own[key].device), []).append((key, w))
+    for (width, dtype, _), rows in groups.items():
+        keys = [key for key, _ in rows]
+        mine = torch.stack([own[key] for key in keys])
+        theirs = torch.stack([peer[key] for key in keys])
+        w = torch.stack([w.to(dtype) for _, w in rows])
+        one_minus_w = 1 - w  # the published (1 - w_j), elementwise in the same dtype
+        for j in range(width):
+            mine = mine * w[:, j : j + 1] + theirs * one_minus_w[:, j : j + 1]
+        for key, row in zip(keys, mine):
+            own[key].copy_(row)

@@ -15,7 +15,9 @@ script) these lines go to stderr. ``finish()`` at the end of a run removes the e
 network needs any more, the heartbeat and the lock (see :mod:`grafting.ring.exchange`). The ``source``
 option selects the paper's ablations instead (docs/METHOD.md §9):
 ``internal`` and ``noise`` change the network's own invalid filters and exchange nothing;
-``average`` waits for every network's file and replaces the weights by the plain mean. A loop may call
+``average`` waits for every network's file and replaces the weights by the plain mean;
+``filter-entropy`` waits for every network's file and adds to each low-entropy filter the same filter
+of the network that holds it with the highest entropy. A loop may call
 the two halves apart, e.g. evaluate in between so the peer's file
 arrives while this network tests. Under torch.distributed only rank 0 touches the folder; the
 grafted weights are broadcast to the other ranks.
@@ -37,10 +39,19 @@ from torch import nn
 from grafting.checkpoint import weights_problem
 from grafting.distributed import is_distributed
 from grafting.errors import CheckpointError, UsageError
-from grafting.method.ablation import average_into_, check_source, internal_graft_, noise_graft_
+from grafting.method.ablation import (
+    ALL_PEERS_SOURCES,
+    EXCHANGING_SOURCES,
+    average_into_,
+    check_source,
+    filter_entropy_graft_,
+    internal_graft_,
+    noise_graft_,
+)
 from grafting.method.graft import (
     FilterRecord,
     LayerRecord,
+    check_bn_blend,
     check_criterion,
     check_peer_state,
     check_rule,
@@ -56,8 +67,6 @@ __all__ = ["Grafter", "GraftReport", "LEVELS", "check_grafting"]
 LEVELS = ("layer", "filter")
 # Meta entries that differ between the networks of one ring by design.
 _OWN_META = ("net", "epoch")
-# Sources that read other networks' files; the others work on the network alone.
-EXCHANGING_SOURCES = ("external", "average")
 
 
 @dataclass
@@ -71,9 +80,11 @@ class GraftReport:
         graft_ms: milliseconds spent loading the file and grafting (device work included).
         layers: per-coefficient records (layer level) or per-conv records (filter level).
         peer_state: the peer's pre-graft state_dict (CPU), e.g. to use it as a teacher.
-        source: where the new weights came from (``external``, ``internal``, ``noise``, ``average``).
-        peers: every network whose file was read (``average`` reads all the others).
-        invalid_touched: how many invalid filters ``noise`` or ``internal`` grafting changed (else None).
+        source: where the new weights came from (``external``, ``internal``, ``noise``, ``average``,
+            ``filter-entropy``).
+        peers: every network whose file was read (``average`` and ``filter-entropy`` read all the others).
+        invalid_touched: how many filters ``noise``, ``internal`` or ``filter-entropy`` grafting changed
+            (else None).
         grafted: whether the step changed the weights (False for a baseline or an epoch that does not graft).
         skipped: why a grafting step that should have happened did not (a peer's file that is gone for
             good), else None.
@@ -129,6 +140,7 @@ def check_grafting(
     source: str,
     invalid_threshold: float,
     peer_timeout: float | None,
+    bn_blend: str = "per-channel",
 ) -> None:
     """Raise :class:`UsageError` for the first impossible grafting setting (the one check both the
     :class:`Grafter` and the training scripts' configuration use)."""
@@ -138,13 +150,16 @@ def check_grafting(
         raise UsageError(f"unknown grafting level '{level}' (--level); choose one of: {', '.join(LEVELS)}")
     check_rule(rule)
     check_criterion(criterion)
+    check_bn_blend(bn_blend)
+    if bn_blend != "per-channel" and level != "filter":
+        raise UsageError(f"--filter-bn-blend {bn_blend} only applies with --level filter")
     check_source(source)
     if not 0 <= invalid_threshold < math.inf:
         raise UsageError(f"--invalid-threshold must be >= 0 and finite, got {invalid_threshold}")
     if peer_timeout is not None and not 0 < peer_timeout <= math.inf:
         raise UsageError(f"--peer-timeout must be positive seconds, got {peer_timeout}")
-    if source == "average" and num < 2:
-        raise UsageError("--graft-source average needs --num 2 or more networks to average")
+    if source in ALL_PEERS_SOURCES and num < 2:
+        raise UsageError(f"--graft-source {source} needs --num 2 or more networks")
 
 
 class Grafter:
@@ -157,10 +172,14 @@ class Grafter:
         level: ``"layer"`` (entropy-weighted per layer) or ``"filter"`` (per channel by BN scale).
         rule: ``"name"`` (published key rule) or ``"module"`` (by module type), for layer level.
         criterion: ``"entropy"`` or ``"l1"``.
+        bn_blend: how filter level blends a BatchNorm: ``"per-channel"`` or ``"repeated-whole"`` (the
+            published loop); see :func:`grafting.method.graft.graft_filters`.
         source: ``"external"`` (the method: the ring predecessor's weights), ``"internal"`` or
             ``"noise"`` (the network's own invalid filters, no exchange), ``"average"`` (plain mean of
-            all ``num`` networks); docs/METHOD.md §9.
-        invalid_threshold: l1 norm below which a filter counts as invalid (``internal``, ``noise``).
+            all ``num`` networks), ``"filter-entropy"`` (low-entropy filters get the other networks'
+            highest-entropy ones added); docs/METHOD.md §9.
+        invalid_threshold: l1 norm below which a filter counts as invalid (``internal``, ``noise``); for
+            ``filter-entropy`` the entropy below which a filter is grafted.
         peer_timeout: seconds to wait for a peer before failing (None: forever).
         keep_all: keep every exchange file instead of removing those no peer still needs.
         meta: facts about this network stored with its files and checked against the peer's
@@ -188,6 +207,7 @@ class Grafter:
         keep_all: bool = False,
         meta: Mapping[str, Any] | None = None,
         ring: str | None = None,
+        bn_blend: str = "per-channel",
     ) -> None:
         check_grafting(
             net=net,
@@ -200,8 +220,10 @@ class Grafter:
             source=source,
             invalid_threshold=invalid_threshold,
             peer_timeout=peer_timeout,
+            bn_blend=bn_blend,
         )
         self.net, self.num = net, num
+        self.bn_blend = bn_blend
         self.a, self.c, self.level, self.rule, self.criterion = a, c, level, rule, criterion
         self.source, self.invalid_threshold = source, invalid_threshold
         self.peer_timeout = peer_timeout
@@ -218,6 +240,7 @@ class Grafter:
             "criterion": criterion,
             "source": source,
             "invalid_threshold": invalid_threshold,
+            "bn_blend": bn_blend,
             **dict(meta or {}),
             "net": net,
         }
@@ -276,16 +299,16 @@ class Grafter:
         and its lock file, and release the lock (rank 0; with ``keep_all`` the exchange files stay).
 
         This network was the only reader of its predecessor's files, so those go; its own go when its
-        successor finishes. With ``source="average"`` every network reads every file: the epochs all
-        networks have read (and could need after a resume from their previous checkpoint) go now, the
-        rest when the last network finishes (no other heartbeat left).
+        successor finishes. With ``source="average"`` (or ``filter-entropy``) every network reads every
+        file: the epochs all networks have read (and could need after a resume from their previous
+        checkpoint) go now, the rest when the last network finishes (no other heartbeat left).
         """
         if not self._rank_zero:
             return
         exchange = self._shared
         if self.active and not self.keep_all:
             exchange.finish_heartbeat()
-            if self.source == "average":
+            if self.source in ALL_PEERS_SOURCES:
                 others_done = all(exchange.heartbeat_age(n) is None for n in range(1, self.num + 1) if n != self.net)
                 for net in range(1, self.num + 1):
                     exchange.remove_files(net, last=None if others_done else self._last_exchanged - 2)
@@ -306,7 +329,8 @@ class Grafter:
     def graft(self, model: nn.Module, epoch: int) -> GraftReport:
         """Wait for the predecessor's weights of ``epoch``, check them and graft them into ``model``.
 
-        With ``source="average"`` every other network's file is read and ``model`` becomes the mean;
+        With ``source="average"`` every other network's file is read and ``model`` becomes the mean (with
+        ``filter-entropy`` its low-entropy filters get the others' added);
         with ``internal`` or ``noise`` the network's own invalid filters change and nothing is read.
         A peer's file that is gone for good (deleted, and the peer has published a later epoch) is
         skipped with a warning: ``report.skipped`` says so and the weights stay as they are.
@@ -331,8 +355,8 @@ class Grafter:
                         report.invalid_touched = noise_graft_(
                             module, epoch - 1, threshold=self.invalid_threshold, rule=self.rule
                         )
-                elif self.source == "average":
-                    start = self._average(module, epoch, report)
+                elif self.source in ALL_PEERS_SOURCES:
+                    start = self._from_all_peers(module, epoch, report)
                 else:
                     start = self._graft_predecessor(module, epoch, report)
             except EpochGone as gone:
@@ -358,7 +382,7 @@ class Grafter:
                 module, peer_state, a=self.a, c=self.c, rule=self.rule, criterion=self.criterion
             )
         else:
-            report.layers = graft_filters(module, peer_state)
+            report.layers = graft_filters(module, peer_state, bn_blend=self.bn_blend)
         report.peer_state = peer_state
         return start
 
@@ -376,23 +400,31 @@ class Grafter:
     def _expected_meta(self) -> dict[str, Any]:
         return {k: v for k, v in self.meta.items() if k not in _OWN_META}
 
-    def _average(self, module: nn.Module, epoch: int, report: GraftReport) -> float:
-        """Wait for every other network's file of ``epoch`` and replace ``module`` by the mean of all.
+    def _from_all_peers(self, module: nn.Module, epoch: int, report: GraftReport) -> float:
+        """Wait for every other network's file of ``epoch``, then graft from all of them: ``average``
+        replaces ``module`` by the mean of all, ``filter-entropy`` grafts its low-entropy filters.
 
-        The states are averaged in network order 1..num, own weights at their place, so every
-        network ends the step with the same weights. Returns when the work (not the waiting) started.
-        The predecessor's state is reported as ``peer_state`` (the teacher of ``--distill peers``).
-        Exchange.cleanup's bound (files of epochs <= e-N-1 go) stays safe: here every network waits for
-        all the others each epoch, a tighter coupling than the ring's, so no one reads an epoch that old.
+        Averaging takes the states in network order 1..num, own weights at their place, so every
+        network ends the step with the same weights. Per-filter entropy grafting takes the others in the
+        published order, from the successor on (i+1, ..., num, 1, ..., i-1), which breaks ties.
+        Returns when the work (not the waiting) started. The predecessor's state is reported as
+        ``peer_state`` (the teacher of ``--distill peers``). Exchange.cleanup's bound (files of epochs
+        <= e-N-1 go) stays safe: here every network waits for all the others each epoch, a tighter
+        coupling than the ring's, so no one reads an epoch that old.
         """
-        others = [n for n in range(1, self.num + 1) if n != self.net]
+        others = [(self.net + k - 1) % self.num + 1 for k in range(1, self.num)]  # successor first
         for net in others:  # the waits overlap: later files usually exist by the time the first one does
             report.waited_s += self._shared.wait_for(net, epoch, self.peer_timeout)
         start = time.perf_counter()
         states = {net: self._load_checked(module, net, epoch) for net in others}
-        states[self.net] = module.state_dict()
-        average_into_(module, [states[n] for n in range(1, self.num + 1)])
-        report.peer, report.peers = self._shared.predecessor, tuple(others)
+        if self.source == "average":
+            states[self.net] = module.state_dict()
+            average_into_(module, [states[n] for n in range(1, self.num + 1)])
+        else:
+            report.invalid_touched = filter_entropy_graft_(
+                module, [states[n] for n in others], threshold=self.invalid_threshold, rule=self.rule
+            )
+        report.peer, report.peers = self._shared.predecessor, tuple(sorted(others))
         report.peer_state = states[self._shared.predecessor]
         return start
 

@@ -3,6 +3,11 @@ next to the paper's counts, or layer by layer.
 
     graft-filters base=runs/b/net1/best.pt graft=runs/g/net1/best.pt -t 0.1,0.01 --model resnet32
     graft-filters base=runs/b/net1/best.pt graft=runs/g/net1/best.pt --per-layer
+    graft-filters base=runs/b graft=runs/g --checkpoint published --model resnet32
+
+A run folder (``--s``) or a network's folder (``net<i>``) stands for one of its network's checkpoints
+(``--checkpoint``): ``best.pt``, ``last.pt``, or what the paper's table counted (``published``): a
+baseline's ``best.pt`` against network 1's weights of the final epoch of a finished grafting run.
 """
 
 from __future__ import annotations
@@ -13,15 +18,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grafting.data.fake import MARKER_NAME
-from grafting.errors import CheckpointError
+from grafting.errors import CheckpointError, UsageError
 from grafting.method.filters import conv_filter_keys, filter_l1_norms
+from grafting.ring.layout import CONFIG_NAME, NETWORK_FOLDER, NetworkFiles
 from grafting.tools.checkpoints import load_trained_weights, run_settings, stand_in_label
 from grafting.tools.published import PUBLISHED_INVALID, published_invalid_models
-from grafting.tools.runs import STAND_IN_SUFFIX
+from grafting.tools.runs import STAND_IN_SUFFIX, read_run
 from grafting.tools.table import markdown
 from grafting.train.cli import ArgumentParser, entry_point
 
-__all__ = ["FilterRow", "count_filters", "filter_table", "layer_table", "parse_args", "main"]
+__all__ = [
+    "FilterRow",
+    "CHECKPOINTS",
+    "run_checkpoint",
+    "count_filters",
+    "filter_table",
+    "layer_table",
+    "parse_args",
+    "main",
+]
+
+# Which checkpoint a run folder stands for (--checkpoint).
+CHECKPOINTS = ("best", "last", "published")
 
 
 @dataclass
@@ -44,14 +62,49 @@ def _split_label(text: str) -> tuple[str, Path]:
     return text, Path(text)
 
 
-def count_filters(checkpoints: Sequence[str], thresholds: Sequence[float]) -> list[FilterRow]:
+def run_checkpoint(folder: Path, which: str = "best") -> Path:
+    """The checkpoint file a run folder (``--s``; its network 1) or a network folder (``net<i>``) stands for.
+
+    ``which``: ``best`` (``best.pt``), ``last`` (``last.pt``: the final weights of a finished run, else
+    the latest epoch's, grafted) or ``published``, what the paper's invalid-filter table counted: a
+    baseline's (``--num 1``) ``best.pt`` and a grafting run's weights of the final epoch (``last.pt`` of a
+    finished run; its last epoch does not graft, so these are the weights it tested last). An unfinished
+    grafting run is a :class:`UsageError` for ``published``.
+    """
+    if which not in CHECKPOINTS:
+        raise UsageError(f"--checkpoint: unknown choice '{which}'; choose one of: {', '.join(CHECKPOINTS)}")
+    match = NETWORK_FOLDER.fullmatch(folder.name)
+    if match and (folder / CONFIG_NAME).is_file():
+        files = NetworkFiles(folder.parent, int(match.group(1)))
+    else:
+        files = NetworkFiles(folder, 1)
+    if which == "best":
+        return files.best
+    if which == "last":
+        return files.last
+    run = read_run(files.root)
+    if run.num == 1:
+        return files.best
+    if not run.finished:
+        raise UsageError(
+            f"{files.root}: the paper counted a grafting run's final epoch, and this run is {run.status}; "
+            f"let it finish, or count its latest weights with --checkpoint last"
+        )
+    return files.last
+
+
+def count_filters(checkpoints: Sequence[str], thresholds: Sequence[float], checkpoint: str = "best") -> list[FilterRow]:
     """Invalid/total filters (docs/METHOD.md §1: conv keys, l1 norm below t) of each checkpoint at each
     threshold, in all and per layer. Entries are paths or ``label=path``; any layout
-    ``extract_state_dict`` accepts. A checkpoint with NaN or infinite weights is an error (it would count
-    as having no invalid filters)."""
+    ``extract_state_dict`` accepts. A folder stands for a checkpoint of its run (:func:`run_checkpoint`
+    with ``checkpoint``), named in the row. A checkpoint with NaN or infinite weights is an error (it
+    would count as having no invalid filters)."""
     rows = []
     for entry in checkpoints:
         label, path = _split_label(entry)
+        if path.is_dir():
+            path = run_checkpoint(path, checkpoint)
+            label = f"{label} ({path.parent.name}/{path.name})"
         state = load_trained_weights(path)
         keys = conv_filter_keys(state)
         if not keys:
@@ -172,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "checkpoints",
         nargs="+",
         metavar="[LABEL=]CHECKPOINT",
-        help="checkpoint files (.pt/.pth/.t7, any common layout), optionally named LABEL=PATH",
+        help="checkpoint files (.pt/.pth/.t7, any common layout) or run folders (see --checkpoint), "
+        "optionally named LABEL=PATH",
     )
     parser.add_argument(
         "-t",
@@ -191,6 +245,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--per-layer", action="store_true", help="one row per conv layer instead of one per checkpoint (default: off)"
     )
+    parser.add_argument(
+        "--checkpoint",
+        choices=CHECKPOINTS,
+        default="best",
+        help="the file a run folder given as CHECKPOINT stands for: its network 1's best.pt, last.pt, or "
+        "'published', what the paper counted: a baseline's best.pt, a finished grafting run's final "
+        "weights (default: best)",
+    )
     return parser.parse_args(argv)
 
 
@@ -198,7 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """``graft-filters``: print the invalid-filter table."""
     args = parse_args(argv)
-    rows = count_filters(args.checkpoints, args.thresholds)
+    rows = count_filters(args.checkpoints, args.thresholds, args.checkpoint)
     if args.per_layer:
         print(layer_table(rows, args.thresholds))
     else:

@@ -131,9 +131,9 @@ def method_label(config: Mapping[str, Any]) -> str:
 
     ``baseline`` (one network); ``slr`` / ``dlr`` / ``cos`` (the schedule) for two networks of the CIFAR
     script, ``grafting`` (cosine, the paper's ImageNet recipe) with `` dlr`` and `` steplr`` when they
-    apply for the ImageNet script; ``filter`` before it for filter-level grafting and `` xN`` after it for
-    N != 2 networks;
-    ``noise``/``internal``/``average`` for the ablation sources; then `` a=.. c=..`` when they are
+    apply for the ImageNet script; ``filter`` before it for filter-level grafting (`` repeated-whole``
+    after it for the published BatchNorm loop) and `` xN`` after it for N != 2 networks;
+    ``noise``/``internal``/``average``/``filter-entropy`` for the ablation sources; then `` a=.. c=..`` when they are
     not the defaults, the criterion when it is not entropy, and `` +distill <mode>`` with distillation.
     """
     num = int(config.get("num", 1))
@@ -144,14 +144,16 @@ def method_label(config: Mapping[str, Any]) -> str:
     elif num == 1:
         label = "baseline"
     else:
-        if source == "average":
-            label = f"average {schedule}"
+        if source in ("average", "filter-entropy"):
+            label = f"{source} {schedule}"
         elif "steplr" in config:  # the ImageNet script: the paper's rows are "grafting"
             label = "grafting" + (" dlr" if config.get("difflr") else "") + (" steplr" if config.get("steplr") else "")
         else:
             label = schedule
         if config.get("level") == "filter":
             label = f"filter {label}"
+            if config.get("filter_bn_blend", "per-channel") != "per-channel":
+                label += f" {config['filter_bn_blend']}"
         if num != 2:
             label += f" x{num}"
     if label != "baseline" and source == "external":

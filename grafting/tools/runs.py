@@ -57,6 +57,7 @@ _CONFIG_FIELDS = {
     "a": _NUMBER,
     "c": _NUMBER,
     "level": _TEXT,
+    "filter_bn_blend": _TEXT,
     "criterion": _TEXT,
     "source": _TEXT,
     "distill": _TEXT,

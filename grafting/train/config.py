@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from grafting.errors import UsageError
-from grafting.method.ablation import SOURCES
+from grafting.method.ablation import EXCHANGING_SOURCES, SOURCES
 from grafting.method.distill import DISTILL_MODES, check_distillation
-from grafting.method.graft import CRITERIA, RULES
+from grafting.method.graft import BN_BLENDS, CRITERIA, RULES
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C
 from grafting.ring.grafter import LEVELS, check_grafting
 
@@ -119,6 +119,17 @@ class RunConfig:
         group="grafting",
         help="graft whole layers (entropy) or filters (BatchNorm scale, the VGG table)",
     )
+    filter_bn_blend: str = setting(
+        "per-channel",
+        "--filter-bn-blend",
+        choices=BN_BLENDS,
+        resume="fixed",
+        peers=True,
+        group="grafting",
+        help="--level filter: blend BatchNorm channel j with its own weight w_j (per-channel), or as the "
+        "published loop did, the whole BatchNorm once per channel in turn, which leaves each network its "
+        "peer's BatchNorm (repeated-whole)",
+    )
     graft_rule: str | None = setting(
         None,
         "--graft-rule",
@@ -149,7 +160,8 @@ class RunConfig:
         help="where new weights come from after each epoch: 'external' = the ring predecessor "
         "(the method); ablations: 'internal' = the layer's own strong filters, 'noise' = "
         "Gaussian noise on invalid filters (both need no peers), 'average' = plain mean "
-        "of all --num networks",
+        "of all --num networks, 'filter-entropy' = each filter whose entropy is below "
+        "--invalid-threshold gets the other networks' highest-entropy one added",
     )
     invalid_threshold: float = setting(
         0.1,
@@ -160,7 +172,7 @@ class RunConfig:
         peers=True,
         group="grafting",
         help="a filter is invalid when its l1 norm is below this (internal and "
-        "noise grafting, the invalid-filter counts)",
+        "noise grafting); with --graft-source filter-entropy, when its entropy is (as published)",
     )
     peer_timeout: float | None = setting(
         None,
@@ -388,6 +400,7 @@ class RunConfig:
             source=self.source,
             invalid_threshold=self.invalid_threshold,
             peer_timeout=self.peer_timeout,
+            bn_blend=self.filter_bn_blend,
         )
         for name in ("lr", "epochs", "batch_size", "step_epochs"):
             _positive(getattr(self, name), self.flag_of(name))
@@ -411,7 +424,7 @@ class RunConfig:
             raise UsageError("--teacher and --teacher-model only apply with --distill teacher")
         if self.distill == "peers" and self.num < 2:
             raise UsageError("--distill peers needs --num 2 or more (the ring predecessor is the teacher)")
-        if self.distill == "peers" and self.source not in ("external", "average"):
+        if self.distill == "peers" and self.source not in EXCHANGING_SOURCES:
             raise UsageError(f"--distill peers needs an exchange; --graft-source {self.source} reads no peer weights")
 
     def check_resume(self, saved: Mapping[str, Any], source: str) -> None:
@@ -587,6 +600,14 @@ class ImagenetConfig(RunConfig):
         help="use cuda:N (same as --device cuda:N; default: see --device)",
     )
     world_size: int = setting(1, resume="fixed", help="processes (GPUs) training this network under torchrun")
+    sync_bn: bool = setting(
+        False,
+        "--sync-bn",
+        action="store_true",
+        resume="fixed",
+        help="under torchrun: BatchNorm statistics over the network's whole batch (SyncBatchNorm), as on one "
+        "GPU (the published runs); default: each GPU's share, running statistics from rank 0",
+    )
 
     # -j when not given: PyTorch's ImageNet example's 4, capped by the cores.
     DEFAULT_WORKERS: ClassVar[int] = 4

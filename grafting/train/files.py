@@ -46,6 +46,7 @@ from grafting.checkpoint import (
     write_text_atomic,
 )
 from grafting.errors import CheckpointError, GraftingError, UsageError, first_line
+from grafting.method.ablation import EXCHANGING_SOURCES
 from grafting.method.graft import unwrap_model
 from grafting.ring.layout import NetworkFiles, SharedFolder
 from grafting.train.config import CONFIG_FORMAT, RunConfig
@@ -255,7 +256,7 @@ def prepare_run_files(config: RunConfig, ring: str | None = None) -> NetworkFile
                 f"{files.folder} holds a run that reached epoch {reached} ({', '.join(evidence)}); "
                 f"pass --resume to continue it, or use another --s"
             )
-    exchanging = config.num > 1 and config.source in ("external", "average")
+    exchanging = config.num > 1 and config.source in EXCHANGING_SOURCES
     if exchanging and ring is not None:
         foreign = foreign_exchange_files(config, ring)
         if foreign:

@@ -21,7 +21,7 @@ from grafting.train.config import RunConfig
 from grafting.train.files import ResumeState, load_last, prepare_run_files, read_saved_config, save_last
 from grafting.train.loop import fit
 from grafting.train.report import RunReporter
-from grafting.train.schedule import dlr_factor, make_scheduler
+from grafting.train.schedule import make_optimizer
 from grafting.train.signals import StopRequested
 
 __all__ = ["amp_dtype_for", "run_ring", "share_resumed_state"]
@@ -70,15 +70,8 @@ def run_ring(
     ``build_model(name, num_classes)`` constructs a --teacher-model.
     """
     device = next(model.parameters()).device
-    lr = config.lr * (dlr_factor(config.i, config.num) if config.difflr else 1.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = make_scheduler(
-        optimizer,
-        cosine=config.cos,
-        epochs=config.epochs,
-        iters_per_epoch=len(train_loader),
-        step_epochs=config.step_epochs,
-    )
+    optimizer, scheduler = make_optimizer(model, config, len(train_loader))
+    lr = optimizer.param_groups[0]["initial_lr"]  # network i's initial lr (dlr), before any schedule step
     amp_dtype = amp_dtype_for(device, config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log.info(
@@ -109,6 +102,7 @@ def run_ring(
         source=config.source,
         invalid_threshold=config.invalid_threshold,
         peer_timeout=config.peer_timeout,
+        bn_blend=config.filter_bn_blend,
         keep_all=config.keep_all,
         meta=config.peer_settings(),
         ring=(saved or {}).get("ring"),
@@ -222,8 +216,12 @@ def _grafting_summary(config: RunConfig) -> str:
         text = "no grafting (baseline)"
     elif config.source == "average":
         text = f"plain averaging of {config.num} networks"
+    elif config.source == "filter-entropy":
+        text = f"per-filter entropy grafting (entropy < {config.invalid_threshold:g}) from {config.num - 1} networks"
     else:
         text = f"{config.level} grafting, {config.graft_rule} rule, {config.criterion}"
+        if config.level == "filter":
+            text = f"filter grafting, {config.filter_bn_blend} BatchNorm blend"
     return text if config.distill == "none" else f"{text}, distillation from {config.distill}"
 
 
