@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,6 +215,79 @@ def assert_ring_complete(ring: Path, reference: Path | None = None) -> None:
             assert list(got["model"]) == list(want["model"])
             for key, tensor in want["model"].items():
                 assert torch.equal(got["model"][key], tensor), f"net{net} {key} differs from the uninterrupted run"
+
+
+# ----------------------------------------------------------------------------------------------
+# The local cluster is this project's alone
+
+FOREIGN_CONF = """ClusterName=foreign
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+AuthType=auth/munge
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmctldLogFile={folder}/slurmctld.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+{node} NodeAddr=127.0.0.1 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_local_slurm_leaves_a_foreign_controller_on_the_default_ports_alone(tmp_path: Path) -> None:
+    if subprocess.run(["bash", str(LOCAL_SLURM), "install"], capture_output=True).returncode != 0 or os.getuid():
+        (pytest.fail if in_ci() else pytest.skip)("needs Slurm's daemons and root")
+    for port in (6817, 6818):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} is taken: a real Slurm runs here")
+    folder = tmp_path / "foreign"
+    (folder / "state").mkdir(parents=True)
+    node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    conf = folder / "slurm.conf"
+    conf.write_text(FOREIGN_CONF.format(host=socket.gethostname().split(".")[0], folder=folder, node=node))
+    # Ours gets its own folder, name and ports, so that the session's cluster of the other tests runs on.
+    ours = {"GRAFTING_SLURM_DIR": str(tmp_path / "ours"), "GRAFTING_SLURM_PORT": "17817", "GRAFTING_SLURM_CLUSTER": "t"}
+    foreign = {"SLURM_CONF": str(conf)}
+
+    def local_slurm(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(LOCAL_SLURM), command], env={**os.environ, **ours}, capture_output=True, text=True, timeout=120
+        )
+
+    assert local_slurm("start").returncode == 0  # munged first: the foreign controller needs it too
+    subprocess.run(["slurmctld", "-c", "-f", str(conf)], env={**os.environ, **foreign}, check=True, timeout=60)
+    controller = None
+    try:
+        wait_for(lambda: (folder / "slurmctld.pid").exists(), "the foreign controller", folder, timeout=30)
+        controller = int((folder / "slurmctld.pid").read_text())
+        submit = ["sbatch", "--parsable", "--hold", "--wrap", "sleep 300"]
+        wait_for(lambda: subprocess.run(["squeue"], env={**os.environ, **foreign}).returncode == 0, "it", folder)
+        job = slurm_command(foreign, *submit).strip()
+
+        def foreign_jobs() -> str:
+            return slurm_command(foreign, "squeue", "-h", "-o", "%i %T")
+
+        assert foreign_jobs().split() == [job, "PENDING"]
+        for command, code in (("stop", 0), ("status", 1), ("start", 0), ("status", 0), ("stop", 0), ("status", 1)):
+            done = local_slurm(command)
+            assert done.returncode == code, f"{command}: {done.stderr}"
+            assert foreign_jobs().split() == [job, "PENDING"], f"{command} touched the foreign cluster's job"
+        # What answers on our ports while ours runs is ours, by name.
+        assert local_slurm("start").returncode == 0
+        ours_conf = {"SLURM_CONF": str(tmp_path / "ours" / "slurm.conf")}
+        assert "ClusterName             = t\n" in slurm_command(ours_conf, "scontrol", "show", "config")
+        assert local_slurm("stop").returncode == 0
+        assert foreign_jobs().split() == [job, "PENDING"]
+    finally:
+        if controller is not None:
+            os.kill(controller, signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------------------------
