@@ -4,18 +4,19 @@
 # weight decay 1e-4, 90 epochs, cosine per iteration (RECIPE=step: x0.1 every 30 epochs).
 #
 #   scripts/imagenet.sh                               everything, queued in the background
-#   DRY=1 scripts/imagenet.sh                         print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/imagenet.sh  one Slurm job per ring (docs/slurm.md)
+#   DRY=1 scripts/imagenet.sh                         check, then print the commands; run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/imagenet.sh  Slurm job arrays, a task per ring (docs/slurm.md)
 #   GPUS=0,1,2,3 GPUS_PER_NET=2 ARCHS=resnet18 METHODS=grafting scripts/imagenet.sh
+#   scripts/imagenet.sh --help                        every setting with its default
 #
 # GPUs: each network gets GPUS_PER_NET GPUs (torchrun, DistributedDataParallel; the batch is the network's
 # total, split over its GPUs). With the defaults, 8 GPUs hold one two-network ring or two baselines at a time,
 # and the runs are queued. DATA holds train/ and val/ class folders. Rerunning needs EXTRA=--resume.
 # Results: python scripts/summarize.py $OUT. Settings below can also be given in the environment.
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/rings.sh"
 
 GPUS="${GPUS:-0,1,2,3,4,5,6,7}"                         # GPU ids, or cpu
-LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: job arrays
 TIME="${TIME:-24:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
 CPUS_PER_NET="${CPUS_PER_NET:-24}"                      # slurm: cores of each network (on each of its nodes)
 MEM_PER_NET="${MEM_PER_NET:-128G}"                      # slurm: memory of each network (on each of its nodes)
@@ -24,27 +25,23 @@ DATA="${DATA:-imagenet}"                                # holds train/ and val/
 OUT="${OUT:-runs/imagenet}"
 EPOCHS="${EPOCHS:-90}"
 ARCHS="${ARCHS:-resnet18 resnet34 resnet50}"
-METHODS="${METHODS:-baseline grafting}"
-RECIPE="${RECIPE:-cos}"                                 # cos (per iteration) or step (x0.1 every 30 epochs)
+METHODS="${METHODS:-baseline grafting}"                 # any of: baseline grafting
+RECIPE="${RECIPE:-cos}"                                 # one of: cos step (cosine per iteration, or x0.1 every 30 epochs)
 WORKERS="${WORKERS:-16}"                                # data loading processes per network (-j)
 BATCH="${BATCH:-256}"                                   # per network (-b)
 TRAIN=grafting_imagenet/train.py
 
-source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
-check_choices METHODS "$METHODS" baseline grafting
-check_choices RECIPE "$RECIPE" cos step
-check_imagenet_data "$DATA"
-
+# The rings, one line each: ring FOLDER NETWORKS TRAINING-FLAGS...
 rings() {
     schedule=()
-    [[ "$RECIPE" == step ]] && schedule=(--steplr)
+    [[ "$RECIPE" == step ]] && schedule=(--steplr)  # cos is the ImageNet script's own default
     for arch in $ARCHS; do
         for method in $METHODS; do
             num=2
             [[ "$method" == baseline ]] && num=1
-            launch_ring "$OUT/${arch}_${method}" "$num" -- --data "$(_abspath "$DATA")" -a "$arch" -j "$WORKERS" \
-                -b "$BATCH" --epochs "$EPOCHS" --lr 0.1 "${schedule[@]+"${schedule[@]}"}"
+            ring "$OUT/${arch}_${method}" "$num" --data "$DATA" -a "$arch" -j "$WORKERS" -b "$BATCH" \
+                --epochs "$EPOCHS" --lr 0.1 "${schedule[@]}"
         done
     done
 }
-run_rings rings "$@"
+launch "$@"

@@ -42,7 +42,11 @@ def choose_device(requested: str | None) -> torch.device:
         raise UsageError(f"--device {requested}: this project trains on cpu, cuda or cuda:N only")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise UsageError(
+                f"--device {requested}: CUDA is not available on this machine (torch {torch.__version__}, {build}; "
+                f"no GPU visible, or a driver too old: check nvidia-smi); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
@@ -53,7 +57,9 @@ def choose_process_device(requested: str | None, procs: Processes) -> torch.devi
     cuda:LOCAL_RANK (the CPU with --device cpu)."""
     if not procs.distributed:
         return choose_device(requested)
-    device = choose_device(requested if requested == "cpu" else None)
+    # An explicit cuda request stays explicit: without a usable CUDA it stops, it never trains on the CPU.
+    explicit = requested if requested == "cpu" else "cuda" if requested and requested.startswith("cuda") else None
+    device = choose_device(explicit)
     if device.type != "cuda":
         return device
     if requested not in (None, "cuda"):
