@@ -70,8 +70,8 @@ def help_text(script: str, text: str, settings: Mapping[str, ScriptSetting]) -> 
     if settings:
         lines += ["", f"Settings of {script} (edit them at its top, or give them in the environment):"]
         for s in settings.values():
-            default = f"{s.default}" + (" (fixed)" if s.fixed else "")
-            lines.append(f"  {s.name:<14} {default!r:<30} {s.comment}".rstrip())
+            fixed = "(fixed in the script) " if s.fixed else ""
+            lines.append(f"  {s.name:<14} {s.default!r:<30} {fixed}{s.comment}".rstrip())
     groups = {"all launchers": "Launcher settings", "nohup": "LAUNCHER=nohup", "slurm": "LAUNCHER=slurm"}
     for group, title in groups.items():
         lines += ["", f"{title}:"]
@@ -106,14 +106,34 @@ def banner(plan: Plan) -> str:
     return f"# {s.script}: {len(rings)} ring(s){skipped_text}, {networks} network(s), {processes} process(es); {where}"
 
 
-def _description(args: argparse.Namespace, stdin: str | None, cwd: Path) -> Description:
-    if args.ring is not None:
-        if len(args.ring) < 2 or not args.ring[1].isdigit():
-            raise UsageError("--ring needs a folder and a number of networks, then the training flags")
-        ring = RingLine(absolute(args.ring[0], cwd), int(args.ring[1]), tuple(args.ring[2:]), 1)
-        return Description((ring,), ())
-    text = sys.stdin.read() if stdin is None else stdin
-    return parse_description(text, cwd)
+def _ring_from_argv(words: Sequence[str], cwd: Path) -> Description:
+    if len(words) < 2 or not words[1].isdigit():
+        raise UsageError("--ring needs a folder and a number of networks, then the training flags")
+    return Description((RingLine(absolute(words[0], cwd), int(words[1]), tuple(words[2:]), 1),), ())
+
+
+def read_script(script: str | None, cwd: Path) -> tuple[str, str]:
+    """The experiment script's name and text ("graft-launch" and nothing without one)."""
+    if not script:
+        return "graft-launch", ""
+    path = absolute(script, cwd)
+    try:
+        return path.name, path.read_text()
+    except OSError as err:
+        raise UsageError(f"--script {script}: cannot read it ({err.strerror or err})") from None
+
+
+def plan_experiment(script: str | None, description: str | Description, environ: Mapping[str, str], cwd: Path) -> Plan:
+    """The checked plan of an experiment: its script's settings (``environ`` over the script's defaults), and
+    its rings (a description's text, or parsed)."""
+    name, text = read_script(script, cwd)
+    settings = read_settings(
+        environ, script_name=name, script_settings=read_script_settings(text), python=sys.executable
+    )
+    settings.out = absolute(str(settings.out), cwd)
+    if isinstance(description, str):
+        description = parse_description(description, cwd, f"the rings of {name}")
+    return make_plan(description, settings, cwd, sys.executable)
 
 
 def _detach(settings: Settings, argv: Sequence[str], stdin: str, environ: Mapping[str, str], results: str) -> int:
@@ -164,23 +184,17 @@ def run(
     if args.result:
         print(ring_result_line(absolute(args.result, cwd)))
         return 0
-    text, name = "", "graft-launch"
-    if args.script:
-        path = absolute(args.script, cwd)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise UsageError(f"--script {args.script}: cannot read it ({err.strerror or err})") from None
-        name = path.name
-    script_settings = read_script_settings(text)
     if args.help:
-        print(help_text(name, text, script_settings))
+        name, text = read_script(args.script, cwd)
+        print(help_text(name, text, read_script_settings(text)))
         return 0
-    settings = read_settings(environ, script_name=name, script_settings=script_settings, python=sys.executable)
-    settings.out = absolute(str(settings.out), cwd)
-    stdin_text = sys.stdin.read() if stdin is None and args.ring is None else (stdin or "")
-    description = _description(args, stdin_text, cwd)
-    plan = make_plan(description, settings, cwd, sys.executable)
+    stdin_text = ""
+    if args.ring is not None:
+        description: str | Description = _ring_from_argv(args.ring, cwd)
+    else:
+        description = stdin_text = sys.stdin.read() if stdin is None else stdin
+    plan = plan_experiment(args.script, description, environ, cwd)
+    settings = plan.settings
     results = quote([sys.executable, str(REPO / "scripts" / "summarize.py"), str(settings.out)])
     if settings.launcher == "nohup":
         warning = nohup.check_gpus(settings)

@@ -258,7 +258,7 @@ def read_settings(
         if environ.get(name) and not (name in script_settings and script_settings[name].fixed):
             values[name] = environ[name]
     for name, value in values.items():
-        if name != "SBATCH_EXTRA" and re.search(r"[\x00-\x1f\x7f]", value):
+        if name != "SBATCH_EXTRA" and re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
             raise UsageError(f"{name} holds a line break or another control character; give it on one line")
     for setting in script_settings.values():
         if setting.choices:

@@ -239,7 +239,9 @@ class RingSupervisor:
                     file=log,
                 )
             self.handles[command.net] = self._start(command)
-        pids = "".join(f"{c.net} {self.handles[c.net].pid} {c.where}\n" for c in self.commands)
+        pids = "".join(
+            f"{c.net} {self.handles[c.net].pid} {c.env.get('CUDA_VISIBLE_DEVICES', 'cpu')}\n" for c in self.commands
+        )
         (self.folder / "pids").write_text(pids)
 
     # ------------------------------------------------------------------ following

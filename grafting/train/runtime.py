@@ -57,9 +57,9 @@ def choose_process_device(requested: str | None, procs: Processes) -> torch.devi
     cuda:LOCAL_RANK (the CPU with --device cpu)."""
     if not procs.distributed:
         return choose_device(requested)
-    # An explicit cuda request stays explicit: without a usable CUDA it stops, it never trains on the CPU.
-    explicit = requested if requested == "cpu" else "cuda" if requested and requested.startswith("cuda") else None
-    device = choose_device(explicit)
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        choose_device(requested)  # raises: an explicit cuda request never trains on the CPU
+    device = choose_device(requested if requested == "cpu" else None)
     if device.type != "cuda":
         return device
     if requested not in (None, "cuda"):
