@@ -197,6 +197,7 @@ def test_quoted_words_come_back_as_they_were() -> None:
     assert shlex.split(quote(words)) == words
 
 
+@pytest.mark.e2e
 def test_the_bash_ring_function_quotes_as_the_launcher_reads(tmp_path: Path) -> None:
     words = ["runs/it's here", "2", "--data", "~/cifar data", "--tag", "$x;`y`", "ü"]
     script = f'source {REPO}/scripts/lib/rings.sh; ring "$@"'
@@ -376,6 +377,7 @@ def test_networks_take_the_least_busy_gpus_and_rings_wait_for_room(tmp_path: Pat
     assert nohup.most_at_once(packed) == 8 and nohup.most_at_once(four) == 4
 
 
+@pytest.mark.e2e
 def test_dry_lines_paste_as_they_are(tmp_path: Path) -> None:
     """Each printed line, run by the shell as it is, starts its network with its log in a folder it creates."""
     cifar(tmp_path / "data", 10)
@@ -400,6 +402,7 @@ def stand_in(tmp_path: Path, net: int, script: str, ring: Path | None = None) ->
     return NetworkCommand(ring=ring, net=net, argv=("bash", "-c", script), log=ring / f"{net}.log")
 
 
+@pytest.mark.e2e
 def test_a_ring_that_finishes(tmp_path: Path) -> None:
     said: list[str] = []
     commands = [stand_in(tmp_path, net, f"echo network {net}") for net in (1, 2)]
@@ -415,6 +418,7 @@ def test_a_ring_that_finishes(tmp_path: Path) -> None:
     assert log[1:] == ["network 1"]
 
 
+@pytest.mark.e2e
 def test_logs_are_appended_with_a_header_per_start(tmp_path: Path) -> None:
     for attempt in (1, 2):
         supervisor = RingSupervisor([stand_in(tmp_path, 1, f"echo attempt {attempt}")], say=lambda line: None)
@@ -425,6 +429,7 @@ def test_logs_are_appended_with_a_header_per_start(tmp_path: Path) -> None:
     assert log[1::2] == ["attempt 1", "attempt 2"]
 
 
+@pytest.mark.e2e
 def test_a_failed_network_stops_its_peers(tmp_path: Path) -> None:
     said: list[str] = []
     commands = [stand_in(tmp_path, 1, "echo 'error: boom'; exit 3"), stand_in(tmp_path, 2, "exec sleep 60")]
@@ -442,6 +447,7 @@ def test_a_failed_network_stops_its_peers(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.e2e
 def test_a_peer_that_ignores_the_stop_is_killed_after_the_grace_period(tmp_path: Path) -> None:
     ready = tmp_path / "ready"  # network 1 fails once network 2 ignores SIGTERM
     commands = [
@@ -454,6 +460,7 @@ def test_a_peer_that_ignores_the_stop_is_killed_after_the_grace_period(tmp_path:
     assert result.outcomes[1].code == -signal.SIGKILL and result.outcomes[1].seconds < 10
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", ["signal", "status"])
 def test_a_network_stopped_by_a_signal_counts_as_stopped_not_failed(tmp_path: Path, how: str) -> None:
     # A stop signal in the seconds before the training script installs its handler kills the process by
@@ -470,6 +477,7 @@ def test_a_network_stopped_by_a_signal_counts_as_stopped_not_failed(tmp_path: Pa
         assert "network 1 stopped by SIGTERM before its handler was installed" in log
 
 
+@pytest.mark.e2e
 def test_the_supervisor_starts_networks_the_way_it_is_given(tmp_path: Path) -> None:
     """Any start function returning a Popen-like handle works (the tests' fork server plugs in here)."""
     started: list[NetworkCommand] = []
@@ -485,6 +493,7 @@ def test_the_supervisor_starts_networks_the_way_it_is_given(tmp_path: Path) -> N
     assert [c.net for c in started] == [1, 2]
 
 
+@pytest.mark.e2e
 def test_a_ring_that_does_not_finish_in_time_is_stopped(tmp_path: Path) -> None:
     said: list[str] = []
     supervisor = RingSupervisor([stand_in(tmp_path, 1, "exec sleep 60")], say=said.append)

@@ -18,62 +18,25 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import one_line
+from conftest import EXPERIMENTS, REPO, data_folders, one_line, plan_script, script_environment
 
 from grafting.errors import UsageError
 from grafting.launch import nohup
-from grafting.launch.cli import banner, help_text, plan_experiment, read_script, run
+from grafting.launch.cli import banner, help_text, read_script, run, script_rings
 from grafting.launch.plan import Plan
 from grafting.launch.settings import read_script_settings
 from grafting.tools import ensemble as ensemble_tool
-
-REPO = Path(__file__).resolve().parent.parent
-EXPERIMENTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if "lib/rings.sh" in p.read_text())
-
-
-def environment(**settings: str) -> dict[str, str]:
-    """Only what the scripts need: settings a developer exported must not leak into the test."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **settings}
-
-
-def data_folders(root: Path) -> None:
-    """Empty stand-ins of the folders the launcher checks before it starts anything: ``data/`` with both
-    CIFAR folders and ``imagenet/`` with ``train/`` and ``val/`` (the scripts' default DATA)."""
-    for folder in ("data/cifar-10-batches-py", "data/cifar-100-python", "imagenet/train", "imagenet/val"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
 
 
 def script_path(script: str | Path) -> Path:
     return script if isinstance(script, Path) else REPO / "scripts" / script
 
 
-def rings_of(script: str | Path, cwd: Path, **settings: str) -> str:
-    """The ring description the script hands over (bash alone: ``X.sh --rings``)."""
-    done = subprocess.run(
-        ["bash", str(script_path(script)), "--rings"],
-        cwd=cwd,
-        env=environment(**settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def plan(script: str | Path, cwd: Path, **settings: str) -> Plan:
-    """The launcher's checked plan of a script with ``settings``, in this process (``cwd`` gets the data folders)."""
-    data_folders(cwd)
-    return plan_experiment(str(script_path(script)), rings_of(script, cwd, **settings), environment(**settings), cwd)
-
-
 def dry_output(script: str | Path, cwd: Path, capsys: pytest.CaptureFixture[str], **settings: str) -> list[str]:
     """What ``DRY=1 X.sh`` prints, planned in this process."""
     data_folders(cwd)
-    text = rings_of(script, cwd, **settings)
-    assert (
-        run(["--script", str(script_path(script))], stdin=text, environ=environment(DRY="1", **settings), cwd=cwd) == 0
-    )
+    path, env = str(script_path(script)), script_environment(DRY="1", **settings)
+    assert run(["--script", path], stdin=script_rings(path, env, cwd), environ=env, cwd=cwd) == 0
     return capsys.readouterr().out.splitlines()
 
 
@@ -91,6 +54,7 @@ def listing(root: Path) -> set[Path]:
 # Every script: its rings, planned and checked
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_command_of_every_script_passes_its_trainers_parser(
     script: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -99,7 +63,7 @@ def test_every_command_of_every_script_passes_its_trainers_parser(
     before = listing(tmp_path)
     lines = dry_output(script, tmp_path, capsys)
     assert listing(tmp_path) == before, "DRY=1 must not create anything"
-    p = plan(script, tmp_path)
+    p = plan_script(script, tmp_path)
     assert lines[0] == banner(p)
     rings: dict[str, list] = defaultdict(list)
     for args in trained(p):
@@ -136,17 +100,19 @@ EXPECTED_NETWORKS = {  # (rings, training commands) of each script with its defa
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", sorted(EXPECTED_NETWORKS))
 def test_default_settings_cover_every_published_row(script: str, tmp_path: Path) -> None:
-    runs = trained(plan(script, tmp_path))
+    runs = trained(plan_script(script, tmp_path))
     assert (len({a.s for a in runs}), len(runs)) == EXPECTED_NETWORKS[script]
     for args in runs:
         assert args.epochs == (90 if script == "imagenet.sh" else 200)
         assert args.lr == 0.1
 
 
+@pytest.mark.e2e
 def test_recipes_of_the_grafting_table(tmp_path: Path) -> None:
-    runs = trained(plan("cifar_grafting.sh", tmp_path))
+    runs = trained(plan_script("cifar_grafting.sh", tmp_path))
     rows = {(a.model, a.cifar, Path(a.s).name.rsplit("_", 1)[1]) for a in runs}
     assert rows == {
         (m, d, r)
@@ -160,22 +126,24 @@ def test_recipes_of_the_grafting_table(tmp_path: Path) -> None:
         assert args.num == 2 and args.level == "layer" and (args.a, args.c) == (0.4, 500.0)
 
 
+@pytest.mark.e2e
 def test_the_a_and_c_study_and_vgg_levels(tmp_path: Path) -> None:
-    pairs = [(a.a, a.c) for a in trained(plan("mobilenetv2_a_c.sh", tmp_path, DATASETS="10")) if a.i == 1]
+    pairs = [(a.a, a.c) for a in trained(plan_script("mobilenetv2_a_c.sh", tmp_path, DATASETS="10")) if a.i == 1]
     assert pairs == [(0.4, c) for c in (1, 5, 10, 50, 500)] + [(a, 100) for a in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)]
-    runs = trained(plan("vgg16_grafting.sh", tmp_path, DATASETS="100"))
+    runs = trained(plan_script("vgg16_grafting.sh", tmp_path, DATASETS="100"))
     assert [(a.num, a.level) for a in runs if a.i == 1] == [(1, "layer"), (2, "layer"), (2, "filter")]
     assert {a.model for a in runs} == {"vgg16"}
     # The published VGG recipe: the same lr for both networks, step schedule; dlr on request.
     assert all((a.difflr, a.cos, a.lr) == (False, False, 0.1) for a in runs)
-    runs = trained(plan("vgg16_grafting.sh", tmp_path, DATASETS="100", METHODS="layer", RECIPE="dlr"))
+    runs = trained(plan_script("vgg16_grafting.sh", tmp_path, DATASETS="100", METHODS="layer", RECIPE="dlr"))
     assert [(a.difflr, a.cos) for a in runs] == [(True, True)] * 2
 
 
+@pytest.mark.e2e
 def test_ensemble_members_are_seeded_apart_and_evaluated_afterwards(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    p = plan("mobilenetv2_networks.sh", tmp_path, DATASETS="100", NETS="3")
+    p = plan_script("mobilenetv2_networks.sh", tmp_path, DATASETS="100", NETS="3")
     members = [a for a in trained(p) if a.num == 1]
     assert [a.seed for a in members] == [0, 1, 2, 3, 4, 5]
     assert all(a.model == "mobilenetv2" and a.cifar == 100 for a in members)
@@ -186,12 +154,13 @@ def test_ensemble_members_are_seeded_apart_and_evaluated_afterwards(
     lines = dry_output("mobilenetv2_networks.sh", tmp_path, capsys, DATASETS="100", NETS="3")
     assert lines[-1].startswith(f"cd {tmp_path} && ") and "scripts/ensemble.py" in lines[-1]
     assert lines[-2] == "# once every ring above has finished well:"
-    assert not plan("mobilenetv2_networks.sh", tmp_path, DATASETS="100", NETS="3", ENSEMBLE="0").after
+    assert not plan_script("mobilenetv2_networks.sh", tmp_path, DATASETS="100", NETS="3", ENSEMBLE="0").after
 
 
+@pytest.mark.e2e
 def test_cultivation_and_ablations(tmp_path: Path) -> None:
     # The ablations: baseline, noise, internal (one network); external entropy and l1, average (two).
-    runs = trained(plan("cifar_ablations.sh", tmp_path, EPOCHS="3"))
+    runs = trained(plan_script("cifar_ablations.sh", tmp_path, EPOCHS="3"))
     assert {(a.num, a.source, a.criterion) for a in runs} == {
         (1, "external", "entropy"),
         (1, "noise", "entropy"),
@@ -202,7 +171,7 @@ def test_cultivation_and_ablations(tmp_path: Path) -> None:
     }
     assert len(runs) == 2 * (3 + 3 * 2) and {a.epochs for a in runs} == {3}
     # Cultivation: the teacher variants wait for their teachers (skipped with a note until they exist).
-    p = plan("cifar_cultivation.sh", tmp_path, MODELS="resnet32", DATASETS="10")
+    p = plan_script("cifar_cultivation.sh", tmp_path, MODELS="resnet32", DATASETS="10")
     assert [(Path(r.folder).name, r.skipped is None) for r in p.rings] == [
         ("resnet32_c10_dlr_kd_peers", True),
         ("resnet32_c10_dlr_kd_teacher", False),
@@ -213,7 +182,7 @@ def test_cultivation_and_ablations(tmp_path: Path) -> None:
         (tmp_path / "runs" / teacher / "best.pt").write_bytes(b"")
     (tmp_path / "runs" / "cifar_grafting/resnet32_c10_dlr/net2").mkdir()
     (tmp_path / "runs" / "cifar_grafting/resnet32_c10_dlr/net2/best.pt").write_bytes(b"")
-    runs = trained(plan("cifar_cultivation.sh", tmp_path, MODELS="resnet32", DATASETS="10"))
+    runs = trained(plan_script("cifar_cultivation.sh", tmp_path, MODELS="resnet32", DATASETS="10"))
     assert {(a.distill, a.kd_temperature, a.kd_soften_teacher, len(a.teacher), a.difflr) for a in runs} == {
         ("peers", 4.0, True, 0, True),
         ("teacher", 4.0, True, 1, True),
@@ -225,10 +194,11 @@ def test_cultivation_and_ablations(tmp_path: Path) -> None:
 # Settings through the scripts
 
 
+@pytest.mark.e2e
 def test_cpu_extra_flags_and_paths_with_spaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "cifar data" / "cifar-100-python").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(tmp_path))  # the launcher expands ~ in paths, as the shell would
-    p = plan(
+    p = plan_script(
         "cifar_baselines.sh",
         tmp_path,
         GPUS="cpu",
@@ -249,18 +219,20 @@ def test_cpu_extra_flags_and_paths_with_spaces(tmp_path: Path, monkeypatch: pyte
     )
 
 
+@pytest.mark.e2e
 def test_gpus_given_with_spaces_go_one_per_network(tmp_path: Path) -> None:
-    p = plan("cifar_grafting.sh", tmp_path, GPUS="0 1", MODELS="resnet20", DATASETS="10", METHODS="dlr")
+    p = plan_script("cifar_grafting.sh", tmp_path, GPUS="0 1", MODELS="resnet20", DATASETS="10", METHODS="dlr")
     assert [line.split(" && ")[1].split()[0] for line in nohup.dry_lines(p)] == [
         "CUDA_VISIBLE_DEVICES=0",
         "CUDA_VISIBLE_DEVICES=1",
     ]
 
 
+@pytest.mark.e2e
 def test_imagenet_networks_on_several_gpus_use_torchrun(tmp_path: Path) -> None:
     from torch.distributed.run import get_args_parser
 
-    p = plan(
+    p = plan_script(
         "imagenet.sh", tmp_path, GPUS="0,1,2,3", GPUS_PER_NET="2", ARCHS="resnet50", METHODS="grafting", RECIPE="step"
     )
     lines = nohup.dry_lines(p)
@@ -296,15 +268,17 @@ def test_imagenet_networks_on_several_gpus_use_torchrun(tmp_path: Path) -> None:
         ({"DATA": "elsewhere"}, "no CIFAR-10 there (cifar-10-batches-py/ is missing)"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_settings_stop_with_one_line_before_anything_starts(
     settings: dict[str, str], message: str, tmp_path: Path
 ) -> None:
     with pytest.raises(UsageError) as refused:
-        plan("cifar_grafting.sh", tmp_path, MODELS=settings.pop("MODELS", "resnet20"), **settings)
+        plan_script("cifar_grafting.sh", tmp_path, MODELS=settings.pop("MODELS", "resnet20"), **settings)
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_gpus_are_checked_with_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "bin"
     folder.mkdir()
@@ -313,29 +287,30 @@ def test_gpus_are_checked_with_nvidia_smi(tmp_path: Path, monkeypatch: pytest.Mo
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
     with pytest.raises(UsageError) as refused:
-        nohup.check_gpus(plan("cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet20").settings)
+        nohup.check_gpus(plan_script("cifar_grafting.sh", tmp_path, GPUS="0,1,2,3", MODELS="resnet20").settings)
     assert str(refused.value) == (
         "GPUS=0,1,2,3: this machine has no GPU 2 (nvidia-smi lists 0,1); set GPUS to those ids, or GPUS=cpu"
     )
-    assert nohup.check_gpus(plan("cifar_grafting.sh", tmp_path, GPUS="1,0", MODELS="resnet20").settings) is None
+    assert nohup.check_gpus(plan_script("cifar_grafting.sh", tmp_path, GPUS="1,0", MODELS="resnet20").settings) is None
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # without nvidia-smi the ids cannot be checked: a warning
-    warning = nohup.check_gpus(plan("cifar_grafting.sh", tmp_path, GPUS="0,1", MODELS="resnet20").settings)
+    warning = nohup.check_gpus(plan_script("cifar_grafting.sh", tmp_path, GPUS="0,1", MODELS="resnet20").settings)
     assert warning and warning.startswith("nvidia-smi not found, so GPUS=0,1 is not checked")
-    assert nohup.check_gpus(plan("cifar_grafting.sh", tmp_path, GPUS="cpu", MODELS="resnet20").settings) is None
+    assert nohup.check_gpus(plan_script("cifar_grafting.sh", tmp_path, GPUS="cpu", MODELS="resnet20").settings) is None
 
 
+@pytest.mark.e2e
 def test_a_ring_that_ran_before_needs_resume(tmp_path: Path) -> None:
     ring = tmp_path / "out" / "resnet20_c10_dlr"
     (ring / "net2").mkdir(parents=True)
     (ring / "net2" / "last.pt").write_bytes(b"")
     settings = {"GPUS": "0,1", "MODELS": "resnet20", "DATASETS": "10", "OUT": "out"}
     with pytest.raises(UsageError) as refused:
-        plan("cifar_grafting.sh", tmp_path, **settings)
+        plan_script("cifar_grafting.sh", tmp_path, **settings)
     assert str(refused.value) == (
         f"{ring}/net2/last.pt exists: that ring has run before; continue it with EXTRA=--resume, or choose another OUT"
     )
     # The advice, followed literally: every network continues what it has, or starts.
-    p = plan("cifar_grafting.sh", tmp_path, EXTRA="--resume", **settings)
+    p = plan_script("cifar_grafting.sh", tmp_path, EXTRA="--resume", **settings)
     assert {a.resume for a in trained(p)} == {"auto"}
 
 
@@ -380,11 +355,14 @@ def queue(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytes
         if name.startswith("STUB_"):
             monkeypatch.setenv(name, value)
     ring_settings = {k: v for k, v in settings.items() if not k.startswith("STUB_")}
-    p = plan("cifar_grafting.sh", tmp_path, MODELS="resnet20", DATASETS="10", OUT="out", POLL="1", **ring_settings)
+    p = plan_script(
+        "cifar_grafting.sh", tmp_path, MODELS="resnet20", DATASETS="10", OUT="out", POLL="1", **ring_settings
+    )
     code = nohup.Queue(p, results="(results)").run()
     return code, capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_queue_runs_rings_one_after_another_when_gpus_are_short(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -404,6 +382,7 @@ def test_queue_runs_rings_one_after_another_when_gpus_are_short(
     assert f"ring {second} finished: " in out
 
 
+@pytest.mark.e2e
 def test_a_failed_network_stops_its_ring_and_the_queue_moves_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -417,6 +396,7 @@ def test_a_failed_network_stops_its_ring_and_the_queue_moves_on(
     assert len(events(tmp_path / "out" / "resnet20_c10_dlr")["end"]) == 2
 
 
+@pytest.mark.e2e
 def test_network_logs_are_appended_with_a_header_per_start(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -441,10 +421,17 @@ def test_network_logs_are_appended_with_a_header_per_start(
 def test_help_and_a_refused_setting_through_the_script(tmp_path: Path) -> None:
     data_folders(tmp_path)
     script = str(REPO / "scripts" / "cifar_grafting.sh")
-    shown = subprocess.run(["bash", script, "--help"], env=environment(), capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        ["bash", script, "--help"], env=script_environment(), capture_output=True, text=True, timeout=120
+    )
     assert shown.returncode == 0 and "  EPOCHS         '200'" in shown.stdout and "  THROTTLE " in shown.stdout
     refused = subprocess.run(
-        ["bash", script], cwd=tmp_path, env=environment(MODEL="resnet20"), capture_output=True, text=True, timeout=120
+        ["bash", script],
+        cwd=tmp_path,
+        env=script_environment(MODEL="resnet20"),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert refused.returncode == 2 and refused.stdout == ""
     assert one_line(refused.stderr).startswith(
@@ -460,7 +447,7 @@ def test_queue_detaches_and_logs_to_queue_log(tmp_path: Path) -> None:
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "cifar_baselines.sh")],
         cwd=tmp_path,
-        env=environment(PYTHON=stub(tmp_path), GPUS="0", MODELS="resnet20", DATASETS="10 100", OUT="out"),
+        env=script_environment(PYTHON=stub(tmp_path), GPUS="0", MODELS="resnet20", DATASETS="10 100", OUT="out"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -481,7 +468,7 @@ def test_queue_detaches_and_logs_to_queue_log(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_missing_data_advice_downloads_into_the_folder_the_script_reads(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as refused:
-        plan("cifar_baselines.sh", tmp_path, DATA="elsewhere", DATASETS="100", MODELS="resnet20")
+        plan_script("cifar_baselines.sh", tmp_path, DATA="elsewhere", DATASETS="100", MODELS="resnet20")
     command = shlex.split(str(refused.value).split("download it: ", 1)[1])
     assert command[-4:] == ["download", str(tmp_path / "elsewhere"), "--cifar", "100"], command
     # Followed literally where the internet is out of reach (a proxy that refuses at once): it tries that

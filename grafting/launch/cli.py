@@ -26,7 +26,7 @@ from grafting.launch.settings import LAUNCHER_SETTINGS, ScriptSetting, Settings,
 from grafting.launch.supervisor import ring_result_line
 from grafting.train.cli import ArgumentParser
 
-__all__ = ["main", "run", "help_text", "banner"]
+__all__ = ["main", "run", "help_text", "banner", "plan_experiment", "script_rings", "read_script"]
 
 # Set in the queue that runs in the background, so that it does not detach again.
 DETACHED = "GRAFT_LAUNCH_DETACHED"
@@ -121,6 +121,22 @@ def read_script(script: str | None, cwd: Path) -> tuple[str, str]:
         return path.name, path.read_text()
     except OSError as err:
         raise UsageError(f"--script {script}: cannot read it ({err.strerror or err})") from None
+
+
+def script_rings(script: str, environ: Mapping[str, str], cwd: Path) -> str:
+    """The ring description an experiment script prints with ``--rings`` (bash alone, no Python)."""
+    done = subprocess.run(
+        ["bash", str(absolute(script, cwd)), "--rings"],
+        cwd=cwd,
+        env=dict(environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines()
+        raise UsageError(f"{script} --rings failed: {said[-1] if said else f'exit {done.returncode}'}")
+    return done.stdout
 
 
 def plan_experiment(script: str | None, description: str | Description, environ: Mapping[str, str], cwd: Path) -> Plan:
