@@ -147,6 +147,8 @@ def test_a_time_limit_within_the_signal_lead_is_refused() -> None:
         with pytest.raises(UsageError) as refused:
             settings_of({"LAUNCHER": "slurm", "TIME": short})
         assert "leaves no time to train" in str(refused.value) and "at least 5:00" in str(refused.value)
+    with pytest.raises(UsageError, match="SBATCH_EXTRA --time=2:00 is too short"):  # it would replace TIME's line
+        settings_of({"LAUNCHER": "slurm", "TIME": "1:00:00", "SBATCH_EXTRA": "--time=2:00"})
     assert parse_time("5:00") == MIN_TIME_S
     settings_of({"LAUNCHER": "slurm", "TIME": "5:00"})
     settings_of({"LAUNCHER": "nohup", "TIME": "3:00"})  # nohup has no time limit

@@ -153,6 +153,20 @@ def parse_time(text: str) -> int:
     return numbers[0] * 3600 + numbers[1] * 60 + numbers[2]
 
 
+def _check_time(name: str, time: str, launcher: str) -> None:
+    """A Slurm time limit, long enough to train between a start and the stop signal before the limit."""
+    try:
+        seconds = parse_time(time)
+    except ValueError:
+        raise UsageError(f"{name} must be a Slurm time limit like 24:00:00 or 2-00:00:00, got '{time}'") from None
+    if launcher == "slurm" and seconds < MIN_TIME_S:
+        raise UsageError(
+            f"{name}={time} is too short: Slurm sends the stop signal {SIGNAL_LEAD_S} s (up to "
+            f"{SIGNAL_LEAD_S + 60} s) before the time limit, which leaves no time to train; give a time limit of "
+            f"at least {MIN_TIME_S // 60}:00"
+        )
+
+
 def _count(name: str, text: str, *, zero: bool = False) -> int:
     if not re.fullmatch(r"[0-9]+", text) or (not zero and int(text) == 0):
         kind = "a whole number (0: none)" if zero else "a positive whole number"
@@ -280,16 +294,7 @@ def read_settings(
         raise UsageError(f"MEM_PER_NET must be a size like 16G or 4000M, got '{mem}'")
     time = values["TIME"]
     if time:
-        try:
-            seconds = parse_time(time)
-        except ValueError:
-            raise UsageError(f"TIME must be a Slurm time limit like 24:00:00 or 2-00:00:00, got '{time}'") from None
-        if launcher == "slurm" and seconds < MIN_TIME_S:
-            raise UsageError(
-                f"TIME={time} is too short: Slurm sends the stop signal {SIGNAL_LEAD_S} s (up to "
-                f"{SIGNAL_LEAD_S + 60} s) before the time limit, which leaves no time to train; give TIME of at "
-                f"least {MIN_TIME_S // 60}:00"
-            )
+        _check_time("TIME", time, launcher)
     try:
         extra = shlex.split(values["EXTRA"])
     except ValueError as err:
@@ -323,6 +328,8 @@ def read_settings(
     for option in settings.sbatch_extra:
         if not re.fullmatch(r"--[a-z][a-z-]*(=\S+)?", option):
             raise UsageError(f"SBATCH_EXTRA: '{option}' is not an sbatch option in the --option=value form")
+        if option.startswith("--time="):  # it replaces TIME's line: the same limits apply
+            _check_time("SBATCH_EXTRA --time", option.partition("=")[2], launcher)
     if settings.nodes_per_net > 1:
         if launcher != "slurm":
             raise UsageError(
