@@ -4,8 +4,8 @@ launcher (grafting/launch).
 Most tests plan a script in this process: bash prints the script's ring description (``X.sh --rings``, no
 Python), and the launcher plans it here, every network's command through its trainer's parser. The queue
 runs here too, with a stand-in interpreter for the networks. A few tests run a script for real: ``--help``,
-a refused setting, the queue that detaches, and the download advice followed literally. The real training
-runs through the scripts are in test_slurm.py (the nohup queue and Slurm, on the same ring).
+a refused setting, the queue that detaches, the download advice followed literally, and the quickstart. The
+real training runs through the scripts are in test_slurm.py (the nohup queue and Slurm, on the same ring).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import EXPERIMENTS, REPO, data_folders, one_line, plan_script, script_environment
 
+from grafting.data.fake import write_fake_cifar
 from grafting.errors import UsageError
 from grafting.launch import nohup
 from grafting.launch.cli import banner, help_text, read_script, run, script_rings
@@ -478,3 +479,32 @@ def test_missing_data_advice_downloads_into_the_folder_the_script_reads(tmp_path
     assert done.returncode == 1, done.stderr
     line = done.stderr.strip()
     assert "\n" not in line and f"could not download CIFAR-100 into {tmp_path / 'elsewhere'}" in line, line
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_quickstart_trains_two_grafted_networks_with_the_launcher(tmp_path: Path) -> None:
+    """bash scripts/quickstart.sh as the README prints it, in a folder laid out like the checkout (its data/ and
+    runs/ its own), offline, on a small stand-in already in place, for one epoch."""
+    workspace = tmp_path / "checkout"
+    workspace.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in ("data", "runs", ".git", ".pytest_cache"):
+            (workspace / entry.name).symlink_to(entry)
+    write_fake_cifar(workspace / "data" / "generated-cifar10", 10, train_size=64, test_size=32)
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    done = subprocess.run(
+        ["bash", "scripts/quickstart.sh"],
+        cwd=workspace,
+        env={**env, **offline, "EPOCHS": "1", "RUN": "runs/qs"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    ring = workspace / "runs" / "qs"
+    assert "data: GENERATED stand-in in data/generated-cifar10" in done.stdout
+    assert f"ring {ring} finished: resnet20 cifar10 slr, 2 network(s), 1 epochs" in done.stdout, done.stdout
+    for net in (1, 2):
+        assert (ring / f"{net}.log").read_text().startswith("==== ") and (ring / f"net{net}" / "last.pt").exists()
