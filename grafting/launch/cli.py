@@ -179,6 +179,12 @@ def _detach(settings: Settings, argv: Sequence[str], stdin: str, environ: Mappin
     return 0
 
 
+def _results_command(out: Path) -> str:
+    """The command that shows the experiment's results: the checkout's script, or the installed console command."""
+    script = REPO / "scripts" / "summarize.py"
+    return quote([sys.executable, str(script), str(out)] if script.is_file() else ["graft-summary", str(out)])
+
+
 def _pythonpath(environ: Mapping[str, str]) -> str:
     parts = [str(REPO), *filter(None, environ.get("PYTHONPATH", "").split(os.pathsep))]
     return os.pathsep.join(dict.fromkeys(parts))
@@ -211,7 +217,7 @@ def run(
         description = stdin_text = sys.stdin.read() if stdin is None else stdin
     plan = plan_experiment(args.script, description, environ, cwd)
     settings = plan.settings
-    results = quote([sys.executable, str(REPO / "scripts" / "summarize.py"), str(settings.out)])
+    results = _results_command(settings.out)
     if settings.launcher == "nohup":
         warning = nohup.check_gpus(settings)
         if warning:
