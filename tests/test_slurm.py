@@ -787,3 +787,5 @@ def test_local_slurm_leaves_a_foreign_controller_on_the_default_ports_alone(tmp_
     finally:
         if controller is not None:
             os.kill(controller, signal.SIGTERM)
+            wait_for(lambda: not Path(f"/proc/{controller}").exists(), "the foreign controller to stop", folder, 60)
+        local_slurm("stop")  # and the munged it started, now that no other cluster needs it

@@ -12,7 +12,7 @@
 #   - its own name (GRAFTING_SLURM_CLUSTER, default grafting-local) and ports (GRAFTING_SLURM_PORT for
 #     slurmctld, default 16817, and the next one for slurmd), not Slurm's defaults 6817/6818;
 #   - its own folder, GRAFTING_SLURM_DIR (default /tmp/grafting-slurm): slurm.conf, state, spool, logs and
-#     pid files. /etc/slurm is not touched, so the client commands need SLURM_CONF=<folder>/slurm.conf
+#     pid files (munged's, when this script starts it, in /run/munge/munged-<cluster>.pid). /etc/slurm is not touched, so the client commands need SLURM_CONF=<folder>/slurm.conf
 #     (jobs inherit it from the submitting shell);
 #   - every command it sends first asks the controller that answers for its cluster name, and does nothing
 #     when that is not this cluster's: status fails, stop cancels nothing, start refuses.
@@ -25,6 +25,7 @@ DIR="${GRAFTING_SLURM_DIR:-/tmp/grafting-slurm}"
 CLUSTER="${GRAFTING_SLURM_CLUSTER:-grafting-local}"
 PORT="${GRAFTING_SLURM_PORT:-16817}"  # slurmctld; slurmd listens on the next port
 CONF="$DIR/slurm.conf"
+MUNGED_PID="/run/munge/munged-$CLUSTER.pid"  # the munged this script started, if it started one
 START_TIMEOUT_S="${START_TIMEOUT_S:-60}"
 
 die() {
@@ -62,9 +63,8 @@ start_munge() {
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge/munge.key
     chmod 0755 /run/munge
-    mkdir -p "$DIR/munge"
-    chown munge:munge "$DIR/munge"  # munged runs as munge and writes its pid file there
-    runuser -u munge -- munged --pid-file="$DIR/munge/munged.pid" || die "munged did not start (see /var/log/munge/munged.log)"
+    # munged runs as munge: its pid file goes to munge's own folder (DIR may sit in a folder munge cannot enter).
+    runuser -u munge -- munged --pid-file="$MUNGED_PID" || die "munged did not start (see /var/log/munge/munged.log)"
     for _ in $(seq 50); do munge_works && return 0; sleep 0.1; done
     die "munged started but munge -n | unmunge fails (see /var/log/munge/munged.log)"
 }
@@ -170,7 +170,7 @@ cancel_jobs() {
 other_slurm_daemons() {
     # Whether a slurmctld or slurmd runs that is not this cluster's (it needs munged).
     local pid
-    for pid in $(pgrep -x 'slurmctld|slurmd' || true); do
+    for pid in $(pgrep -x slurmctld || true) $(pgrep -x slurmd || true); do
         daemon_of_ours "$pid" "$(ps -p "$pid" -o comm=)" || return 0
     done
     return 1
@@ -182,9 +182,9 @@ stop_cluster() {
     stop_pidfile "$DIR/slurmctld.pid" slurmctld
     # Only the munged this script started, and only when no other cluster's daemon relies on it.
     if other_slurm_daemons; then
-        [[ ! -s "$DIR/munge/munged.pid" ]] || say "munged keeps running: another cluster's Slurm daemons use it"
+        [[ ! -s "$MUNGED_PID" ]] || say "munged keeps running: another cluster's Slurm daemons use it"
     else
-        stop_pidfile "$DIR/munge/munged.pid" munged
+        stop_pidfile "$MUNGED_PID" munged
     fi
 }
 
