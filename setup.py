@@ -23,6 +23,7 @@ setup(
             "graft-summary=grafting.tools.summary:main",
             "graft-plot=grafting.tools.plot:main",
             "graft-data=grafting.tools.data:main",
+            "graft-launch=grafting.launch.cli:main",
         ]
     },
 )

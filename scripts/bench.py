@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ import torch
 
 from grafting.checkpoint import write_text_atomic
 from grafting.errors import first_line
+from grafting.launch.supervisor import NetworkCommand, RingSupervisor
 from grafting.ring.layout import SharedFolder
 from grafting.train.report import read_metrics
 
@@ -154,15 +154,17 @@ def harmonic_mean(values: list[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-def summarise(nets: int, net: int, run_s: float, usage: os.struct_rusage, records: list[dict[str, Any]]) -> NetRun:
+def summarise(
+    nets: int, net: int, run_s: float, usage: os.struct_rusage | None, records: list[dict[str, Any]]
+) -> NetRun:
     """Fold one process's metrics.jsonl records and resource usage into a table row."""
     epochs = epoch_rows(records)
     run = NetRun(
         nets=nets,
         net=net,
         run_s=run_s,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        rss_gib=usage.ru_maxrss * 1024 / 2**30,
+        cpu_s=usage.ru_utime + usage.ru_stime if usage else 0.0,
+        rss_gib=usage.ru_maxrss * 1024 / 2**30 if usage else 0.0,
         epochs=epochs,
     )  # ru_maxrss is in KiB on Linux
     if not epochs:
@@ -186,7 +188,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def run_ring(nets: int, variant: str, args: argparse.Namespace, data: Path, work: Path) -> Ring:
-    """Start ``nets`` training processes side by side; wait for all (at most --ring-timeout seconds).
+    """Start ``nets`` training processes side by side with the launcher's ring supervisor; wait for all (at
+    most --ring-timeout seconds).
 
     A network that fails stops the ring (its peers would wait for it forever); the ring then carries
     the error and the end of that network's log.
@@ -195,64 +198,56 @@ def run_ring(nets: int, variant: str, args: argparse.Namespace, data: Path, work
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shared = SharedFolder(folder / "shared")
-    ring = Ring(variant=variant, nets=nets)
-    procs: dict[int, tuple[subprocess.Popen, Path]] = {}
-    start = time.perf_counter()
-    for net in range(1, nets + 1):
-        log_path = folder / f"net{net}.log"
-        command = [
-            sys.executable,
-            str(TRAIN_SCRIPT),
-            "--data",
-            str(data),
-            "--s",
-            str(shared.root),
-            "--num",
-            str(nets),
-            "--i",
-            str(net),
-            "--model",
-            args.model,
-            "--cifar",
-            "10",
-            "--epochs",
-            str(args.epochs),
-            "--device",
-            args.device,
-            "--print-freq",
-            "0",
-            *VARIANTS[variant],
-            *args.train_args,
-        ]
-        with open(log_path, "w") as log:
-            procs[net] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log_path)
-    finished: dict[int, NetRun] = {}
-    try:
-        while len(finished) < nets and ring.error is None:
-            for net, (proc, log_path) in procs.items():
-                if net in finished:
-                    continue
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # rusage of exactly this child
-                if pid == 0:
-                    continue
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                if proc.returncode != 0:
-                    ring.error = (
-                        f"network {net} of {nets} exited with {proc.returncode}; end of {log_path}:\n{_tail(log_path)}"
-                    )
-                    break
-                records = read_metrics(shared.network(net).metrics)
-                finished[net] = summarise(nets, net, time.perf_counter() - start, usage, records)
-            if args.ring_timeout and time.perf_counter() - start > args.ring_timeout and ring.error is None:
-                ring.error = f"the ring of {nets} did not finish within --ring-timeout {args.ring_timeout:g} s"
-            time.sleep(0.05)
-    finally:
-        for proc, _ in procs.values():
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-    ring.wall_s = time.perf_counter() - start
-    ring.networks = [finished[net] for net in sorted(finished)]
+    flags = [
+        "--data",
+        str(data),
+        "--s",
+        str(shared.root),
+        "--num",
+        str(nets),
+        "--model",
+        args.model,
+        "--cifar",
+        "10",
+        "--epochs",
+        str(args.epochs),
+        "--device",
+        args.device,
+        "--print-freq",
+        "0",
+        *VARIANTS[variant],
+        *args.train_args,
+    ]
+    commands = [
+        NetworkCommand(
+            ring=folder,
+            net=net,
+            argv=(sys.executable, str(TRAIN_SCRIPT), *flags, "--i", str(net)),
+            log=folder / f"net{net}.log",
+            where=args.device,
+        )
+        for net in range(1, nets + 1)
+    ]
+    supervisor = RingSupervisor(commands, say=lambda line: None, grace_s=5, started_by="scripts/bench.py")
+    supervisor.start()
+    result = supervisor.wait(timeout=args.ring_timeout or None, poll_s=0.05)
+    ring = Ring(variant=variant, nets=nets, wall_s=max((o.seconds for o in result.outcomes), default=0.0))
+    failed = [o for o in result.outcomes if o.kind != "finished"]
+    if failed:
+        timed_out = args.ring_timeout and ring.wall_s >= args.ring_timeout
+        first = next((o for o in failed if o.kind == "failed"), failed[0])
+        log_path = folder / f"net{first.net}.log"
+        ring.error = (
+            f"the ring of {nets} did not finish within --ring-timeout {args.ring_timeout:g} s"
+            if timed_out
+            else f"network {first.net} of {nets} exited with {first.code}; end of {log_path}:\n{_tail(log_path)}"
+        )
+        return ring
+    for outcome in result.outcomes:
+        handle = supervisor.handles[outcome.net]
+        usage = getattr(handle, "usage", None)  # the default start (a child process) keeps its rusage
+        records = read_metrics(shared.network(outcome.net).metrics)
+        ring.networks.append(summarise(nets, outcome.net, outcome.seconds, usage, records))
     return ring
 
 

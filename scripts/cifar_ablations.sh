@@ -15,18 +15,19 @@
 #                                                                          (--graft-source filter-entropy)
 #
 #   scripts/cifar_ablations.sh                        the whole set for resnet32 on CIFAR-10 and CIFAR-100, queued
-#   DRY=1 scripts/cifar_ablations.sh                  print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_ablations.sh  one Slurm job per ring (docs/slurm.md)
+#   DRY=1 scripts/cifar_ablations.sh                  check, then print the commands; run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_ablations.sh  Slurm job arrays, a task per ring (docs/slurm.md)
 #   GPUS=0,1,2,3 MODELS=resnet56 DATASETS=10 ABLATIONS="noise internal" scripts/cifar_ablations.sh
+#   scripts/cifar_ablations.sh --help                 every setting with its default
 #
 # Each run's <ring>/net<i>/config.json records 'source' and 'criterion', which scripts/summarize.py uses to
 # label the rows. Every ablation uses the same RECIPE (default slr: lr 0.1, x0.1 every 60 epochs). Queue and
 # GPUs as in the other scripts: one GPU per network, rings queued as GPUs free up (9 GPU-runs per model and
 # dataset). Rerunning over existing folders needs EXTRA=--resume. Settings below can also come from the environment.
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/rings.sh"
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
-LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: job arrays
 TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
 CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
 MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
@@ -34,35 +35,29 @@ DATA="${DATA:-data}"                                    # holds cifar-10-batches
 OUT="${OUT:-runs/cifar_ablations}"
 EPOCHS="${EPOCHS:-200}"
 MODELS="${MODELS:-resnet32}"
-DATASETS="${DATASETS:-10 100}"
-ABLATIONS="${ABLATIONS:-baseline noise internal external l1 average}"
-RECIPE="${RECIPE:-slr}"                                 # slr, dlr or cos, the same for every ablation
+DATASETS="${DATASETS:-10 100}"                          # any of: 10 100
+ABLATIONS="${ABLATIONS:-baseline noise internal external l1 average}"  # any of: baseline noise internal external l1 average filter-entropy
+RECIPE="${RECIPE:-slr}"                                 # one of: slr dlr cos (the same for every ablation)
 NUM="${NUM:-2}"                                         # networks of the exchanging ablations
 THRESHOLD="${THRESHOLD:-0.1}"                           # l1 norm under which a filter is invalid (filter-entropy: entropy)
 
-source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
-check_choices DATASETS "$DATASETS" 10 100
-check_choices ABLATIONS "$ABLATIONS" baseline noise internal external l1 average filter-entropy
-check_choices RECIPE "$RECIPE" slr dlr cos
-check_cifar_data "$DATA" "$DATASETS"
-
+# The rings, one line each: ring FOLDER NETWORKS TRAINING-FLAGS...
 rings() {
     for model in $MODELS; do
         for cifar in $DATASETS; do
-            common=(--model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS"
-                    --invalid-threshold "$THRESHOLD")
-            read -r -a recipe <<< "$(recipe_flags "$RECIPE")"
+            common=(--model "$model" --cifar "$cifar" --data "$DATA" --epochs "$EPOCHS" --invalid-threshold "$THRESHOLD")
             for ablation in $ABLATIONS; do
-                ring="$OUT/${model}_c${cifar}_${ablation}"
+                folder="$OUT/${model}_c${cifar}_${ablation}"
                 case "$ablation" in
-                    baseline) launch_ring "$ring" 1 -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" ;;
-                    noise|internal) launch_ring "$ring" 1 -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --graft-source "$ablation" ;;
-                    external) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --criterion entropy ;;
-                    l1) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --criterion l1 ;;
-                    average|filter-entropy) launch_ring "$ring" "$NUM" -- "${common[@]}" "${recipe[@]+"${recipe[@]}"}" --graft-source "$ablation" ;;
+                    baseline) ring "$folder" 1 "${common[@]}" $(recipe "$RECIPE") ;;
+                    noise|internal) ring "$folder" 1 "${common[@]}" $(recipe "$RECIPE") --graft-source "$ablation" ;;
+                    external) ring "$folder" "$NUM" "${common[@]}" $(recipe "$RECIPE") --criterion entropy ;;
+                    l1) ring "$folder" "$NUM" "${common[@]}" $(recipe "$RECIPE") --criterion l1 ;;
+                    average|filter-entropy)
+                        ring "$folder" "$NUM" "${common[@]}" $(recipe "$RECIPE") --graft-source "$ablation" ;;
                 esac
             done
         done
     done
 }
-run_rings rings "$@"
+launch "$@"

@@ -15,19 +15,20 @@
 #                     (GRAFTED_RUNS/<model>_c<cifar>_dlr/net*/best.pt).
 #
 #   scripts/cifar_cultivation.sh                      every variant for every model and dataset, queued
-#   DRY=1 scripts/cifar_cultivation.sh                print the commands, run nothing
-#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_cultivation.sh  one Slurm job per ring (docs/slurm.md)
+#   DRY=1 scripts/cifar_cultivation.sh                check, then print the commands; run nothing
+#   LAUNCHER=slurm PARTITION=gpu scripts/cifar_cultivation.sh  one Slurm job array, a task per ring (docs/slurm.md)
 #   GPUS=0,1 MODELS=resnet56 DATASETS=100 VARIANTS=peers scripts/cifar_cultivation.sh
+#   scripts/cifar_cultivation.sh --help               every setting with its default
 #
-# 'teacher', 'authors' and 'grafted-teachers' need their teachers' checkpoints: run scripts/cifar_baselines.sh and
-# scripts/cifar_grafting.sh first (with the same OUT layout); a variant whose teacher is missing is skipped with
-# a note in $OUT/queue.log. Queue and GPUs as in the other scripts (one GPU per network, rings queued; a
+# 'teacher', 'authors' and 'grafted-teachers' need their teachers' checkpoints: run scripts/cifar_baselines.sh
+# and scripts/cifar_grafting.sh first (with the same OUT layout); a ring whose teacher is missing is skipped with
+# a note (also with DRY=1). Queue and GPUs as in the other scripts (one GPU per network, rings queued; a
 # distilling network also runs its teacher's forward pass, about +30% time). Rerunning needs EXTRA=--resume.
 # Results: python scripts/summarize.py $OUT. Settings below can also be given in the environment.
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/rings.sh"
 
 GPUS="${GPUS:-0,1}"                                     # GPU ids, or cpu
-LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job per ring
+LAUNCHER="${LAUNCHER:-nohup}"                           # nohup: processes on this machine; slurm: a job array
 TIME="${TIME:-12:00:00}"                                # slurm: time limit of a ring's job (it requeues itself)
 CPUS_PER_NET="${CPUS_PER_NET:-4}"                       # slurm: cores of each network
 MEM_PER_NET="${MEM_PER_NET:-16G}"                       # slurm: memory of each network
@@ -35,70 +36,42 @@ DATA="${DATA:-data}"                                    # holds cifar-10-batches
 OUT="${OUT:-runs/cifar_cultivation}"
 EPOCHS="${EPOCHS:-200}"
 MODELS="${MODELS:-resnet32 resnet56 resnet110 mobilenetv2}"
-DATASETS="${DATASETS:-10 100}"
-VARIANTS="${VARIANTS:-peers teacher authors grafted-teachers}"
+DATASETS="${DATASETS:-10 100}"                          # any of: 10 100
+VARIANTS="${VARIANTS:-peers teacher authors grafted-teachers}"  # any of: peers teacher authors grafted-teachers
 NUM="${NUM:-2}"                                         # networks per ring
 KD_T="${KD_T:-4}"                                       # temperature of the textbook variants
 KD_WEIGHT="${KD_WEIGHT:-1}"                             # lambda
-TEACHER_RUNS="${TEACHER_RUNS:-runs/cifar_baselines}"   # where 'teacher' and 'authors' find their teachers
+TEACHER_RUNS="${TEACHER_RUNS:-runs/cifar_baselines}"    # where 'teacher' and 'authors' find their teachers
 GRAFTED_RUNS="${GRAFTED_RUNS:-runs/cifar_grafting}"     # where 'grafted-teachers' finds its teachers
 
-source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
-check_choices DATASETS "$DATASETS" 10 100
-check_choices VARIANTS "$VARIANTS" peers teacher authors grafted-teachers
-check_cifar_data "$DATA" "$DATASETS"
-
-# teacher_flags VARIANT MODEL CIFAR: the --teacher flags of a variant, one word per line (empty when missing).
-teacher_flags() {
-    local paths=() path net
-    if [[ "$1" == teacher || "$1" == authors ]]; then
-        paths=("$(_abspath "$TEACHER_RUNS")/${2}_c${3}_baseline/net1/best.pt")
-    else
-        for (( net = 1; net <= NUM; net++ )); do
-            paths+=("$(_abspath "$GRAFTED_RUNS")/${2}_c${3}_dlr/net${net}/best.pt")
-        done
-    fi
-    for path in "${paths[@]}"; do
-        if [[ "$DRY" != 1 && ! -f "$path" ]]; then
-            echo_note "skipping $1 for $2 on CIFAR-$3: teacher $path is missing" >&2
-            return 0
-        fi
-    done
-    for path in "${paths[@]}"; do printf '%s\n%s\n' --teacher "$path"; done
-}
-
+# The rings, one line each: ring FOLDER NETWORKS TRAINING-FLAGS...
 rings() {
     for model in $MODELS; do
         for cifar in $DATASETS; do
+            common=(--model "$model" --cifar "$cifar" --data "$DATA" --epochs "$EPOCHS")
+            baseline="$TEACHER_RUNS/${model}_c${cifar}_baseline/net1/best.pt"
+            authors_form=(--kd-temperature 2 --kd-weight 1 --no-kd-soften-teacher)
             for variant in $VARIANTS; do
-                common=(--model "$model" --cifar "$cifar" --data "$(_abspath "$DATA")" --epochs "$EPOCHS")
                 case "$variant" in
                     peers)
-                        # shellcheck disable=SC2046  # the recipe's flags are separate words
-                        launch_ring "$OUT/${model}_c${cifar}_dlr_kd_peers" "$NUM" -- "${common[@]}" $(recipe_flags dlr) \
-                            --distill peers --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT"
-                        ;;
-                    teacher|authors|grafted-teachers)
-                        mapfile -t teachers < <(teacher_flags "$variant" "$model" "$cifar")
-                        (( ${#teachers[@]} > 0 )) || continue
-                        authors_form=(--distill teacher "${teachers[@]}" --kd-temperature 2 --kd-weight 1 --no-kd-soften-teacher)
-                        if [[ "$variant" == teacher ]]; then
-                            # shellcheck disable=SC2046
-                            launch_ring "$OUT/${model}_c${cifar}_dlr_kd_teacher" "$NUM" -- "${common[@]}" $(recipe_flags dlr) \
-                                --distill teacher "${teachers[@]}" --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT"
-                        elif [[ "$variant" == authors ]]; then
-                            # shellcheck disable=SC2046
-                            launch_ring "$OUT/${model}_c${cifar}_slr_kd_authors" 1 -- "${common[@]}" $(recipe_flags slr) \
-                                "${authors_form[@]}"
-                        else
-                            # shellcheck disable=SC2046
-                            launch_ring "$OUT/${model}_c${cifar}_slr_kd_grafted" "$NUM" -- "${common[@]}" $(recipe_flags slr) \
-                                "${authors_form[@]}"
-                        fi
-                        ;;
+                        ring "$OUT/${model}_c${cifar}_dlr_kd_peers" "$NUM" "${common[@]}" $(recipe dlr) \
+                            --distill peers --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT" ;;
+                    teacher)
+                        ring "$OUT/${model}_c${cifar}_dlr_kd_teacher" "$NUM" "${common[@]}" $(recipe dlr) \
+                            --distill teacher --teacher "$baseline" --kd-temperature "$KD_T" --kd-weight "$KD_WEIGHT" ;;
+                    authors)
+                        ring "$OUT/${model}_c${cifar}_slr_kd_authors" 1 "${common[@]}" $(recipe slr) \
+                            --distill teacher --teacher "$baseline" "${authors_form[@]}" ;;
+                    grafted-teachers)
+                        teachers=()
+                        for (( net = 1; net <= NUM; net++ )); do
+                            teachers+=(--teacher "$GRAFTED_RUNS/${model}_c${cifar}_dlr/net$net/best.pt")
+                        done
+                        ring "$OUT/${model}_c${cifar}_slr_kd_grafted" "$NUM" "${common[@]}" $(recipe slr) \
+                            --distill teacher "${teachers[@]}" "${authors_form[@]}" ;;
                 esac
             done
         done
     done
 }
-run_rings rings "$@"
+launch "$@"

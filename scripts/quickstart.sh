@@ -71,57 +71,13 @@ if [ "$generated" = 0 ] && [ "$device" = cpu ]; then
 fi
 
 # ---------------------------------------------------------------- two networks, one process each
-mkdir -p "$RUN"
-pids=()
-for i in 1 2; do
-    graft-cifar --data "$DATA" --s "$RUN" --num 2 --i "$i" --model resnet20 --epochs "$epochs" \
-        --device "$device" >"$RUN/net$i.log" 2>&1 &
-    pids+=("$!")
-done
-stop_networks() { kill "${pids[@]}" 2>/dev/null || true; }
-trap 'stop_networks; say "interrupted"; exit 130' INT TERM
-
-say "started network 1 (pid ${pids[0]}) and network 2 (pid ${pids[1]}): resnet20, $epochs epochs on $device"
-say "logs:        $RUN/net1.log  $RUN/net2.log   (follow with: tail -f $RUN/net1.log)"
-say "checkpoints: $RUN/net1/{last,best}.pt  $RUN/net2/{last,best}.pt"
-say "TensorBoard: tensorboard --logdir $RUN/tb"
-say "waiting for both networks ..."
-
-# A network that fails leaves its peer waiting forever for the next exchange: stop the peer too.
-status=(running running)
-while [[ " ${status[*]} " == *" running "* || " ${status[*]} " == *" stopping "* ]]; do
-    wait -n || true
-    for n in 0 1; do
-        if [[ "${status[$n]}" == running || "${status[$n]}" == stopping ]] && ! kill -0 "${pids[$n]}" 2>/dev/null; then
-            if wait "${pids[$n]}"; then status[$n]=ok
-            elif [ "${status[$n]}" = stopping ]; then status[$n]=stopped
-            else status[$n]=failed; fi
-        fi
-    done
-    if [[ " ${status[*]} " == *" failed "* ]]; then
-        for n in 0 1; do
-            if [ "${status[$n]}" = running ]; then status[$n]=stopping; kill "${pids[$n]}" 2>/dev/null || true; fi
-        done
-    fi
-done
-trap - INT TERM
-
-# ---------------------------------------------------------------- results
-failed=0
-for n in 0 1; do
-    i=$((n + 1))
-    if [ "${status[$n]}" = ok ]; then
-        say "network $i: $(grep -E "epoch $epochs/$epochs \|" "$RUN/net$i.log" | tail -n 1)"
-    elif [ "${status[$n]}" = stopped ]; then
-        failed=1
-        say "network $i: stopped, because its peer failed (it would have waited for the peer forever)"
-    else
-        failed=1
-        say "network $i FAILED; last lines of $RUN/net$i.log:"
-        tail -n 5 "$RUN/net$i.log" | sed 's/^/    /'
-    fi
-done
-if [ "$failed" = 1 ]; then
+# graft-launch starts them, follows them, stops the ring if one fails and prints the ring's result line.
+if [ "$device" = cuda ]; then gpus=0; else gpus=cpu; fi
+say "two networks: resnet20, $epochs epochs on $device; logs: $RUN/1.log $RUN/2.log (follow: tail -f $RUN/1.log)"
+say "checkpoints: $RUN/net1/{last,best}.pt  $RUN/net2/{last,best}.pt;  TensorBoard: tensorboard --logdir $RUN/tb"
+if ! OUT="$RUN" GPUS="$gpus" JOBS_PER_GPU=2 FOREGROUND=1 POLL=1 \
+        python -m grafting.launch --ring "$RUN" 2 --model resnet20 --data "$DATA" --epochs "$epochs"; then
+    say "the ring did not finish: see the line above and $RUN/1.log, $RUN/2.log"
     exit 1
 fi
 if [ "$generated" = 1 ]; then

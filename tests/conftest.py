@@ -206,3 +206,34 @@ def one_line(text: str) -> str:
     lines = text.strip().splitlines()
     assert len(lines) == 1, f"expected exactly one line, got {len(lines)}:\n{text}"
     return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment scripts (scripts/*.sh), planned by the launcher in this process
+
+EXPERIMENTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if "lib/rings.sh" in p.read_text())
+
+
+def script_environment(**settings: str) -> dict[str, str]:
+    """The environment of an experiment script: only what it needs, so that settings a developer exported do
+    not leak into the test, plus ``settings``."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **settings}
+
+
+def data_folders(root: Path) -> None:
+    """Empty stand-ins of the folders the launcher checks before it starts anything: ``data/`` with both
+    CIFAR folders and ``imagenet/`` with ``train/`` and ``val/`` (the scripts' default DATA)."""
+    for folder in ("data/cifar-10-batches-py", "data/cifar-100-python", "imagenet/train", "imagenet/val"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+
+
+def plan_script(script: str | Path, cwd: Path, **settings: str):
+    """The launcher's checked plan (grafting.launch.plan.Plan) of an experiment script with ``settings``, in this
+    process: bash prints the script's rings (``X.sh --rings``), the launcher plans them. ``cwd`` gets the data
+    folders."""
+    from grafting.launch.cli import plan_experiment, script_rings
+
+    data_folders(cwd)
+    path = str(script if isinstance(script, Path) else REPO / "scripts" / script)
+    env = script_environment(**settings)
+    return plan_experiment(path, script_rings(path, env, cwd), env, cwd)

@@ -33,8 +33,8 @@ _CLUSTER = "submits to a Slurm cluster (tests/test_slurm.py runs these paths on 
 _HOURS = "trains ResNet-32 for 200 epochs: hours"
 SKIPPED: dict[str, str] = {
     # README.md
-    "bash scripts/quickstart.sh": "trains two networks for minutes (about 1.5 on 2 idle cores); being rewritten on "
-    "branch launch, which tests it",
+    "bash scripts/quickstart.sh": "trains two networks for minutes (about 1.5 on 2 idle cores); "
+    "tests/test_scripts.py::test_the_quickstart_trains_two_grafted_networks_with_the_launcher runs it",
     "bash scripts/test.sh": "is this test suite",
     # docs/library.md: tests/test_readme_example.py runs this block with the page's own_loop.py
     "CUDA_VISIBLE_DEVICES=0 python own_loop.py 1 2 &": "tests/test_readme_example.py runs it with the page's file",
@@ -71,6 +71,8 @@ SKIPPED: dict[str, str] = {
     "DRY=1 scripts/cifar_grafting.sh (slurm.md)": _CLUSTER,
     "scripts/cifar_grafting.sh": _CLUSTER,
     "squeue --me": _CLUSTER,
+    "THROTTLE=4 scripts/cifar_grafting.sh": _CLUSTER,
+    "scancel 1234": _CLUSTER,
     "tail -f runs/cifar_grafting/resnet32_c10_dlr/1.log": "follows a log until interrupted",
     "LAUNCHER=slurm PARTITION=gpu TIME=8:00:00 MODELS=resnet56 DATASETS=100 METHODS=dlr scripts/cifar_grafting.sh": (
         _CLUSTER
@@ -183,7 +185,7 @@ def _fresh_shell() -> dict[str, str]:
 
 def _write_run(ring: Path, model: str, num: int, method: dict, data: Path) -> None:
     """A finished run of ``num`` networks of ``model`` on the generated CIFAR-10 in ``data``: config.json,
-    metrics.jsonl of 2 epochs (with alphas for a ring) and best.pt, as the training script leaves them."""
+    metrics.jsonl of 2 epochs (with alphas for a ring), best.pt and last.pt, as the training script leaves them."""
     for net in range(1, num + 1):
         folder = ring / f"net{net}"
         folder.mkdir(parents=True)
@@ -197,7 +199,9 @@ def _write_run(ring: Path, model: str, num: int, method: dict, data: Path) -> No
         ]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         torch.manual_seed(net)
-        torch.save({"model": cifar_models.create(model).state_dict(), "acc": 30.0}, folder / "best.pt")
+        weights = cifar_models.create(model).state_dict()
+        torch.save({"model": weights, "acc": 30.0}, folder / "best.pt")
+        torch.save({"model": weights, "epoch": 2}, folder / "last.pt")
 
 
 def _results(workspace: Path) -> None:
@@ -207,6 +211,7 @@ def _results(workspace: Path) -> None:
         return
     _write_run(runs / "cifar_baselines" / "resnet32_c10_baseline", "resnet32", 1, {}, data)
     _write_run(runs / "cifar_grafting" / "resnet32_c10_dlr", "resnet32", 2, {"difflr": True, "cos": True}, data)
+    _write_run(runs / "cifar_grafting" / "resnet32_c10_slr", "resnet32", 2, {}, data)
     for member in ("m1", "m2"):
         _write_run(runs / "mobilenetv2_networks" / "mobilenetv2_c10_ensemble" / member, "mobilenetv2", 1, {}, data)
 
@@ -254,10 +259,7 @@ def _run(command: Command, workspace: Path) -> subprocess.CompletedProcess:
 
 # The pages of branch launch (its quickstart and experiment scripts are being rewritten there): they do not yet
 # say where their commands run. Remove an entry when its page does (strict: it then fails until removed).
-_PENDING = {
-    "docs/reproducing.md": "its shell blocks do not say where they run yet (branch launch)",
-    "docs/slurm.md": "its shell blocks do not say where they run yet (branch launch)",
-}
+_PENDING: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -87,3 +87,8 @@ def test_no_generic_models_package_and_the_commands_work_from_the_install(instal
     assert summary.returncode == 0 and "resnet20" in summary.stdout, summary.stdout + summary.stderr
     filters = run([str(installed / "graft-filters"), "run/net1/best.pt"], tmp_path, env)
     assert filters.returncode == 0 and "t = 0.1" in filters.stdout, filters.stdout + filters.stderr
+    # The launcher plans a ring from the install alone: its training script is the installed one.
+    launch = [str(installed / "graft-launch"), "--ring", "ring", "2", "--model", "resnet20", "--data", str(data)]
+    planned = run(launch, tmp_path, {**env, "DRY": "1", "GPUS": "cpu", "OUT": "."})
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert f"{installed.parent}/lib/" in planned.stdout and "grafting_cifar/train.py" in planned.stdout

@@ -16,10 +16,11 @@ import copy
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, plan_script
 from published_code import (
     BN_PARTS,
     published_distillation_epoch,
@@ -28,12 +29,12 @@ from published_code import (
     published_invalid_filters,
     published_vgg_filter_graft,
 )
-from test_scripts import dry_commands, training
 from torch import nn
 
 from grafting.archs import cifar_models as models
 from grafting.distributed import Processes, sync_batchnorm
 from grafting.errors import UsageError
+from grafting.launch.plan import Plan
 from grafting.method.distill import make_distiller
 from grafting.method.graft import graft_filters
 from grafting.ring.grafter import Grafter
@@ -162,14 +163,22 @@ def _lr_per_iteration(config, iters_per_epoch: int) -> torch.Tensor:
     return torch.tensor(lrs, dtype=torch.float64)
 
 
-@pytest.mark.e2e  # runs scripts/imagenet.sh with DRY=1
+def script_rows(script: str, tmp_path: Path, **settings: str) -> tuple[Plan, list[Any]]:
+    """The launcher's plan of an experiment script and every network's parsed configuration, ring after ring
+    (rings skipped for a missing teacher included)."""
+    plan = plan_script(script, tmp_path, **settings)
+    rows = [plan.trainer.parse(ring.network_args(net)) for ring in plan.rings for net in range(1, ring.num + 1)]
+    return plan, rows
+
+
+@pytest.mark.e2e  # bash prints scripts/imagenet.sh's rings
 def test_imagenet_script_rows_follow_the_published_schedules(tmp_path) -> None:
-    _, commands = dry_commands("imagenet.sh", tmp_path, GPUS="0,1", ARCHS="resnet18")
-    rows = training(commands)
-    assert {Path(args.s).name for _, args in rows} == {"resnet18_baseline", "resnet18_grafting"}
+    plan, rows = script_rows("imagenet.sh", tmp_path, GPUS="0,1", ARCHS="resnet18")
+    assert {Path(args.s).name for args in rows} == {"resnet18_baseline", "resnet18_grafting"}
+    assert plan.procs_per_net == 1, "one GPU per network, as published"
     iters = 7
-    for command, args in rows:
-        assert command.launcher == [] and not args.sync_bn, "one GPU per network, as published"
+    for args in rows:
+        assert not args.sync_bn
         baseline = args.num == 1
         assert args.steplr == baseline and args.cos == (not baseline)
         epochs = range(args.epochs)
@@ -184,16 +193,13 @@ def test_imagenet_script_rows_follow_the_published_schedules(tmp_path) -> None:
         assert torch.equal(_lr_per_iteration(args, iters), torch.tensor(expected, dtype=torch.float64))
 
 
-@pytest.mark.e2e  # runs scripts/imagenet.sh with DRY=1
+@pytest.mark.e2e  # bash prints scripts/imagenet.sh's rings
 @pytest.mark.parametrize("sync", ["1", "0"])
 def test_imagenet_networks_on_several_gpus_sync_their_batchnorms(tmp_path, sync: str) -> None:
-    _, commands = dry_commands(
-        "imagenet.sh", tmp_path, GPUS="0,1,2,3", GPUS_PER_NET="2", ARCHS="resnet18", SYNC_BN=sync
-    )
-    rows = training(commands)
+    plan, rows = script_rows("imagenet.sh", tmp_path, GPUS="0,1,2,3", GPUS_PER_NET="2", ARCHS="resnet18", SYNC_BN=sync)
     assert len(rows) == 3
-    for command, args in rows:
-        assert command.launcher[-3:] == ["--nproc_per_node", "2", "--"]
+    assert plan.program()[-4:-1] == ["--nproc_per_node", "2", "--"]
+    for args in rows:
         assert args.sync_bn == (sync == "1")
 
 
@@ -248,13 +254,13 @@ def test_sync_bn_on_cpu_processes_is_a_usage_error() -> None:
 # --- cultivation: the authors' distillation variant ---------------------------------------------------------
 
 
-@pytest.mark.e2e  # runs scripts/cifar_cultivation.sh with DRY=1
+@pytest.mark.e2e  # bash prints scripts/cifar_cultivation.sh's rings
 def test_authors_cultivation_variant_trains_like_the_published_distillation_script(tmp_path) -> None:
     """The 'authors' row of scripts/cifar_cultivation.sh is one network, not grafted, distilling from one
     teacher checkpoint with the published loss, temperature and schedule: a few steps of it equal the
     published distillation loop on the same batches, whole state_dict."""
     teachers = tmp_path / "teachers"
-    _, commands = dry_commands(
+    _, rows = script_rows(
         "cifar_cultivation.sh",
         tmp_path,
         GPUS="0",
@@ -263,7 +269,7 @@ def test_authors_cultivation_variant_trains_like_the_published_distillation_scri
         VARIANTS="authors",
         TEACHER_RUNS=str(teachers),
     )
-    [(_, config)] = training(commands)
+    [config] = rows
     assert (config.num, config.distill, config.kd_temperature, config.kd_weight) == (1, "teacher", 2.0, 1.0)
     assert not config.kd_soften_teacher and not config.cos and not config.difflr
     assert (config.lr, config.step_epochs, config.epochs, config.weight_decay) == (0.1, 60, 200, 5e-4)

@@ -29,9 +29,11 @@ from grafting.method.graft import BN_BLENDS, CRITERIA, RULES
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C
 from grafting.ring.grafter import LEVELS, check_grafting
 
-__all__ = ["RunConfig", "CifarConfig", "ImagenetConfig", "setting", "CONFIG_FORMAT"]
+__all__ = ["RunConfig", "CifarConfig", "ImagenetConfig", "setting", "CONFIG_FORMAT", "RESUME_AUTO"]
 
 CONFIG_FORMAT = "filter-grafting-config/1"
+# --resume auto: continue when there is something to continue, else start (what schedulers pass).
+RESUME_AUTO = "auto"
 _RESUME = ("fixed", "free")
 
 
@@ -239,13 +241,17 @@ class RunConfig:
         0, "--seed", type=int, resume="fixed", group="run control", help="base seed; network i uses seed + i"
     )
     # ---- run control
-    resume: bool = setting(
+    resume: bool | str = setting(
         False,
         "--resume",
-        action="store_true",
+        nargs="?",
+        const=True,
+        choices=(RESUME_AUTO,),
         resume="free",
         group="run control",
-        help="continue this network from <s>/net<i>/last.pt and rejoin the ring",
+        help="continue this network from <s>/net<i>/last.pt and rejoin the ring; stops when there is nothing to "
+        f"continue. '--resume {RESUME_AUTO}' (for schedulers and launchers): continue when there is something, "
+        "else start (default: off)",
     )
     threads: int | None = setting(
         None,

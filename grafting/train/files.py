@@ -10,9 +10,10 @@ Recovery rules:
   ``last.pt`` that cannot be read, or that holds NaN, absurd values or the weights of another model,
   is moved aside (``last.pt.unusable``) with a warning and ``previous.pt`` is used (absurd: a million
   times the magnitudes of the freshly built network).
-- ``--resume`` starts at epoch 1 only when there is nothing to lose: no checkpoint, no ``best.pt`` or
-  ``metrics.jsonl`` of a later epoch, and no exchange file of this network beyond epoch 1. Otherwise it
-  stops and says how to go on.
+- ``--resume`` continues a run; with nothing to continue (no checkpoint, no ``best.pt`` or
+  ``metrics.jsonl`` of a later epoch, no exchange file of this network beyond epoch 1) it stops and says
+  how to start instead. ``--resume auto`` starts at epoch 1 then. A network known to have finished later
+  epochs whose checkpoints are gone stops either way and says how to go on.
 - A missing or unreadable ``config.json`` next to a checkpoint stops ``--resume``: the settings it must
   keep could not be checked.
 """
@@ -49,11 +50,13 @@ from grafting.errors import CheckpointError, GraftingError, UsageError, first_li
 from grafting.method.ablation import EXCHANGING_SOURCES
 from grafting.method.graft import unwrap_model
 from grafting.ring.layout import NetworkFiles, SharedFolder
-from grafting.train.config import CONFIG_FORMAT, RunConfig
+from grafting.train.config import CONFIG_FORMAT, RESUME_AUTO, RunConfig
 from grafting.train.report import read_metrics
 
 __all__ = [
     "ResumeState",
+    "something_to_continue",
+    "resolve_resume",
     "read_saved_config",
     "prepare_run_files",
     "load_last",
@@ -163,6 +166,35 @@ def _reached(files: NetworkFiles, *, exchange_files: bool = True) -> tuple[int, 
         reached = max(reached, epoch)
         evidence.append(path.name)
     return reached, evidence
+
+
+def something_to_continue(files: NetworkFiles) -> bool:
+    """Whether network ``files.net`` has a run to continue: a resumable checkpoint (usable or not), or
+    files that show it finished an epoch beyond the first (:func:`_reached`)."""
+    if any(os.path.lexists(path) for path in (files.last, files.previous)):
+        return True
+    return _reached(files)[0] >= 2
+
+
+def resolve_resume(config: RunConfig) -> bool:
+    """What ``--resume`` asks of network ``config.i``: True to continue its run, False to start one.
+
+    ``--resume auto`` continues when there is something to continue (:func:`something_to_continue`) and
+    starts otherwise; a plain ``--resume`` with nothing to continue is a :class:`UsageError` that says
+    how to start instead (a mistyped --s must not cost a whole new run)."""
+    if not config.resume:
+        return False
+    files = NetworkFiles(Path(config.s), config.i)
+    if something_to_continue(files):
+        return True
+    if config.resume == RESUME_AUTO:
+        log.info(f"--resume {RESUME_AUTO}: no {files.last} yet, starting from epoch 1")
+        return False
+    where = f"{config.s} does not exist" if not os.path.lexists(config.s) else f"{files.folder} has no checkpoint"
+    raise UsageError(
+        f"--resume: {where}, so network {config.i} has nothing to continue; check --s, or start it without "
+        f"--resume (--resume {RESUME_AUTO} continues when there is something, else starts)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

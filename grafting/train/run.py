@@ -14,11 +14,19 @@ from torch import nn
 
 from grafting.data.fake import MARKER_NAME
 from grafting.distributed import broadcast_from_main, is_distributed
+from grafting.errors import UsageError
 from grafting.method.distill import Distiller, ModelBuilder, make_distiller
 from grafting.method.graft import unwrap_model
 from grafting.ring.grafter import Grafter
 from grafting.train.config import RunConfig
-from grafting.train.files import ResumeState, load_last, prepare_run_files, read_saved_config, save_last
+from grafting.train.files import (
+    ResumeState,
+    load_last,
+    prepare_run_files,
+    read_saved_config,
+    resolve_resume,
+    save_last,
+)
 from grafting.train.loop import fit
 from grafting.train.report import RunReporter
 from grafting.train.schedule import make_optimizer
@@ -86,6 +94,8 @@ def run_ring(
             f"accuracies say nothing about the paper"
         )
 
+    # --resume auto becomes continue or start, decided by rank 0 (which alone reads the shared folder).
+    config = config.replace(resume=_resume_decision(config, is_main))
     # The hook first: a teacher that does not fit fails before the lock, the run files or training.
     hook = _distiller(config, model, build_model)
     # The saved settings (checked now, before anything is written) name the ring a resumed network belongs to.
@@ -171,6 +181,21 @@ def run_ring(
         grafter.finish()  # the exchange files no network needs any more, the heartbeat and the lock
     log.info(f"done: best test accuracy {best:.2f}{' (GENERATED stand-in data)' if config.generated_data else ''}")
     return best
+
+
+def _resume_decision(config: RunConfig, is_main: bool) -> bool:
+    """Whether this network continues its run (:func:`resolve_resume` on rank 0, the same on every rank);
+    a plain --resume with nothing to continue stops every rank with rank 0's one-line error."""
+    decision: bool | str = False
+    if is_main:
+        try:
+            decision = resolve_resume(config)
+        except UsageError as err:
+            decision = str(err)
+    decision = broadcast_from_main(decision)
+    if isinstance(decision, str):
+        raise UsageError(decision)
+    return decision
 
 
 def _graft_extended_epoch(

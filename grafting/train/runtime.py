@@ -42,7 +42,11 @@ def choose_device(requested: str | None) -> torch.device:
         raise UsageError(f"--device {requested}: this project trains on cpu, cuda or cuda:N only")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise UsageError(
+                f"--device {requested}: CUDA is not available on this machine (torch {torch.__version__}, {build}; "
+                f"no GPU visible, or a driver too old: check nvidia-smi); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
@@ -53,6 +57,8 @@ def choose_process_device(requested: str | None, procs: Processes) -> torch.devi
     cuda:LOCAL_RANK (the CPU with --device cpu)."""
     if not procs.distributed:
         return choose_device(requested)
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        choose_device(requested)  # raises: an explicit cuda request never trains on the CPU
     device = choose_device(requested if requested == "cpu" else None)
     if device.type != "cuda":
         return device

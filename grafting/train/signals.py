@@ -5,7 +5,8 @@ A stop is immediate: the handler raises :class:`StopRequested` in the main threa
 signal handlers, so it also ends a ``time.sleep`` in the wait for a peer. Nothing needs saving: every
 checkpoint is written atomically after its epoch, so ``last.pt`` keeps the last finished epoch and only
 the unfinished one is lost. The script then exits with :data:`STOPPED_EXIT_CODE`, which the Slurm job
-script of ``scripts/lib/launch.sh`` reads as "stopped on request: requeue and resume".
+script written by ``grafting.launch.slurm`` and the ring supervisor (``grafting.launch.supervisor``) read as
+"stopped on request", not failed: the Slurm job requeues itself and resumes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from types import FrameType
 
 __all__ = ["STOPPED_EXIT_CODE", "STOP_SIGNALS", "StopRequested", "stop_on_signals"]
 
-# EX_TEMPFAIL of sysexits.h: "temporary failure, try again later". scripts/lib/launch.sh has the same number.
+# EX_TEMPFAIL of sysexits.h: "temporary failure, try again later". The Slurm job scripts get it from here.
 STOPPED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
