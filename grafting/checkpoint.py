@@ -155,6 +155,24 @@ def _short_reason(err: BaseException) -> str:
     return f"{name}: {first_sentence}" if first_sentence else name
 
 
+def open_to_read(path: Path, kind: str) -> tuple[int, int]:
+    """A blocking read-only descriptor of ``path`` and its ``st_mode`` (the caller checks the file type and
+    closes the descriptor); a one-line :class:`CheckpointError` naming the ``kind`` of file when it
+    cannot be opened. A FIFO opens at once instead of waiting for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"{kind} {path} does not exist; check the path") from None
+    except PermissionError:
+        raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot open {path}: {err.strerror or err}; check the path") from None
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):  # reading a FIFO or a device without O_NONBLOCK could still block: leave those
+        os.set_blocking(fd, True)
+    return fd, mode
+
+
 def load_file(
     path: str | Path,
     *,
@@ -170,22 +188,12 @@ def load_file(
     ``advice`` ends the message for a damaged file.
     """
     path = Path(path)
-    try:
-        # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path") from None
-    except PermissionError:
-        raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from None
-    except OSError as err:
-        raise CheckpointError(f"cannot open {path}: {err.strerror or err}; check the path") from None
-    mode = os.fstat(fd).st_mode
+    fd, mode = open_to_read(path, "checkpoint")
     if not stat.S_ISREG(mode):
         os.close(fd)
         if stat.S_ISDIR(mode):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file; pass the path of a .pt/.pth/.t7 file")
         raise CheckpointError(f"{path} is not a regular file (a pipe or a device); replace it by a checkpoint file")
-    os.set_blocking(fd, True)
     with open(fd, "rb") as handle:
         try:
             return torch.load(handle, map_location=map_location, weights_only=weights_only)

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from grafting.checkpoint import write_atomic
+from grafting.checkpoint import open_to_read, write_atomic
 from grafting.errors import CheckpointError, UsageError
 
 __all__ = ["FORMAT", "SIGNATURE", "Packed", "pack", "read"]
@@ -188,21 +188,11 @@ def pack(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], reuse: Pack
 
 def _open(path: Path) -> tuple[int, int]:
     """An open descriptor of the regular file ``path`` and its size; one-line errors otherwise."""
-    try:
-        # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; check the path") from None
-    except PermissionError:
-        raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from None
-    except OSError as err:
-        raise CheckpointError(f"cannot open {path}: {err.strerror or err}; check the path") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+    fd, mode = open_to_read(path, "exchange file")
+    if not stat.S_ISREG(mode):
         os.close(fd)
         raise CheckpointError(f"{path} is not a regular file (a folder, a pipe or a device); move it away")
-    os.set_blocking(fd, True)
-    return fd, info.st_size
+    return fd, os.fstat(fd).st_size
 
 
 def _read_into(fd: int, buffer: torch.Tensor) -> int:
