@@ -253,9 +253,11 @@ def weights_problem(state: Mapping[str, torch.Tensor], reference: Mapping[str, t
     reference tensor's largest magnitude (at least 1). Vectorised (:func:`largest_magnitudes`)."""
     keys = [key for key, value in state.items() if _checked(value)]
     largest = largest_magnitudes([state[key] for key in keys])
+    # Only a value beyond MAGNITUDE_RATIO can exceed that many times a scale of at least 1: the
+    # reference is read only for those tensors (usually none, so a GPU reference costs nothing).
     own_state = reference if reference is not None else {}
-    references = [key for key in keys if _checked(own_state.get(key))]
-    scale = dict(zip(references, largest_magnitudes([own_state[key] for key in references])))
+    suspects = [key for key, value in zip(keys, largest) if value > MAGNITUDE_RATIO and _checked(own_state.get(key))]
+    scale = dict(zip(suspects, largest_magnitudes([own_state[key] for key in suspects])))
     for key, value in zip(keys, largest):
         if not math.isfinite(value):
             return f"holds NaN or infinite values ({key})"

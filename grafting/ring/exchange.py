@@ -170,16 +170,19 @@ class _BackgroundWrite:
     def __init__(self, packed: Packed, target: Path, net: int) -> None:
         self.target = target
         self.error: BaseException | None = None
+        self.seconds = 0.0  # how long the write and its fsync took
         self.thread = threading.Thread(
             target=self._run, args=(packed,), name=f"grafting-publish-net{net}", daemon=False
         )
         self.thread.start()
 
     def _run(self, packed: Packed) -> None:
+        started = time.perf_counter()
         try:
             packed.write(self.target)
         except BaseException as err:  # handed to the thread that joins
             self.error = err
+        self.seconds = time.perf_counter() - started
 
     def join(self) -> None:
         self.thread.join()
@@ -525,12 +528,14 @@ class Exchange:
             self._packed.write(target)
         return target
 
-    def wait_published(self) -> None:
+    def wait_published(self) -> float:
         """Wait until the file a background :meth:`publish` writes is complete (at once when there is none);
-        raise :class:`CheckpointError` if writing it failed."""
+        raise :class:`CheckpointError` if writing it failed. Returns the seconds the write took (0.0: none)."""
         writing, self._writing = self._writing, None
-        if writing is not None:
-            writing.join()
+        if writing is None:
+            return 0.0
+        writing.join()
+        return writing.seconds
 
     def _later_epoch(self, net: int, epoch: int) -> int | None:
         """The newest epoch after ``epoch`` that network ``net`` has published, if any."""
@@ -594,8 +599,7 @@ class Exchange:
                 f"network {net}'s file {legacy} was written by an older version of filter-grafting, whose exchange "
                 f"files this version does not read; run every network of the ring with the same version: stop the "
                 f"older ones, delete the old exchange files (rm {shlex.quote(str(self.root))}/net*_epoch*.pt) and "
-                f"restart every network "
-                f"with --resume (an epoch whose file is gone is not grafted)"
+                f"restart every network with --resume (an epoch whose file is gone is not grafted)"
             )
 
     def load(

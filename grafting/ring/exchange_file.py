@@ -22,6 +22,7 @@ and written later by another one: the snapshot is a copy, so the weights may cha
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -66,6 +67,7 @@ def _round_up(value: int) -> int:
     return -(-value // _ALIGN) * _ALIGN
 
 
+@functools.lru_cache(maxsize=1024)  # a network has a few dozen shapes, met again in every file
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The strides of a contiguous tensor of ``shape``."""
     strides, step = [], 1
@@ -96,12 +98,15 @@ class Packed:
     """A state_dict ready to be written: the header, and every tensor's bytes in one CPU buffer.
 
     ``ready`` is set when the bytes are still being copied from a GPU (a CUDA event recorded after the
-    copy): :meth:`write` waits for it, so the copy never holds up the thread that packed.
+    copy, into ``data`` in pinned memory): :meth:`write` waits for it, so the copy never holds up the
+    thread that packed.
     """
 
     header: bytes
     index: Index
     data: torch.Tensor
+    views: list[torch.Tensor]  # one per index entry, into ``data``
+    pinned: bool = False
     ready: Any = None
 
     def write(self, path: str | Path) -> None:
@@ -142,7 +147,7 @@ def _header(index: Index, size: int, meta: Mapping[str, Any]) -> bytes:
             separators=(",", ":"),
             allow_nan=False,
         )
-        plain = json.loads(text)["meta"] == dict(meta)
+        plain = json.loads(json.dumps(dict(meta))) == dict(meta)  # what a reader gets back (no tuples)
     except (TypeError, ValueError):
         plain = False
     if not plain:
@@ -164,12 +169,13 @@ def pack(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], reuse: Pack
     index, size = _index(state)
     tensors = [state[key].detach() for key, _, _, _ in index]
     devices = {t.device for t in tensors}
-    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-    on_gpu = device.type == "cuda" and not devices
-    if reuse is not None and reuse.index == index:
-        data = reuse.data
+    device = devices.pop() if len(devices) == 1 else torch.device("cpu")  # mixed: copied one by one
+    on_gpu = device.type == "cuda"
+    if reuse is not None and reuse.index == index and reuse.pinned == on_gpu:
+        data, views = reuse.data, reuse.views
     else:  # zeros: the padding between tensors is written too, and must not carry stray memory
         data = torch.zeros(size, dtype=torch.uint8, pin_memory=on_gpu)
+        views = list(_views(data, 0, index).values())
     ready = None
     if on_gpu:
         gathered = torch.zeros(size, dtype=torch.uint8, device=device)
@@ -178,8 +184,8 @@ def pack(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], reuse: Pack
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(device))  # the stream the copy was queued on
     elif tensors:
-        torch._foreach_copy_(list(_views(data, 0, index).values()), tensors)
-    return Packed(_header(index, size, meta), index, data, ready)
+        torch._foreach_copy_(views, tensors)
+    return Packed(_header(index, size, meta), index, data, views, on_gpu, ready)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,16 +214,20 @@ def _read_into(fd: int, buffer: torch.Tensor) -> int:
 
 def _check_entry(entry: Any, data_bytes: int) -> tuple[str, torch.dtype, tuple[int, ...], int]:
     """One index entry as ``(key, dtype, shape, offset)``; ValueError saying what is wrong with it."""
-    if not (isinstance(entry, list) and len(entry) == 4):
+    if type(entry) is not list or len(entry) != 4:
         raise ValueError(f"has a malformed tensor entry {str(entry)[:60]}")
     key, dtype_name, shape, offset = entry
-    if not isinstance(key, str) or dtype_name not in DTYPES:
+    if type(key) is not str or dtype_name not in DTYPES:
         raise ValueError(f"has an entry with an unknown dtype or key ({str(entry)[:60]})")
-    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+    if type(shape) is not list or any(type(s) is not int or s < 0 for s in shape):
         raise ValueError(f"gives '{key}' an impossible shape {shape}")
     dtype = DTYPES[dtype_name]
-    nbytes = math.prod(shape) * dtype.itemsize
-    if not (type(offset) is int and offset >= 0 and offset % _ALIGN == 0 and offset + nbytes <= data_bytes):
+    if (
+        type(offset) is not int
+        or offset < 0
+        or offset % _ALIGN
+        or offset + math.prod(shape) * dtype.itemsize > data_bytes
+    ):
         raise ValueError(f"places '{key}' outside its data")
     return key, dtype, tuple(shape), offset
 
