@@ -9,6 +9,7 @@ measures the real thing.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -327,6 +328,17 @@ def epoch_records() -> list[EpochRecord]:
         gpu_memory_gib=1.5,
     )
     return [first, final]
+
+
+def test_bench_graft_section_times_read_check_graft_and_publish_apart(tmp_path: Path) -> None:
+    bench = load_bench()
+    args = argparse.Namespace(device="cpu", graft_model="resnet20", repeat=2)
+    result = bench.bench_graft(args, tmp_path)
+    parts = ("read_ms", "check_ms", "graft_ms", "publish_ms", "write_ms", "graft_layers_from_file_ms")
+    assert all(result[part] > 0 for part in parts), result
+    # Each part is the fastest of its repeats, so together they are at most the fastest whole step's parts.
+    assert result["read_ms"] + result["check_ms"] + result["graft_ms"] <= result["grafter_ms"] * 1.0001
+    assert result["coefficients"] == 19 and not (tmp_path / "graft").exists()
 
 
 def test_bench_reads_each_network_from_its_metrics_file(tmp_path: Path) -> None:
