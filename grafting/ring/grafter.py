@@ -16,9 +16,10 @@ network needs any more, the heartbeat and the lock (see :mod:`grafting.ring.exch
 option selects the paper's ablations instead (docs/METHOD.md §9):
 ``internal`` and ``noise`` change the network's own invalid filters and exchange nothing;
 ``average`` waits for every network's file and replaces the weights by the plain mean. A loop may call
-the two halves apart, e.g. evaluate in between so the peer's file
-arrives while this network tests. Under torch.distributed only rank 0 touches the folder; the
-grafted weights are broadcast to the other ranks.
+the two halves apart, e.g. evaluate in between so the peer's file arrives while this network tests
+(``publish(model, epoch, background=True)`` writes this network's own file meanwhile, from a copy of
+its weights; ``graft`` waits for that file before it changes a weight). Under torch.distributed only
+rank 0 touches the folder; the grafted weights are broadcast to the other ranks.
 """
 
 from __future__ import annotations
