@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
 import random
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -68,18 +69,25 @@ def _os_error_behind(err: BaseException) -> OSError | None:
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` with ``torch.save`` so that ``path`` is always either the old or the new complete file.
+    """Write ``obj`` with ``torch.save`` so that ``path`` is always either the old or the new complete file
+    (:func:`write_atomic`)."""
+    write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a fresh file so that ``path`` is always either the old or the new complete file.
 
     The data goes to ``<path>.tmp-<pid>`` in the same folder, is flushed and fsynced, and then renamed
     onto ``path`` (a rename within one file system is atomic, also on NFS). If writing fails (a full disk,
     a quota, a vanished folder) the temporary file is removed, ``path`` is untouched and a
-    :class:`CheckpointError` says so.
+    :class:`CheckpointError` says so. A process killed meanwhile leaves only the temporary file, which
+    no reader opens and :func:`remove_temp_files` deletes.
     """
     path = Path(path)
     temp = _temp_path(path)
     try:
         with open(temp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -147,6 +155,24 @@ def _short_reason(err: BaseException) -> str:
     return f"{name}: {first_sentence}" if first_sentence else name
 
 
+def open_to_read(path: Path, kind: str) -> tuple[int, int]:
+    """A blocking read-only descriptor of ``path`` and its ``st_mode`` (the caller checks the file type and
+    closes the descriptor); a one-line :class:`CheckpointError` naming the ``kind`` of file when it
+    cannot be opened. A FIFO opens at once instead of waiting for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"{kind} {path} does not exist; check the path") from None
+    except PermissionError:
+        raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot open {path}: {err.strerror or err}; check the path") from None
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):  # reading a FIFO or a device without O_NONBLOCK could still block: leave those
+        os.set_blocking(fd, True)
+    return fd, mode
+
+
 def load_file(
     path: str | Path,
     *,
@@ -162,22 +188,12 @@ def load_file(
     ``advice`` ends the message for a damaged file.
     """
     path = Path(path)
-    try:
-        # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path") from None
-    except PermissionError:
-        raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from None
-    except OSError as err:
-        raise CheckpointError(f"cannot open {path}: {err.strerror or err}; check the path") from None
-    mode = os.fstat(fd).st_mode
+    fd, mode = open_to_read(path, "checkpoint")
     if not stat.S_ISREG(mode):
         os.close(fd)
         if stat.S_ISDIR(mode):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file; pass the path of a .pt/.pth/.t7 file")
         raise CheckpointError(f"{path} is not a regular file (a pipe or a device); replace it by a checkpoint file")
-    os.set_blocking(fd, True)
     with open(fd, "rb") as handle:
         try:
             return torch.load(handle, map_location=map_location, weights_only=weights_only)
@@ -206,24 +222,52 @@ def _corrupt(path: Path, err: BaseException, advice: str) -> CheckpointError:
 MAGNITUDE_RATIO = 1e6
 
 
+def largest_magnitudes(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """The largest absolute value of each tensor (NaN when it holds a NaN, else inf when it holds an
+    infinity), with one host transfer per device: a few fused kernels for a whole model, not two host
+    synchronisations per tensor. Every tensor must be floating and non-empty."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(i)
+    per_device: dict[torch.device, list[tuple[list[int], torch.Tensor]]] = {}
+    for (device, _), members in groups.items():
+        chosen = [tensors[i].detach() for i in members]
+        maxima = torch.stack(torch._foreach_max(torch._foreach_abs(chosen)))  # max propagates NaN
+        per_device.setdefault(device, []).append((members, maxima.to(torch.float64)))
+    values = [0.0] * len(tensors)
+    for parts in per_device.values():
+        flat = torch.cat([maxima for _, maxima in parts]).tolist()  # the one transfer of this device
+        members = [i for indices, _ in parts for i in indices]
+        for i, value in zip(members, flat):
+            values[i] = value
+    return values
+
+
+def _checked(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 0
+
+
 def weights_problem(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None = None) -> str:
     """What makes ``state`` unfit to train on ('' when nothing), naming the first tensor concerned: NaN or
     infinite values, or, given a ``reference`` state_dict, values beyond :data:`MAGNITUDE_RATIO` times the
-    reference tensor's largest magnitude (at least 1)."""
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
-            continue
-        if not bool(value.isfinite().all()):
+    reference tensor's largest magnitude (at least 1). Vectorised (:func:`largest_magnitudes`)."""
+    keys = [key for key, value in state.items() if _checked(value)]
+    largest = largest_magnitudes([state[key] for key in keys])
+    # Only a value beyond MAGNITUDE_RATIO can exceed that many times a scale of at least 1: the
+    # reference is read only for those tensors (usually none, so a GPU reference costs nothing).
+    own_state = reference if reference is not None else {}
+    suspects = [key for key, value in zip(keys, largest) if value > MAGNITUDE_RATIO and _checked(own_state.get(key))]
+    scale = dict(zip(suspects, largest_magnitudes([own_state[key] for key in suspects])))
+    for key, value in zip(keys, largest):
+        if not math.isfinite(value):
             return f"holds NaN or infinite values ({key})"
-        own = reference.get(key) if reference is not None else None
-        if not isinstance(own, torch.Tensor) or not own.is_floating_point() or own.numel() == 0:
-            continue
-        largest, scale = float(value.detach().abs().max()), max(float(own.detach().abs().max()), 1.0)
-        if largest > MAGNITUDE_RATIO * scale:
-            return (
-                f"holds values up to {largest:.3g} ({key}), more than {MAGNITUDE_RATIO:g} times this network's "
-                f"{scale:.3g}"
-            )
+        if key in scale:
+            own = max(scale[key], 1.0)
+            if value > MAGNITUDE_RATIO * own:
+                return (
+                    f"holds values up to {value:.3g} ({key}), more than {MAGNITUDE_RATIO:g} times this network's "
+                    f"{own:.3g}"
+                )
     return ""
 
 

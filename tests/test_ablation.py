@@ -17,7 +17,6 @@ from published_code import published_grafting_filter, published_inside, publishe
 from torch import nn
 
 from grafting.archs import cifar_models as models
-from grafting.checkpoint import load_file
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
 from grafting.method.ablation import (
     average_states,
@@ -28,6 +27,7 @@ from grafting.method.ablation import (
 )
 from grafting.method.filters import filter_l1_norms
 from grafting.method.graft import graft_layers
+from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.ring.grafter import Grafter
 from grafting_cifar.train import parse_args
 
@@ -344,7 +344,7 @@ def test_average_of_three_networks_equals_the_mean_of_their_checkpoints(tmp_path
         nets.append(net)
     reports = _run_ring(tmp_path, nets, "average")
 
-    saved = [load_file(tmp_path / f"net{i}_epoch1.pt")["model"] for i in (1, 2, 3)]
+    saved = [read_exchange_file(tmp_path / f"net{i}_epoch1.tensors")[0] for i in (1, 2, 3)]
     for key in saved[0]:
         if torch.is_floating_point(saved[0][key]):
             expected = (saved[0][key] + saved[1][key] + saved[2][key]) / 3
@@ -367,7 +367,7 @@ def test_external_grafting_with_the_source_in_the_meta_of_each_file(tmp_path) ->
     nets = [models.create("resnet20", num_classes=10) for _ in range(2)]
     reports = _run_ring(tmp_path, nets, "external")
     assert [r.peer for r in reports] == [2, 1] and reports[0].layers
-    assert load_file(tmp_path / "net1_epoch1.pt")["meta"]["source"] == "external"
+    assert read_exchange_file(tmp_path / "net1_epoch1.tensors")[1]["source"] == "external"
 
 
 def test_a_ring_with_mixed_sources_fails_clearly(tmp_path) -> None:

@@ -30,15 +30,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CIFAR_SCRIPT, IMAGENET_SCRIPT, REHEARSAL, finish, start_process, start_script
+from frozen_graft import frozen_graft_layers
 from published_code import published_entropy, published_key_graft
 
 from grafting.archs import cifar_models as models
-from grafting.checkpoint import load_file
 from grafting.data.cifar import CIFAR_MEAN, CIFAR_STD, CROP_PADDING, TensorCifarLoader, cifar_loaders
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.data.loading import device_generator, epoch_seed, normalise
+from grafting.method import entropy as entropy_module
 from grafting.method.entropy import entropy_tensor, entropy_tensors, layer_entropies, layer_entropy
 from grafting.method.graft import graft_layers
+from grafting.ring.exchange_file import read as read_exchange_file
+from grafting.ring.grafter import Grafter
 from grafting.train.loop import train_one_epoch
 from grafting.train.report import read_metrics
 from grafting.train.schedule import make_scheduler
@@ -53,6 +56,14 @@ PIXEL_ATOL = 1e-6
 def device() -> torch.device:
     """The GPU; the CPU in a rehearsal (conftest skips these tests when there is neither)."""
     return torch.device("cpu") if REHEARSAL or not torch.cuda.is_available() else torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def gpu_binning_in_a_rehearsal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rehearsal bins on the CPU with the GPU's kernels (torch's searches), not with the numpy counts
+    the CPU path uses, so that it tries the code a GPU runs."""
+    if REHEARSAL and not torch.cuda.is_available():
+        monkeypatch.setattr(entropy_module, "HOST_COUNTED", ())
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +274,34 @@ def test_the_entropy_of_a_model_synchronises_the_host_once(device: torch.device)
     assert host_syncs(lambda: graft_layers(model, peer)) == 1  # the peer on the device, as a broadcast leaves it
 
 
+@pytest.mark.cuda
+def test_the_grafting_step_through_an_exchange_file_is_the_frozen_code_on_the_device(
+    device: torch.device, tmp_path: Path
+) -> None:
+    """The whole step as training runs it: the peer's weights packed on the device and copied to pinned
+    memory asynchronously, written by a thread, read into pinned memory, checked, moved over with one
+    copy and grafted with one host synchronisation; the result is the code before issue 27 (frozen)."""
+    torch.manual_seed(5)
+    model = models.create("resnet110", num_classes=10).to(device)
+    peer = models.create("resnet110", num_classes=10).to(device)
+    expected = models.create("resnet110", num_classes=10).to(device)
+    expected.load_state_dict(model.state_dict())
+    meta = {"model": "resnet110", "num_classes": 10}
+    with Grafter(tmp_path, 1, 2, meta=meta) as one, Grafter(tmp_path, 2, 2, meta=meta) as two:
+        two.publish(peer, 1, background=True)
+        report = one.graft(model, 1)
+        assert one.exchange is not None
+        from_file, _ = one.exchange.read_unchecked(2, 1, pin_memory=device.type == "cuda")
+    assert report.grafted and len(report.layers) == 109
+    frozen_graft_layers(expected, peer.state_dict())
+    differing = [k for k, v in expected.state_dict().items() if not torch.equal(model.state_dict()[k], v)]
+    assert not differing, f"{len(differing)} entries differ from the frozen code, first {differing[:3]}"
+    if device.type != "cuda":  # a rehearsal has run everything but the counting
+        pytest.skip("torch.cuda's sync-debug mode needs a GPU")
+    graft_layers(model, from_file)  # warm-up
+    assert host_syncs(lambda: graft_layers(model, from_file)) == 1  # the peer as read: pinned, one copy over
+
+
 # ----------------------------------------------------------------------------------------------
 # Mixed precision
 
@@ -342,8 +381,8 @@ def test_two_networks_on_one_device_train_and_graft(device: torch.device, cifar:
         assert (first["gpu_memory_gib"] is not None) == (device.type == "cuda")
         # The entropies the run computed on its device are the published loop's, on that device, of the
         # files it exchanged.
-        own = load_file(shared / f"net{net}_epoch1.pt")["model"]
-        theirs = load_file(shared / f"net{peer}_epoch1.pt")["model"]
+        own = read_exchange_file(shared / f"net{net}_epoch1.tensors")[0]
+        theirs = read_exchange_file(shared / f"net{peer}_epoch1.tensors")[0]
         for key, value in first["entropies"].items():
             assert value == published_entropy(own[key].to(device)), key
             assert first["peer_entropies"][key] == published_entropy(theirs[key].to(device)), key

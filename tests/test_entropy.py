@@ -226,7 +226,7 @@ SHAPES = [
     (1000,),
     (2049,),
 ]
-# A few larger than what the CPU stacks (grafting.method.entropy._CPU_BATCH_MAX_NUMEL).
+# A few larger, with many values per bin.
 LARGE_SHAPE, LARGE_PAIRS = (64, 64, 3, 3), 8
 PAIRS = 5200
 
@@ -307,7 +307,7 @@ def test_ten_thousand_tensors_give_the_published_float32_values(
     assert values == expected
     assert [layer_entropy(t) for t in tensors[::20]] == expected[::20]
     assert [float(entropy_tensor(t)) for t in tensors[1::20]] == expected[1::20]
-    monkeypatch.setattr(entropy_module, "_CPU_BATCH_MAX_NUMEL", 1 << 40)  # the stacked path for every size
+    monkeypatch.setattr(entropy_module, "HOST_COUNTED", ())  # a GPU's stacked searches, for every size
     monkeypatch.setattr(entropy_module, "_BATCH_ELEMENTS", 1 << 14)  # and many batches per size
     assert entropy_tensors(tensors).tolist() == expected
 
@@ -368,7 +368,9 @@ SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__boo
 
 @pytest.fixture
 def host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every call of a Tensor method that copies a value to the host."""
+    """Record every call of a Tensor method that copies a value to the host, on a GPU's path (on the CPU
+    numpy counts the bins, which reads CPU tensors as numpy arrays: no synchronisation there)."""
+    monkeypatch.setattr(entropy_module, "HOST_COUNTED", ())
     calls: list[str] = []
     for name in SYNC_METHODS:
         original = getattr(torch.Tensor, name)

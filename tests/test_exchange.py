@@ -6,6 +6,8 @@ flock and SIGKILL only mean something between processes.
 
 from __future__ import annotations
 
+import datetime
+import errno
 import logging
 import os
 import re
@@ -16,14 +18,19 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from grafting.checkpoint import load_file
-from grafting.errors import CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError
+from grafting.checkpoint import weights_problem
+from grafting.errors import CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError, UsageError
+from grafting.method.graft import graft_layers
+from grafting.ring import exchange_file
 from grafting.ring.exchange import Exchange, format_duration
+from grafting.ring.grafter import Grafter
+from grafting.ring.layout import SharedFolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 META = {"model": "resnet32", "num_classes": 10}
@@ -40,7 +47,8 @@ print("locked", flush=True)
 time.sleep(60)
 """
 
-# A child that rewrites network 1's epoch-1 file as fast as it can until it is killed.
+# A child that rewrites network 1's epoch-1 file as fast as it can until it is killed, every other time
+# from a background thread (the way the training loop publishes).
 REWRITE_FOREVER = """
 import itertools, sys
 import torch
@@ -49,7 +57,23 @@ from grafting.ring.exchange import Exchange
 exchange = Exchange(sys.argv[1], 1, 2)
 print("writing", flush=True)
 for step in itertools.count():
-    exchange.publish(1, {"w": torch.full((100_000,), float(step))}, {"model": "m", "num_classes": 10, "step": step})
+    meta = {"model": "m", "num_classes": 10, "step": step}
+    exchange.publish(1, {"w": torch.full((100_000,), float(step))}, meta, background=step % 2 == 0)
+"""
+
+# A child that publishes in the background with a slow disk and then ends at once, without release().
+PUBLISH_AND_EXIT = """
+import sys, time
+import torch
+from grafting.ring import exchange_file
+from grafting.ring.exchange import Exchange
+write = exchange_file.Packed.write
+def slow_write(self, path):
+    time.sleep(1.0)
+    write(self, path)
+exchange_file.Packed.write = slow_write
+Exchange(sys.argv[1], 1, 2).publish(1, {"w": torch.arange(1000.0)}, {"model": "m"}, background=True)
+print("published", flush=True)
 """
 
 
@@ -90,7 +114,7 @@ def test_ring_predecessor_and_file_names(tmp_path: Path) -> None:
     assert Exchange(tmp_path, 3, 3).predecessor == 2
     assert Exchange(tmp_path, 1, 1).predecessor == 1
     exchange = Exchange(tmp_path, 2, 3)
-    assert exchange.path(3, 17) == tmp_path / "net3_epoch17.pt"
+    assert exchange.path(3, 17) == tmp_path / "net3_epoch17.tensors"
     assert exchange.lock_path == tmp_path / "net2.lock"
     assert exchange.alive_path(1) == tmp_path / "net1.alive"
 
@@ -118,10 +142,9 @@ def test_publish_then_load_round_trip(tmp_path: Path) -> None:
     state = small_state_dict()
     path = writer.publish(4, state, META)
 
-    assert path == tmp_path / "net2_epoch4.pt"
+    assert path == tmp_path / "net2_epoch4.tensors"
     assert [name for name in os.listdir(tmp_path) if ".tmp-" in name] == []
-    raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"model", "meta"}
+    assert path.read_bytes().startswith(exchange_file.SIGNATURE)
 
     loaded, meta = reader.load(2, 4, expect={"model": "resnet32", "num_classes": 10, "num": 3})
     assert meta == {"model": "resnet32", "num_classes": 10, "net": 2, "num": 3, "epoch": 4}
@@ -140,10 +163,9 @@ def test_publish_detaches_and_compacts_views(tmp_path: Path) -> None:
 
     loaded, _ = exchange.load(1, 1)
     assert torch.equal(loaded["view"], big[100:110])
-    # Only the ten values of the view were written, not the 10,000 of its storage.
-    assert loaded["view"].untyped_storage().nbytes() == 10 * 4
     assert not loaded["param"].requires_grad
-    assert (tmp_path / "net1_epoch1.pt").stat().st_size < 10_000
+    # Only the ten values of the view were written, not the 10,000 of its storage.
+    assert (tmp_path / "net1_epoch1.tensors").stat().st_size < 10_000
 
 
 def test_load_refuses_a_peer_of_another_model(tmp_path: Path) -> None:
@@ -152,7 +174,7 @@ def test_load_refuses_a_peer_of_another_model(tmp_path: Path) -> None:
 
     with pytest.raises(PeerMismatchError) as caught:
         reader.load(2, 5, expect={"model": "resnet32", "num_classes": 10})
-    path = tmp_path / "net2_epoch5.pt"
+    path = tmp_path / "net2_epoch5.tensors"
     assert str(caught.value) == (
         f"network 2's file {path} has model=resnet56, this network has model=resnet32; "
         "all networks of a ring must use the same model"
@@ -167,7 +189,7 @@ def test_load_refuses_a_peer_of_another_model(tmp_path: Path) -> None:
 def test_a_file_without_meta_is_read_only_when_nothing_is_expected(tmp_path: Path) -> None:
     reader = Exchange(tmp_path, 1, 2)
     state = small_state_dict()
-    torch.save({"module." + key: value for key, value in state.items()}, reader.path(2, 1))
+    exchange_file.pack(state, {}).write(reader.path(2, 1))
 
     loaded, meta = reader.load(2, 1)
     assert meta == {}
@@ -187,6 +209,156 @@ def test_load_of_a_truncated_peer_file_names_it(tmp_path: Path) -> None:
         handle.truncate(path.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=re.escape(f"{path} is truncated or corrupt")):
         Exchange(tmp_path, 1, 2).load(2, 1)
+
+
+# ------------------------------------------------------------------ the file format
+
+
+def every_kind_of_tensor() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return {
+        "conv.weight": torch.randn(8, 4, 3, 3, generator=generator).to(memory_format=torch.channels_last),
+        "half": torch.randn(7, generator=generator).half(),
+        "brain": torch.randn(3, 5, generator=generator).bfloat16(),
+        "double": torch.randn(2, 2, generator=generator).double(),
+        "bn.num_batches_tracked": torch.tensor(123456789012),
+        "int8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "column": torch.randn(6, 4, generator=generator)[:, 1],  # a strided view
+    }
+
+
+def test_every_dtype_and_layout_round_trips_in_order(tmp_path: Path) -> None:
+    state = every_kind_of_tensor()
+    path = tmp_path / "f.tensors"
+    exchange_file.pack(state, {"model": "m", "epoch": 3}).write(path)
+    loaded, meta = exchange_file.read(path, advice="fix it")
+    assert meta == {"model": "m", "epoch": 3}
+    assert list(loaded) == list(state)
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
+        assert torch.equal(loaded[key], value), key
+    # One read into one buffer: every tensor is a view of the same memory, nothing was unpickled.
+    assert len({t.untyped_storage().data_ptr() for t in loaded.values()}) == 1
+    assert path.stat().st_size % 64 == 0
+
+
+def test_a_packed_snapshot_does_not_follow_the_weights(tmp_path: Path) -> None:
+    weights = {"w": torch.zeros(1000)}
+    packed = exchange_file.pack(weights, {})
+    weights["w"].fill_(7.0)  # the graft changes the weights after the snapshot
+    packed.write(tmp_path / "f.tensors")
+    assert torch.equal(exchange_file.read(tmp_path / "f.tensors", advice="")[0]["w"], torch.zeros(1000))
+    again = exchange_file.pack(weights, {}, reuse=packed)  # the next epoch reuses the buffer
+    assert again.data is packed.data and torch.equal(again.data.view(torch.float32)[:1000], weights["w"])
+
+
+@pytest.mark.parametrize(
+    "state, meta, wanted",
+    [
+        ({"w": torch.zeros(2, dtype=torch.complex64)}, {}, "has dtype torch.complex64, which exchange files"),
+        ({"w": [1, 2]}, {}, "state_dict entry 'w' is a list, not a tensor"),
+        ({"w": torch.zeros(2)}, {"when": datetime.date(2020, 1, 1)}, "plain JSON values"),
+        ({"w": torch.zeros(2)}, {"dims": (1, 2)}, "plain JSON values"),  # a tuple would come back a list
+        ({"w": torch.zeros(2)}, {"lr": float("nan")}, "plain JSON values"),
+    ],
+)
+def test_what_an_exchange_file_cannot_hold_is_refused_when_packing(state: dict, meta: dict, wanted: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(wanted)):
+        exchange_file.pack(state, meta)
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (str(self.path),)
+
+
+def _damaged(good: bytes, case: str, tmp_path: Path) -> bytes:
+    """The bytes of ``good`` spoiled as ``case`` says."""
+    header_length = int.from_bytes(good[8:16], "little")
+    header = good[16 : 16 + header_length].rstrip()
+
+    def with_header(text: bytes) -> bytes:  # padded to the same length, so only the header changes
+        return good[:16] + text.ljust(header_length) + good[16 + header_length :]
+
+    if case == "torch.save zip":
+        torch.save({"model": _RunsCodeWhenUnpickled(tmp_path / "code-ran")}, tmp_path / "evil.pt")
+        return (tmp_path / "evil.pt").read_bytes()
+    if case == "torch.save pickle":
+        torch.save({"w": torch.zeros(1)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+        return (tmp_path / "old.pt").read_bytes()
+    if case == "no signature":
+        return b"hello world, not weights" * 10
+    if case == "empty":
+        return b""
+    if case == "header length beyond the file":
+        return good[:8] + (len(good) * 2).to_bytes(8, "little") + good[16:]
+    if case == "header not JSON":
+        return with_header(b"{" * header_length)
+    if case == "another format":
+        return with_header(header.replace(b"exchange/1", b"exchange/9"))
+    if case == "tensor outside the data":
+        return with_header(header.replace(b'["w","float32",[4],0]', b'["x","float32",[4],64000]'))
+    if case == "shape not whole numbers":
+        return with_header(header.replace(b"[4]", b"[-4]", 1))
+    if case == "longer than its header says":
+        return good + bytes(64)
+    raise AssertionError(case)
+
+
+DAMAGE = {
+    "torch.save zip": "is a torch.save file (an exchange file of an older version of filter-grafting, or a checkpoint)",
+    "torch.save pickle": "is a torch.save file",
+    "no signature": "is not an exchange file (it lacks the b'GRAFTEX1' signature)",
+    "empty": "is not an exchange file",
+    "header length beyond the file": "is truncated or corrupt (its header's length is",
+    "header not JSON": "is truncated or corrupt (its header is not readable JSON)",
+    "another format": "is in exchange format filter-grafting-exchange/9, this version of filter-grafting reads "
+    "filter-grafting-exchange/1: every network of a ring must run the same version",
+    "tensor outside the data": "is truncated or corrupt (its header places 'x' outside its data)",
+    "shape not whole numbers": "is truncated or corrupt (its header gives 'w' an impossible shape [-4])",
+    "longer than its header says": "is truncated or corrupt (its header describes 128 bytes of data where the file "
+    "holds 192)",
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_or_foreign_file_is_one_line_naming_it_and_never_unpickled(case: str, tmp_path: Path) -> None:
+    good = tmp_path / "good.tensors"
+    exchange_file.pack({"w": torch.arange(4.0), "b": torch.ones(2)}, {"net": 1}).write(good)
+    path = tmp_path / "net1_epoch1.tensors"
+    path.write_bytes(_damaged(good.read_bytes(), case, tmp_path))
+    with pytest.raises(CheckpointError) as caught:
+        exchange_file.read(path, advice="delete it")
+    message = str(caught.value)
+    assert message.startswith(f"{path} ") and message.endswith("; delete it") and "\n" not in message, message
+    assert DAMAGE[case] in message, message
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_reading_something_that_is_not_a_file_names_it(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.tensors")  # a reader that opened it blocking would wait for ever
+    (tmp_path / "folder.tensors").mkdir()
+    for name in ("fifo.tensors", "folder.tensors"):
+        with pytest.raises(CheckpointError, match="is not a regular file"):
+            exchange_file.read(tmp_path / name, advice="")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        exchange_file.read(tmp_path / "missing.tensors", advice="")
+
+
+def test_a_bool_tensor_with_other_bytes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "f.tensors"
+    exchange_file.pack({"mask": torch.tensor([True, False])}, {}).write(path)
+    raw = bytearray(path.read_bytes())
+    raw[-64] = 7  # the first element of the only tensor, at the start of the data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="'mask' is not a valid bool tensor"):
+        exchange_file.read(path, advice="")
 
 
 @pytest.mark.e2e
@@ -212,6 +384,170 @@ def test_reader_never_sees_a_half_written_file_even_when_the_writer_is_killed(tm
     # The next owner of network 1 removes whatever temporary file the killed writer left behind.
     with Exchange(tmp_path, 1, 2):
         assert [name for name in os.listdir(tmp_path) if ".tmp-" in name] == []
+
+
+@pytest.mark.e2e
+def test_a_process_does_not_end_before_its_background_publish_is_complete(tmp_path: Path) -> None:
+    child = start_child(PUBLISH_AND_EXIT, str(tmp_path))  # returns after "published": the write still sleeps
+    assert child.wait(timeout=30) == 0, child.stderr.read()
+    child.stdout.close(), child.stderr.close()
+    loaded, meta = Exchange(tmp_path, 2, 2).load(1, 1)
+    assert torch.equal(loaded["w"], torch.arange(1000.0)) and meta["epoch"] == 1
+
+
+@pytest.fixture
+def slow_disk(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Every exchange file write waits until the returned event is set (or 10 s)."""
+    release = threading.Event()
+    write = exchange_file.Packed.write
+
+    def waiting_write(self: exchange_file.Packed, path: str | Path) -> None:
+        release.wait(10)
+        write(self, path)
+
+    monkeypatch.setattr(exchange_file.Packed, "write", waiting_write)
+    return release
+
+
+def test_a_background_publish_returns_at_once_with_a_snapshot(tmp_path: Path, slow_disk: threading.Event) -> None:
+    exchange = Exchange(tmp_path, 1, 2)
+    weights = {"w": torch.zeros(1000)}
+    path = exchange.publish(1, weights, META, background=True)
+    weights["w"].fill_(3.0)  # the caller changes its weights while the file is being written
+    assert not path.exists()
+    slow_disk.set()
+    exchange.wait_published()
+    assert torch.equal(exchange.load(1, 1)[0]["w"], torch.zeros(1000))
+    exchange.wait_published()  # nothing pending: returns at once
+
+
+def test_a_failed_background_publish_is_raised_by_the_next_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(self: exchange_file.Packed, handle: Any) -> None:
+        handle.write(self.header)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exchange_file.Packed, "_write_to", full_disk)
+    exchange = Exchange(tmp_path, 1, 2)
+    exchange.publish(2, {"w": torch.zeros(2)}, META, background=True)
+    with pytest.raises(CheckpointError, match=r"could not write .*net1_epoch2\.tensors: No space left on device"):
+        exchange.wait_published()
+    exchange.publish(3, {"w": torch.zeros(2)}, META, background=True)
+    with caplog.at_level(logging.WARNING, logger="grafting.ring.exchange"):
+        exchange.release()  # a process that stops anyway logs the failure instead of raising it
+    assert any("could not write" in record.getMessage() for record in caplog.records)
+    assert os.listdir(tmp_path) == []  # no half-written file, not even a temporary one
+
+
+def test_the_graft_waits_for_its_own_publish(
+    tmp_path: Path, slow_disk: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grafting.ring import grafter as grafter_module
+
+    own_file_at_graft: list[bool] = []
+
+    def recording_graft_layers(*args: Any, **kwargs: Any) -> Any:
+        own_file_at_graft.append((tmp_path / "net1_epoch1.tensors").exists())
+        return graft_layers(*args, **kwargs)
+
+    monkeypatch.setattr(grafter_module, "graft_layers", recording_graft_layers)
+    mine, theirs = nn.Sequential(nn.Conv2d(3, 4, 3)), nn.Sequential(nn.Conv2d(3, 4, 3))
+    with (
+        Grafter(tmp_path, 1, 2, meta=META, rule="module") as one,
+        Grafter(tmp_path, 2, 2, meta=META, rule="module") as two,
+    ):
+        one.publish(mine, 1, background=True)
+        threading.Timer(0.3, slow_disk.set).start()  # the disk catches up while network 1 waits
+        two.publish(theirs, 1, background=True)
+        report = one.graft(mine, 1)
+    assert report.grafted and own_file_at_graft == [True]
+    assert report.read_ms > 0 and report.check_ms > 0 and report.graft_ms >= report.read_ms + report.check_ms
+
+
+def test_a_peer_of_an_older_version_is_refused_and_the_advice_works(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mine, theirs = nn.Sequential(nn.Conv2d(3, 4, 3)), nn.Sequential(nn.Conv2d(3, 4, 3))
+    checkpoint = tmp_path / "net1" / "last.pt"  # a network's own files are no exchange files
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"resumable")
+    old_file = tmp_path / "net2_epoch1.pt"
+    with (
+        Grafter(tmp_path, 1, 2, meta=META, rule="module", peer_timeout=10) as one,
+        Grafter(tmp_path, 2, 2, meta=META, rule="module") as two,
+    ):
+        torch.save({"model": theirs.state_dict(), "meta": {**META, "net": 2, "epoch": 1}}, old_file)  # older network 2
+        before = {k: v.clone() for k, v in mine.state_dict().items()}
+        started = time.monotonic()
+        with pytest.raises(PeerMismatchError) as caught:
+            one.graft(mine, 1)
+        assert time.monotonic() - started < 5, "refused at once, not after waiting"
+        assert str(caught.value) == (
+            f"network 2's file {old_file} was written by an older version of filter-grafting, whose exchange files "
+            f"this version does not read; run every network of the ring with the same version: stop the older ones, "
+            f"delete the old exchange files (rm {tmp_path}/net*_epoch*.pt) and restart every network with --resume "
+            f"(an epoch whose file is gone is not grafted)"
+        )
+        assert all(torch.equal(v, before[k]) for k, v in mine.state_dict().items())
+
+        # The advice, literally: the shell's rm; network 2, now of this version, goes on from epoch 2.
+        subprocess.run(f"rm {tmp_path}/net*_epoch*.pt", shell=True, check=True)
+        two.publish(theirs, 2)
+        assert one.graft(mine, 1).skipped is not None
+        assert one.graft(mine, 2).grafted
+    assert checkpoint.read_bytes() == b"resumable"
+
+
+def one_tensor_at_a_time_problem(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None) -> str:
+    """The check as it was before it was vectorised: two host reads per tensor."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+            continue
+        if not bool(value.isfinite().all()):
+            return f"holds NaN or infinite values ({key})"
+        own = reference.get(key) if reference is not None else None
+        if not isinstance(own, torch.Tensor) or not own.is_floating_point() or own.numel() == 0:
+            continue
+        largest, scale = float(value.abs().max()), max(float(own.abs().max()), 1.0)
+        if largest > 1e6 * scale:
+            return f"holds values up to {largest:.3g} ({key}), more than 1e+06 times this network's {scale:.3g}"
+    return ""
+
+
+def spoiled(state: dict[str, torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with element 0 of some tensors set to a value."""
+    copy = {k: v.clone() for k, v in state.items()}
+    for key, value in values.items():
+        copy[key].view(-1)[0] = value
+    return copy
+
+
+def test_the_vectorised_checks_say_what_the_per_tensor_ones_said() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8, 2))
+    state = dict(model.state_dict())
+    state["3.half"] = torch.randn(5).half()
+    state["4.empty"] = torch.empty(0)
+    reference = {k: v.clone() for k, v in state.items()}
+    reference["1.running_var"] = torch.full((8,), float("nan"))  # a NaN scale checks nothing
+    del reference["4.bias"]  # no reference: finiteness only
+    cases = [
+        state,
+        spoiled(state, {"2.weight": float("nan")}),
+        spoiled(state, {"0.bias": float("inf"), "2.weight": float("nan")}),
+        spoiled(state, {"0.weight": -5e7}),  # a magnitude, by the absolute value
+        spoiled(state, {"0.weight": 5e5}),  # below a million times the (at least 1) scale
+        spoiled(state, {"0.weight": 5e7, "2.bias": float("nan")}),  # the first problem in order
+        spoiled(state, {"1.running_var": 1e30}),
+        spoiled(state, {"4.bias": 1e30}),
+        spoiled(state, {"3.half": float("-inf")}),
+    ]
+    messages = []
+    for case in cases:
+        for ref in (reference, None):
+            messages.append(weights_problem(case, reference=ref))
+            assert messages[-1] == one_tensor_at_a_time_problem(case, ref)
+    assert len(set(messages)) >= 6 and "" in messages
 
 
 # ------------------------------------------------------------------ waiting
@@ -254,7 +590,7 @@ def test_wait_for_times_out(tmp_path: Path) -> None:
     assert 0.3 <= elapsed < 0.8
     message = str(caught.value)
     assert message.startswith("network 2 did not write epoch 5 within 0.3 s (")
-    assert str(tmp_path / "net2_epoch5.pt") in message
+    assert str(tmp_path / "net2_epoch5.tensors") in message
     assert "--resume" in message
 
 
@@ -265,7 +601,7 @@ def test_wait_for_logs_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture
             reader.wait_for(2, 5, timeout=0.45)
     lines = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
     assert 3 <= len(lines) <= 5
-    target, alive = tmp_path / "net2_epoch5.pt", tmp_path / "net2.alive"
+    target, alive = tmp_path / "net2_epoch5.tensors", tmp_path / "net2.alive"
     pattern = (
         rf"net 1: waiting for network 2's epoch 5 \({re.escape(str(target))}\) for \d+s; network 2 has not "
         rf"started yet \(no heartbeat file {re.escape(str(alive))}\)"
@@ -286,7 +622,7 @@ def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pyt
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert re.fullmatch(
-        rf"net 1: waiting for network 2's epoch 5 \(.*net2_epoch5\.pt\) for 0s; network 2 has stopped: "
+        rf"net 1: waiting for network 2's epoch 5 \(.*net2_epoch5\.tensors\) for 0s; network 2 has stopped: "
         rf"its heartbeat {re.escape(str(alive))} is 3m1\ds old; check its log and restart it with "
         rf"--resume",
         warnings[0],
@@ -360,8 +696,8 @@ def test_lock_held_by_another_process_and_freed_by_sigkill(tmp_path: Path) -> No
 
 
 def test_acquire_removes_own_leftover_temp_files_only(tmp_path: Path) -> None:
-    own = tmp_path / "net1_epoch4.pt.tmp-99999"
-    other = tmp_path / "net2_epoch4.pt.tmp-99999"
+    own = tmp_path / "net1_epoch4.tensors.tmp-99999"
+    other = tmp_path / "net2_epoch4.tensors.tmp-99999"
     own.write_bytes(b"half")
     other.write_bytes(b"half")
     with Exchange(tmp_path, 1, 2):
@@ -373,15 +709,15 @@ def test_acquire_removes_own_leftover_temp_files_only(tmp_path: Path) -> None:
 
 
 def _own_epochs(exchange: Exchange) -> set[int]:
-    pattern = re.compile(rf"^net{exchange.net}_epoch(\d+)\.pt$")
-    return {int(match.group(1)) for name in os.listdir(exchange.root) if (match := pattern.match(name))}
+    pattern = SharedFolder.exchange_pattern(exchange.net)
+    return {int(match.group(1)) for name in os.listdir(exchange.root) if (match := pattern.fullmatch(name))}
 
 
 @pytest.mark.parametrize("num", [1, 2, 3])
 def test_cleanup_removes_exactly_the_epochs_no_peer_needs(tmp_path: Path, num: int) -> None:
     exchange = Exchange(tmp_path, 1, num)
     # Files of other networks (and of network 10, whose name starts like network 1's) are never touched.
-    bystanders = [tmp_path / "net2_epoch1.pt", tmp_path / "net10_epoch1.pt"]
+    bystanders = [tmp_path / "net2_epoch1.tensors", tmp_path / "net10_epoch1.tensors"]
     for bystander in bystanders:
         bystander.write_bytes(b"x")
     state = {"w": torch.zeros(2)}
@@ -416,5 +752,5 @@ def test_cleanup_with_keep_all_keeps_everything(tmp_path: Path) -> None:
         exchange.publish(epoch, {"w": torch.zeros(1)}, META)
         assert exchange.cleanup(epoch) == []
     assert _own_epochs(exchange) == set(range(1, 9))
-    loaded = load_file(exchange.path(1, 1))
-    assert loaded["meta"]["epoch"] == 1
+    _, meta = exchange.load(1, 1)
+    assert meta["epoch"] == 1

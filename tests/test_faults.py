@@ -49,7 +49,9 @@ from conftest import (
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
+from grafting.ring import exchange_file
 from grafting.ring.exchange import Exchange
+from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.ring.grafter import Grafter
 from grafting.ring.layout import NetworkFiles
 from grafting.train.config import CifarConfig
@@ -132,7 +134,7 @@ def digest(path: Path) -> str:
 
 def exchange_files(shared: Path) -> set[str]:
     """The names of the per-epoch exchange files in the shared folder."""
-    return {path.name for path in shared.glob("net*_epoch*.pt")}
+    return {path.name for path in shared.glob("net*_epoch*.tensors")}
 
 
 def temp_files(folder: Path) -> list[str]:
@@ -206,7 +208,7 @@ def test_second_process_is_refused_and_a_network_killed_while_waiting_resumes(
 ) -> None:
     shared = tmp_path / "s"
     net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1))  # network 2 is not started yet
-    wait_until(lambda: (shared / "net1_epoch1.pt").exists(), "network 1's epoch-1 file", [net1])
+    wait_until(lambda: (shared / "net1_epoch1.tensors").exists(), "network 1's epoch-1 file", [net1])
     config = shared / "net1" / "config.json"
     config_before = config.read_bytes()
 
@@ -236,11 +238,11 @@ def test_dead_peer_is_reported_stale_then_times_out_with_checkpoints_intact(tmp_
     net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1, epochs=3, extra=extra), env=env)
     net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2, epochs=3, extra=extra), env=env)
     # Network 1 dies right after publishing epoch 1: network 2 grafts epoch 1, then waits for epoch 2 in vain.
-    wait_until(lambda: (shared / "net1_epoch1.pt").exists(), "network 1's epoch-1 file", [net1, net2])
+    wait_until(lambda: (shared / "net1_epoch1.tensors").exists(), "network 1's epoch-1 file", [net1, net2])
     kill(net1)
 
-    waiting_since = wait_until(lambda: (shared / "net2_epoch2.pt").exists(), "network 2's epoch-2 file", [net2])
-    stale = f"waiting for network 1's epoch 2 ({shared / 'net1_epoch2.pt'}) for "
+    waiting_since = wait_until(lambda: (shared / "net2_epoch2.tensors").exists(), "network 2's epoch-2 file", [net2])
+    stale = f"waiting for network 1's epoch 2 ({shared / 'net1_epoch2.tensors'}) for "
     warned_at = wait_until(lambda: stale in net2.log or net2.process.poll() is not None, "the stale warning", [])
     assert finish([net2], timeout=60) == [1], net2.report()
     exited_at = time.monotonic()
@@ -253,7 +255,7 @@ def test_dead_peer_is_reported_stale_then_times_out_with_checkpoints_intact(tmp_
     assert line.endswith("this network's checkpoints are intact: restart it with --resume as well"), line
     # What network 2 had saved is intact: its last checkpoint (epoch 1, grafted) and its own exchange file.
     assert last_state(shared, 2)["epoch"] == 1
-    assert load_file(shared / "net2_epoch2.pt", weights_only=True)["meta"]["epoch"] == 2
+    assert read_exchange_file(shared / "net2_epoch2.tensors")[1]["epoch"] == 2
     assert temp_files(shared) == []
 
 
@@ -358,7 +360,7 @@ def test_peers_that_do_not_match_fail_at_the_first_exchange(tmp_path: Path, data
             assert "file" in line and "all networks of a ring must use the same" in line, line
             assert not re.search(r"epoch 1/\d \|", net.log), f"{case}: {net.name} went on after the exchange"
         told = one_line(nets[1].stderr)
-        assert f"network 1's file {shared / 'net1_epoch1.pt'} has {MISMATCHES[case][2]}" in told, told
+        assert f"network 1's file {shared / 'net1_epoch1.tensors'} has {MISMATCHES[case][2]}" in told, told
         if case == "epochs":
             assert told.endswith("(to extend a finished ring, resume every network with --resume --epochs N)"), told
         # Nothing was mixed: no network saved a grafted state.
@@ -403,9 +405,9 @@ def test_bad_peer_files_are_named_and_never_applied(tmp_path: Path, data: Path) 
         model.conv1.weight[0, 0, 0, 0] = float("inf")
     network1[nonfinite].publish(model, 1)
     marker = tmp_path / "code-ran"
-    torch.save({"model": _MakesDirectoryWhenLoaded(marker)}, malicious / "net1_epoch1.pt")
-    # A bare state_dict of another architecture, as a user might drop it there: not this project's file.
-    torch.save(models.create("resnet32", num_classes=10).state_dict(), bare / "net1_epoch1.pt")
+    torch.save({"model": _MakesDirectoryWhenLoaded(marker)}, malicious / "net1_epoch1.tensors")
+    # Weights of another architecture without meta, as another tool might write them: not this project's file.
+    exchange_file.pack(models.create("resnet32", num_classes=10).state_dict(), {}).write(bare / "net1_epoch1.tensors")
     for grafter in network1.values():
         grafter.close()
     # The same kind of file really runs code when loaded unsafely, so the check below means something.
@@ -418,20 +420,20 @@ def test_bad_peer_files_are_named_and_never_applied(tmp_path: Path, data: Path) 
     for shared, net in nets.items():
         assert finish([net]) == [1], net.report()
         line = one_line(net.stderr)
-        assert str(shared / "net1_epoch1.pt") in line, line
+        assert str(shared / "net1_epoch1.tensors") in line, line
         assert not (shared / "net2" / "last.pt").exists(), "nothing may be grafted from a bad file"
     assert "truncated or corrupt" in one_line(nets[truncated].stderr)
     assert "holds NaN or infinite values (conv1.weight)" in one_line(nets[nonfinite].stderr)
-    assert "safe loading refuses" in one_line(nets[malicious].stderr)
+    assert "is a torch.save file" in one_line(nets[malicious].stderr)
     assert "has no metadata, so this project did not write it" in one_line(nets[bare].stderr)
-    assert not marker.exists(), "the peer file was unpickled without weights_only"
+    assert not marker.exists(), "the peer file was unpickled"
 
 
 def test_a_corrupt_peer_file_deleted_as_advised_is_skipped_and_the_ring_goes_on(tmp_path: Path, data: Path) -> None:
     shared = tmp_path / "s"
     net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1, epochs=3))
-    wait_until(lambda: (shared / "net1_epoch1.pt").exists(), "network 1's epoch-1 file", [net1])
-    spoiled = shared / "net1_epoch1.pt"
+    wait_until(lambda: (shared / "net1_epoch1.tensors").exists(), "network 1's epoch-1 file", [net1])
+    spoiled = shared / "net1_epoch1.tensors"
     spoiled.write_bytes(spoiled.read_bytes()[: spoiled.stat().st_size // 2])
     net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2, epochs=3))
     assert finish([net2]) == [1], net2.report()
@@ -720,8 +722,8 @@ BAD_ENVIRONMENTS = {
     "old-ring-files": (
         _old_ring_files,
         1,
-        "holds exchange files this ring cannot have written: net2_epoch1.pt, "
-        "net2_epoch2.pt, net2_epoch3.pt (network 2 has no config.json)",
+        "holds exchange files this ring cannot have written: net2_epoch1.tensors, "
+        "net2_epoch2.tensors, net2_epoch3.tensors (network 2 has no config.json)",
     ),
     "config-missing": (
         _damaged("config.json", lambda path: None),

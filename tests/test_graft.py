@@ -12,14 +12,25 @@ import functools
 import pytest
 import torch
 from conftest import DEVICES
+from frozen_graft import frozen_graft_layers
 from published_code import published_key_graft, published_l1, published_vgg_layer_graft, vgg_filter_graft_per_channel
 from torch import nn
 
 from grafting.archs import cifar_models as models
 from grafting.errors import GraftingError, PeerMismatchError
+from grafting.method import entropy as entropy_module
 from grafting.method.entropy import layer_entropy
-from grafting.method.graft import FilterRecord, LayerRecord, _blend_, graft_filters, graft_layers, kept_entries
+from grafting.method.graft import (
+    FilterRecord,
+    LayerRecord,
+    _blend_,
+    _copy_views,
+    graft_filters,
+    graft_layers,
+    kept_entries,
+)
 from grafting.method.weighting import graft_coefficient
+from grafting.ring import exchange_file
 
 LAYER_MODELS = ("resnet32", "mobilenetv2")  # the CIFAR VGGs keep their classifier: tested on their own below
 # A narrow CIFAR VGG (the class of vgg11..vgg19, 0.1 M weights instead of 15 M): the same rules, fast tests.
@@ -290,6 +301,7 @@ def test_l1_criterion_uses_l1_norms() -> None:
 
 def test_graft_layers_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
     model, peer = fresh_pair("resnet32")
+    monkeypatch.setattr(entropy_module, "HOST_COUNTED", ())  # a GPU's path: numpy never sees a value
     calls: list[str] = []
     for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
@@ -301,6 +313,55 @@ def test_graft_layers_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(torch.Tensor, name, counting)
     graft_layers(model, peer, rule="name")
     assert len(calls) == 1  # all scores of the model fetched together
+
+
+# --- layer level: the code before issue 27, frozen in tests/frozen_graft.py ------------------------
+
+FROZEN_CASES = [
+    ("resnet110", "name", "entropy"),  # the benchmark's model: 109 coefficients, 656 entries
+    ("resnet32", "module", "entropy"),
+    ("mobilenetv2", "module", "entropy"),
+    ("resnet32", "name", "l1"),
+    (SMALL_VGG, "module", "entropy"),  # keeps its classifier and counters
+    (SMALL_VGG, "name", "entropy"),
+]
+
+
+@pytest.mark.parametrize("name, rule, criterion", FROZEN_CASES)
+def test_graft_layers_leaves_every_entry_as_the_frozen_code_did(name: str, rule: str, criterion: str) -> None:
+    model, peer = fresh_pair(name) if name != "resnet110" else (build(name), build(name).state_dict())
+    frozen = copy.deepcopy(model)
+    records = graft_layers(model, peer, a=0.3, c=400.0, rule=rule, criterion=criterion)
+    expected = frozen_graft_layers(frozen, peer, a=0.3, c=400.0, rule=rule, criterion=criterion)
+    assert [(r.key, r.h_self, r.h_peer, r.alpha) for r in records] == expected
+    assert len({r.alpha for r in records}) > 1
+    assert_same_state(model, frozen.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_graft_layers_of_other_float_dtypes_is_the_frozen_code(dtype: torch.dtype) -> None:
+    model, peer = fresh_pair("resnet32")
+    model, peer = model.to(dtype), {k: v.to(dtype) if v.is_floating_point() else v for k, v in peer.items()}
+    frozen = copy.deepcopy(model)
+    graft_layers(model, peer)
+    frozen_graft_layers(frozen, peer)
+    assert_same_state(model, frozen.state_dict())
+
+
+def test_a_peer_in_one_buffer_is_copied_across_once_and_grafted_alike(tmp_path) -> None:
+    """The peer as an exchange file gives it (views of one buffer), moved with one copy of the buffer
+    (what a GPU gets; here CPU to CPU) and viewed again: the same tensors, the same graft."""
+    model, peer = fresh_pair("resnet32")
+    exchange_file.pack(peer, {}).write(tmp_path / "peer.tensors")
+    from_file, _ = exchange_file.read(tmp_path / "peer.tensors")
+    moved = _copy_views(list(from_file.values()), torch.device("cpu"))
+    assert len({t.untyped_storage().data_ptr() for t in moved}) == 1
+    assert moved[0].untyped_storage().data_ptr() != next(iter(from_file.values())).untyped_storage().data_ptr()
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(moved, peer.values()))
+    frozen = copy.deepcopy(model)
+    graft_layers(model, dict(zip(from_file, moved)))
+    frozen_graft_layers(frozen, peer)
+    assert_same_state(model, frozen.state_dict())
 
 
 # --- layer level: the published loops on whole state_dicts ---------------------------------------

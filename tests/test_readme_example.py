@@ -51,4 +51,6 @@ def test_readme_example_grafts_two_copies(tmp_path: Path) -> None:
     differing = [k for k in grafted if grafted[k].is_floating_point() and not torch.equal(grafted[k], ungrafted[k])]
     assert len(differing) > len(grafted) // 2, "grafting left the weights as an ungrafted run's"
     # the exchange files the example wrote are the ones the Grafter documents
-    assert (ring / "runs/own-loop/net1_epoch1.pt").exists() and (ring / "runs/own-loop/net2_epoch2.pt").exists()
+    assert (ring / "runs/own-loop/net1_epoch1.tensors").exists() and (
+        ring / "runs/own-loop/net2_epoch2.tensors"
+    ).exists()

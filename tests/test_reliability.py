@@ -26,7 +26,7 @@ from torch import nn
 
 from grafting import Grafter
 from grafting.archs import cifar_models
-from grafting.checkpoint import MAGNITUDE_RATIO, capture_rng_state, load_file, restore_rng_state, save_atomic
+from grafting.checkpoint import MAGNITUDE_RATIO, capture_rng_state, load_file, restore_rng_state
 from grafting.data.cifar import load_cifar
 from grafting.data.fake import write_fake_cifar
 from grafting.errors import (
@@ -38,7 +38,9 @@ from grafting.errors import (
     PeerTimeoutError,
     UsageError,
 )
+from grafting.ring import exchange_file
 from grafting.ring.exchange import Exchange
+from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.ring.identity import join_ring
 from grafting.ring.layout import NetworkFiles, SharedFolder
 from grafting.train.cli import parse_config
@@ -107,7 +109,7 @@ def test_every_exchange_file_and_config_json_records_the_ring(tmp_path: Path) ->
     with Grafter(tmp_path, 1, 2, meta=META) as grafter:
         path = grafter.publish(tiny_model(), 1)
         files = prepare_run_files(cifar_config(tmp_path, "--num", "2", "--i", "1"), grafter.ring)
-    assert load_file(path)["meta"]["ring"] == grafter.ring
+    assert read_exchange_file(path)[1]["ring"] == grafter.ring
     assert json.loads(files.config.read_text())["ring"] == grafter.ring
 
 
@@ -117,7 +119,7 @@ def test_a_peer_file_of_another_ring_is_refused_saying_what_to_do(tmp_path: Path
     old.publish(1, weights(), META)
     old.release()
     (tmp_path / "new").mkdir()
-    os.replace(old.path(2, 1), tmp_path / "new" / "net2_epoch1.pt")  # an earlier run's file
+    os.replace(old.path(2, 1), tmp_path / "new" / "net2_epoch1.tensors")  # an earlier run's file
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with Grafter(tmp_path / "new", 1, 2, meta=META) as grafter:
@@ -135,16 +137,16 @@ def test_a_fresh_start_refuses_exchange_files_this_ring_cannot_have_written(tmp_
     with Exchange(tmp_path, 2, 2) as old:
         for epoch in (1, 2, 3):
             old.publish(epoch, weights(), META)
-    (tmp_path / "net1_epoch3.pt").write_bytes((tmp_path / "net2_epoch3.pt").read_bytes())
+    (tmp_path / "net1_epoch3.tensors").write_bytes((tmp_path / "net2_epoch3.tensors").read_bytes())
     config = cifar_config(tmp_path, "--num", "2", "--i", "1")
     ring = join_ring(SharedFolder(tmp_path))  # the copied ring.json: the new ring joins it
     with pytest.raises(GraftingError) as caught:
         prepare_run_files(config, ring)
     message = one_line(str(caught.value))
     assert message == (
-        f"{tmp_path} holds exchange files this ring cannot have written: net1_epoch3.pt (network 1 "
-        f"cannot be at epoch 3 before network 1 has finished epoch 1); net2_epoch1.pt, net2_epoch2.pt, "
-        f"net2_epoch3.pt (network 2 has no config.json); they are another run's: move them away, or "
+        f"{tmp_path} holds exchange files this ring cannot have written: net1_epoch3.tensors (network 1 "
+        f"cannot be at epoch 3 before network 1 has finished epoch 1); net2_epoch1.tensors, net2_epoch2.tensors, "
+        f"net2_epoch3.tensors (network 2 has no config.json); they are another run's: move them away, or "
         f"start this ring in a new --s"
     )
     assert not (tmp_path / "net1").exists(), "a refused start writes no run files"
@@ -155,7 +157,7 @@ def test_a_fresh_start_refuses_exchange_files_this_ring_cannot_have_written(tmp_
     peer.folder.mkdir()
     peer.config.write_text(json.dumps({"ring": ring}))
     foreign = [path.name for path, _ in foreign_exchange_files(config, ring)]
-    assert foreign == ["net1_epoch3.pt", "net2_epoch3.pt"]
+    assert foreign == ["net1_epoch3.tensors", "net2_epoch3.tensors"]
     # Following the advice literally (moving them away) lets the ring start.
     for name in foreign:
         os.replace(tmp_path / name, tmp_path.parent / f"{tmp_path.name}-{name}")
@@ -175,7 +177,7 @@ def test_a_peer_of_another_architecture_is_refused_without_meta(tmp_path: Path) 
         two.publish(theirs, 1)
         with pytest.raises(
             PeerMismatchError,
-            match=r"network 2's file .*net2_epoch1\.pt has an entry 'layer1\.3\."
+            match=r"network 2's file .*net2_epoch1\.tensors has an entry 'layer1\.3\."
             r"conv1\.weight' that the architecture lacks; all networks of a "
             r"ring must be the same architecture",
         ):
@@ -224,9 +226,8 @@ def test_bad_peer_files_are_refused_and_nothing_is_grafted(tmp_path: Path, case:
         Grafter(tmp_path, 2, 2, meta=META, rule="module") as two,
     ):
         path = two.publish(tiny_model(1), 1)
-        payload = load_file(path)
-        state, meta = spoil(payload["model"], payload["meta"])
-        save_atomic({"model": state} if meta is None else {"model": state, "meta": meta}, path)
+        state, meta = spoil(*read_exchange_file(path))
+        exchange_file.pack(state, meta or {}).write(path)
         with pytest.raises(GraftingError) as caught:
             one.graft(model, 1)
     message = one_line(str(caught.value))
@@ -256,7 +257,7 @@ def test_large_values_pass_when_this_network_has_them_too(tmp_path: Path) -> Non
 
 def test_a_fifo_as_peer_file_checkpoint_or_heartbeat_never_blocks(tmp_path: Path) -> None:
     started = time.monotonic()
-    fifo = tmp_path / "net2_epoch1.pt"
+    fifo = tmp_path / "net2_epoch1.tensors"
     os.mkfifo(fifo)
     with pytest.raises(CheckpointError, match="is not a regular file"):
         load_file(fifo)
@@ -282,7 +283,7 @@ def test_a_network_waiting_says_within_seconds_what_it_waits_for(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, notice_after=0.2, stale_after=0.5)
-    alive, target = tmp_path / "net2.alive", tmp_path / "net2_epoch1.pt"
+    alive, target = tmp_path / "net2.alive", tmp_path / "net2_epoch1.tensors"
 
     def said_while_waiting() -> list[str]:
         caplog.clear()
@@ -324,7 +325,7 @@ def test_own_loop_grafter_says_it_waits_without_any_logging_set_up(tmp_path: Pat
     waiting = [line for line in run.stderr.splitlines() if line.startswith("grafting: net 1: waiting")]
     assert (
         waiting
-        and f"network 2's epoch 1 ({tmp_path / 'net2_epoch1.pt'}) for 5s; network 2 has not started "
+        and f"network 2's epoch 1 ({tmp_path / 'net2_epoch1.tensors'}) for 5s; network 2 has not started "
         f"yet (no heartbeat file {tmp_path / 'net2.alive'})"
         in waiting[0]
     ), run.stderr
@@ -343,7 +344,7 @@ def test_a_file_gone_after_its_peer_moved_on_is_skipped_not_waited_for(
     ):
         two.publish(tiny_model(1), 1)
         two.publish(tiny_model(2), 2)
-        (tmp_path / "net2_epoch1.pt").unlink()
+        (tmp_path / "net2_epoch1.tensors").unlink()
         with caplog.at_level(logging.WARNING):
             report = one.graft(model, 1)
         assert not report.grafted and same_weights(model, before)
@@ -361,8 +362,11 @@ def test_a_restarted_network_first_removes_its_files_of_the_epochs_to_come_newes
         for epoch in (1, 2, 3, 4):
             grafter.exchange.publish(epoch, weights(), META)
         removed = grafter.discard_from(3)
-    assert [p.name for p in removed] == ["net2_epoch4.pt", "net2_epoch3.pt"]
-    assert sorted(p.name for p in tmp_path.glob("net2_epoch*.pt")) == ["net2_epoch1.pt", "net2_epoch2.pt"]
+    assert [p.name for p in removed] == ["net2_epoch4.tensors", "net2_epoch3.tensors"]
+    assert sorted(p.name for p in tmp_path.glob("net2_epoch*.tensors")) == [
+        "net2_epoch1.tensors",
+        "net2_epoch2.tensors",
+    ]
 
 
 def ring_folder_after(
@@ -397,28 +401,35 @@ def test_a_finished_network_removes_its_predecessors_files_its_heartbeat_and_its
     assert left == [
         "net1.alive",
         "net1.lock",
-        "net2_epoch1.pt",
-        "net2_epoch2.pt",
-        "net2_epoch3.pt",
-        "net2_epoch4.pt",
+        "net2_epoch1.tensors",
+        "net2_epoch2.tensors",
+        "net2_epoch3.tensors",
+        "net2_epoch4.tensors",
         "net3.alive",
         "net3.lock",
-        "net3_epoch1.pt",
-        "net3_epoch2.pt",
-        "net3_epoch3.pt",
-        "net3_epoch4.pt",
+        "net3_epoch1.tensors",
+        "net3_epoch2.tensors",
+        "net3_epoch3.tensors",
+        "net3_epoch4.tensors",
     ]
     assert ring_folder_after(tmp_path / "all", num=3, source="external", finished=[1, 2, 3]) == []
     assert ring_folder_after(tmp_path / "keep", num=2, source="external", finished=[1, 2], keep_all=True, epochs=2) == [
-        "net1_epoch1.pt",
-        "net1_epoch2.pt",
-        "net2_epoch1.pt",
-        "net2_epoch2.pt",
+        "net1_epoch1.tensors",
+        "net1_epoch2.tensors",
+        "net2_epoch1.tensors",
+        "net2_epoch2.tensors",
     ]
     # Averaging: every network reads every file; the first to finish removes what all have read and could
     # need after a resume, the last one the rest.
     left = ring_folder_after(tmp_path / "avg", num=2, source="average", finished=[1])
-    assert left == ["net1_epoch3.pt", "net1_epoch4.pt", "net2.alive", "net2.lock", "net2_epoch3.pt", "net2_epoch4.pt"]
+    assert left == [
+        "net1_epoch3.tensors",
+        "net1_epoch4.tensors",
+        "net2.alive",
+        "net2.lock",
+        "net2_epoch3.tensors",
+        "net2_epoch4.tensors",
+    ]
     assert ring_folder_after(tmp_path / "avg-all", num=2, source="average", finished=[1, 2]) == []
 
 
@@ -578,13 +589,13 @@ def test_resume_never_restarts_at_epoch_1_over_later_work(tmp_path: Path) -> Non
     ):
         resume(files, num=2)
     files.best.unlink()
-    (tmp_path / "net1_epoch3.pt").write_bytes(b"x")  # an exchange file of a later epoch says the same
-    with pytest.raises(CheckpointError, match=r"reached epoch 3 \(net1_epoch3.pt\)"):
+    (tmp_path / "net1_epoch3.tensors").write_bytes(b"x")  # an exchange file of a later epoch says the same
+    with pytest.raises(CheckpointError, match=r"reached epoch 3 \(net1_epoch3.tensors\)"):
         resume(files, num=2)
-    (tmp_path / "net1_epoch3.pt").unlink()
+    (tmp_path / "net1_epoch3.tensors").unlink()
     # Killed in epoch 1 (its best.pt and exchange file of epoch 1 exist): epoch 1 again, nothing lost.
     save_best(files, model, 1, 50.0)
-    (tmp_path / "net1_epoch1.pt").write_bytes(b"x")
+    (tmp_path / "net1_epoch1.tensors").write_bytes(b"x")
     assert resume(files, num=2)[0].start_epoch == 1
 
 
@@ -748,6 +759,6 @@ def test_readme_own_loop_says_what_it_waits_for_when_its_peer_never_starts(tmp_p
     wait_until(lambda: said in copy.stderr, "the waiting line", [copy], timeout=240)
     line = next(line for line in copy.stderr.splitlines() if said in line)
     assert "for 5s; network 2 has not started yet (no heartbeat file runs/own-loop/net2.alive)" in line, line
-    assert "(runs/own-loop/net2_epoch1.pt)" in line, line  # the folder as the example names it
+    assert "(runs/own-loop/net2_epoch1.tensors)" in line, line  # the folder as the example names it
     copy.process.kill()
     finish([copy])

@@ -3,7 +3,7 @@
 Every network is its own ``grafting_cifar/train.py`` process on the CPU with one thread, reading a
 generated CIFAR in the real pickle format, exactly as a user's ring of ``nohup`` jobs would run.
 The grafting of epoch 1 is checked against a recomputation from the files the processes left:
-each network's pre-graft exchange file ``net<i>_epoch1.pt`` and its post-graft ``last.pt`` of
+each network's pre-graft exchange file ``net<i>_epoch1.tensors`` and its post-graft ``last.pt`` of
 epoch 1. ``last.pt`` is replaced by a rename after every epoch, so a watcher thread hard-links
 each new version while the ring runs (see :class:`FileVersions`).
 """
@@ -27,6 +27,7 @@ from conftest import CIFAR_SCRIPT, Proc, child_env, finish, start_script
 from grafting import graft_filters, graft_layers
 from grafting.archs import cifar_models as models
 from grafting.data.fake import stand_in_description, write_fake_cifar
+from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.train.report import read_metrics
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
@@ -170,7 +171,8 @@ def last_checkpoint_of_epoch(versions: FileVersions, last: Path, epoch: int) -> 
 
 def exchange_file(shared: Path, net: int, epoch: int) -> dict:
     """Network ``net``'s pre-graft exchange file of ``epoch``: ``{'model': state_dict, 'meta': {...}}``."""
-    return torch.load(shared / f"net{net}_epoch{epoch}.pt", weights_only=True)
+    state, meta = read_exchange_file(shared / f"net{net}_epoch{epoch}.tensors")
+    return {"model": state, "meta": meta}
 
 
 def recomputed_graft(shared: Path, net: int, peer: int, epoch: int, *, level: str) -> dict[str, torch.Tensor]:
@@ -254,7 +256,7 @@ def assert_tensorboard_run(folder: Path) -> None:
 
 def assert_exchange_files(shared: Path, expected: set[str]) -> None:
     """Exactly these exchange files (and no half-written ones) are left in the shared folder."""
-    assert {p.name for p in shared.glob("net*_epoch*.pt*")} == expected
+    assert {p.name for p in shared.glob("net*_epoch*.tensors*")} == expected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
         assert (shared / network.name / "best.pt").is_file()
         assert_tensorboard_run(shared / "tb" / network.name)
     # The final epoch publishes nothing: its tested weights are final.
-    assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt"})
+    assert_exchange_files(shared, {"net1_epoch1.tensors", "net2_epoch1.tensors"})
     meta = exchange_file(shared, 2, 1)["meta"]
     assert (meta["net"], meta["num"], meta["epoch"], meta["model"], meta["num_classes"]) == (2, 2, 1, "resnet20", 10)
     check_ring_grafted_epoch1(shared, 2, versions)
@@ -324,7 +326,7 @@ def test_three_network_ring(tmp_path: Path, cifar10: Path) -> None:
 
     for network in networks:
         assert epochs_done(shared, int(network.name[3:])) == [1, 2], network.log
-    assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt", "net3_epoch1.pt"})
+    assert_exchange_files(shared, {"net1_epoch1.tensors", "net2_epoch1.tensors", "net3_epoch1.tensors"})
     check_ring_grafted_epoch1(shared, 3, versions)  # network 1 grafts network 3: the ring closes
 
 

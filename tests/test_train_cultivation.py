@@ -14,6 +14,7 @@ from conftest import CIFAR_SCRIPT, Proc, finish, start_script
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar
+from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.train.report import read_metrics
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
@@ -89,7 +90,7 @@ def test_two_networks_distil_from_their_peers(data: Path, tmp_path: Path) -> Non
             )
         # The teacher of the last epoch is resumable: the predecessor's pre-graft weights of epoch 1.
         last = load_file(tmp_path / f"net{net}" / "last.pt")
-        peer = load_file(tmp_path / f"net{2 if net == 1 else 1}_epoch1.pt")["model"]
+        peer = read_exchange_file(tmp_path / f"net{2 if net == 1 else 1}_epoch1.tensors")[0]
         assert torch.equal(last["extra"]["distill_teacher"]["conv1.weight"], peer["conv1.weight"])
         config = json.loads((tmp_path / f"net{net}" / "config.json").read_text())
         assert (config["distill"], config["source"], config["criterion"]) == ("peers", "external", "entropy")
@@ -137,14 +138,14 @@ def test_noise_and_internal_grafting_report_the_touched_filters(data: Path, tmp_
     assert tensorboard_tags(tmp_path / "tb" / "net1")["graft/invalid_touched"] == [touched]
     config = json.loads((tmp_path / "net1" / "config.json").read_text())
     assert (config["source"], config["criterion"], config["invalid_threshold"]) == (source, "entropy", 6.0)
-    assert not list(tmp_path.glob("net1_epoch*.pt"))
+    assert not list(tmp_path.glob("net1_epoch*.tensors"))
 
 
 def test_two_networks_averaging(data: Path, tmp_path: Path) -> None:
     # A vanishing lr keeps epoch 2 from moving the conv weights, so the final weights show the average.
     logs = run_ring(data, tmp_path, 2, "--graft-source", "average", "--criterion", "l1", "--lr", "1e-9")
     assert all("plain averaging of 2 networks" in log for log in logs)
-    published = [load_file(tmp_path / f"net{i}_epoch1.pt")["model"] for i in (1, 2)]
+    published = [read_exchange_file(tmp_path / f"net{i}_epoch1.tensors")[0] for i in (1, 2)]
     final = [load_file(tmp_path / f"net{i}" / "last.pt")["model"] for i in (1, 2)]
     for key in ("conv1.weight", "layer2.0.conv1.weight", "linear.weight"):
         mean = (published[0][key] + published[1][key]) / 2

@@ -30,6 +30,7 @@ from grafting.data.fake import stand_in_description, write_fake_imagefolder
 from grafting.distributed import Processes, per_process
 from grafting.errors import UsageError
 from grafting.method.graft import graft_layers
+from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.train.imagenet_models import create_model
 from grafting.train.report import read_metrics
 from grafting_imagenet import train as imagenet_train
@@ -108,8 +109,8 @@ def assert_last_is_graft_of_epoch1(shared: Path, arch: str, rule: str) -> None:
     """net2/last.pt == net2's epoch-1 file grafted with net1's, recomputed here."""
     saved = load_file(shared / "net2" / "last.pt")
     assert saved["epoch"] == 1
-    own = load_file(shared / "net2_epoch1.pt")["model"]
-    peer = load_file(shared / "net1_epoch1.pt")["model"]
+    own = read_exchange_file(shared / "net2_epoch1.tensors")[0]
+    peer = read_exchange_file(shared / "net1_epoch1.tensors")[0]
     model = create_model(arch, 3)
     model.load_state_dict(own)
     records = graft_layers(model, peer, a=0.4, c=500.0, rule=rule, criterion="entropy")
@@ -166,7 +167,7 @@ def test_resnet18_networks_graft_each_other_with_the_name_rule(resnet_ring: Path
     # Three classes: top-5 is always 100 %, so it is neither logged nor recorded.
     assert all(0.0 <= top1 <= 100.0 and top5 is None for _, top1, top5 in epochs.values())
     assert "top5" not in (resnet_ring.parent / "net1.log").read_text()
-    assert {p.name for p in resnet_ring.glob("*.pt")} == {"net1_epoch1.pt", "net2_epoch1.pt"}
+    assert {p.name for p in resnet_ring.glob("*.tensors")} == {"net1_epoch1.tensors", "net2_epoch1.tensors"}
 
 
 def test_killed_network_resumes_from_its_last_checkpoint(resnet_ring: Path, image_folder: Path) -> None:
@@ -282,7 +283,7 @@ def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
     assert "[net 1/2 rank 0]" in text and "[net 1/2 rank 1]" not in text, text
     assert sorted(epoch_results(shared, 1)) == [1, 2]
     names = {p.name for p in shared.iterdir()}  # a finished ring removes its locks and heartbeats
-    assert names == {"net1", "net2", "tb", "ring.json", "net1_epoch1.pt", "net2_epoch1.pt"}, names
+    assert names == {"net1", "net2", "tb", "ring.json", "net1_epoch1.tensors", "net2_epoch1.tensors"}, names
     config = json.loads((shared / "net1" / "config.json").read_text())
     assert (config["world_size"], config["batch_size"]) == (2, 16)
 

@@ -5,9 +5,13 @@ value to the last bit, not merely close to it:
 
 - bin membership: half-open bins ``[edge_k, edge_k+1)`` against the explicit edge vector
   ``lo + k * width`` computed in the tensor's own dtype; values equal to the last edge (normally the
-  maximum) fall in no bin. ``torch.bucketize`` against that edge vector makes the same comparisons as
-  the per-bin loop, in one pass; tensors of one size are searched together (``torch.searchsorted``,
-  one row of edges each).
+  maximum) fall in no bin. On a GPU, ``torch.bucketize`` against that edge vector makes the same
+  comparisons as the per-bin loop, in one pass; tensors of one size are searched together
+  (``torch.searchsorted``, one row of edges each). On the CPU a binary search per value is slow (about
+  14 ns), so there numpy counts the values at or above each edge (one vectorised comparison per edge,
+  about 1 ns per value for all of them) and a bin holds the difference of two such counts: the same
+  comparisons, since the edges of a finite tensor never decrease (other tensors count the published
+  two-sided test bin by bin).
 - arithmetic: ``p_k = float32(count_k) / n`` and ``H -= p_k * ln(p_k)`` in float32, bin 0 first,
   empty bins skipped. The counts of all tensors form a rows x bins table and every step is one
   elementwise operation on it, the same operation (with the same operands) the published loop applies
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["entropy_tensor", "entropy_tensors", "layer_entropy", "layer_entropies", "l1_tensor", "layer_l1"]
@@ -83,6 +88,42 @@ def _row_bin_counts(rows: torch.Tensor, bins: int) -> torch.Tensor:
     return counts.scatter_add_(1, index, ones)[:, 1 : bins + 1]
 
 
+def _host_bin_counts(flats: Sequence[torch.Tensor], bins: int) -> torch.Tensor:
+    """:func:`_bin_counts` of CPU tensors of one size and dtype as a rows x ``bins`` int64 table, counted
+    with numpy: the same edges (computed by torch in the tensors' dtype, all rows at once) and the
+    same comparisons. float16 and bfloat16 values and edges are compared as float32, which holds them
+    exactly."""
+    extremes = [torch.aminmax(flat) for flat in flats]
+    lo = torch.stack([low for low, _ in extremes])
+    hi = torch.stack([high for _, high in extremes])
+    width = (hi - lo) / bins
+    edges = lo[:, None] + torch.arange(bins + 1, dtype=lo.dtype) * width[:, None]
+    exact = torch.float32 if lo.dtype in (torch.float16, torch.bfloat16) else lo.dtype
+    edge_rows = edges.to(exact).numpy()
+    counts = np.empty((len(flats), bins), dtype=np.int64)
+    for row, flat in enumerate(flats):
+        values, edge = flat.to(exact).numpy(), edge_rows[row]
+        if np.isfinite(edge).all():  # non-decreasing: bin k = (at or above edge k) - (at or above edge k+1)
+            at_least = np.array([np.count_nonzero(values >= e) for e in edge])
+            counts[row] = at_least[:-1] - at_least[1:]
+        else:  # NaN or infinite values: the published test, bin by bin
+            counts[row] = [np.count_nonzero((values >= edge[k]) & (values < edge[k + 1])) for k in range(bins)]
+    return torch.from_numpy(counts)
+
+
+# Device types whose bins numpy counts (:func:`_host_bin_counts`); the others use torch's searches.
+HOST_COUNTED = ("cpu",)
+
+
+def _counts(flats: Sequence[torch.Tensor], bins: int) -> torch.Tensor:
+    """The bin counts of non-empty 1-D tensors of one size, dtype and device, as a rows x ``bins`` table."""
+    if flats[0].device.type in HOST_COUNTED:
+        return _host_bin_counts(flats, bins)
+    if len(flats) == 1:  # the 1-D search is the faster kernel
+        return _bin_counts(flats[0], bins)
+    return _row_bin_counts(torch.stack(list(flats)), bins)
+
+
 def entropy_tensor(w: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Entropy of ``w``'s value histogram as a 0-dim float64 tensor on ``w``'s device (no host sync).
 
@@ -92,23 +133,20 @@ def entropy_tensor(w: torch.Tensor, bins: int = 10) -> torch.Tensor:
     flat = _as_float(w).reshape(-1)
     if flat.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=w.device)
-    return _entropies(_probabilities(_bin_counts(flat, bins), flat.numel()))[0]
+    return _entropies(_probabilities(_counts([flat], bins), flat.numel()))[0]
 
 
 # Elements stacked into one batch of :func:`entropy_tensors`: bounds the int64 bin index to 256 MiB.
 _BATCH_ELEMENTS = 1 << 25
-# On the CPU the per-row search costs ~1.5x the 1-D one per value, so only tensors small enough for the
-# per-call overhead to dominate are stacked there (measured crossover ~10 k values); GPUs stack all.
-_CPU_BATCH_MAX_NUMEL = 8192
 
 
 def entropy_tensors(tensors: Sequence[torch.Tensor], bins: int = 10) -> torch.Tensor:
     """Entropies of many tensors as one float64 vector on the first tensor's device (no host sync).
 
-    Tensors of equal size, dtype and device are stacked and binned together (on the CPU only small
-    ones), and the probabilities of all of them go through the float32 summation as one table, so a
-    whole network costs a few dozen kernels rather than about thirty per tensor, which is what
-    dominates on a GPU. Every value is the one :func:`entropy_tensor` gives for that tensor alone.
+    Tensors of equal size, dtype and device are binned together (on a GPU stacked into one search),
+    and the probabilities of all of them go through the float32 summation as one table, so a whole
+    network costs a few dozen kernels rather than about thirty per tensor, which is what dominates on
+    a GPU. Every value is the one :func:`entropy_tensor` gives for that tensor alone.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
@@ -119,26 +157,31 @@ def entropy_tensors(tensors: Sequence[torch.Tensor], bins: int = 10) -> torch.Te
     device = tensors[0].device
     tables: list[torch.Tensor] = []  # probability rows, of the tensors listed in `order`
     order: list[int] = []
-    for (numel, _, group_device), members in groups.items():
+    for (numel, _, _), members in groups.items():
         if numel == 0:  # no values: an all-zero row, entropy 0
             tables.append(torch.zeros(len(members), bins, dtype=torch.float32, device=device))
             order += members
             continue
-        alone = group_device.type == "cpu" and numel > _CPU_BATCH_MAX_NUMEL
-        per_batch = 1 if alone else max(1, _BATCH_ELEMENTS // numel)
+        per_batch = max(1, _BATCH_ELEMENTS // numel)
         for first in range(0, len(members), per_batch):
             batch = members[first : first + per_batch]
-            if len(batch) == 1:  # the 1-D search is the faster kernel
-                counts = _bin_counts(flats[batch[0]], bins)
-            else:
-                counts = _row_bin_counts(torch.stack([flats[i] for i in batch]), bins)
+            counts = _counts([flats[i] for i in batch], bins)
             tables.append(_probabilities(counts, numel).to(device))
             order += batch
     entropies = _entropies(torch.cat(tables))
     row_of = [0] * len(order)
     for row, i in enumerate(order):
         row_of[i] = row
-    return entropies[torch.tensor(row_of, device=device)]
+    return entropies[_index_on(device, row_of)]
+
+
+def _index_on(device: torch.device, values: list[int]) -> torch.Tensor:
+    """An int64 index on ``device`` without a host synchronisation: a pageable host-to-GPU copy waits
+    for the device, one from pinned memory does not."""
+    index = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 def layer_entropy(w: torch.Tensor, bins: int = 10) -> float:

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -38,7 +39,7 @@ from grafting.checkpoint import state_dict_misfit
 from grafting.errors import GraftingError, PeerMismatchError, UsageError
 from grafting.method.entropy import entropy_tensors, l1_tensor
 from grafting.method.filters import per_filter
-from grafting.method.weighting import DEFAULT_A, DEFAULT_C, graft_coefficient
+from grafting.method.weighting import DEFAULT_A, DEFAULT_C, graft_coefficients
 
 __all__ = [
     "LayerRecord",
@@ -217,9 +218,33 @@ def _module_rule_groups(model: nn.Module, state: Mapping[str, torch.Tensor]) -> 
     return groups
 
 
+def _copy_views(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``tensors``, views of one storage, on ``device`` with one copy of that storage (asynchronous from
+    pinned memory) and a view of the copy for each: an exchange file's buffer crosses to a GPU at once
+    instead of in hundreds of small copies."""
+    storage = tensors[0].untyped_storage()
+    whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+    copied = whole.to(device, non_blocking=True, copy=True).untyped_storage()
+    return [
+        torch.empty(0, dtype=t.dtype, device=device).set_(copied, t.storage_offset(), t.shape, t.stride())
+        for t in tensors
+    ]
+
+
 def _peer_tensors(own: Mapping[str, torch.Tensor], peer: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The peer's entries of ``own``'s keys on ``own``'s devices and in its dtypes."""
+    chosen = [peer[k] for k in own]
+    devices = {t.device for t in own.values()}
+    if chosen and len(devices) == 1:
+        device, storage = devices.pop(), chosen[0].untyped_storage()
+        shared = all(t.untyped_storage().data_ptr() == storage.data_ptr() for t in chosen)
+        if shared and storage.device != device:
+            chosen = _copy_views(chosen, device)
     # non_blocking only towards the GPU: a copy to the CPU must be complete before it is read.
-    return {k: peer[k].to(device=t.device, dtype=t.dtype, non_blocking=t.device.type == "cuda") for k, t in own.items()}
+    return {
+        k: p.to(device=t.device, dtype=t.dtype, non_blocking=t.device.type == "cuda")
+        for (k, t), p in zip(own.items(), chosen)
+    }
 
 
 @torch.no_grad()
@@ -279,16 +304,18 @@ def graft_layers(
     if not scored:  # the model keeps every entry
         scores = []
     elif criterion == "entropy":  # batched by shape: a few dozen kernels for the whole model, not thousands
-        scores = entropy_tensors(scored).tolist()  # one sync
+        scores = entropy_tensors(scored).tolist()  # the one host synchronisation
     else:  # the published float32 torch.norm(u, p=1) of each layer
-        scores = torch.stack([l1_tensor(t).to(scored[0].device) for t in scored]).tolist()  # one sync
+        scores = torch.stack([l1_tensor(t).to(scored[0].device) for t in scored]).tolist()  # the one sync
+    # All coefficients at once, on the host: numpy's arctan is the published arithmetic to the last bit
+    # (a device's atan is not), and the blend below queues behind it without another synchronisation.
     n = len(groups)
+    alphas = graft_coefficients(np.array(scores[:n]), np.array(scores[n:]), a=a, c=c).tolist()
     records = []
     alpha_of: dict[str, float] = {}
     for g, (score_key, keys) in enumerate(groups):
-        alpha = graft_coefficient(scores[g], scores[n + g], a=a, c=c)
-        records.append(LayerRecord(score_key, scores[g], scores[n + g], alpha, tuple(keys)))
-        alpha_of.update(dict.fromkeys(keys, alpha))
+        records.append(LayerRecord(score_key, scores[g], scores[n + g], alphas[g], tuple(keys)))
+        alpha_of.update(dict.fromkeys(keys, alphas[g]))
 
     keys = list(grafted)
     _blend_([grafted[k] for k in keys], [peer[k] for k in keys], [alpha_of[k] for k in keys])

@@ -8,7 +8,7 @@ import numpy as np
 
 from grafting.errors import UsageError
 
-__all__ = ["DEFAULT_A", "DEFAULT_C", "graft_coefficient", "check_weighting"]
+__all__ = ["DEFAULT_A", "DEFAULT_C", "graft_coefficient", "graft_coefficients", "check_weighting"]
 
 # The paper's defaults; its a/c study varies them (docs/METHOD.md §8).
 DEFAULT_A = 0.4
@@ -29,7 +29,15 @@ def graft_coefficient(h_self: float, h_peer: float, a: float = DEFAULT_A, c: flo
     The network whose layer holds more information keeps more of it; alpha lies in
     ``(0.5 - a/2, 0.5 + a/2)``. The arithmetic is the published code's, in float64: numpy's arctan
     (which on some CPUs is numpy's own vectorised routine, not the C library's), then numpy's rounding
-    (``alpha * 100`` rounded half to even, divided by 100).
+    (``alpha * 100`` rounded half to even, divided by 100). One value of :func:`graft_coefficients`.
     """
-    alpha = (a / math.pi) * float(np.arctan(c * (h_self - h_peer))) + 0.5
-    return round(alpha * 100) / 100
+    return float(graft_coefficients(np.array([h_self]), np.array([h_peer]), a=a, c=c)[0])
+
+
+def graft_coefficients(
+    h_self: np.ndarray, h_peer: np.ndarray, a: float = DEFAULT_A, c: float = DEFAULT_C
+) -> np.ndarray:
+    """:func:`graft_coefficient` of every pair of scores (float64 arrays) in one go: numpy applies the same
+    arctan routine to an array as to a single value, so each is bit for bit the value of its pair alone."""
+    alpha = (a / math.pi) * np.arctan(c * (np.asarray(h_self, np.float64) - np.asarray(h_peer, np.float64))) + 0.5
+    return np.rint(alpha * 100) / 100

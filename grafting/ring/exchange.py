@@ -8,12 +8,16 @@ The file names are :class:`grafting.ring.layout.SharedFolder`'s.
 Files in ``root``:
 
 - ``ring.json``: the ring's identity (:mod:`grafting.ring.identity`), created by the first network.
-- ``net{i}_epoch{e}.pt``: network i's weights after epoch e (e starts at 1), before grafting. Written
-  with :func:`grafting.checkpoint.save_atomic` (via ``net{i}_epoch{e}.pt.tmp-<pid>`` and a rename), so
-  a reader that sees the name sees the complete file. Content: ``{'model': state_dict, 'meta': meta}``
-  with CPU tensors; ``meta`` holds ``net``, ``num``, ``epoch``, ``ring`` and whatever the caller adds
-  (the model, ``num_classes``, the grafting settings), and lets a reader refuse a file of another run
-  or of a network that trains something else.
+- ``net{i}_epoch{e}.tensors``: network i's weights after epoch e (e starts at 1), before grafting, in
+  the flat format of :mod:`grafting.ring.exchange_file` (no pickle: read with one read and viewed).
+  Written via ``net{i}_epoch{e}.tensors.tmp-<pid>`` and a rename, so a reader that sees the name sees the
+  complete file, also when the writer is killed (SIGKILL included) halfway. The header's meta holds
+  ``net``, ``num``, ``epoch``, ``ring`` and whatever the caller adds (the model, ``num_classes``, the
+  grafting settings), and lets a reader refuse a file of another run or of a network that trains
+  something else. Versions before this format wrote ``net{i}_epoch{e}.pt`` (a ``torch.save`` pickle):
+  a reader that finds one says so and stops instead of waiting or reading it. A publish may run in the
+  background (:meth:`Exchange.publish`): the weights are copied at once and written by a thread, and
+  this process neither grafts nor exits before the file is complete.
 - ``net{i}.lock``: held with ``flock`` by the one process that trains network i; it contains
   ``pid hostname start-time`` for the error message a second process gets. The kernel drops the lock
   when its owner dies, even by SIGKILL: processes forked from the owner (DataLoader workers) close
@@ -56,6 +60,7 @@ import logging
 import math
 import operator
 import os
+import shlex
 import socket
 import stat
 import sys
@@ -67,8 +72,9 @@ from typing import Any
 
 import torch
 
-from grafting.checkpoint import extract_state_dict, load_file, remove_temp_files, save_atomic, weights_problem
+from grafting.checkpoint import remove_temp_files, weights_problem
 from grafting.errors import CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError, UsageError
+from grafting.ring.exchange_file import Packed, pack, read
 from grafting.ring.identity import join_ring
 from grafting.ring.layout import SharedFolder
 
@@ -155,19 +161,34 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor that owns exactly its own elements, copying only when needed.
+class _BackgroundWrite:
+    """One file written by a thread; :meth:`join` waits for it and raises what the write raised.
 
-    A GPU tensor is copied by ``.cpu()`` anyway. A CPU tensor is saved as is, unless it is a view into a
-    larger storage: torch.save writes the whole storage, so such a view is cloned to keep files small.
+    Not a daemon thread: a process whose main thread ends (or fails) still completes the write before
+    it exits. A process killed meanwhile leaves only the temporary file, which no reader opens.
     """
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        return tensor.cpu()
-    own_bytes = tensor.numel() * tensor.element_size()
-    if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != own_bytes:
-        return tensor.clone()
-    return tensor
+
+    def __init__(self, packed: Packed, target: Path, net: int) -> None:
+        self.target = target
+        self.error: BaseException | None = None
+        self.seconds = 0.0  # how long the write and its fsync took
+        self.thread = threading.Thread(
+            target=self._run, args=(packed,), name=f"grafting-publish-net{net}", daemon=False
+        )
+        self.thread.start()
+
+    def _run(self, packed: Packed) -> None:
+        started = time.perf_counter()
+        try:
+            packed.write(self.target)
+        except BaseException as err:  # handed to the thread that joins
+            self.error = err
+        self.seconds = time.perf_counter() - started
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 HEARTBEAT_ENV = "GRAFTING_HEARTBEAT_S"
@@ -285,6 +306,8 @@ class Exchange:
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._heartbeat_failed = False
+        self._packed: Packed | None = None  # the last publish's snapshot, whose buffer the next one reuses
+        self._writing: _BackgroundWrite | None = None
 
     def _make_root(self) -> None:
         """Create the shared folder (when this network first writes to it)."""
@@ -403,8 +426,13 @@ class Exchange:
         """Stop the heartbeat and drop the lock; safe to call more than once.
 
         The heartbeat file is left behind on purpose: a peer still waiting for this network then sees
-        it grow stale and says so (:meth:`finish` removes it when the run is over).
+        it grow stale and says so (:meth:`finish` removes it when the run is over). A publish still being
+        written is completed first; if it fails, that is logged (the caller may be handling another error).
         """
+        try:
+            self.wait_published()
+        except GraftingError as err:
+            say(logging.WARNING, f"net {self.net}: {err}")
         self._heartbeat_stop.set()
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join(timeout=5.0)
@@ -508,23 +536,39 @@ class Exchange:
 
     # ---------------------------------------------------------------- exchange files
 
-    def publish(self, epoch: int, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    def publish(
+        self, epoch: int, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], *, background: bool = False
+    ) -> Path:
         """Write this network's weights after ``epoch`` atomically and return the file's path.
 
-        ``meta`` should name the model and ``num_classes`` (plain values only: str, int, float, bool);
-        ``net``, ``num``, ``epoch`` and ``ring`` are filled in here.
+        ``meta`` should name the model and ``num_classes`` (plain JSON values: str, int, float, bool);
+        ``net``, ``num``, ``epoch`` and ``ring`` are filled in here. With ``background`` the weights are
+        copied now (from a GPU: asynchronously, into pinned memory) and a thread writes and fsyncs the
+        file: the caller may change the weights at once, and :meth:`wait_published` (called by the next
+        publish and by :meth:`release`) waits for the file and raises what the write raised.
         """
         epoch = check_epoch(epoch)
-        weights = {
-            key: _to_cpu(value) if isinstance(value, torch.Tensor) else value for key, value in state_dict.items()
-        }
+        self.wait_published()  # one write at a time: the next snapshot reuses the buffer
         full_meta = {**meta, "net": self.net, "num": self.num, "epoch": epoch}
         if self.ring is not None:
             full_meta["ring"] = self.ring
         target = self.path(self.net, epoch)
         self._make_root()
-        save_atomic({"model": weights, "meta": full_meta}, target)
+        self._packed = pack(state_dict, full_meta, reuse=self._packed)
+        if background:
+            self._writing = _BackgroundWrite(self._packed, target, self.net)
+        else:
+            self._packed.write(target)
         return target
+
+    def wait_published(self) -> float:
+        """Wait until the file a background :meth:`publish` writes is complete (at once when there is none);
+        raise :class:`CheckpointError` if writing it failed. Returns the seconds the write took (0.0: none)."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return 0.0
+        writing.join()
+        return writing.seconds
 
     def _later_epoch(self, net: int, epoch: int) -> int | None:
         """The newest epoch after ``epoch`` that network ``net`` has published, if any."""
@@ -552,6 +596,7 @@ class Exchange:
             now = time.monotonic()
             waited = now - start
             if now >= next_scan:  # a listing costs more than a stat: once a second
+                self._refuse_older_version(net, epoch)
                 later = self._later_epoch(net, epoch)
                 if later is not None and not os.path.exists(target):
                     raise EpochGone(net, epoch, later, target)
@@ -578,29 +623,47 @@ class Exchange:
                 pause = min(pause, max(0.0, timeout - waited))
             time.sleep(pause)
 
+    def _refuse_older_version(self, net: int, epoch: int) -> None:
+        """Raise :class:`PeerMismatchError` when network ``net`` wrote ``epoch`` in an older version's
+        format (``.pt``): the file this version waits for would never come."""
+        legacy = self.folder.legacy_exchange(net, epoch)
+        if os.path.exists(legacy):
+            raise PeerMismatchError(
+                f"network {net}'s file {legacy} was written by an older version of filter-grafting, whose exchange "
+                f"files this version does not read; run every network of the ring with the same version: stop the "
+                f"older ones, delete the old exchange files (rm {shlex.quote(str(self.root))}/net*_epoch*.pt) and "
+                f"restart every network with --resume (an epoch whose file is gone is not grafted)"
+            )
+
     def load(
-        self, net: int, epoch: int, expect: dict[str, Any] | None = None
+        self, net: int, epoch: int, expect: dict[str, Any] | None = None, *, pin_memory: bool = False
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Read network ``net``'s weights of ``epoch``; return ``(state_dict, meta)``.
 
+        The tensors are views into one CPU buffer (pinned with ``pin_memory``: for a model on a GPU).
         With ``expect`` (what the Grafter always passes) the file must carry the meta this project
         writes: this ring's identity, the network and epoch its name says, and every entry of
         ``expect``; otherwise :class:`PeerMismatchError` names what differs. Weights that are NaN or
         infinite raise :class:`CheckpointError`: grafted in, they would spoil this network and the
         checkpoint it saves next. Nothing is read from a file that fails a check.
         """
+        state_dict, meta = self.read_unchecked(net, epoch, expect, pin_memory=pin_memory)
+        problem = weights_problem(state_dict)
+        if problem:
+            raise CheckpointError(f"network {net}'s file {self.path(net, epoch)} {problem}; {self.repair_advice(net)}")
+        return state_dict, meta
+
+    def read_unchecked(
+        self, net: int, epoch: int, expect: dict[str, Any] | None = None, *, pin_memory: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """:meth:`load` without the check of the values (the caller checks them, e.g. against its own)."""
         epoch = check_epoch(epoch)
         target = self.path(net, epoch)
         fix = self.repair_advice(net)
-        payload = load_file(target, weights_only=True, advice=fix)
-        state_dict = extract_state_dict(payload, source=str(target))
-        meta = payload.get("meta") if isinstance(payload, dict) else None
+        state_dict, meta = read(target, advice=fix, pin_memory=pin_memory)
         if expect is not None:
             self._check_meta(net, epoch, target, meta, expect, fix)
-        problem = weights_problem(state_dict)
-        if problem:
-            raise CheckpointError(f"network {net}'s file {target} {problem}; {fix}")
-        return state_dict, meta if isinstance(meta, dict) else {}
+        return state_dict, meta
 
     @staticmethod
     def repair_advice(net: int) -> str:
@@ -614,7 +677,7 @@ class Exchange:
     def _check_meta(self, net: int, epoch: int, target: Path, meta: Any, expect: dict[str, Any], fix: str) -> None:
         """Raise :class:`PeerMismatchError` unless ``meta`` is what network ``net`` of this ring writes
         for ``epoch`` and agrees with ``expect``."""
-        if not isinstance(meta, dict):
+        if not meta:
             raise PeerMismatchError(
                 f"network {net}'s file {target} has no metadata, so this project did not write it; {fix}"
             )

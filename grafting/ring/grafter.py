@@ -17,9 +17,10 @@ option selects the paper's ablations instead (docs/METHOD.md §9):
 ``internal`` and ``noise`` change the network's own invalid filters and exchange nothing;
 ``average`` waits for every network's file and replaces the weights by the plain mean;
 ``filter-entropy`` waits for every network's file and adds to each low-entropy filter the same filter
-of the network that holds it with the highest entropy. A loop may call
-the two halves apart, e.g. evaluate in between so the peer's file
-arrives while this network tests. Under torch.distributed only rank 0 touches the folder; the
+of the network that holds it with the highest entropy. A loop may call the two halves apart, e.g.
+evaluate in between so the peer's file arrives while this network tests (``publish(model, epoch,
+background=True)`` writes this network's own file meanwhile, from a copy of its weights; ``graft`` waits
+for that file before it changes a weight). Under torch.distributed only rank 0 touches the folder; the
 grafted weights are broadcast to the other ranks.
 """
 
@@ -78,6 +79,8 @@ class GraftReport:
         peer: the network grafted from (None when nothing was grafted, e.g. ``num == 1``).
         waited_s: seconds spent waiting for the peer's file.
         graft_ms: milliseconds spent loading the file and grafting (device work included).
+        read_ms, check_ms: the parts of ``graft_ms`` spent reading the peers' files and checking them
+            (ring, architecture, keys, shapes, dtypes, finiteness, magnitudes).
         layers: per-coefficient records (layer level) or per-conv records (filter level).
         peer_state: the peer's pre-graft state_dict (CPU), e.g. to use it as a teacher.
         source: where the new weights came from (``external``, ``internal``, ``noise``, ``average``,
@@ -94,6 +97,8 @@ class GraftReport:
     peer: int | None = None
     waited_s: float = 0.0
     graft_ms: float = 0.0
+    read_ms: float = 0.0
+    check_ms: float = 0.0
     layers: Sequence[LayerRecord | FilterRecord] = field(default_factory=list)
     peer_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     source: str = "external"
@@ -306,6 +311,7 @@ class Grafter:
         if not self._rank_zero:
             return
         exchange = self._shared
+        exchange.wait_published()
         if self.active and not self.keep_all:
             exchange.finish_heartbeat()
             if self.source in ALL_PEERS_SOURCES:
@@ -316,13 +322,19 @@ class Grafter:
                 exchange.remove_files(exchange.predecessor)
         exchange.finish()
 
-    def publish(self, model: nn.Module, epoch: int) -> Path | None:
-        """Save this network's pre-graft weights of ``epoch`` for its successor (atomic)."""
+    def publish(self, model: nn.Module, epoch: int, *, background: bool = False) -> Path | None:
+        """Save this network's pre-graft weights of ``epoch`` for its successor (atomic).
+
+        With ``background`` the weights are copied at once and written and fsynced by a thread while the
+        caller goes on (e.g. tests the network): :meth:`graft` waits for the file before it starts, and
+        :meth:`finish` and :meth:`close` before they return, so the graft never overlaps the write and
+        the process never ends before the file is complete.
+        """
         epoch = check_epoch(epoch)
         if not self.active or not self._rank_zero:
             return None
         state = unwrap_model(model).state_dict()
-        path = self._shared.publish(epoch, state, {**self.meta, "epoch": epoch})
+        path = self._shared.publish(epoch, state, {**self.meta, "epoch": epoch}, background=background)
         self._shared.cleanup(epoch)
         return path
 
@@ -343,6 +355,8 @@ class Grafter:
         module = unwrap_model(model)
         report.grafted = True
         if self._rank_zero:
+            if self.exchange is not None:
+                self.exchange.wait_published()  # this epoch's own file is complete before any weight changes
             start = time.perf_counter()
             try:
                 if own_only:
@@ -376,7 +390,7 @@ class Grafter:
         report.peer, report.peers = peer, (peer,)
         report.waited_s = self._shared.wait_for(peer, epoch, self.peer_timeout)
         start = time.perf_counter()
-        peer_state = self._load_checked(module, peer, epoch)
+        peer_state = self._load_checked(module, peer, epoch, report)
         if self.level == "layer":
             report.layers = graft_layers(
                 module, peer_state, a=self.a, c=self.c, rule=self.rule, criterion=self.criterion
@@ -386,15 +400,23 @@ class Grafter:
         report.peer_state = peer_state
         return start
 
-    def _load_checked(self, module: nn.Module, net: int, epoch: int) -> dict[str, torch.Tensor]:
+    def _load_checked(self, module: nn.Module, net: int, epoch: int, report: GraftReport) -> dict[str, torch.Tensor]:
         """Network ``net``'s weights of ``epoch``, refused unless their meta, keys, shapes and dtypes fit and
-        their magnitudes are those of a network like this one."""
-        state, _ = self._shared.load(net, epoch, expect=self._expected_meta())
-        own, source = module.state_dict(), f"network {net}'s file {self._shared.path(net, epoch)}"
+        their values are finite with the magnitudes of a network like this one (vectorised: one host
+        transfer for the file's tensors and one per device for this network's)."""
+        started = time.perf_counter()
+        param = next(module.parameters(), None)
+        on_gpu = param is not None and param.device.type == "cuda"  # pinned: one asynchronous copy over
+        state, _ = self._shared.read_unchecked(net, epoch, expect=self._expected_meta(), pin_memory=on_gpu)
+        read_at = time.perf_counter()
+        own = module.state_dict()
+        source = f"network {net}'s file {self._shared.path(net, epoch)}"
         check_peer_state(own, state, source=source)
         problem = weights_problem(state, reference=own)
         if problem:
             raise CheckpointError(f"{source} {problem}; {self._shared.repair_advice(net)}")
+        report.read_ms += (read_at - started) * 1000
+        report.check_ms += (time.perf_counter() - read_at) * 1000
         return state
 
     def _expected_meta(self) -> dict[str, Any]:
@@ -416,7 +438,7 @@ class Grafter:
         for net in others:  # the waits overlap: later files usually exist by the time the first one does
             report.waited_s += self._shared.wait_for(net, epoch, self.peer_timeout)
         start = time.perf_counter()
-        states = {net: self._load_checked(module, net, epoch) for net in others}
+        states = {net: self._load_checked(module, net, epoch, report) for net in others}
         if self.source == "average":
             states[self.net] = module.state_dict()
             average_into_(module, [states[n] for n in range(1, self.num + 1)])

@@ -1,7 +1,7 @@
 """The shared folder of a ring (``--s``): the one place that names its files.
 
     <s>/ring.json                  the ring's identity, created by the first network that starts
-    <s>/net<i>_epoch<e>.pt         network i's pre-graft weights after epoch e (read by network i+1)
+    <s>/net<i>_epoch<e>.tensors    network i's pre-graft weights after epoch e (read by network i+1)
     <s>/net<i>.lock                held (locked) by the one process that trains network i
     <s>/net<i>.alive               network i's heartbeat, rewritten every few seconds
     <s>/net<i>/config.json         network i's settings and ring identity, checked on --resume
@@ -12,7 +12,9 @@
     <s>/tb/net<i>/                 TensorBoard events
 
 Every writer, reader and tool goes through :class:`SharedFolder` and :class:`NetworkFiles`, so a
-file name is spelled once.
+file name is spelled once. Exchange files are not ``torch.save`` files (:mod:`grafting.ring.exchange_file`
+holds their format), hence their own extension; versions before it wrote ``net<i>_epoch<e>.pt``, which a
+reader now names as an older version's file (:meth:`SharedFolder.legacy_exchange`) instead of waiting.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SharedFolder", "NetworkFiles", "NETWORK_FOLDER", "CONFIG_NAME", "EXCHANGE_FILE"]
+__all__ = ["SharedFolder", "NetworkFiles", "NETWORK_FOLDER", "CONFIG_NAME", "EXCHANGE_SUFFIX", "EXCHANGE_FILE"]
 
 # A network's own folder, ``net<i>``, and the settings file inside it (what tools look for).
 NETWORK_FOLDER = re.compile(r"net(\d+)")
 CONFIG_NAME = "config.json"
-# Any network's exchange file: group 1 is the network, group 2 the epoch.
-EXCHANGE_FILE = re.compile(r"net(\d+)_epoch(\d+)\.pt")
+# The extension of exchange files, and any network's exchange file: group 1 is the network, group 2 the epoch.
+EXCHANGE_SUFFIX = ".tensors"
+EXCHANGE_FILE = re.compile(rf"net(\d+)_epoch(\d+){re.escape(EXCHANGE_SUFFIX)}")
+# What versions before the flat format named the same file (a torch.save pickle): refused, never read.
+_LEGACY_EXCHANGE_SUFFIX = ".pt"
 
 
 @dataclass(frozen=True)
@@ -94,12 +99,16 @@ class SharedFolder:
 
     def exchange(self, net: int, epoch: int) -> Path:
         """Network ``net``'s pre-graft weights after ``epoch``."""
-        return self.root / f"net{net}_epoch{epoch}.pt"
+        return self.root / f"net{net}_epoch{epoch}{EXCHANGE_SUFFIX}"
+
+    def legacy_exchange(self, net: int, epoch: int) -> Path:
+        """Where an older version of this project (before the flat format) put the same weights."""
+        return self.root / f"net{net}_epoch{epoch}{_LEGACY_EXCHANGE_SUFFIX}"
 
     @staticmethod
     def exchange_pattern(net: int) -> re.Pattern[str]:
         """Matches the names of network ``net``'s exchange files; group 1 is the epoch."""
-        return re.compile(rf"net{net}_epoch(\d+)\.pt")
+        return re.compile(rf"net{net}_epoch(\d+){re.escape(EXCHANGE_SUFFIX)}")
 
     def exchange_files(self) -> list[tuple[int, int, Path]]:
         """Every exchange file in the folder as ``(net, epoch, path)``, sorted; [] when the folder is missing."""

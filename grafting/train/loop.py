@@ -355,7 +355,8 @@ def fit(
         _raise_if_weights_nonfinite(model, epoch)  # broken weights must reach neither the peer nor last.pt
         final = epoch == epochs
         if not final:
-            grafter.publish(model, epoch)  # before testing, so the peer's file arrives meanwhile
+            # Before testing, so the peer's file arrives meanwhile; our own is written during the test pass.
+            grafter.publish(model, epoch, background=True)
         test = evaluate(model, test_loader, amp_dtype=amp_dtype)
         if test.top1 > best_acc:
             best_acc = test.top1
