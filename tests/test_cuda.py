@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CIFAR_SCRIPT, IMAGENET_SCRIPT, REHEARSAL, finish, start_process, start_script
-from published_code import published_entropy, published_key_graft
+from helpers import CIFAR_SCRIPT, IMAGENET_SCRIPT, REHEARSAL, finish, start_process, start_script
+from helpers.published_code import published_entropy, published_key_graft
 
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file

@@ -32,7 +32,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     CIFAR_SCRIPT,
     IMAGENET_SCRIPT,
     REPO,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
+from helpers import REPO, child_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -11,8 +11,13 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICES
-from published_code import published_key_graft, published_l1, published_vgg_layer_graft, vgg_filter_graft_per_channel
+from helpers import DEVICES
+from helpers.published_code import (
+    published_key_graft,
+    published_l1,
+    published_vgg_layer_graft,
+    vgg_filter_graft_per_channel,
+)
 from torch import nn
 
 from grafting.archs import cifar_models as models

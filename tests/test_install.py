@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env
+from helpers import REPO, child_env
 
 from grafting.data.fake import write_fake_cifar
 

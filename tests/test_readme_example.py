@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, finish, start_process
+from helpers import REPO, finish, start_process
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_env, finish, one_line, set_cifar_label, start_process, wait_until
+from helpers import child_env, finish, one_line, set_cifar_label, start_process, wait_until
 from torch import nn
 
 from grafting import Grafter

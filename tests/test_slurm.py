@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env, finish, one_line, start_process
+from helpers import REPO, child_env, finish, one_line, start_process
 from test_scripts import EXPERIMENTS, data_folders, dry_commands, listing, parsed, run_script, training
 
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CIFAR_SCRIPT, Proc, child_env, finish, start_script
+from helpers import CIFAR_SCRIPT, Proc, child_env, finish, start_script
 
 from grafting import graft_filters, graft_layers
 from grafting.archs import cifar_models as models

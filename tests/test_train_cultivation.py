@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CIFAR_SCRIPT, Proc, finish, start_script
+from helpers import CIFAR_SCRIPT, Proc, finish, start_script
 from test_scripts import dry_commands, parsed
 
 from grafting.archs import cifar_models as models

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
+from helpers import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
 
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_imagefolder

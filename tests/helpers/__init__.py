@@ -1,0 +1,172 @@
+"""What the test files share: the checkout's paths, the devices of CPU/GPU comparisons, starting the
+project's scripts as processes, watching and stopping them, and small checks (the one-line error).
+
+The tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``); ``conftest.py`` holds
+only fixtures and hooks. ``helpers.published_code`` holds the authors' computations the method tests
+compare with.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CIFAR_SCRIPT = REPO / "grafting_cifar" / "train.py"
+IMAGENET_SCRIPT = REPO / "grafting_imagenet" / "train.py"
+RUN_TIMEOUT_S = 300.0
+# scripts/gpu_check.sh's rehearsal: the ``cuda`` tests run on the CPU instead of skipping.
+REHEARSAL = os.environ.get("GPU_CHECK_REHEARSE") == "1"
+# The devices of tests that compare the CPU with the GPU: the GPU case is marked ``cuda``, and runs on
+# the CPU in a rehearsal on a machine without one.
+DEVICES = [
+    "cpu",
+    pytest.param("cpu" if REHEARSAL and not torch.cuda.is_available() else "cuda", marks=pytest.mark.cuda, id="cuda"),
+]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this checkout importable, single-threaded math libraries (the
+    test machine has 2 cores and a ring runs several processes at once), plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+@dataclass
+class Proc:
+    """A process started by a test; its stdout and stderr go to files so the test can watch them while it runs."""
+
+    name: str
+    process: subprocess.Popen
+    out: Path
+    err: Path
+
+    @property
+    def log(self) -> str:
+        """Everything the process printed on stdout so far (stderr too, when they share a file)."""
+        return self.out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """Everything the process printed on stderr so far."""
+        return self.err.read_text(errors="replace")
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status, or None while it runs."""
+        return self.process.poll()
+
+    def report(self) -> str:
+        """Exit status and both outputs, for assertion messages."""
+        text = f"--- {self.name} (exit {self.process.poll()}) stdout:\n{self.log}"
+        return text if self.err == self.out else f"{text}\n--- stderr:\n{self.stderr}"
+
+
+_started: list[subprocess.Popen] = []  # every process started and not yet reaped
+
+
+def kill_leftovers() -> None:
+    """Kill and reap every process the helpers started that still runs (a network whose peer died waits
+    forever); the fixture ``no_process_outlives_its_test`` calls it after each test."""
+    while _started:
+        process = _started.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def start_process(
+    argv: Sequence[str],
+    workdir: Path,
+    name: str,
+    *,
+    env: dict[str, str] | None = None,
+    merge_output: bool = False,
+    output: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Proc:
+    """Start ``argv`` in ``workdir`` with ``child_env()`` (or ``env``); output goes to
+    ``workdir/logs/<name>.out`` and ``.err`` (one file with ``merge_output``; both to ``output`` when given)."""
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = output or logs / f"{name}.out"
+    err = out if merge_output or output else logs / f"{name}.err"
+    merge_output = merge_output or output is not None
+    with open(out, "w") as out_file, open(err, "a") as err_file:
+        process = subprocess.Popen(
+            list(argv),
+            cwd=workdir,
+            stdout=out_file,
+            stderr=subprocess.STDOUT if merge_output else err_file,
+            env=env or child_env(),
+            preexec_fn=preexec_fn,
+        )
+    _started.append(process)
+    return Proc(name, process, out, err)
+
+
+def start_script(script: Path, flags: Sequence[str], workdir: Path, name: str, **kwargs) -> Proc:
+    """Start a training script (``CIFAR_SCRIPT`` or ``IMAGENET_SCRIPT``) with ``flags``; see :func:`start_process`."""
+    return start_process([sys.executable, str(script), *flags], workdir, name, **kwargs)
+
+
+def kill(proc: Proc) -> None:
+    """SIGKILL (no clean-up runs: no finally, no atexit, the lock is dropped by the kernel) and reap."""
+    if proc.process.poll() is None:
+        os.kill(proc.process.pid, signal.SIGKILL)
+    proc.process.wait(timeout=30)
+
+
+def finish(procs: Sequence[Proc], timeout: float = RUN_TIMEOUT_S) -> list[int]:
+    """Wait for every process and return their exit codes; kill them all and fail with their logs if one
+    takes too long."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [proc.process.wait(timeout=max(1.0, deadline - time.monotonic())) for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            kill(proc)
+        pytest.fail(f"a process did not finish within {timeout:.0f} s:\n" + "\n".join(p.report() for p in procs))
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, procs: Sequence[Proc], timeout: float = RUN_TIMEOUT_S
+) -> float:
+    """Poll ``condition`` until true and return the time (monotonic); fail if a process exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        exited = [proc for proc in procs if proc.process.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            for proc in procs:
+                kill(proc)
+            reason = "a process exited" if exited else "timed out"
+            pytest.fail(f"waiting for {what}: {reason}\n" + "\n".join(proc.report() for proc in procs))
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def set_cifar_label(batch_file: Path, index: int, label: int) -> None:
+    """Overwrite label ``index`` of a CIFAR batch file (pickled as the real ones are), e.g. out of range."""
+    with open(batch_file, "rb") as handle:
+        batch = pickle.load(handle, encoding="latin1")
+    key = "labels" if "labels" in batch else "fine_labels"
+    batch[key][index] = label
+    with open(batch_file, "wb") as handle:
+        pickle.dump(batch, handle)
+
+
+def one_line(text: str) -> str:
+    """The single line of ``text``; fails when there are more (or none)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, f"expected exactly one line, got {len(lines)}:\n{text}"
+    return lines[0]
