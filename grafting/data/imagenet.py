@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DistributedSampler
-from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
 from grafting.data.loading import DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset
 from grafting.errors import DatasetNotFoundError, GraftingError
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: the CIFAR script imports this package too
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_loaders", "imagenet_val_loader", "read_rgb"]
 
@@ -32,6 +34,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def read_rgb(path: str) -> torch.Tensor:
     """Decode an image file to a uint8 (3, H, W) RGB tensor (greyscale and CMYK files are converted)."""
+    from torchvision.io import ImageReadMode, decode_image
+
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 announces a move of its decoders to TorchCodec on every call; the
@@ -43,6 +47,8 @@ def read_rgb(path: str) -> torch.Tensor:
 
 
 def _image_folder(folder: Path, split: str) -> ImageFolder:
+    from torchvision.datasets import ImageFolder
+
     if not folder.is_dir():
         raise DatasetNotFoundError(
             f"ImageNet {split} folder not found: {folder} (expected {split}/<class>/<image> under "
@@ -73,6 +79,8 @@ def _epoch_loader(dataset: ImageFolder, transform: v2.Compose, *, train: bool, b
 
 
 def _val_loader(val_set: ImageFolder, image_size: int, **kwargs) -> DataLoaderEpochLoader:
+    from torchvision.transforms import v2
+
     transform = v2.Compose([v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
     loader = _epoch_loader(val_set, transform, train=False, **kwargs)
     # Each rank sees a shard of the validation set: grafting.train.loop.evaluate sums the counts over the ranks.
@@ -118,6 +126,8 @@ def imagenet_loaders(root: str | Path, *, image_size: int = 224, batch_size: int
         raise DatasetNotFoundError(
             f"{root / 'val'} has {len(val_set.classes)} class folders and {root / 'train'} has "
             f"{len(train_set.classes)}, or their names differ; both need the same class folders")
+
+    from torchvision.transforms import v2
 
     train_transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
     loaders = [_epoch_loader(train_set, train_transform, train=True, batch_size=batch_size, workers=workers,
