@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import resource
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Union
 
 import pytest
 import torch
+
+from helpers import forkserver
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR_SCRIPT = REPO / "grafting_cifar" / "train.py"
@@ -42,12 +46,16 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
+# What the helpers start: a new interpreter or a fork of the warm fork server, handled alike.
+Process = Union[subprocess.Popen, forkserver.ForkedProcess]
+
+
 @dataclass
 class Proc:
     """A process started by a test; its stdout and stderr go to files so the test can watch them while it runs."""
 
     name: str
-    process: subprocess.Popen
+    process: Process
     out: Path
     err: Path
 
@@ -72,7 +80,7 @@ class Proc:
         return text if self.err == self.out else f"{text}\n--- stderr:\n{self.stderr}"
 
 
-_started: list[subprocess.Popen] = []  # every process started and not yet reaped
+_started: list[Process] = []  # every process started and not yet reaped
 
 
 def kill_leftovers() -> None:
@@ -85,6 +93,22 @@ def kill_leftovers() -> None:
             process.wait()
 
 
+def warm_up() -> None:
+    """Start the fork server in the background, so that its imports overlap what runs before the first
+    forked process."""
+    forkserver.start(child_env())
+
+
+def popen_forked(args: Sequence[str], **kwargs: Any) -> forkserver.ForkedProcess:
+    """``subprocess.Popen(args, **kwargs)`` for a Python command line, forked from the warm fork server
+    (:func:`helpers.forkserver.popen`: ``cwd``, ``env``, ``stdin``, ``stdout``, ``stderr``, ``text``); killed after
+    the test if it still runs. A drop-in wherever a process-starting function is a parameter."""
+    warm_up()
+    process = forkserver.popen(args, **kwargs)
+    _started.append(process)
+    return process
+
+
 def start_process(
     argv: Sequence[str],
     workdir: Path,
@@ -93,31 +117,63 @@ def start_process(
     env: dict[str, str] | None = None,
     merge_output: bool = False,
     output: Path | None = None,
-    preexec_fn: Callable[[], None] | None = None,
+    logs: Path | None = None,
+    fork: bool = False,
+    rlimits: Mapping[str, tuple[int, int]] | None = None,
+    ignore_signals: Sequence[str] = (),
 ) -> Proc:
-    """Start ``argv`` in ``workdir`` with ``child_env()`` (or ``env``); output goes to
-    ``workdir/logs/<name>.out`` and ``.err`` (one file with ``merge_output``; both to ``output`` when given)."""
-    logs = workdir / "logs"
+    """Start ``argv`` in ``workdir`` with ``child_env()`` (or ``env``); output goes to ``<logs>/<name>.out`` and
+    ``.err`` (``logs`` defaults to ``workdir/logs``; one file with ``merge_output``; both to ``output`` when given).
+
+    ``fork``: a Python command line runs as a fork of the warm fork server (:mod:`helpers.forkserver`, no
+    interpreter start, no imports) instead of a new interpreter; the test sees the same process either way.
+    ``rlimits`` (``{"RLIMIT_FSIZE": (soft, hard)}``) and ``ignore_signals`` (``["SIGXFSZ"]``) are set in the
+    child before it runs.
+    """
+    logs = logs or workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     out = output or logs / f"{name}.out"
     err = out if merge_output or output else logs / f"{name}.err"
     merge_output = merge_output or output is not None
     with open(out, "w") as out_file, open(err, "a") as err_file:
-        process = subprocess.Popen(
-            list(argv),
-            cwd=workdir,
-            stdout=out_file,
-            stderr=subprocess.STDOUT if merge_output else err_file,
-            env=env or child_env(),
-            preexec_fn=preexec_fn,
-        )
-    _started.append(process)
+        stderr = subprocess.STDOUT if merge_output else err_file
+        process: Process
+        if fork:
+            process = popen_forked(
+                argv,
+                cwd=workdir,
+                env=env or child_env(),
+                stdout=out_file,
+                stderr=stderr,
+                rlimits=rlimits,
+                ignore_signals=ignore_signals,
+            )
+        else:
+
+            def limit() -> None:
+                for sig in ignore_signals:
+                    signal.signal(getattr(signal, sig), signal.SIG_IGN)
+                for limit_name, limits in (rlimits or {}).items():
+                    resource.setrlimit(getattr(resource, limit_name), limits)
+
+            process = subprocess.Popen(
+                list(argv),
+                cwd=workdir,
+                stdout=out_file,
+                stderr=stderr,
+                env=env or child_env(),
+                preexec_fn=limit if rlimits or ignore_signals else None,
+            )
+            _started.append(process)
     return Proc(name, process, out, err)
 
 
-def start_script(script: Path, flags: Sequence[str], workdir: Path, name: str, **kwargs) -> Proc:
-    """Start a training script (``CIFAR_SCRIPT`` or ``IMAGENET_SCRIPT``) with ``flags``; see :func:`start_process`."""
-    return start_process([sys.executable, str(script), *flags], workdir, name, **kwargs)
+def start_script(
+    script: Path, flags: Sequence[str], workdir: Path, name: str, *, fork: bool = True, **kwargs: Any
+) -> Proc:
+    """Start a training script (``CIFAR_SCRIPT`` or ``IMAGENET_SCRIPT``) with ``flags``, forked from the warm
+    fork server unless ``fork=False`` (a new interpreter); see :func:`start_process`."""
+    return start_process([sys.executable, str(script), *flags], workdir, name, fork=fork, **kwargs)
 
 
 def kill(proc: Proc) -> None:
@@ -163,6 +219,14 @@ def set_cifar_label(batch_file: Path, index: int, label: int) -> None:
     batch[key][index] = label
     with open(batch_file, "wb") as handle:
         pickle.dump(batch, handle)
+
+
+def own_loop_example() -> str:
+    """The "own training loop" example of docs/library.md, as the script a user would save."""
+    text = (REPO / "docs" / "library.md").read_text()
+    match = re.search(r"<!-- example: own_loop.py -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "docs/library.md lost its own-loop example block"
+    return match.group(1)
 
 
 def one_line(text: str) -> str:
