@@ -1,8 +1,16 @@
 """Fixtures and hooks for every test; the shared helpers live in ``tests/helpers`` (imported as ``helpers``).
 
-Markers (declared in pyproject.toml): ``e2e`` for tests that start processes, ``slow`` for the long ones,
-``cuda`` for tests that need a GPU (they skip without one, unless ``GPU_CHECK_REHEARSE=1`` has them
-rehearse on the CPU, as ``scripts/gpu_check.sh`` does). ``pytest -m "not e2e"`` runs the unit tests alone.
+Markers (declared in pyproject.toml), per test, and checked: a test whose markers disagree with what it does
+fails (:mod:`helpers.markers` says how each is judged).
+
+- ``e2e``: the test starts a process (a new interpreter, a shell script, or a fork of the warm fork server),
+  itself or through a fixture it uses. ``pytest -m "not e2e"`` runs the unit tests alone.
+- ``slurm``: it needs the local Slurm (it runs a Slurm command or ``scripts/ci/local_slurm.sh``, itself or
+  through a fixture).
+- ``rehearsal``: it runs the GPU check's rehearsal on the CPU (``scripts/gpu_check.sh``).
+- ``slow``: it takes more than about ten seconds on a 2-core machine.
+- ``cuda``: it needs a CUDA GPU; it skips without one, unless ``GPU_CHECK_REHEARSE=1`` has it rehearse on the
+  CPU, as ``scripts/gpu_check.sh`` does.
 """
 
 from __future__ import annotations
@@ -12,6 +20,16 @@ from collections.abc import Iterator
 import helpers
 import pytest
 import torch
+from helpers import markers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every test's markers are checked against what it does (:mod:`helpers.markers`)."""
+    config.pluginmanager.register(markers, "helpers.markers")
+
+
+# ----------------------------------------------------------------------------------------------
+# Collection, and what runs around every test
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -22,6 +40,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With tests that start processes among those selected, start the fork server now: its imports then
+    overlap the tests that run first."""
+    if not session.config.option.collectonly and any(item.get_closest_marker("e2e") for item in session.items):
+        helpers.warm_up()
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""What only a GPU can confirm (issue 17): the on-device data path, entropies and grafting that are the
+"""What only a GPU can confirm: the on-device data path, entropies and grafting that are the
 published code's on the device,
 one host synchronisation per model, mixed precision, networks sharing one GPU, and DDP over NCCL.
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import popen_forked
+from helpers.forkserver import ForkedProcess
 from torch import nn
 
 from grafting.checkpoint import load_file
@@ -53,10 +55,11 @@ for step in itertools.count():
 """
 
 
-def start_child(script: str, *args: str) -> subprocess.Popen:
-    """Start ``script`` in a fresh Python process that can import the project; wait for its first line."""
+def start_child(script: str, *args: str) -> ForkedProcess:
+    """Start ``script`` in a Python process of its own (forked from the tests' warm fork server) that can import
+    the project; wait for its first line."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen(
+    child = popen_forked(
         [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     first_line = child.stdout.readline().strip()
@@ -66,7 +69,7 @@ def start_child(script: str, *args: str) -> subprocess.Popen:
     return child
 
 
-def kill_child(child: subprocess.Popen) -> None:
+def kill_child(child: ForkedProcess) -> None:
     """SIGKILL the child (no cleanup handlers run) and reap it."""
     if child.poll() is None:
         os.kill(child.pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""The speed options on the CPU (issue 7): --amp, channels_last, torch.compile, batched entropies, and
+"""The speed options on the CPU: --amp, channels_last, torch.compile, batched entropies, and
 the benchmark script's reading of metrics.jsonl and its report (tests/test_gpu_check.py runs it).
 
 The real ``torch.compile`` (inductor) needs 45-60 s to compile even ResNet-20 on a 2-core machine, so

@@ -497,6 +497,7 @@ def test_a_network_on_two_nodes_grafts_with_a_single_process_peer(tmp_path: Path
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_ring_runs_as_one_job_and_the_summary_reads_it(
     tmp_path: Path, slurm: dict[str, str], cifar: Path, reference: Ring
 ) -> None:
@@ -539,6 +540,7 @@ def test_ring_runs_as_one_job_and_the_summary_reads_it(
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_requeue_resumes_every_network_and_ends_as_an_uninterrupted_run(
     tmp_path: Path, slurm: dict[str, str], cifar: Path, reference: Ring
 ) -> None:
@@ -567,6 +569,7 @@ def test_requeue_resumes_every_network_and_ends_as_an_uninterrupted_run(
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_time_limit_signal_stops_the_networks_and_the_job_requeues_itself(
     tmp_path: Path, slurm: dict[str, str], cifar: Path
 ) -> None:
@@ -614,6 +617,7 @@ exec sleep 300
 
 
 @pytest.mark.e2e
+@pytest.mark.slurm
 def test_after_max_requeues_the_job_ends_and_its_advice_resumes(tmp_path: Path, slurm: dict[str, str]) -> None:
     stub = tmp_path / "stub-python"
     stub.write_text(STOPPABLE)
