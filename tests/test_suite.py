@@ -1,15 +1,17 @@
 """The test suite's own rules: each test's markers match what it does (helpers.markers), shared code lives in
 the helpers package, no test file imports another, docstrings describe behaviour, and the README's test
-commands run this environment's pytest."""
+commands work as printed: its pytest is this environment's, and every tier selects tests."""
 
 from __future__ import annotations
 
 import ast
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+import tomllib
 from helpers import REPO, child_env
 from helpers.markers import MARKED_WALL_S, UNMARKED_CPU_S, Usage, marker_errors
 
@@ -155,31 +157,77 @@ DOCUMENTED = (ast.Module, ast.FunctionDef, ast.ClassDef)
 # The README's test commands
 
 
-def readme_test_commands() -> list[str]:
-    """The pytest commands of the README's testing section (those run after ``source scripts/env.sh``)."""
+def readme_test_commands() -> list[list[str]]:
+    """The pytest commands of the README's Testing section (run after ``source scripts/env.sh``), as argv."""
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Testing") :]
-    section = section[: section.index("\n## ", 3)] if "\n## " in section[3:] else section
-    commands = re.findall(r"^(pytest[^#\n]*?)\s*(?:#.*)?$", section, re.M)
+    section = section[: section.index("\n## ", 3)]
+    commands = [shlex.split(line, comments=True) for line in re.findall(r"^pytest.*$", section, re.M)]
     assert len(commands) >= 4, f"the README's testing section lost its tier commands: {commands}"
     return commands
 
 
+def declared_markers() -> set[str]:
+    """The markers pyproject.toml declares (``--strict-markers`` refuses others)."""
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    return {line.split(":")[0] for line in declared}
+
+
+def markers_as_written() -> dict[str, set[str]]:
+    """Each test function (``file::name``) and the markers its decorators and its module's ``pytestmark`` give it."""
+    found = {}
+    for path in suite_files():
+        tree = ast.parse(path.read_text())
+        module = set()
+        for node in tree.body:
+            targets = [getattr(target, "id", "") for target in getattr(node, "targets", [])]
+            if isinstance(node, ast.Assign) and "pytestmark" in targets:
+                module |= set(re.findall(r"pytest\.mark\.(\w+)", ast.unparse(node.value)))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                marks = {re.sub(r"^pytest\.mark\.(\w+).*", r"\1", ast.unparse(d)) for d in node.decorator_list}
+                found[f"{path.relative_to(REPO)}::{node.name}"] = module | {m for m in marks if m.isidentifier()}
+    return found
+
+
 @pytest.mark.e2e
-@pytest.mark.slow
-def test_the_readme_tier_commands_run_this_environments_pytest_verbatim(tmp_path: Path) -> None:
-    """Each command, as printed, after `source scripts/env.sh` in a fresh shell (collecting only: the tiers
-    themselves are the suite). Their pytest is the checkout's, which imports torch, and each selects tests."""
+def test_after_the_readme_set_up_pytest_is_this_checkouts_and_loads_the_suites_configuration() -> None:
+    """In a fresh shell with an unrelated PATH: `source scripts/env.sh`, then the bare `pytest` the README's
+    commands start is the checkout's, whose Python imports torch (conftest does) and reads the markers."""
     env = {k: v for k, v in child_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"  # no other environment's pytest ahead of the checkout's
-    script = "source scripts/env.sh >/dev/null\ncommand -v pytest\n" + "".join(
-        f"{command} --collect-only -q -p no:cacheprovider | tail -1\n" for command in readme_test_commands()
-    )
-    done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    script = "source scripts/env.sh >/dev/null\ncommand -v pytest\npytest --markers -p no:cacheprovider\n"
+    done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    where, *counts = done.stdout.strip().splitlines()
+    where, _, markers = done.stdout.partition("\n")
     assert where == str(REPO / ".venv" / "bin" / "pytest"), where
-    assert len(counts) == len(readme_test_commands()), done.stdout
-    for command, count in zip(readme_test_commands(), counts):
-        match = re.match(r"(\d+)(/\d+)? tests? (collected|selected)", count)
-        assert match and int(match.group(1)) > 0, f"{command}: {count}"
+    for marker in ("e2e", "slow", "slurm", "rehearsal", "cuda"):
+        assert f"@pytest.mark.{marker}:" in markers, markers
+
+
+def test_each_readme_tier_command_selects_tests() -> None:
+    """Every marker expression of the README is valid (declared markers, Python's and/or/not, as pytest's ``-m``
+    reads them) and selects some tests; every path exists and every ``-k`` matches."""
+    tests = markers_as_written()
+    known = declared_markers()
+    for argv in readme_test_commands():
+        assert argv[0] == "pytest", argv
+        selected = dict(tests)
+        options = iter(argv[1:])
+        for option in options:
+            if option == "-m":
+                expression = next(options)
+                names = set(re.findall(r"\b\w+\b", expression)) - {"and", "or", "not"}
+                assert names <= known, f"{argv}: undeclared markers {names - known}"
+                selected = {
+                    test: marks
+                    for test, marks in selected.items()
+                    if eval(expression, {"__builtins__": {}}, {name: name in marks for name in names})
+                }
+            elif option == "-k":
+                word = next(options)
+                selected = {test: marks for test, marks in selected.items() if word in test.split("::")[1]}
+            else:
+                assert (REPO / option).exists(), f"{argv}: no {option}"
+                selected = {test: marks for test, marks in selected.items() if test.startswith(option)}
+        assert selected, f"{argv} selects no test"

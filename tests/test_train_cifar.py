@@ -83,6 +83,11 @@ def epochs_done(shared: Path, net: int) -> list[int]:
     return [record["epoch"] for record in read_metrics(shared / f"net{net}" / "metrics.jsonl")]
 
 
+def predecessor(net: int, num: int) -> int:
+    """The network whose weights network ``net`` grafts: the one before it, network ``num`` for network 1."""
+    return num if net == 1 else net - 1
+
+
 def ring_flags(data: Path, shared: Path, num: int, epochs: int, *extra: str) -> list[str]:
     """The command line every network of a ring shares (all but ``--i``); --keep-all because the tests read
     the exchange files, which a finished ring otherwise removes."""
@@ -207,7 +212,7 @@ def assert_states_equal(actual: dict[str, torch.Tensor], expected: dict[str, tor
 def check_ring_grafted_epoch1(shared: Path, num: int, versions: FileVersions, *, level: str = "layer") -> None:
     """Every network's post-graft weights of epoch 1 equal the grafting of the two pre-graft files."""
     for net in range(1, num + 1):
-        peer = num if net == 1 else net - 1
+        peer = predecessor(net, num)
         after = last_checkpoint_of_epoch(versions, shared / f"net{net}" / "last.pt", 1)["model"]
         expected = recomputed_graft(shared, net, peer, 1, level=level)
         assert_states_equal(after, expected, f"net {net} after grafting net {peer}'s epoch 1")
@@ -260,15 +265,22 @@ def assert_exchange_files(shared: Path, expected: set[str]) -> None:
 # Rings
 
 
-@pytest.mark.e2e
-def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
-    shared, networks, versions = run_ring(tmp_path, cifar10, 2, 2, "--model", "resnet20", "--keep-all")
+@pytest.fixture(scope="module")
+def resnet20_ring(tmp_path_factory: pytest.TempPathFactory, cifar10: Path) -> tuple[Path, list[Proc], FileVersions]:
+    """Three ResNet-20 networks trained side by side for 2 epochs: the ring the next tests read."""
+    return run_ring(tmp_path_factory.mktemp("resnet20_ring"), cifar10, 3, 2, "--model", "resnet20")
 
+
+@pytest.mark.e2e
+def test_networks_graft_their_predecessors_and_record_it(
+    resnet20_ring: tuple[Path, list[Proc], FileVersions],
+) -> None:
+    shared, networks, versions = resnet20_ring
     for network in networks:
         first, final = read_metrics(shared / network.name / "metrics.jsonl")
         assert (first["epoch"], final["epoch"]) == (1, 2)
         assert first["grafted"] and first["graft_ms"] > 0, "epoch 1 should report the time spent grafting"
-        assert first["peer"] == 3 - int(network.name[3:]) and first["waited_s"] >= 0
+        assert first["peer"] == predecessor(int(network.name[3:]), 3) and first["waited_s"] >= 0
         assert len(first["alphas"]) == 19 and first["alphas"].keys() == first["entropies"].keys()  # resnet20's convs
         assert all(0.3 <= alpha <= 0.7 for alpha in first["alphas"].values())
         alphas = list(first["alphas"].values())
@@ -305,22 +317,21 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
         assert (shared / network.name / "best.pt").is_file()
         assert_tensorboard_run(shared / "tb" / network.name)
     # The final epoch publishes nothing: its tested weights are final.
-    assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt"})
+    assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt", "net3_epoch1.pt"})
     meta = exchange_file(shared, 2, 1)["meta"]
-    assert (meta["net"], meta["num"], meta["epoch"], meta["model"], meta["num_classes"]) == (2, 2, 1, "resnet20", 10)
-    check_ring_grafted_epoch1(shared, 2, versions)
-    # The networks start from different seeds, so grafting really mixes two different networks.
+    assert (meta["net"], meta["num"], meta["epoch"], meta["model"], meta["num_classes"]) == (2, 3, 1, "resnet20", 10)
+    # The networks start from different seeds, so grafting really mixes different networks.
     one, two = exchange_file(shared, 1, 1)["model"], exchange_file(shared, 2, 1)["model"]
     assert not torch.equal(one["conv1.weight"], two["conv1.weight"])
 
 
 @pytest.mark.e2e
-def test_three_network_ring(tmp_path: Path, cifar10: Path) -> None:
-    shared, networks, versions = run_ring(tmp_path, cifar10, 3, 2, "--model", "resnet20")
-
+def test_every_network_holds_the_graft_of_its_predecessors_file(
+    resnet20_ring: tuple[Path, list[Proc], FileVersions],
+) -> None:
+    shared, networks, versions = resnet20_ring
     for network in networks:
         assert epochs_done(shared, int(network.name[3:])) == [1, 2], network.log
-    assert_exchange_files(shared, {"net1_epoch1.pt", "net2_epoch1.pt", "net3_epoch1.pt"})
     check_ring_grafted_epoch1(shared, 3, versions)  # network 1 grafts network 3: the ring closes
 
 
