@@ -10,14 +10,16 @@ about a hundred of them. Here each one costs a fork instead. What a test can obs
 - its command line run the way the interpreter runs it (``runpy`` for a script or ``-m``, ``exec`` for ``-c``),
   with ``sys.argv``, ``sys.path`` (the script's folder first, the child's ``PYTHONPATH``) and ``__main__`` set
   as a real start sets them;
-- the thread counts of the child's environment (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``): the math libraries
-  read them once, when loaded, so the child applies them itself;
+- torch's thread count from the child's environment (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``): the math
+  libraries read them once, when loaded, so the child applies them itself (numpy's own BLAS keeps the server's
+  setting, the tests' one thread);
 - the interpreter's exit: non-daemon threads joined, ``atexit`` run, the exit status of ``sys.exit``, a
   traceback and status 1 for an uncaught exception, death by SIGINT after an uncaught KeyboardInterrupt;
 - signals, SIGKILL included, sent to its pid; its locks (``flock``) are its own and die with it.
 
 The server itself does no torch work before it forks (no thread pool exists that a child could inherit
-half-initialised), and it stays single-threaded: it checks both at start.
+half-initialised, and CUDA is left for each child to initialise), and it stays single-threaded: it checks
+both at start.
 
 The test side is :func:`popen`, a drop-in for ``subprocess.Popen`` (``args``, ``cwd``, ``env``, ``stdin``,
 ``stdout``, ``stderr``) for a Python command line, returning a :class:`ForkedProcess` that has Popen's
@@ -445,8 +447,7 @@ def _serve(address: str) -> None:
     global _SERVER_PYTHONPATH
     _SERVER_PYTHONPATH = {path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the children (same process group), not the server
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
+    with warnings.catch_warnings(record=True) as caught:  # under the interpreter's default filters
         import importlib
 
         for name in PRELOAD:
@@ -458,6 +459,9 @@ def _serve(address: str) -> None:
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         print(f"{threads} threads after the imports: forking would copy them half-alive", flush=True)
+        return
+    if sys.modules["torch"].cuda.is_initialized():
+        print("CUDA was initialised by the imports: a forked child could not use it", flush=True)
         return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(address)
