@@ -33,6 +33,7 @@ threads were too disturbed by the other jobs to report.)
 The machinery that is not CIFAR-specific (the epoch-loader contract, seeding, DataLoader wrapper)
 lives in :mod:`grafting.data.loading`, shared with :mod:`grafting.data.imagenet`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from grafting.data.loading import (DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset,
-                                   channel_stats, device_generator, epoch_seed, normalise)
+from grafting.data.loading import (
+    DataLoaderEpochLoader,
+    EpochLoader,
+    SeededSampler,
+    SeededTransformDataset,
+    channel_stats,
+    device_generator,
+    epoch_seed,
+    normalise,
+)
 from grafting.errors import DatasetNotFoundError, GraftingError
 
 __all__ = [
@@ -89,8 +98,14 @@ class _CifarFiles:
 
 
 _CIFAR_FILES = {
-    10: _CifarFiles("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
-                    "batches.meta", "label_names", "labels"),
+    10: _CifarFiles(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+        "label_names",
+        "labels",
+    ),
     100: _CifarFiles("cifar-100-python", ("train",), "test", "meta", "fine_label_names", "fine_labels"),
 }
 
@@ -131,11 +146,13 @@ def _download(root: Path, num_classes: int) -> None:
     dataset_class = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
     try:
         torchvision.datasets.utils.download_and_extract_archive(
-            dataset_class.url, str(root), filename=dataset_class.filename, md5=dataset_class.tgz_md5)
+            dataset_class.url, str(root), filename=dataset_class.filename, md5=dataset_class.tgz_md5
+        )
     except OSError as err:  # no network, or the download broke off
         raise DatasetNotFoundError(
             f"could not download CIFAR-{num_classes} into {root} ({err}); fetch {dataset_class.url} by hand, unpack "
-            f"it there and run without --download") from err
+            f"it there and run without --download"
+        ) from err
 
 
 def load_cifar(root: str | Path, num_classes: int, download: bool = False) -> tuple[CifarSplit, CifarSplit]:
@@ -154,7 +171,8 @@ def load_cifar(root: str | Path, num_classes: int, download: bool = False) -> tu
         if not download:
             raise DatasetNotFoundError(
                 f"{name} not found in {root} (expected {files.folder}/); pass --download to fetch it, "
-                f"or point --data at the folder that holds it")
+                f"or point --data at the folder that holds it"
+            )
         _download(root, num_classes)
     try:
         train_set = CifarSplit(folder, files, train=True)
@@ -162,10 +180,12 @@ def load_cifar(root: str | Path, num_classes: int, download: bool = False) -> tu
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
         raise DatasetNotFoundError(
             f"{name} files in {folder} are unreadable ({type(err).__name__}: {err}); "
-            f"delete that folder and pass --download to fetch it again") from err
+            f"delete that folder and pass --download to fetch it again"
+        ) from err
     except OSError as err:
-        raise DatasetNotFoundError(f"cannot read {name} from {folder} ({err}); check "
-                                   f"that the files are readable") from err
+        raise DatasetNotFoundError(
+            f"cannot read {name} from {folder} ({err}); check that the files are readable"
+        ) from err
     for split, dataset in (("training", train_set), ("test", test_set)):
         _check_split(dataset, num_classes, f"{name} {split} files in {folder}")
     logger.info("%s: %d training and %d test images from %s", name, len(train_set), len(test_set), root)
@@ -178,13 +198,17 @@ def _check_split(dataset: CifarSplit, num_classes: int, what: str) -> None:
     labels = np.asarray(dataset.targets)
     images = np.asarray(dataset.data)
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(labels) != len(images) or len(images) == 0:
-        raise DatasetNotFoundError(f"{what} hold {len(images)} images of shape {images.shape[1:]} and {len(labels)} "
-                                   f"labels, not CIFAR's 32x32x3 images with one label each; delete that folder and "
-                                   f"fetch the dataset again")
+        raise DatasetNotFoundError(
+            f"{what} hold {len(images)} images of shape {images.shape[1:]} and {len(labels)} "
+            f"labels, not CIFAR's 32x32x3 images with one label each; delete that folder and "
+            f"fetch the dataset again"
+        )
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
         bad = labels[(labels < 0) | (labels >= num_classes)] if labels.dtype.kind in "iu" else labels[:1]
-        raise DatasetNotFoundError(f"{what} hold label {bad[0].item()!r}, outside 0..{num_classes - 1}; the files are "
-                                   f"damaged or of another dataset: delete that folder and fetch the dataset again")
+        raise DatasetNotFoundError(
+            f"{what} hold label {bad[0].item()!r}, outside 0..{num_classes - 1}; the files are "
+            f"damaged or of another dataset: delete that folder and fetch the dataset again"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,12 +244,23 @@ class TensorCifarLoader:
     workers, no per-sample Python. The last batch may be partial.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, train: bool, seed: int = 0,
-                 mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        mean: Sequence[float] = CIFAR_MEAN,
+        std: Sequence[float] = CIFAR_STD,
+        channels_last: bool = False,
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
-            raise ValueError(f"expected uint8 (N, C, H, W) images and N labels, got {tuple(images.shape)} "
-                             f"{images.dtype} and {len(labels)} labels")
+            raise ValueError(
+                f"expected uint8 (N, C, H, W) images and N labels, got {tuple(images.shape)} "
+                f"{images.dtype} and {len(labels)} labels"
+            )
         self.images = images
         self.labels = labels.to(device=images.device, dtype=torch.long)
         self.batch_size = batch_size
@@ -256,7 +291,7 @@ class TensorCifarLoader:
         else:
             order = torch.arange(count, device=self.device)
         for start in range(0, count, self.batch_size):
-            indices = order[start:start + self.batch_size]
+            indices = order[start : start + self.batch_size]
             images = self.images[indices]
             if self.train:
                 images = random_crop_flip(images, generator)
@@ -273,8 +308,16 @@ def _split_as_tensors(dataset: CifarSplit, device: torch.device) -> tuple[Tensor
 # DataLoader-based pipelines (also used for ImageNet)
 
 
-def _torchvision_loader(dataset: CifarSplit, batch_size: int, *, train: bool, device: torch.device,
-                        workers: int, seed: int, channels_last: bool) -> DataLoaderEpochLoader:
+def _torchvision_loader(
+    dataset: CifarSplit,
+    batch_size: int,
+    *,
+    train: bool,
+    device: torch.device,
+    workers: int,
+    seed: int,
+    channels_last: bool,
+) -> DataLoaderEpochLoader:
     from torchvision import transforms  # only this pipeline needs torchvision
 
     steps: list[Callable[[Any], Any]] = []
@@ -282,8 +325,14 @@ def _torchvision_loader(dataset: CifarSplit, batch_size: int, *, train: bool, de
         steps += [transforms.RandomCrop(32, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
     steps += [transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)]
     sampler = SeededSampler(len(dataset), shuffle=train, seed=seed)
-    return DataLoaderEpochLoader(SeededTransformDataset(dataset, transforms.Compose(steps)), sampler, batch_size,
-                                 device=device, workers=workers, channels_last=channels_last)
+    return DataLoaderEpochLoader(
+        SeededTransformDataset(dataset, transforms.Compose(steps)),
+        sampler,
+        batch_size,
+        device=device,
+        workers=workers,
+        channels_last=channels_last,
+    )
 
 
 def _choose_pipeline(pipeline: str) -> str:
@@ -297,9 +346,19 @@ def _choose_pipeline(pipeline: str) -> str:
     return "tensor"
 
 
-def cifar_loaders(root: str | Path, num_classes: int, batch_size: int = 128, test_batch_size: int = 100, *,
-                  device: torch.device, pipeline: str = "auto", workers: int = 2, download: bool = False,
-                  seed: int = 0, channels_last: bool = False) -> tuple[EpochLoader, EpochLoader, str]:
+def cifar_loaders(
+    root: str | Path,
+    num_classes: int,
+    batch_size: int = 128,
+    test_batch_size: int = 100,
+    *,
+    device: torch.device,
+    pipeline: str = "auto",
+    workers: int = 2,
+    download: bool = False,
+    seed: int = 0,
+    channels_last: bool = False,
+) -> tuple[EpochLoader, EpochLoader, str]:
     """Training and test loaders for CIFAR-10/100 and the name of the pipeline used.
 
     Both yield ``(images, labels)`` on ``device``: float32 normalised NCHW images (channels-last
@@ -312,19 +371,30 @@ def cifar_loaders(root: str | Path, num_classes: int, batch_size: int = 128, tes
     chosen = _choose_pipeline(pipeline)
     if batch_size < 1 or test_batch_size < 1:
         raise GraftingError(
-            f"--batch-size and --test-batch-size must be positive, got {batch_size} and {test_batch_size}")
+            f"--batch-size and --test-batch-size must be positive, got {batch_size} and {test_batch_size}"
+        )
     train_set, test_set = load_cifar(root, num_classes, download=download)
     if chosen == "tensor":
         train_images, train_labels = _split_as_tensors(train_set, device)
         test_images, test_labels = _split_as_tensors(test_set, device)
-        train_loader: EpochLoader = TensorCifarLoader(train_images, train_labels, batch_size, train=True, seed=seed,
-                                                      channels_last=channels_last)
-        test_loader: EpochLoader = TensorCifarLoader(test_images, test_labels, test_batch_size, train=False,
-                                                     seed=seed, channels_last=channels_last)
+        train_loader: EpochLoader = TensorCifarLoader(
+            train_images, train_labels, batch_size, train=True, seed=seed, channels_last=channels_last
+        )
+        test_loader: EpochLoader = TensorCifarLoader(
+            test_images, test_labels, test_batch_size, train=False, seed=seed, channels_last=channels_last
+        )
     else:
-        train_loader = _torchvision_loader(train_set, batch_size, train=True, device=device, workers=workers,
-                                           seed=seed, channels_last=channels_last)
-        test_loader = _torchvision_loader(test_set, test_batch_size, train=False, device=device, workers=workers,
-                                          seed=seed, channels_last=channels_last)
+        train_loader = _torchvision_loader(
+            train_set, batch_size, train=True, device=device, workers=workers, seed=seed, channels_last=channels_last
+        )
+        test_loader = _torchvision_loader(
+            test_set,
+            test_batch_size,
+            train=False,
+            device=device,
+            workers=workers,
+            seed=seed,
+            channels_last=channels_last,
+        )
     logger.info("CIFAR-%d data pipeline: %s on %s", num_classes, chosen, device)
     return train_loader, test_loader, chosen
