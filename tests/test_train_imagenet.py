@@ -284,6 +284,7 @@ def test_mobilenet_v2_networks_graft_with_the_module_rule(tmp_path: Path, image_
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
     tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture, in_process_logs: None
 ) -> None:

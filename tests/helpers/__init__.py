@@ -3,7 +3,14 @@ project's scripts as processes, watching and stopping them, and small checks (th
 
 The tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``); ``conftest.py`` holds
 only fixtures and hooks. ``helpers.published_code`` holds the authors' computations the method tests
-compare with.
+compare with, ``helpers.forkserver`` the warm fork server, ``helpers.markers`` the check of the markers.
+
+Starting processes: :func:`start_script` runs a training script as a fork of the warm fork server (the
+same process a new interpreter would give, without importing torch again); :func:`start_process` starts
+any command as a new process (``fork=True`` for a Python command line through the server), for the tests
+that must show a real command line (console commands, installation, torchrun, the documented example);
+:func:`popen_forked` is ``subprocess.Popen`` through the server, for code that takes a Popen-like starter.
+Every one of them is killed after its test if it still runs.
 """
 
 from __future__ import annotations
