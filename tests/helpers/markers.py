@@ -191,15 +191,32 @@ def marker_errors(marked: set[str], usage: Usage) -> list[str]:
     return errors
 
 
+_cpu_by_test: dict[str, float] = {}  # nodeid -> CPU-seconds as judged for ``slow``, for the summary
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
     report: pytest.TestReport = yield
     if report.when == "call" and report.passed:
-        errors = marker_errors({mark.name for mark in item.iter_markers()}, usage_of(item))
+        usage = usage_of(item)
+        _cpu_by_test[item.nodeid] = usage.cpu_s + usage.forked_cpu_s
+        errors = marker_errors({mark.name for mark in item.iter_markers()}, usage)
         if errors:
             report.outcome = "failed"
             report.longrepr = f"{item.nodeid}: wrong markers: " + "; ".join(errors)
     return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """With ``--durations=N``, also the N tests that cost the most CPU-seconds (shared fixtures included): the
+    measure of ``slow`` that the machine's load hardly changes."""
+    count = config.option.durations
+    if count is None or not _cpu_by_test:
+        return
+    ranked = sorted(_cpu_by_test.items(), key=lambda pair: -pair[1])[: count or None]
+    terminalreporter.write_sep("=", f"most CPU-seconds {count or ''} (slow: above {UNMARKED_CPU_S:.0f} unmarked)")
+    for nodeid, cpu in ranked:
+        terminalreporter.write_line(f"{cpu:6.1f} CPU-s  {nodeid}")
 
 
 def pytest_runtest_logfinish(nodeid: str, location: Sequence[object]) -> None:
