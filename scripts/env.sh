@@ -5,7 +5,8 @@
 #                                   ruff and mypy (the static checks)
 #                                   (override the place with GRAFTING_VENV)
 #   <checkout>/.venv                this checkout's own: sees the shared packages and holds an editable
-#                                   install of this checkout (graft-cifar & co. run this checkout's code)
+#                                   install of this checkout (graft-cifar & co. run this checkout's code) and
+#                                   the commands pytest, ruff and mypy, run by this environment's Python
 # A second checkout gets its own .venv in seconds and never repoints another checkout's commands.
 #
 # Bring your own torch (a cluster's module, a conda environment, the active virtual environment, a CUDA build that
@@ -68,7 +69,18 @@ if [ "$(cat "$_local/.installed" 2>/dev/null)" != "$_stamp" ]; then
     "$_local/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_repo" >/dev/null || return 1
     echo "$_stamp" > "$_local/.installed"
 fi
+# The tools as commands of this environment, so that a bare `pytest`, `ruff` or `mypy` after sourcing this file
+# runs with this checkout's Python (and torch), whatever else is on PATH. ruff is a program of its own (and
+# `python -m ruff` looks for it next to this Python): linked, not wrapped.
+for _tool in pytest mypy; do
+    if [ ! -x "$_local/bin/$_tool" ]; then
+        printf '#!/bin/sh\nexec "%s" -m %s "$@"\n' "$_local/bin/python" "$_tool" > "$_local/bin/$_tool" \
+            && chmod +x "$_local/bin/$_tool" || return 1
+    fi
+done
+_tool="$(dirname "${_base:-$GRAFTING_VENV/bin/python}")/ruff"  # (a GRAFTING_PYTHON may have none: then no ruff)
+[ -e "$_local/bin/ruff" ] || [ ! -x "$_tool" ] || ln -sf "$_tool" "$_local/bin/ruff" || return 1
 export PATH="$_local/bin:$PATH"
 export VIRTUAL_ENV="$_local"
 unset -f _has
-unset _base _shared _missing
+unset _base _shared _missing _tool

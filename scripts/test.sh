@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up the environment (once) and runs the whole test suite on the CPU (about 18 minutes on 2 cores).
+# Sets up the environment (once) and runs the whole test suite on the CPU, every tier (see the README's Testing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

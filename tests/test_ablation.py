@@ -1,6 +1,6 @@
 """Tests for the paper's ablations (grafting.method.ablation and the Grafter's ``source`` option,
 docs/METHOD.md §9): noise and internal grafting on hand-built layers and against the published loops
-(tests/published_code.py) on whole state_dicts, the l1 criterion against a hand computation, plain
+(tests/helpers/published_code.py) on whole state_dicts, the l1 criterion against a hand computation, plain
 averaging of three networks exchanging real files, and the early code's per-filter entropy grafting
 against its published loop, alone and in a ring of three."""
 
@@ -12,8 +12,8 @@ import threading
 
 import pytest
 import torch
-from conftest import DEVICES
-from published_code import published_grafting_filter, published_inside, published_noise
+from helpers import DEVICES
+from helpers.published_code import published_grafting_filter, published_inside, published_noise
 from torch import nn
 
 from grafting.archs import cifar_models as models

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import REPO
+from helpers import REPO
 
 PAPERS = {
     "Filter Grafting for Deep Neural Networks": ["Meng", "Cheng", "Li", "Xu", "Ji", "Sun", "Lu"],

@@ -1,4 +1,4 @@
-"""What only a GPU can confirm (issue 17): the on-device data path, entropies and grafting that are the
+"""What only a GPU can confirm: the on-device data path, entropies and grafting that are the
 published code's on the device,
 one host synchronisation per model, mixed precision, networks sharing one GPU, and DDP over NCCL.
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CIFAR_SCRIPT, IMAGENET_SCRIPT, REHEARSAL, finish, start_process, start_script
-from frozen_graft import frozen_graft_layers
-from published_code import published_entropy, published_key_graft
+from helpers import CIFAR_SCRIPT, IMAGENET_SCRIPT, REHEARSAL, finish, start_process, start_script
+from helpers.frozen_graft import frozen_graft_layers
+from helpers.published_code import published_entropy, published_key_graft
 
 from grafting.archs import cifar_models as models
 from grafting.data.cifar import CIFAR_MEAN, CIFAR_STD, CROP_PADDING, TensorCifarLoader, cifar_loaders
@@ -280,7 +280,7 @@ def test_the_grafting_step_through_an_exchange_file_is_the_frozen_code_on_the_de
 ) -> None:
     """The whole step as training runs it: the peer's weights packed on the device and copied to pinned
     memory asynchronously, written by a thread, read into pinned memory, checked, moved over with one
-    copy and grafted with one host synchronisation; the result is the code before issue 27 (frozen)."""
+    copy and grafted with one host synchronisation; the result is the frozen reference's (helpers.frozen_graft)."""
     torch.manual_seed(5)
     model = models.create("resnet110", num_classes=10).to(device)
     peer = models.create("resnet110", num_classes=10).to(device)

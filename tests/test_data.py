@@ -139,6 +139,24 @@ def test_load_cifar_reads_the_generated_files_as_row_major_rgb_planes(cifar10, c
     np.testing.assert_array_equal(test_set.data, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
 
 
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_load_cifar_reads_what_torchvisions_reader_reads(cifar10, cifar100, num_classes, monkeypatch):
+    import torchvision
+    import torchvision.datasets.cifar as torchvision_cifar
+
+    root = cifar10 if num_classes == 10 else cifar100
+    reader = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+    monkeypatch.setattr(torchvision_cifar, "check_integrity", lambda *args: True)  # generated files: other md5 sums
+    for train, ours in zip((True, False), load_cifar(root, num_classes)):
+        theirs = reader(str(root), train=train)
+        np.testing.assert_array_equal(ours.data, theirs.data)
+        assert ours.targets == theirs.targets and ours.classes == theirs.classes and len(ours) == len(theirs)
+        image, label = ours[3]
+        their_image, their_label = theirs[3]
+        assert label == their_label and image.mode == their_image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(their_image))
+
+
 def test_generated_cifar_is_learnable(cifar10):
     # A nearest-class-mean classifier on raw pixels must beat chance (10%) by far.
     train_set, test_set = load_cifar(cifar10, 10)
@@ -186,19 +204,19 @@ def test_present_files_are_neither_hashed_nor_downloaded_and_failed_downloads_ar
 ):
     import urllib.error
 
-    import torchvision.datasets.cifar as torchvision_cifar
+    import torchvision.datasets.utils as torchvision_utils
 
     def forbidden(*args, **kwargs):
         raise AssertionError("must not be called")
 
-    monkeypatch.setattr(torchvision_cifar, "check_integrity", forbidden)  # the md5 check
-    monkeypatch.setattr(torchvision_cifar, "download_and_extract_archive", forbidden)
+    monkeypatch.setattr(torchvision_utils, "check_integrity", forbidden)  # the md5 check
+    monkeypatch.setattr(torchvision_utils, "download_and_extract_archive", forbidden)
     assert len(load_cifar(cifar10, 10, download=True)[0]) == TRAIN_SIZE
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torchvision_cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torchvision_utils, "download_and_extract_archive", offline)
     with pytest.raises(DatasetNotFoundError, match="could not download CIFAR-100 into .*no network.*by hand"):
         load_cifar(tmp_path, 100, download=True)
 
@@ -341,6 +359,7 @@ def test_loaders_leave_the_global_random_stream_alone(cifar10):
         assert torch.equal(before, torch.get_rng_state()), pipeline
 
 
+@pytest.mark.e2e  # DataLoader workers are processes
 def test_torchvision_pipeline_is_the_same_with_persistent_workers(cifar10):
     single = cifar_loaders(cifar10, 10, batch_size=100, device=CPU, pipeline="torchvision", workers=0)[0]
     workers = cifar_loaders(cifar10, 10, batch_size=100, device=CPU, pipeline="torchvision", workers=2)[0]
@@ -446,6 +465,7 @@ def test_imagenet_train_batches_depend_only_on_seed_and_epoch(image_folder):
     assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # uint8 until normalised on the device
 
 
+@pytest.mark.e2e  # DataLoader workers are processes
 def test_imagenet_workers_give_the_same_batches(image_folder):
     loaders = [
         imagenet_loaders(image_folder, image_size=24, batch_size=8, workers=workers, device=CPU, channels_last=True)[0]

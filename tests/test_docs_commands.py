@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from grafting.archs import cifar_models
 from grafting.data.fake import write_fake_cifar

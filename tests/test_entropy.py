@@ -2,7 +2,7 @@
 
 The reference is the published computation, written out here:
 
-- ``published_entropy`` (tests/published_code.py): the published per-bin loop word for word. Per bin a
+- ``published_entropy`` (tests/helpers/published_code.py): the published per-bin loop word for word. Per bin a
   mask over the tensor, ``p = float32 count / n`` as a 0-dim tensor, ``H -= p * ln(p)`` in float32, bin
   0 first, empty bins skipped. (A constant tensor, which made the published function fail, gives 0.)
 - ``float32_sum``: the same arithmetic started from bin counts worked out by hand.
@@ -22,8 +22,8 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import DEVICES
-from published_code import published_entropy
+from helpers import DEVICES
+from helpers.published_code import published_entropy
 
 from grafting.method import entropy as entropy_module
 from grafting.method.entropy import entropy_tensor, entropy_tensors, l1_tensor, layer_entropies, layer_entropy, layer_l1

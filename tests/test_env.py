@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, copy_checkout
+from helpers import REPO, copy_checkout
 
 pytestmark = pytest.mark.e2e  # every test here runs bash
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import popen_forked
+from helpers.forkserver import ForkedProcess
 from torch import nn
 
 from grafting.checkpoint import weights_problem
@@ -77,10 +79,11 @@ print("published", flush=True)
 """
 
 
-def start_child(script: str, *args: str) -> subprocess.Popen:
-    """Start ``script`` in a fresh Python process that can import the project; wait for its first line."""
+def start_child(script: str, *args: str) -> ForkedProcess:
+    """Start ``script`` in a Python process of its own (forked from the tests' warm fork server) that can import
+    the project; wait for its first line."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen(
+    child = popen_forked(
         [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     first_line = child.stdout.readline().strip()
@@ -90,7 +93,7 @@ def start_child(script: str, *args: str) -> subprocess.Popen:
     return child
 
 
-def kill_child(child: subprocess.Popen) -> None:
+def kill_child(child: ForkedProcess) -> None:
     """SIGKILL the child (no cleanup handlers run) and reap it."""
     if child.poll() is None:
         os.kill(child.pid, signal.SIGKILL)
@@ -465,6 +468,7 @@ def test_the_graft_waits_for_its_own_publish(
     assert report.read_ms > 0 and report.check_ms > 0 and report.graft_ms >= report.read_ms + report.check_ms
 
 
+@pytest.mark.e2e  # follows the advice with the shell's rm
 def test_a_peer_of_an_older_version_is_refused_and_the_advice_works(tmp_path: Path) -> None:
     torch.manual_seed(0)
     mine, theirs = nn.Sequential(nn.Conv2d(3, 4, 3)), nn.Sequential(nn.Conv2d(3, 4, 3))

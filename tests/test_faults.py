@@ -1,13 +1,14 @@
-"""Fault tests (issue 8): the training scripts under kills, dead peers, bad files, full disks and bad flags.
+"""The training scripts under kills, dead peers, bad files, full disks and bad flags.
 
-Everything that involves a crash runs the real CIFAR script in real processes and stops them with
-SIGKILL at points found by watching their log and files, so no test hook lives in the library. The
+Everything that involves a crash runs the CIFAR script in processes of its own (forks of the tests' warm
+fork server, which run the command line as a new interpreter would) and stops them with SIGKILL at points
+found by watching their log and files, so no test hook lives in the library. The
 data is a small generated CIFAR (256 training / 64 test images, batch 32, ResNet-20, one thread per
 process) so that the whole file runs in a few minutes on two cores.
 
 The flag checks, and the failures that happen before training starts, call each script's ``main`` in
-this process (one interpreter start instead of one per case) and run a few of them as real processes
-too, to see the real exit code and stderr.
+this process (no process per case) and run a few of them as processes too, to see the exit code and
+stderr a shell sees.
 
 A dead peer is noticed through its heartbeat file; the tests shorten the heartbeat period and the
 stale bound with the environment variables ``GRAFTING_HEARTBEAT_S`` and ``GRAFTING_STALE_S``.
@@ -21,7 +22,6 @@ import logging
 import os
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -32,7 +32,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     CIFAR_SCRIPT,
     IMAGENET_SCRIPT,
     REPO,
@@ -41,6 +41,7 @@ from conftest import (
     finish,
     kill,
     one_line,
+    popen_forked,
     set_cifar_label,
     start_script,
     wait_until,
@@ -58,8 +59,6 @@ from grafting.train.config import CifarConfig
 from grafting.train.files import load_last, prepare_run_files
 from grafting.train.report import read_metrics
 
-pytestmark = pytest.mark.e2e  # every test here starts real processes
-
 TRAIN_IMAGES, TEST_IMAGES, BATCH = 256, 64, 32
 BATCHES = TRAIN_IMAGES // BATCH
 RING_EPOCHS = 5  # long enough that the exchange cleanup removes files while networks are killed
@@ -76,10 +75,11 @@ def start(
     flags: list[str],
     *,
     env: dict[str, str] | None = None,
-    preexec_fn: Callable[[], None] | None = None,
+    rlimits: dict[str, tuple[int, int]] | None = None,
+    ignore_signals: tuple[str, ...] = (),
 ) -> Proc:
     """Start the CIFAR script with ``flags``; its output goes to ``workdir/logs/<name>.out|.err``."""
-    return start_script(CIFAR_SCRIPT, flags, workdir, name, env=env, preexec_fn=preexec_fn)
+    return start_script(CIFAR_SCRIPT, flags, workdir, name, env=env, rlimits=rlimits, ignore_signals=ignore_signals)
 
 
 def flags_for(
@@ -181,6 +181,8 @@ def reference_ring(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path
 # Kills and resumption
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_network_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, data: Path, reference_ring: Path) -> None:
     shared = tmp_path / "s"
     net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1))
@@ -203,6 +205,8 @@ def test_network_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, da
     assert temp_files(shared) == []
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_second_process_is_refused_and_a_network_killed_while_waiting_resumes(
     tmp_path: Path, data: Path, reference_ring: Path
 ) -> None:
@@ -231,6 +235,7 @@ def test_second_process_is_refused_and_a_network_killed_while_waiting_resumes(
     assert_same_weights(shared, reference_ring)
 
 
+@pytest.mark.e2e
 def test_dead_peer_is_reported_stale_then_times_out_with_checkpoints_intact(tmp_path: Path, data: Path) -> None:
     shared = tmp_path / "s"
     env = child_env(GRAFTING_HEARTBEAT_S="0.2", GRAFTING_STALE_S="1.5")
@@ -259,6 +264,7 @@ def test_dead_peer_is_reported_stale_then_times_out_with_checkpoints_intact(tmp_
     assert temp_files(shared) == []
 
 
+@pytest.mark.e2e
 def test_killed_during_save_leaves_the_old_or_the_new_checkpoint(tmp_path: Path) -> None:
     """A writer that saves last.pt in a loop is killed at random instants, mostly inside a save."""
     writer_source = """
@@ -288,7 +294,7 @@ for epoch in itertools.count(int(sys.argv[2])):
     while rounds < 3 or (interrupted_saves == 0 and rounds < 10):
         rounds += 1
         first = 1000 * rounds
-        writer = subprocess.Popen(
+        writer = popen_forked(
             [sys.executable, "-c", writer_source, str(tmp_path), str(first)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -340,6 +346,7 @@ MISMATCHES = {
 }
 
 
+@pytest.mark.e2e
 def test_peers_that_do_not_match_fail_at_the_first_exchange(tmp_path: Path, data: Path) -> None:
     started = {}
     for case, (settings1, settings2, _) in MISMATCHES.items():
@@ -390,6 +397,7 @@ def started_network(data: Path, shared: Path, net: int, num: int, epochs: int) -
     return grafter
 
 
+@pytest.mark.e2e
 def test_bad_peer_files_are_named_and_never_applied(tmp_path: Path, data: Path) -> None:
     # Network 2 runs alone; network 1's epoch-1 file is put in place by the test, spoiled in four ways.
     truncated, nonfinite, malicious, bare = (
@@ -429,6 +437,7 @@ def test_bad_peer_files_are_named_and_never_applied(tmp_path: Path, data: Path) 
     assert not marker.exists(), "the peer file was unpickled"
 
 
+@pytest.mark.e2e
 def test_a_corrupt_peer_file_deleted_as_advised_is_skipped_and_the_ring_goes_on(tmp_path: Path, data: Path) -> None:
     shared = tmp_path / "s"
     net1 = start(tmp_path, "net1", flags_for(data, shared, num=2, i=1, epochs=3))
@@ -480,6 +489,7 @@ def cifar_main() -> Callable[[list[str]], None]:
     return main
 
 
+@pytest.mark.e2e
 def test_resume_checks_the_saved_configuration(
     tmp_path: Path, data: Path, interrupted_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -503,6 +513,7 @@ def test_resume_checks_the_saved_configuration(
         assert (digest(files.config), digest(files.last)) == before, case
 
 
+@pytest.mark.e2e
 def test_a_folder_another_run_took_over_is_refused_and_the_advice_works(
     tmp_path: Path, data: Path, interrupted_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -521,16 +532,7 @@ def test_a_folder_another_run_took_over_is_refused_and_the_advice_works(
     assert json.loads((moved / "ring.json").read_text())["ring"] == saved["ring"]
 
 
-def _limit_file_size(limit: int) -> Callable[[], None]:
-    """A preexec_fn: files the child writes may not grow past ``limit`` bytes (EFBIG, like a full disk)."""
-
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
+@pytest.mark.e2e
 def test_write_error_while_saving_keeps_the_previous_checkpoint(
     tmp_path: Path, data: Path, interrupted_run: Path
 ) -> None:
@@ -543,7 +545,10 @@ def test_write_error_while_saving_keeps_the_previous_checkpoint(
         tmp_path,
         "net1",
         flags_for(data, shared, num=1, i=1, epochs=3, extra=("--resume",)),
-        preexec_fn=_limit_file_size(limit),
+        # Files the child writes may not grow past the limit (EFBIG, like a full disk); SIGXFSZ ignored, so
+        # that a write past it fails instead of killing the process.
+        rlimits={"RLIMIT_FSIZE": (limit, limit)},
+        ignore_signals=("SIGXFSZ",),
     )
     assert finish([net]) == [1], net.report()
     line = one_line(net.stderr)
@@ -567,6 +572,7 @@ def test_nan_loss_in_the_first_epoch_stops_before_anything_is_shared(
     assert sorted(path.name for path in (shared / "net1").iterdir()) == ["config.json"]
 
 
+@pytest.mark.e2e
 def test_nan_loss_later_keeps_the_last_good_checkpoint(
     tmp_path: Path, data: Path, interrupted_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -590,6 +596,7 @@ def test_nan_loss_later_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.e2e
 def test_corrupt_own_checkpoint_is_named_on_resume_and_the_advice_works(
     tmp_path: Path, data: Path, interrupted_run: Path, damage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -610,6 +617,7 @@ def test_corrupt_own_checkpoint_is_named_on_resume_and_the_advice_works(
         assert last_state(shared, 1)["epoch"] == 3
 
 
+@pytest.mark.e2e
 def test_a_ring_extended_with_more_epochs_grafts_on(tmp_path: Path, data: Path, reference_ring: Path) -> None:
     """Every network resumed with a larger --epochs publishes and grafts the epoch that used to be final, and
     a network resumed before its peer says what the peer must do."""
@@ -631,6 +639,7 @@ def test_a_ring_extended_with_more_epochs_grafts_on(tmp_path: Path, data: Path, 
     assert exchange_files(shared) == set()
 
 
+@pytest.mark.e2e
 def test_the_lock_dies_with_the_process_when_dataloader_workers_outlive_it(
     tmp_path: Path, data: Path, image_folder: Path
 ) -> None:
@@ -741,6 +750,7 @@ BAD_ENVIRONMENTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_ENVIRONMENTS))
+@pytest.mark.e2e
 def test_bad_files_and_folders_are_one_line_errors(
     case: str, tmp_path: Path, data: Path, interrupted_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -945,8 +955,9 @@ def test_imagenet_bad_flag_is_one_line_exit_2_and_writes_nothing(
     assert list(tmp_path.iterdir()) == [], "a rejected command must write nothing"
 
 
-def test_bad_flags_in_real_processes(tmp_path: Path, data: Path, image_folder: Path) -> None:
-    """A few of the cases above as real processes (all at once): the exit code and stderr a shell sees."""
+@pytest.mark.e2e
+def test_bad_flags_in_processes(tmp_path: Path, data: Path, image_folder: Path) -> None:
+    """A few of the cases above as processes (all at once): the exit code and stderr a shell sees."""
     scripts = {
         "cifar": (CIFAR_SCRIPT, CIFAR_BAD_FLAGS, cifar_command, data),
         "imagenet": (REPO / "grafting_imagenet" / "train.py", IMAGENET_BAD_FLAGS, imagenet_command, image_folder),
@@ -960,7 +971,7 @@ def test_bad_flags_in_real_processes(tmp_path: Path, data: Path, image_folder: P
         workdir = tmp_path / f"{script}-{case}"
         workdir.mkdir()
         flags, named = table[case]
-        process = subprocess.Popen(
+        process = popen_forked(
             [sys.executable, str(path), *command(dataset, workdir, flags)],
             cwd=workdir,
             stdout=subprocess.PIPE,

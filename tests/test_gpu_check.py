@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh's rehearsal (issue 17): every step of the GPU check on the CPU with tiny sizes, so
+"""scripts/gpu_check.sh's rehearsal: every step of the GPU check on the CPU with tiny sizes, so
 the script, the ``cuda`` tests and the benchmark still run when a GPU is finally lent for a few minutes."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+from helpers import REPO, child_env
 
 STEPS = ["env", "cuda_tests", "bench_train", "bench_graft", "bench_compile"]
 # What the device tool brings back from its output folder: 8 plain files with plain names.
@@ -37,6 +35,9 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     return done, out, time.monotonic() - start
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.rehearsal
 def test_every_step_passes_and_the_report_is_printed(
     rehearsal: tuple[subprocess.CompletedProcess, Path, float],
 ) -> None:
@@ -61,6 +62,9 @@ def test_every_step_passes_and_the_report_is_printed(
     assert all(RETURNED_NAME.fullmatch(name) and (out / name).is_file() for name in files) and len(files) <= 8
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.rehearsal
 def test_the_json_holds_every_part(rehearsal: tuple[subprocess.CompletedProcess, Path, float]) -> None:
     _, out, _ = rehearsal
     results = json.loads((out / "gpu_check.json").read_text())

@@ -11,9 +11,14 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICES
-from frozen_graft import frozen_graft_layers
-from published_code import published_key_graft, published_l1, published_vgg_layer_graft, vgg_filter_graft_per_channel
+from helpers import DEVICES
+from helpers.frozen_graft import frozen_graft_layers
+from helpers.published_code import (
+    published_key_graft,
+    published_l1,
+    published_vgg_layer_graft,
+    vgg_filter_graft_per_channel,
+)
 from torch import nn
 
 from grafting.archs import cifar_models as models
@@ -315,7 +320,7 @@ def test_graft_layers_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 1  # all scores of the model fetched together
 
 
-# --- layer level: the code before issue 27, frozen in tests/frozen_graft.py ------------------------
+# --- layer level: the frozen reference, tests/helpers/frozen_graft.py -------------------------------
 
 FROZEN_CASES = [
     ("resnet110", "name", "entropy"),  # the benchmark's model: 109 coefficients, 656 entries

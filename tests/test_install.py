@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env, copy_checkout
+from helpers import REPO, child_env, copy_checkout
 
 from grafting.data.fake import write_fake_cifar
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -47,6 +45,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return env_dir / "bin"
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_no_generic_models_package_and_the_commands_work_from_the_install(installed: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in child_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     python = str(installed / "python")

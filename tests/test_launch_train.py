@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line
+from helpers import one_line
 
 from grafting.data.fake import write_fake_cifar
 from grafting.distributed import Processes

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from grafting_models.resnet import PadShortcut
-from published_code import PublishedCifarResNet
+from helpers.published_code import PublishedCifarResNet
 
 from grafting.archs import cifar_models as models
 from grafting.errors import GraftingError

@@ -1,4 +1,4 @@
-"""The speed options on the CPU (issue 7): --amp, channels_last, torch.compile, batched entropies, and
+"""The speed options on the CPU: --amp, channels_last, torch.compile, batched entropies, and
 the benchmark script's reading of metrics.jsonl and its report (tests/test_gpu_check.py runs it).
 
 The real ``torch.compile`` (inductor) needs 45-60 s to compile even ResNet-20 on a 2-core machine, so
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import popen_forked
 from torch import nn
 
 from grafting.archs import cifar_models as models
@@ -67,7 +68,8 @@ def one_thread() -> Iterator[None]:
 
 
 def train_script(data: Path, shared: Path, *flags: str) -> str:
-    """Run grafting_cifar/train.py as a user would (one network, 1 epoch) and return its output."""
+    """Run grafting_cifar/train.py as a user would (one network, 1 epoch; a process forked from the tests' warm
+    fork server) and return its output."""
     command = [
         sys.executable,
         str(TRAIN_SCRIPT),
@@ -89,9 +91,10 @@ def train_script(data: Path, shared: Path, *flags: str) -> str:
         "40",
         *flags,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout + done.stderr
+    done = popen_forked(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    stdout, stderr = done.communicate(timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, stdout + stderr
+    return stdout + stderr
 
 
 def conv_weights(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:

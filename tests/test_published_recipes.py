@@ -1,4 +1,4 @@
-"""The published recipes the project reproduces exactly (issue 24), each compared with the published loop or
+"""The published recipes the project reproduces exactly, each compared with the published loop or
 recipe written out in ``tests/published_code.py``, by ``torch.equal`` on whole state_dicts or schedules:
 
 - filter-level grafting with ``bn_blend="repeated-whole"``: the published VGG ``BN()`` loop;
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DEVICES, plan_script
-from published_code import (
+from helpers import DEVICES, plan_script
+from helpers.published_code import (
     BN_PARTS,
     published_distillation_epoch,
     published_imagenet_baseline_lr,

@@ -1,5 +1,6 @@
-"""The README's "Grafting in your own training loop" example, run exactly as written: two copies
-side by side graft each other, and the result differs from the same code run without a peer."""
+"""The "Grafting in your own training loop" example of docs/library.md, run exactly as written (new
+interpreters, as a user starts them): two copies side by side graft each other, and the result differs from
+the same code run without a peer."""
 
 from __future__ import annotations
 
@@ -9,21 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, finish, start_process
-
-pytestmark = pytest.mark.e2e  # every test here starts real processes
-
-
-def readme_example() -> str:
-    text = (REPO / "docs" / "library.md").read_text()
-    match = re.search(r"<!-- example: own_loop.py -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "the README lost its own-loop example block"
-    return match.group(1)
+from helpers import finish, own_loop_example, start_process
 
 
 def run_copies(folder: Path, argvs: list[list[str]]) -> list[str]:
     script = folder / "own_loop.py"
-    script.write_text(readme_example())
+    script.write_text(own_loop_example())
     procs = [
         start_process([sys.executable, str(script), *argv], folder, f"copy{n}", merge_output=True)
         for n, argv in enumerate(argvs)
@@ -33,6 +25,8 @@ def run_copies(folder: Path, argvs: list[list[str]]) -> list[str]:
     return [proc.log for proc in procs]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_readme_example_grafts_two_copies(tmp_path: Path) -> None:
     ring, alone = tmp_path / "ring", tmp_path / "alone"
     ring.mkdir()

@@ -1,9 +1,9 @@
-"""Reliability of the ring in one process (issue 18 and issue 15's "visible waiting"): the ring's identity,
+"""Reliability of the ring in one process: the ring's identity, the waiting a network reports,
 what a peer file must be, the exchange-file protocol (restart, skip, clean-up at the end), resuming
 from the newest usable checkpoint, strict config.json, the lock under fork, and bad values.
 
-Unit tests: no training script is started here (tests/test_faults.py does that), except the marked
-``e2e`` ones at the end, which start small Python processes of their own.
+Unit tests: no training script is started here (tests/test_faults.py does that), except by the tests
+marked ``e2e``, which start small Python processes of their own.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_env, finish, one_line, set_cifar_label, start_process, wait_until
+from helpers import (
+    child_env,
+    finish,
+    one_line,
+    own_loop_example,
+    popen_forked,
+    set_cifar_label,
+    start_process,
+    wait_until,
+)
 from torch import nn
 
 from grafting import Grafter
@@ -77,7 +86,7 @@ def same_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# 18.3: the ring's identity
+# The ring's identity
 
 
 def test_the_first_network_creates_the_ring_and_the_others_join_it(
@@ -165,7 +174,7 @@ def test_a_fresh_start_refuses_exchange_files_this_ring_cannot_have_written(tmp_
 
 
 # ----------------------------------------------------------------------------------------------
-# 18.2 and 18.9: what a peer file must be
+# What a peer file must be
 
 
 def test_a_peer_of_another_architecture_is_refused_without_meta(tmp_path: Path) -> None:
@@ -276,7 +285,7 @@ def test_a_fifo_as_peer_file_checkpoint_or_heartbeat_never_blocks(tmp_path: Path
 
 
 # ----------------------------------------------------------------------------------------------
-# 15 and 18.4: the exchange-file protocol
+# The exchange-file protocol
 
 
 def test_a_network_waiting_says_within_seconds_what_it_waits_for(
@@ -318,17 +327,22 @@ def test_own_loop_grafter_says_it_waits_without_any_logging_set_up(tmp_path: Pat
         "with Grafter(sys.argv[1], net=1, num=2, peer_timeout=7) as g:\n"
         "    g.step(torch.nn.Linear(2, 2), 1)\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=child_env(), timeout=120
+    run = popen_forked(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
     )
-    assert run.returncode == 1, run.stderr
-    waiting = [line for line in run.stderr.splitlines() if line.startswith("grafting: net 1: waiting")]
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1, stderr
+    waiting = [line for line in stderr.splitlines() if line.startswith("grafting: net 1: waiting")]
     assert (
         waiting
         and f"network 2's epoch 1 ({tmp_path / 'net2_epoch1.tensors'}) for 5s; network 2 has not started "
         f"yet (no heartbeat file {tmp_path / 'net2.alive'})"
         in waiting[0]
-    ), run.stderr
+    ), stderr
 
 
 def test_a_file_gone_after_its_peer_moved_on_is_skipped_not_waited_for(
@@ -461,7 +475,7 @@ time.sleep(60)
 
 @pytest.mark.e2e
 def test_the_lock_dies_with_its_process_even_when_a_forked_worker_lives_on(tmp_path: Path) -> None:
-    child = subprocess.Popen(
+    child = popen_forked(
         [sys.executable, "-c", FORK_AFTER_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=child_env()
     )
     owner, worker = map(int, child.stdout.readline().split())
@@ -477,7 +491,7 @@ def test_the_lock_dies_with_its_process_even_when_a_forked_worker_lives_on(tmp_p
 
 
 # ----------------------------------------------------------------------------------------------
-# 18.4 and 18.5: resuming
+# Resuming
 
 
 def train_state(files: NetworkFiles, epoch: int, *, graft_step_done: bool = True, seed: int = 0) -> nn.Module:
@@ -663,7 +677,7 @@ def test_what_peers_must_share_is_fixed_on_resume_except_the_epochs() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 18.8 and 18.9: bad values, one line each
+# Bad values, one line each
 
 
 def _lock_is_a_directory(shared: Path) -> None:
@@ -750,11 +764,9 @@ def test_cifar_labels_out_of_range_are_refused_at_load(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_readme_own_loop_says_what_it_waits_for_when_its_peer_never_starts(tmp_path: Path) -> None:
-    from test_readme_example import readme_example
-
     script = tmp_path / "own_loop.py"
-    script.write_text(readme_example())
-    copy = start_process([sys.executable, str(script), "1", "2"], tmp_path, "copy1")
+    script.write_text(own_loop_example())
+    copy = start_process([sys.executable, str(script), "1", "2"], tmp_path, "copy1", fork=True)
     said = "grafting: net 1: waiting for network 2's epoch 1"
     wait_until(lambda: said in copy.stderr, "the waiting line", [copy], timeout=240)
     line = next(line for line in copy.stderr.splitlines() if said in line)

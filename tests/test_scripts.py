@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import EXPERIMENTS, REPO, data_folders, one_line, plan_script, script_environment
+from helpers import EXPERIMENTS, REPO, data_folders, one_line, plan_script, script_environment
 
 from grafting.data.fake import write_fake_cifar
 from grafting.errors import UsageError

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     EXPERIMENTS,
     REPO,
     child_env,
@@ -565,6 +565,7 @@ def test_the_nohup_queue_trains_a_ring_and_prints_its_result(reference: tuple[Ri
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_an_array_task_requeues_itself_at_the_time_limit_signal_and_ends_as_an_uninterrupted_run(
     tmp_path: Path, slurm: dict[str, str], cifar: Path, reference: tuple[Ring, str], launch
 ) -> None:
@@ -631,6 +632,7 @@ def recorded(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slurm
 def test_a_failed_network_ends_the_job_as_failed_and_is_never_requeued(
     tmp_path: Path, slurm: dict[str, str], launch
 ) -> None:
@@ -648,6 +650,7 @@ def test_a_failed_network_ends_the_job_as_failed_and_is_never_requeued(
 
 
 @pytest.mark.e2e
+@pytest.mark.slurm
 def test_usr1_to_the_batch_shell_stops_the_networks_and_requeues(tmp_path: Path, slurm: dict[str, str], launch) -> None:
     job = submitted(tmp_path, launch(tmp_path, slurm, **stand_in(tmp_path), MAX_REQUEUES="1"))
     ring = tmp_path / "out" / RING_NAME
@@ -664,6 +667,7 @@ def test_usr1_to_the_batch_shell_stops_the_networks_and_requeues(tmp_path: Path,
 
 
 @pytest.mark.e2e
+@pytest.mark.slurm
 def test_every_start_passes_resume_auto_to_every_network(tmp_path: Path, slurm: dict[str, str], launch) -> None:
     # Network 2's last.pt was found unusable and set aside (its previous.pt remains); network 1 has nothing.
     ring = tmp_path / "out" / RING_NAME
@@ -678,6 +682,7 @@ def test_every_start_passes_resume_auto_to_every_network(tmp_path: Path, slurm: 
 
 
 @pytest.mark.e2e
+@pytest.mark.slurm
 def test_a_ring_is_never_submitted_twice(tmp_path: Path, slurm: dict[str, str], launch) -> None:
     # Slurm's own checks come first: nothing is submitted or written when sbatch --test-only refuses.
     refused = launch(tmp_path, slurm, PARTITION="nope")
@@ -739,6 +744,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_local_slurm_leaves_a_foreign_controller_on_the_default_ports_alone(tmp_path: Path) -> None:
     if subprocess.run(["bash", str(LOCAL_SLURM), "install"], capture_output=True).returncode != 0 or os.getuid():
         (pytest.fail if in_ci() else pytest.skip)("needs Slurm's daemons and root")

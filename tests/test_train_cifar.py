@@ -1,7 +1,8 @@
-"""End-to-end runs of the CIFAR training script as real processes (issue 3).
+"""End-to-end runs of the CIFAR training script, one process per network.
 
-Every network is its own ``grafting_cifar/train.py`` process on the CPU with one thread, reading a
-generated CIFAR in the real pickle format, exactly as a user's ring of ``nohup`` jobs would run.
+Every network is its own ``grafting_cifar/train.py`` process (a fork of the tests' warm fork server, which
+runs the command line as a new interpreter would) on the CPU with one thread, reading a generated CIFAR in
+the real pickle format, exactly as a user's ring of ``nohup`` jobs would run.
 The grafting of epoch 1 is checked against a recomputation from the files the processes left:
 each network's pre-graft exchange file ``net<i>_epoch1.tensors`` and its post-graft ``last.pt`` of
 epoch 1. ``last.pt`` is replaced by a rename after every epoch, so a watcher thread hard-links
@@ -22,15 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CIFAR_SCRIPT, Proc, child_env, finish, start_script
+from helpers import CIFAR_SCRIPT, Proc, child_env, finish, start_script
 
 from grafting import graft_filters, graft_layers
 from grafting.archs import cifar_models as models
 from grafting.data.fake import stand_in_description, write_fake_cifar
 from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.train.report import read_metrics
-
-pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 SCRIPT = CIFAR_SCRIPT
 # Small batches keep an epoch of a few hundred images at a couple of seconds on one CPU thread.
@@ -83,6 +82,11 @@ def assert_all_succeeded(networks: list[Proc]) -> None:
 def epochs_done(shared: Path, net: int) -> list[int]:
     """The epochs in network ``net``'s metrics.jsonl, in order (each once, resumed runs included)."""
     return [record["epoch"] for record in read_metrics(shared / f"net{net}" / "metrics.jsonl")]
+
+
+def predecessor(net: int, num: int) -> int:
+    """The network whose weights network ``net`` grafts: the one before it, network ``num`` for network 1."""
+    return num if net == 1 else net - 1
 
 
 def ring_flags(data: Path, shared: Path, num: int, epochs: int, *extra: str) -> list[str]:
@@ -210,7 +214,7 @@ def assert_states_equal(actual: dict[str, torch.Tensor], expected: dict[str, tor
 def check_ring_grafted_epoch1(shared: Path, num: int, versions: FileVersions, *, level: str = "layer") -> None:
     """Every network's post-graft weights of epoch 1 equal the grafting of the two pre-graft files."""
     for net in range(1, num + 1):
-        peer = num if net == 1 else net - 1
+        peer = predecessor(net, num)
         after = last_checkpoint_of_epoch(versions, shared / f"net{net}" / "last.pt", 1)["model"]
         expected = recomputed_graft(shared, net, peer, 1, level=level)
         assert_states_equal(after, expected, f"net {net} after grafting net {peer}'s epoch 1")
@@ -263,14 +267,22 @@ def assert_exchange_files(shared: Path, expected: set[str]) -> None:
 # Rings
 
 
-def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
-    shared, networks, versions = run_ring(tmp_path, cifar10, 2, 2, "--model", "resnet20", "--keep-all")
+@pytest.fixture(scope="module")
+def resnet20_ring(tmp_path_factory: pytest.TempPathFactory, cifar10: Path) -> tuple[Path, list[Proc], FileVersions]:
+    """Three ResNet-20 networks trained side by side for 2 epochs: the ring the next tests read."""
+    return run_ring(tmp_path_factory.mktemp("resnet20_ring"), cifar10, 3, 2, "--model", "resnet20")
 
+
+@pytest.mark.e2e
+def test_networks_graft_their_predecessors_and_record_it(
+    resnet20_ring: tuple[Path, list[Proc], FileVersions],
+) -> None:
+    shared, networks, versions = resnet20_ring
     for network in networks:
         first, final = read_metrics(shared / network.name / "metrics.jsonl")
         assert (first["epoch"], final["epoch"]) == (1, 2)
         assert first["grafted"] and first["graft_ms"] > 0, "epoch 1 should report the time spent grafting"
-        assert first["peer"] == 3 - int(network.name[3:]) and first["waited_s"] >= 0
+        assert first["peer"] == predecessor(int(network.name[3:]), 3) and first["waited_s"] >= 0
         assert len(first["alphas"]) == 19 and first["alphas"].keys() == first["entropies"].keys()  # resnet20's convs
         assert all(0.3 <= alpha <= 0.7 for alpha in first["alphas"].values())
         alphas = list(first["alphas"].values())
@@ -312,24 +324,25 @@ def test_two_networks_graft_each_other(tmp_path: Path, cifar10: Path) -> None:
         assert (shared / network.name / "best.pt").is_file()
         assert_tensorboard_run(shared / "tb" / network.name)
     # The final epoch publishes nothing: its tested weights are final.
-    assert_exchange_files(shared, {"net1_epoch1.tensors", "net2_epoch1.tensors"})
+    assert_exchange_files(shared, {"net1_epoch1.tensors", "net2_epoch1.tensors", "net3_epoch1.tensors"})
     meta = exchange_file(shared, 2, 1)["meta"]
-    assert (meta["net"], meta["num"], meta["epoch"], meta["model"], meta["num_classes"]) == (2, 2, 1, "resnet20", 10)
-    check_ring_grafted_epoch1(shared, 2, versions)
-    # The networks start from different seeds, so grafting really mixes two different networks.
+    assert (meta["net"], meta["num"], meta["epoch"], meta["model"], meta["num_classes"]) == (2, 3, 1, "resnet20", 10)
+    # The networks start from different seeds, so grafting really mixes different networks.
     one, two = exchange_file(shared, 1, 1)["model"], exchange_file(shared, 2, 1)["model"]
     assert not torch.equal(one["conv1.weight"], two["conv1.weight"])
 
 
-def test_three_network_ring(tmp_path: Path, cifar10: Path) -> None:
-    shared, networks, versions = run_ring(tmp_path, cifar10, 3, 2, "--model", "resnet20")
-
+@pytest.mark.e2e
+def test_every_network_holds_the_graft_of_its_predecessors_file(
+    resnet20_ring: tuple[Path, list[Proc], FileVersions],
+) -> None:
+    shared, networks, versions = resnet20_ring
     for network in networks:
         assert epochs_done(shared, int(network.name[3:])) == [1, 2], network.log
-    assert_exchange_files(shared, {"net1_epoch1.tensors", "net2_epoch1.tensors", "net3_epoch1.tensors"})
     check_ring_grafted_epoch1(shared, 3, versions)  # network 1 grafts network 3: the ring closes
 
 
+@pytest.mark.e2e
 def test_baseline_exchanges_nothing(tmp_path: Path, cifar10: Path) -> None:
     # The original torchvision pipeline, without workers, so both data paths run end to end.
     shared, networks, _ = run_ring(
@@ -345,6 +358,7 @@ def test_baseline_exchanges_nothing(tmp_path: Path, cifar10: Path) -> None:
     assert torch.load(shared / "net1" / "last.pt", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.e2e
 def test_cifar100_ring(tmp_path: Path, cifar100: Path) -> None:
     shared, networks, versions = run_ring(tmp_path, cifar100, 2, 2, "--model", "resnet20", "--cifar", "100")
 
@@ -357,6 +371,7 @@ def test_cifar100_ring(tmp_path: Path, cifar100: Path) -> None:
     check_ring_grafted_epoch1(shared, 2, versions)
 
 
+@pytest.mark.e2e
 def test_filter_level_grafting_with_vgg(tmp_path: Path, cifar10_tiny: Path) -> None:
     shared, networks, versions = run_ring(tmp_path, cifar10_tiny, 2, 2, "--model", "vgg11", "--level", "filter")
 
@@ -372,6 +387,7 @@ def test_filter_level_grafting_with_vgg(tmp_path: Path, cifar10_tiny: Path) -> N
 # Resuming
 
 
+@pytest.mark.e2e
 def test_resumed_network_rejoins_the_ring(tmp_path: Path, cifar10: Path) -> None:
     shared = tmp_path / "ring"
     flags = ring_flags(cifar10, shared, 2, 3, "--model", "resnet20")
@@ -417,34 +433,28 @@ BAD_FLAGS = {
 
 
 @pytest.fixture(scope="module")
-def bad_flag_runs(
-    tmp_path_factory: pytest.TempPathFactory, cifar10: Path
-) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """Every bad command line, run at once (each in its own empty folder) to save start-up time."""
+def bad_flag_runs(tmp_path_factory: pytest.TempPathFactory, cifar10: Path) -> dict[str, tuple[Path, Proc]]:
+    """Every bad command line, run at once, each in its own empty folder (the logs go elsewhere)."""
+    logs = tmp_path_factory.mktemp("bad-flag-logs")
     started = {}
     for case, (flags, _) in BAD_FLAGS.items():
         workdir = tmp_path_factory.mktemp(case)
         data = [] if "--data" in flags else ["--data", str(cifar10)]
-        command = [sys.executable, str(SCRIPT), "--s", "shared", *data, "--device", "cpu", "--threads", "1", *flags]
-        process = subprocess.Popen(
-            command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
-        )
-        started[case] = (workdir, command, process)
-    done = {}
-    for case, (workdir, command, process) in started.items():
-        stdout, stderr = process.communicate(timeout=120)
-        done[case] = (workdir, subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
-    return done
+        command = ["--s", "shared", *data, "--device", "cpu", "--threads", "1", *flags]
+        started[case] = (workdir, start_script(SCRIPT, command, workdir, case, logs=logs))
+    finish([proc for _, proc in started.values()], timeout=120)
+    return started
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
-def test_bad_flags_give_one_line_and_exit_2(case: str, bad_flag_runs: dict) -> None:
-    workdir, result = bad_flag_runs[case]
+def test_bad_flags_give_one_line_and_exit_2(case: str, bad_flag_runs: dict[str, tuple[Path, Proc]]) -> None:
+    workdir, proc = bad_flag_runs[case]
     flag = BAD_FLAGS[case][1]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
     assert flag in lines[0], lines[0]
-    assert result.returncode == 2, result.stderr
+    assert proc.returncode == 2, proc.stderr
     assert list(workdir.iterdir()) == [], "a rejected command line must write nothing (no --s folder)"
 
 
@@ -452,6 +462,7 @@ def test_bad_flags_give_one_line_and_exit_2(case: str, bad_flag_runs: dict) -> N
 # The console entry point
 
 
+@pytest.mark.e2e
 def test_graft_cifar_console_script_runs_this_checkout(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "graft-cifar"
     assert script.is_file(), f"{script} is missing: run `source scripts/env.sh` (it pip-installs this checkout)"
@@ -473,8 +484,9 @@ def test_graft_cifar_console_script_runs_this_checkout(tmp_path: Path) -> None:
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert list(tmp_path.iterdir()) == []
 
+    code = "import grafting_cifar.train as t, sys; print(t.__file__, 'torchvision' in sys.modules)"
     where = subprocess.run(
-        [sys.executable, "-c", "import grafting_cifar.train as t; print(t.__file__)"],
+        [sys.executable, "-c", code],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -482,4 +494,6 @@ def test_graft_cifar_console_script_runs_this_checkout(tmp_path: Path) -> None:
         timeout=120,
     )
     assert where.returncode == 0, where.stderr
-    assert Path(where.stdout.strip()).resolve() == SCRIPT.resolve(), "the installed graft-cifar runs another checkout"
+    path, imports_torchvision = where.stdout.split()
+    assert Path(path).resolve() == SCRIPT.resolve(), "the installed graft-cifar runs another checkout"
+    assert imports_torchvision == "False", "the CIFAR script's start imports torchvision, which it does not need"

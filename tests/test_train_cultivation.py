@@ -1,6 +1,6 @@
-"""End-to-end runs of grafting_cifar/train.py with distillation (issue 6) and the ablation sources
-(issue 10) on generated CIFAR data, as real processes. The scripts that run them (cifar_cultivation.sh,
-cifar_ablations.sh) are planned in test_scripts.py."""
+"""End-to-end runs of grafting_cifar/train.py with distillation and the ablation sources on generated
+CIFAR data, one process per network. The scripts that run them (cifar_cultivation.sh, cifar_ablations.sh)
+are planned in test_scripts.py."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CIFAR_SCRIPT, Proc, finish, start_script
+from helpers import CIFAR_SCRIPT, Proc, finish, start_script
 
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
 from grafting.data.fake import write_fake_cifar
 from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.train.report import read_metrics
-
-pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 # Small and quick: resnet20, 256 training images, one thread per process; lr low enough for 2 epochs.
 # --keep-all: the tests read the exchange files, which a finished ring otherwise removes.
@@ -74,6 +72,7 @@ def tensorboard_tags(folder: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.e2e
 def test_two_networks_distil_from_their_peers(data: Path, tmp_path: Path) -> None:
     logs = run_ring(data, tmp_path, 2, "--distill", "peers")
     for net, log in zip((1, 2), logs):
@@ -96,6 +95,7 @@ def test_two_networks_distil_from_their_peers(data: Path, tmp_path: Path) -> Non
         assert (config["distill"], config["source"], config["criterion"]) == ("peers", "external", "entropy")
 
 
+@pytest.mark.e2e
 def test_one_network_distils_from_two_teachers_in_the_authors_form(data: Path, tmp_path: Path) -> None:
     teachers = []
     for seed in (1, 2):
@@ -114,6 +114,7 @@ def test_one_network_distils_from_two_teachers_in_the_authors_form(data: Path, t
     assert len(tags["train/ce"]) == 2 and len(tags["train/kd"]) == 2
 
 
+@pytest.mark.e2e
 def test_a_teacher_that_does_not_fit_stops_before_training(data: Path, tmp_path: Path) -> None:
     path = tmp_path / "teacher.pt"
     torch.save(models.create("resnet20", num_classes=100).state_dict(), path)
@@ -127,6 +128,7 @@ def test_a_teacher_that_does_not_fit_stops_before_training(data: Path, tmp_path:
 
 
 @pytest.mark.parametrize("source", ["noise", "internal"])
+@pytest.mark.e2e
 def test_noise_and_internal_grafting_report_the_touched_filters(data: Path, tmp_path: Path, source: str) -> None:
     # A high threshold makes some of a fresh network's filters invalid, so the count is not trivially 0.
     (log,) = run_ring(data, tmp_path, 1, "--graft-source", source, "--invalid-threshold", "6")
@@ -141,6 +143,7 @@ def test_noise_and_internal_grafting_report_the_touched_filters(data: Path, tmp_
     assert not list(tmp_path.glob("net1_epoch*.tensors"))
 
 
+@pytest.mark.e2e
 def test_two_networks_averaging(data: Path, tmp_path: Path) -> None:
     # A vanishing lr keeps epoch 2 from moving the conv weights, so the final weights show the average.
     logs = run_ring(data, tmp_path, 2, "--graft-source", "average", "--criterion", "l1", "--lr", "1e-9")

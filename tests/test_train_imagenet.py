@@ -1,8 +1,8 @@
 """End-to-end tests of the ImageNet script (grafting_imagenet/train.py) on a generated ImageFolder tree.
 
-Training runs are real processes (one per network, or a torchrun of two gloo ranks on the CPU);
-evaluation, flag checks and model construction run in this process. Images are small (32 px
-crops of ~40 px JPEG files, 3 classes) so that ResNet-18 and MobileNetV2 train in seconds.
+Training runs are processes (one per network, forked from the tests' warm fork server, or a real torchrun
+of two gloo ranks on the CPU); evaluation, flag checks and model construction run in this process. Images
+are small (32 px crops of ~40 px JPEG files, 3 classes) so that ResNet-18 and MobileNetV2 train in seconds.
 
 Catching the grafted weights of epoch 1 needs no race with the writer: network 2 is given one
 epoch more than network 1. Network 1's last epoch (2) publishes nothing, so network 2, after
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
+from helpers import IMAGENET_SCRIPT, Proc, finish, kill, start_process, wait_until
 
 from grafting.checkpoint import load_file
 from grafting.data.fake import stand_in_description, write_fake_imagefolder
@@ -34,8 +34,6 @@ from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.train.imagenet_models import create_model
 from grafting.train.report import read_metrics
 from grafting_imagenet import train as imagenet_train
-
-pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 SCRIPT = IMAGENET_SCRIPT
 FAST = ["--device", "cpu", "--threads", "1", "-j", "0", "-b", "16", "--image-size", "32", "-p", "0"]
@@ -51,13 +49,14 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start(log: Path, *args: str, torchrun: int = 0) -> Proc:
-    """Start the script (under ``torchrun --nproc_per_node N`` when ``torchrun``) with its output in ``log``."""
+    """Start the script with its output in ``log``: forked from the warm fork server, or under a real
+    ``torchrun --nproc_per_node N`` when ``torchrun``."""
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun), "--"]
         if torchrun
         else [sys.executable]
     )
-    return start_process([*launcher, str(SCRIPT), *args], log.parent, log.stem, output=log)
+    return start_process([*launcher, str(SCRIPT), *args], log.parent, log.stem, output=log, fork=not torchrun)
 
 
 def succeeded(proc: Proc) -> str:
@@ -161,6 +160,7 @@ def resnet_ring(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) ->
     return shared
 
 
+@pytest.mark.e2e
 def test_resnet18_networks_graft_each_other_with_the_name_rule(resnet_ring: Path) -> None:
     assert_last_is_graft_of_epoch1(resnet_ring, "resnet18", "name")
     epochs = epoch_results(resnet_ring, 1)
@@ -170,6 +170,7 @@ def test_resnet18_networks_graft_each_other_with_the_name_rule(resnet_ring: Path
     assert {p.name for p in resnet_ring.glob("*.tensors")} == {"net1_epoch1.tensors", "net2_epoch1.tensors"}
 
 
+@pytest.mark.e2e
 def test_killed_network_resumes_from_its_last_checkpoint(resnet_ring: Path, image_folder: Path) -> None:
     log = resnet_ring.parent / "net2_resume.log"
     # Epoch 2 is the last: network 2 finishes it without a peer.
@@ -200,6 +201,7 @@ def test_killed_network_resumes_from_its_last_checkpoint(resnet_ring: Path, imag
     assert not torch.equal(resumed["model"]["conv1.weight"], before["model"]["conv1.weight"])
 
 
+@pytest.mark.e2e
 def test_evaluate_reports_the_best_checkpoint_and_writes_nothing(
     resnet_ring: Path, image_folder: Path, capsys: pytest.CaptureFixture, in_process_logs: None
 ) -> None:
@@ -216,6 +218,7 @@ def test_evaluate_reports_the_best_checkpoint_and_writes_nothing(
     assert folder_state(resnet_ring) == before
 
 
+@pytest.mark.e2e
 def test_evaluate_a_checkpoint_file_in_another_layout(
     resnet_ring: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, in_process_logs: None
 ) -> None:
@@ -260,6 +263,7 @@ def test_evaluate_rejects_missing_or_unfitting_checkpoints(
 # A non-ResNet architecture: the module rule
 
 
+@pytest.mark.e2e
 def test_mobilenet_v2_networks_graft_with_the_module_rule(tmp_path: Path, image_folder: Path) -> None:
     shared = ring_until_graft(tmp_path, image_folder, "mobilenet_v2", "--steplr")
     assert_last_is_graft_of_epoch1(shared, "mobilenet_v2", "module")
@@ -269,6 +273,8 @@ def test_mobilenet_v2_networks_graft_with_the_module_rule(tmp_path: Path, image_
 # Several processes for one network: torchrun with gloo on the CPU
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_torchrun_network_grafts_and_resumes_next_to_a_single_process_peer(
     tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture, in_process_logs: None
 ) -> None:

@@ -4,7 +4,7 @@ import math
 import random
 
 import pytest
-from published_code import published_coefficient
+from helpers.published_code import published_coefficient
 
 from grafting.method.weighting import graft_coefficient
 

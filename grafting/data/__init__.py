@@ -3,6 +3,7 @@
 Every loader yields ``(images, labels)`` already on the training device and needs
 ``set_epoch(e)`` before epoch ``e`` (see :class:`EpochLoader`).
 """
+
 from grafting.data.cifar import (
     CIFAR_MEAN,
     CIFAR_PIPELINES,
@@ -12,6 +13,8 @@ from grafting.data.cifar import (
     load_cifar,
     random_crop_flip,
 )
+from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
+from grafting.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_loaders, read_rgb
 from grafting.data.loading import (
     DataLoaderEpochLoader,
     EpochLoader,
@@ -21,8 +24,6 @@ from grafting.data.loading import (
     epoch_seed,
     normalise,
 )
-from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
-from grafting.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_loaders, read_rgb
 
 __all__ = [
     "CIFAR_MEAN",

@@ -33,30 +33,40 @@ threads were too disturbed by the other jobs to report.)
 The machinery that is not CIFAR-specific (the epoch-loader contract, seeding, DataLoader wrapper)
 lives in :mod:`grafting.data.loading`, shared with :mod:`grafting.data.imagenet`.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import pickle
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor
-from torchvision import transforms
+from torch.utils.data import Dataset
 
-from grafting.data.loading import (DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset,
-                                   channel_stats, device_generator, epoch_seed, normalise)
+from grafting.data.loading import (
+    DataLoaderEpochLoader,
+    EpochLoader,
+    SeededSampler,
+    SeededTransformDataset,
+    channel_stats,
+    device_generator,
+    epoch_seed,
+    normalise,
+)
 from grafting.errors import DatasetNotFoundError, GraftingError
 
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
     "CIFAR_PIPELINES",
+    "CifarSplit",
     "load_cifar",
     "cifar_loaders",
     "random_crop_flip",
@@ -71,98 +81,134 @@ CIFAR_PIPELINES = ("auto", "tensor", "torchvision")
 CROP_PADDING = 4
 
 
-def _files_present(root: Path, dataset_class: type[torchvision.datasets.CIFAR10]) -> bool:
-    folder = root / dataset_class.base_folder
-    names = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
-    return all((folder / name).is_file() for name in names + [dataset_class.meta["filename"]])
+@dataclass(frozen=True)
+class _CifarFiles:
+    """Where a CIFAR dataset's pickled batches live under ``--data``, and the keys inside them (the layout
+    of the archives from www.cs.toronto.edu/~kriz, which torchvision unpacks unchanged)."""
+
+    folder: str
+    train: tuple[str, ...]
+    test: str
+    meta: str
+    names_key: str
+    labels_key: str
+
+    def names(self) -> list[str]:
+        return [*self.train, self.test, self.meta]
 
 
-class _FilesPresentCheck:
-    """Replaces torchvision's md5 check with a presence check.
+_CIFAR_FILES = {
+    10: _CifarFiles(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+        "label_names",
+        "labels",
+    ),
+    100: _CifarFiles("cifar-100-python", ("train",), "test", "meta", "fine_label_names", "fine_labels"),
+}
 
-    Hashing every batch file costs seconds at each start and rejects the generated stand-ins,
-    whose bytes differ from the originals; a damaged file still fails when it is unpickled.
+
+class CifarSplit(Dataset):
+    """One split of CIFAR as the pickled batches hold it: ``data`` uint8 (N, 32, 32, 3), ``targets`` a list
+    of ints, ``classes`` the label names; items are ``(PIL image, label)``, as torchvision's reader gives them.
+
+    Read with ``pickle`` alone (the files are plain pickles, checked for presence, not hashed: hashing costs
+    seconds at each start and rejects the generated stand-ins, whose bytes differ from the originals).
     """
 
-    root: str
-    base_folder: str
-    train_list: list[list[str]]
-    test_list: list[list[str]]
-    meta: dict[str, str]
-    classes: list[str]
-    class_to_idx: dict[str, int]
+    def __init__(self, folder: Path, files: _CifarFiles, *, train: bool) -> None:
+        batches, targets = [], []
+        for name in files.train if train else (files.test,):
+            with open(folder / name, "rb") as handle:
+                entry = pickle.load(handle, encoding="latin1")
+            batches.append(entry["data"])
+            targets.extend(entry[files.labels_key])
+        self.data: np.ndarray = np.vstack(batches).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets: list[int] = targets
+        with open(folder / files.meta, "rb") as handle:
+            self.classes: list[str] = list(pickle.load(handle, encoding="latin1")[files.names_key])
 
-    def _check_integrity(self) -> bool:
-        return _files_present(Path(self.root), type(self))
+    def __len__(self) -> int:
+        return len(self.data)
 
-    def _load_meta(self) -> None:
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as handle:
-            meta = pickle.load(handle, encoding="latin1")
-        self.classes = list(meta[self.meta["key"]])
-        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from PIL import Image  # only the torchvision pipeline asks for images
 
-
-class _CIFAR10Files(_FilesPresentCheck, torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader that checks that its files exist instead of hashing them."""
-
-
-class _CIFAR100Files(_FilesPresentCheck, torchvision.datasets.CIFAR100):
-    """torchvision's CIFAR-100 reader that checks that its files exist instead of hashing them."""
+        return Image.fromarray(self.data[index]), self.targets[index]
 
 
-_CIFAR_CLASSES: dict[int, type[torchvision.datasets.CIFAR10]] = {10: _CIFAR10Files, 100: _CIFAR100Files}
+def _download(root: Path, num_classes: int) -> None:
+    """Fetch and unpack CIFAR-``num_classes`` into ``root`` with torchvision's downloader (checked by its md5)."""
+    import torchvision  # only needed to download
+
+    dataset_class = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+    try:
+        torchvision.datasets.utils.download_and_extract_archive(
+            dataset_class.url, str(root), filename=dataset_class.filename, md5=dataset_class.tgz_md5
+        )
+    except OSError as err:  # no network, or the download broke off
+        raise DatasetNotFoundError(
+            f"could not download CIFAR-{num_classes} into {root} ({err}); fetch {dataset_class.url} by hand, unpack "
+            f"it there and run without --download"
+        ) from err
 
 
-def load_cifar(root: str | Path, num_classes: int, download: bool = False
-               ) -> tuple[torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR10]:
+def load_cifar(root: str | Path, num_classes: int, download: bool = False) -> tuple[CifarSplit, CifarSplit]:
     """The CIFAR-10 (``num_classes=10``) or CIFAR-100 training and test sets found under ``root``.
 
-    The datasets are torchvision's (``.data`` is uint8 (N, 32, 32, 3), ``.targets`` a list of
-    ints) and return PIL images. Missing files raise :class:`DatasetNotFoundError` unless
-    ``download`` is true, in which case torchvision fetches them.
+    Missing files raise :class:`DatasetNotFoundError` unless ``download`` is true, in which case
+    torchvision fetches them.
     """
-    dataset_class = _CIFAR_CLASSES.get(num_classes)
-    if dataset_class is None:
+    files = _CIFAR_FILES.get(num_classes)
+    if files is None:
         raise GraftingError(f"CIFAR has 10 or 100 classes, not {num_classes}; pass --cifar 10 or --cifar 100")
     root = Path(root).expanduser().resolve()
+    folder = root / files.folder
     name = f"CIFAR-{num_classes}"
-    if not download and not _files_present(root, dataset_class):
-        raise DatasetNotFoundError(
-            f"{name} not found in {root} (expected {dataset_class.base_folder}/); pass --download to fetch it, "
-            f"or point --data at the folder that holds it")
+    if not all((folder / file).is_file() for file in files.names()):
+        if not download:
+            raise DatasetNotFoundError(
+                f"{name} not found in {root} (expected {files.folder}/); pass --download to fetch it, "
+                f"or point --data at the folder that holds it"
+            )
+        _download(root, num_classes)
     try:
-        train_set = dataset_class(str(root), train=True, download=download)
-        test_set = dataset_class(str(root), train=False, download=False)
+        train_set = CifarSplit(folder, files, train=True)
+        test_set = CifarSplit(folder, files, train=False)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
         raise DatasetNotFoundError(
-            f"{name} files in {root / dataset_class.base_folder} are unreadable ({type(err).__name__}: {err}); "
-            f"delete that folder and pass --download to fetch it again") from err
+            f"{name} files in {folder} are unreadable ({type(err).__name__}: {err}); "
+            f"delete that folder and pass --download to fetch it again"
+        ) from err
     except OSError as err:
-        if download:  # no network, or the download broke off
-            raise DatasetNotFoundError(
-                f"could not download {name} into {root} ({err}); fetch {dataset_class.url} by hand, unpack it "
-                f"there and run without --download") from err
-        raise DatasetNotFoundError(f"cannot read {name} from {root / dataset_class.base_folder} ({err}); check "
-                                   f"that the files are readable") from err
+        raise DatasetNotFoundError(
+            f"cannot read {name} from {folder} ({err}); check that the files are readable"
+        ) from err
     for split, dataset in (("training", train_set), ("test", test_set)):
-        _check_split(dataset, num_classes, f"{name} {split} files in {root / dataset_class.base_folder}")
+        _check_split(dataset, num_classes, f"{name} {split} files in {folder}")
     logger.info("%s: %d training and %d test images from %s", name, len(train_set), len(test_set), root)
     return train_set, test_set
 
 
-def _check_split(dataset: torchvision.datasets.CIFAR10, num_classes: int, what: str) -> None:
+def _check_split(dataset: CifarSplit, num_classes: int, what: str) -> None:
     """Refuse, once at load, images and labels that would fail (or silently mislead) in the middle of
     training: a label outside ``0..num_classes-1``, or as many labels as images."""
     labels = np.asarray(dataset.targets)
     images = np.asarray(dataset.data)
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(labels) != len(images) or len(images) == 0:
-        raise DatasetNotFoundError(f"{what} hold {len(images)} images of shape {images.shape[1:]} and {len(labels)} "
-                                   f"labels, not CIFAR's 32x32x3 images with one label each; delete that folder and "
-                                   f"fetch the dataset again")
+        raise DatasetNotFoundError(
+            f"{what} hold {len(images)} images of shape {images.shape[1:]} and {len(labels)} "
+            f"labels, not CIFAR's 32x32x3 images with one label each; delete that folder and "
+            f"fetch the dataset again"
+        )
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
         bad = labels[(labels < 0) | (labels >= num_classes)] if labels.dtype.kind in "iu" else labels[:1]
-        raise DatasetNotFoundError(f"{what} hold label {bad[0].item()!r}, outside 0..{num_classes - 1}; the files are "
-                                   f"damaged or of another dataset: delete that folder and fetch the dataset again")
+        raise DatasetNotFoundError(
+            f"{what} hold label {bad[0].item()!r}, outside 0..{num_classes - 1}; the files are "
+            f"damaged or of another dataset: delete that folder and fetch the dataset again"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,12 +244,23 @@ class TensorCifarLoader:
     workers, no per-sample Python. The last batch may be partial.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, *, train: bool, seed: int = 0,
-                 mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        mean: Sequence[float] = CIFAR_MEAN,
+        std: Sequence[float] = CIFAR_STD,
+        channels_last: bool = False,
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
-            raise ValueError(f"expected uint8 (N, C, H, W) images and N labels, got {tuple(images.shape)} "
-                             f"{images.dtype} and {len(labels)} labels")
+            raise ValueError(
+                f"expected uint8 (N, C, H, W) images and N labels, got {tuple(images.shape)} "
+                f"{images.dtype} and {len(labels)} labels"
+            )
         self.images = images
         self.labels = labels.to(device=images.device, dtype=torch.long)
         self.batch_size = batch_size
@@ -234,14 +291,14 @@ class TensorCifarLoader:
         else:
             order = torch.arange(count, device=self.device)
         for start in range(0, count, self.batch_size):
-            indices = order[start:start + self.batch_size]
+            indices = order[start : start + self.batch_size]
             images = self.images[indices]
             if self.train:
                 images = random_crop_flip(images, generator)
             yield normalise(images, self.mean, self.std, self.channels_last), self.labels[indices]
 
 
-def _split_as_tensors(dataset: torchvision.datasets.CIFAR10, device: torch.device) -> tuple[Tensor, Tensor]:
+def _split_as_tensors(dataset: CifarSplit, device: torch.device) -> tuple[Tensor, Tensor]:
     images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
     labels = torch.as_tensor(dataset.targets, dtype=torch.long)
     return images.to(device), labels.to(device)
@@ -251,15 +308,31 @@ def _split_as_tensors(dataset: torchvision.datasets.CIFAR10, device: torch.devic
 # DataLoader-based pipelines (also used for ImageNet)
 
 
-def _torchvision_loader(dataset: torchvision.datasets.CIFAR10, batch_size: int, *, train: bool, device: torch.device,
-                        workers: int, seed: int, channels_last: bool) -> DataLoaderEpochLoader:
+def _torchvision_loader(
+    dataset: CifarSplit,
+    batch_size: int,
+    *,
+    train: bool,
+    device: torch.device,
+    workers: int,
+    seed: int,
+    channels_last: bool,
+) -> DataLoaderEpochLoader:
+    from torchvision import transforms  # only this pipeline needs torchvision
+
     steps: list[Callable[[Any], Any]] = []
     if train:
         steps += [transforms.RandomCrop(32, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
     steps += [transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)]
     sampler = SeededSampler(len(dataset), shuffle=train, seed=seed)
-    return DataLoaderEpochLoader(SeededTransformDataset(dataset, transforms.Compose(steps)), sampler, batch_size,
-                                 device=device, workers=workers, channels_last=channels_last)
+    return DataLoaderEpochLoader(
+        SeededTransformDataset(dataset, transforms.Compose(steps)),
+        sampler,
+        batch_size,
+        device=device,
+        workers=workers,
+        channels_last=channels_last,
+    )
 
 
 def _choose_pipeline(pipeline: str) -> str:
@@ -273,9 +346,19 @@ def _choose_pipeline(pipeline: str) -> str:
     return "tensor"
 
 
-def cifar_loaders(root: str | Path, num_classes: int, batch_size: int = 128, test_batch_size: int = 100, *,
-                  device: torch.device, pipeline: str = "auto", workers: int = 2, download: bool = False,
-                  seed: int = 0, channels_last: bool = False) -> tuple[EpochLoader, EpochLoader, str]:
+def cifar_loaders(
+    root: str | Path,
+    num_classes: int,
+    batch_size: int = 128,
+    test_batch_size: int = 100,
+    *,
+    device: torch.device,
+    pipeline: str = "auto",
+    workers: int = 2,
+    download: bool = False,
+    seed: int = 0,
+    channels_last: bool = False,
+) -> tuple[EpochLoader, EpochLoader, str]:
     """Training and test loaders for CIFAR-10/100 and the name of the pipeline used.
 
     Both yield ``(images, labels)`` on ``device``: float32 normalised NCHW images (channels-last
@@ -288,19 +371,30 @@ def cifar_loaders(root: str | Path, num_classes: int, batch_size: int = 128, tes
     chosen = _choose_pipeline(pipeline)
     if batch_size < 1 or test_batch_size < 1:
         raise GraftingError(
-            f"--batch-size and --test-batch-size must be positive, got {batch_size} and {test_batch_size}")
+            f"--batch-size and --test-batch-size must be positive, got {batch_size} and {test_batch_size}"
+        )
     train_set, test_set = load_cifar(root, num_classes, download=download)
     if chosen == "tensor":
         train_images, train_labels = _split_as_tensors(train_set, device)
         test_images, test_labels = _split_as_tensors(test_set, device)
-        train_loader: EpochLoader = TensorCifarLoader(train_images, train_labels, batch_size, train=True, seed=seed,
-                                                      channels_last=channels_last)
-        test_loader: EpochLoader = TensorCifarLoader(test_images, test_labels, test_batch_size, train=False,
-                                                     seed=seed, channels_last=channels_last)
+        train_loader: EpochLoader = TensorCifarLoader(
+            train_images, train_labels, batch_size, train=True, seed=seed, channels_last=channels_last
+        )
+        test_loader: EpochLoader = TensorCifarLoader(
+            test_images, test_labels, test_batch_size, train=False, seed=seed, channels_last=channels_last
+        )
     else:
-        train_loader = _torchvision_loader(train_set, batch_size, train=True, device=device, workers=workers,
-                                           seed=seed, channels_last=channels_last)
-        test_loader = _torchvision_loader(test_set, test_batch_size, train=False, device=device, workers=workers,
-                                          seed=seed, channels_last=channels_last)
+        train_loader = _torchvision_loader(
+            train_set, batch_size, train=True, device=device, workers=workers, seed=seed, channels_last=channels_last
+        )
+        test_loader = _torchvision_loader(
+            test_set,
+            test_batch_size,
+            train=False,
+            device=device,
+            workers=workers,
+            seed=seed,
+            channels_last=channels_last,
+        )
     logger.info("CIFAR-%d data pipeline: %s on %s", num_classes, chosen, device)
     return train_loader, test_loader, chosen

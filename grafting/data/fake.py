@@ -5,6 +5,7 @@ exactly the code that reads the real datasets (torchvision's CIFAR pickles, Imag
 JPEG files), and their images are learnable: every class has its own colour and stripe pattern
 under noise, so a few epochs of training reach accuracy well above chance.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,7 @@ import pickle
 import re
 import struct
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, cast
+from typing import Any, Callable, ClassVar, cast
 
 import numpy as np
 from PIL import Image
@@ -21,7 +22,11 @@ from PIL import Image
 from grafting.errors import GraftingError, UsageError
 
 __all__ = [
-    "write_fake_cifar", "write_fake_imagefolder", "MARKER_NAME", "is_generated_stand_in", "stand_in_description",
+    "write_fake_cifar",
+    "write_fake_imagefolder",
+    "MARKER_NAME",
+    "is_generated_stand_in",
+    "stand_in_description",
     "MAX_IMAGE_SIZE",
 ]
 
@@ -98,13 +103,16 @@ class _ClassLook:
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
         # Frequencies are per pixel of a 32-pixel image, so larger images show the same pattern.
         scale = 32.0 / max(height, width)
-        direction = (np.cos(self.angles[labels])[:, None, None] * xs
-                     + np.sin(self.angles[labels])[:, None, None] * ys) * scale
+        direction = (
+            np.cos(self.angles[labels])[:, None, None] * xs + np.sin(self.angles[labels])[:, None, None] * ys
+        ) * scale
         phase = rng.uniform(0.0, 2.0 * math.pi, size=len(labels))[:, None, None]
         stripes = np.sin(self.frequencies[labels][:, None, None] * direction + phase)
-        images = (self.colours[labels][:, :, None, None]
-                  + 45.0 * self.channel_mix[labels][:, :, None, None] * stripes[:, None]
-                  + rng.normal(0.0, 22.0, size=(len(labels), 3, height, width)))
+        images = (
+            self.colours[labels][:, :, None, None]
+            + 45.0 * self.channel_mix[labels][:, :, None, None] * stripes[:, None]
+            + rng.normal(0.0, 22.0, size=(len(labels), 3, height, width))
+        )
         return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
@@ -116,8 +124,8 @@ def _cifar_rows(labels: np.ndarray, look: _ClassLook, rng: np.random.Generator) 
     """uint8 (N, 3072): 1024 red, then 1024 green, then 1024 blue values, each plane row-major."""
     rows = np.empty((len(labels), 3 * 32 * 32), dtype=np.uint8)
     for start in range(0, len(labels), _CHUNK):
-        chunk = labels[start:start + _CHUNK]
-        rows[start:start + len(chunk)] = look.render(chunk, 32, 32, rng).reshape(len(chunk), -1)
+        chunk = labels[start : start + _CHUNK]
+        rows[start : start + len(chunk)] = look.render(chunk, 32, 32, rng).reshape(len(chunk), -1)
     return rows
 
 
@@ -160,8 +168,9 @@ def _write_marker(root: Path, what: str) -> None:
     (root / MARKER_NAME).write_text(_MARKER_TEXT.format(what=what))
 
 
-def write_fake_cifar(root: str | Path, num_classes: int = 10, train_size: int = 5000, test_size: int = 1000,
-                     seed: int = 0) -> Path:
+def write_fake_cifar(
+    root: str | Path, num_classes: int = 10, train_size: int = 5000, test_size: int = 1000, seed: int = 0
+) -> Path:
     """Write a generated CIFAR-10 or CIFAR-100 in the exact layout torchvision reads, and return ``root``.
 
     10 classes: ``root/cifar-10-batches-py/`` with ``data_batch_1..5``, ``test_batch`` and
@@ -173,8 +182,9 @@ def write_fake_cifar(root: str | Path, num_classes: int = 10, train_size: int = 
     if num_classes not in (10, 100):
         raise GraftingError(f"a generated CIFAR has 10 or 100 classes, not {num_classes}")
     if train_size < 1 or test_size < 1:
-        raise GraftingError(f"a generated CIFAR needs at least one image per split, got train_size={train_size} "
-                            f"test_size={test_size}")
+        raise GraftingError(
+            f"a generated CIFAR needs at least one image per split, got train_size={train_size} test_size={test_size}"
+        )
     if seed < 0:
         raise UsageError(f"the seed of a generated CIFAR must be >= 0, got {seed}")
     root = Path(root)
@@ -194,45 +204,77 @@ def write_fake_cifar(root: str | Path, num_classes: int = 10, train_size: int = 
         folder.mkdir(parents=True, exist_ok=True)
         # The real training set is five equal batches; uneven sizes are split as evenly as possible.
         for number, part in enumerate(np.array_split(np.arange(train_size), 5), start=1):
-            _dump_py2(_py2_keys({
-                "batch_label": _Py2Str(f"training batch {number} of 5 (generated stand-in)".encode("ascii")),
-                "labels": [int(label) for label in train_labels[part]],
-                "data": train_rows[part],
-                "filenames": filenames(f"train{number}", len(part)),
-            }), folder / f"data_batch_{number}")
-        _dump_py2(_py2_keys({
-            "batch_label": _Py2Str(b"testing batch 1 of 1 (generated stand-in)"),
-            "labels": [int(label) for label in test_labels],
-            "data": test_rows,
-            "filenames": filenames("test", test_size),
-        }), folder / "test_batch")
-        _dump_py2(_py2_keys({
-            "num_cases_per_batch": int(math.ceil(train_size / 5)),
-            "label_names": [_Py2Str(f"class_{index:02d}".encode("ascii")) for index in range(10)],
-            "num_vis": 3 * 32 * 32,
-        }), folder / "batches.meta")
+            _dump_py2(
+                _py2_keys(
+                    {
+                        "batch_label": _Py2Str(f"training batch {number} of 5 (generated stand-in)".encode("ascii")),
+                        "labels": [int(label) for label in train_labels[part]],
+                        "data": train_rows[part],
+                        "filenames": filenames(f"train{number}", len(part)),
+                    }
+                ),
+                folder / f"data_batch_{number}",
+            )
+        _dump_py2(
+            _py2_keys(
+                {
+                    "batch_label": _Py2Str(b"testing batch 1 of 1 (generated stand-in)"),
+                    "labels": [int(label) for label in test_labels],
+                    "data": test_rows,
+                    "filenames": filenames("test", test_size),
+                }
+            ),
+            folder / "test_batch",
+        )
+        _dump_py2(
+            _py2_keys(
+                {
+                    "num_cases_per_batch": int(math.ceil(train_size / 5)),
+                    "label_names": [_Py2Str(f"class_{index:02d}".encode("ascii")) for index in range(10)],
+                    "num_vis": 3 * 32 * 32,
+                }
+            ),
+            folder / "batches.meta",
+        )
     else:
         folder = root / "cifar-100-python"
         folder.mkdir(parents=True, exist_ok=True)
         for name, labels, rows in (("train", train_labels, train_rows), ("test", test_labels, test_rows)):
-            _dump_py2(_py2_keys({
-                "filenames": filenames(name, len(labels)),
-                "batch_label": _Py2Str(f"{name} (generated stand-in)".encode("ascii")),
-                "fine_labels": [int(label) for label in labels],
-                "coarse_labels": [int(label) // 5 for label in labels],
-                "data": rows,
-            }), folder / name)
-        _dump_py2(_py2_keys({
-            "fine_label_names": [_Py2Str(f"class_{index:03d}".encode("ascii")) for index in range(100)],
-            "coarse_label_names": [_Py2Str(f"superclass_{index:02d}".encode("ascii")) for index in range(20)],
-        }), folder / "meta")
+            _dump_py2(
+                _py2_keys(
+                    {
+                        "filenames": filenames(name, len(labels)),
+                        "batch_label": _Py2Str(f"{name} (generated stand-in)".encode("ascii")),
+                        "fine_labels": [int(label) for label in labels],
+                        "coarse_labels": [int(label) // 5 for label in labels],
+                        "data": rows,
+                    }
+                ),
+                folder / name,
+            )
+        _dump_py2(
+            _py2_keys(
+                {
+                    "fine_label_names": [_Py2Str(f"class_{index:03d}".encode("ascii")) for index in range(100)],
+                    "coarse_label_names": [_Py2Str(f"superclass_{index:02d}".encode("ascii")) for index in range(20)],
+                }
+            ),
+            folder / "meta",
+        )
     _write_marker(root, f"CIFAR-{num_classes} layout, {train_size} train and {test_size} test images, seed {seed}")
     logger.info("wrote a generated CIFAR-%d stand-in to %s", num_classes, folder)
     return root
 
 
-def write_fake_imagefolder(root: str | Path, num_classes: int = 3, train_per_class: int = 16, val_per_class: int = 8,
-                           image_size: int = 48, seed: int = 0, ext: str = "jpg") -> Path:
+def write_fake_imagefolder(
+    root: str | Path,
+    num_classes: int = 3,
+    train_per_class: int = 16,
+    val_per_class: int = 8,
+    image_size: int = 48,
+    seed: int = 0,
+    ext: str = "jpg",
+) -> Path:
     """Write ``root/train/<class>/<n>.<ext>`` and ``root/val/<class>/<n>.<ext>`` image files; return ``root``.
 
     Classes are named ``class_000``, ``class_001``, ... so ImageFolder's sorted order is their index.
@@ -240,12 +282,14 @@ def write_fake_imagefolder(root: str | Path, num_classes: int = 3, train_per_cla
     and image 1 of the first class of each split is stored as greyscale, as a few ImageNet files
     are. ``ext`` is ``jpg``, ``jpeg`` or ``png``.
     """
-    image_format: Optional[str] = _IMAGE_EXTENSIONS.get(ext.lower())
+    image_format: str | None = _IMAGE_EXTENSIONS.get(ext.lower())
     if image_format is None:
         raise GraftingError(f"cannot write images with extension {ext!r}; use one of {sorted(_IMAGE_EXTENSIONS)}")
     if num_classes < 1 or not 8 <= image_size <= MAX_IMAGE_SIZE:
-        raise UsageError(f"a generated image folder needs num_classes >= 1 and an image size from 8 to "
-                            f"{MAX_IMAGE_SIZE}, got {num_classes} and {image_size}")
+        raise UsageError(
+            f"a generated image folder needs num_classes >= 1 and an image size from 8 to "
+            f"{MAX_IMAGE_SIZE}, got {num_classes} and {image_size}"
+        )
     if seed < 0:
         raise UsageError(f"the seed of a generated image folder must be >= 0, got {seed}")
     root = Path(root)
@@ -265,7 +309,10 @@ def write_fake_imagefolder(root: str | Path, num_classes: int = 3, train_per_cla
                     image = image.convert("L")
                 options = {"quality": 92} if image_format == "JPEG" else {}
                 image.save(folder / f"{number}.{ext}", format=image_format, **options)
-    _write_marker(root, f"ImageFolder layout, {num_classes} classes, {train_per_class} train and "
-                        f"{val_per_class} val images per class, {image_size} pixels, seed {seed}")
+    _write_marker(
+        root,
+        f"ImageFolder layout, {num_classes} classes, {train_per_class} train and "
+        f"{val_per_class} val images per class, {image_size} pixels, seed {seed}",
+    )
     logger.info("wrote a generated image folder stand-in to %s", root)
     return root

@@ -7,20 +7,23 @@ float and normalisation happen on the training device. The per-epoch contract is
 :class:`grafting.data.cifar.EpochLoader`: ``set_epoch(e)`` before epoch ``e`` makes its order and
 augmentation depend only on ``(seed, e)``.
 """
+
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DistributedSampler
-from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
 from grafting.data.loading import DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset
 from grafting.errors import DatasetNotFoundError, GraftingError
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: the CIFAR script imports this package too
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_loaders", "imagenet_val_loader", "read_rgb"]
 
@@ -32,6 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def read_rgb(path: str) -> torch.Tensor:
     """Decode an image file to a uint8 (3, H, W) RGB tensor (greyscale and CMYK files are converted)."""
+    from torchvision.io import ImageReadMode, decode_image
+
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 announces a move of its decoders to TorchCodec on every call; the
@@ -43,10 +48,13 @@ def read_rgb(path: str) -> torch.Tensor:
 
 
 def _image_folder(folder: Path, split: str) -> ImageFolder:
+    from torchvision.datasets import ImageFolder
+
     if not folder.is_dir():
         raise DatasetNotFoundError(
             f"ImageNet {split} folder not found: {folder} (expected {split}/<class>/<image> under "
-            f"{folder.parent}); point --data at the folder that holds train/ and val/")
+            f"{folder.parent}); point --data at the folder that holds train/ and val/"
+        )
     try:
         return ImageFolder(str(folder), loader=read_rgb)
     except FileNotFoundError as err:
@@ -64,15 +72,39 @@ def _index_sampler(dataset: ImageFolder, *, shuffle: bool, distributed: bool, se
     return DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
 
 
-def _epoch_loader(dataset: ImageFolder, transform: v2.Compose, *, train: bool, batch_size: int, workers: int,
-                  device: torch.device, distributed: bool, seed: int, channels_last: bool) -> DataLoaderEpochLoader:
-    sampler = SeededSampler(len(dataset), shuffle=train, seed=seed,
-                            index_sampler=_index_sampler(dataset, shuffle=train, distributed=distributed, seed=seed))
-    return DataLoaderEpochLoader(SeededTransformDataset(dataset, transform), sampler, batch_size, device=device,
-                                 workers=workers, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last=channels_last)
+def _epoch_loader(
+    dataset: ImageFolder,
+    transform: v2.Compose,
+    *,
+    train: bool,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    distributed: bool,
+    seed: int,
+    channels_last: bool,
+) -> DataLoaderEpochLoader:
+    sampler = SeededSampler(
+        len(dataset),
+        shuffle=train,
+        seed=seed,
+        index_sampler=_index_sampler(dataset, shuffle=train, distributed=distributed, seed=seed),
+    )
+    return DataLoaderEpochLoader(
+        SeededTransformDataset(dataset, transform),
+        sampler,
+        batch_size,
+        device=device,
+        workers=workers,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        channels_last=channels_last,
+    )
 
 
 def _val_loader(val_set: ImageFolder, image_size: int, **kwargs) -> DataLoaderEpochLoader:
+    from torchvision.transforms import v2
+
     transform = v2.Compose([v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
     loader = _epoch_loader(val_set, transform, train=False, **kwargs)
     # Each rank sees a shard of the validation set: grafting.train.loop.evaluate sums the counts over the ranks.
@@ -80,25 +112,49 @@ def _val_loader(val_set: ImageFolder, image_size: int, **kwargs) -> DataLoaderEp
     return loader
 
 
-def imagenet_val_loader(root: str | Path, *, image_size: int = 224, batch_size: int = 256, workers: int = 4,
-                        device: torch.device, distributed: bool = False, channels_last: bool = False
-                        ) -> tuple[EpochLoader, int]:
+def imagenet_val_loader(
+    root: str | Path,
+    *,
+    image_size: int = 224,
+    batch_size: int = 256,
+    workers: int = 4,
+    device: torch.device,
+    distributed: bool = False,
+    channels_last: bool = False,
+) -> tuple[EpochLoader, int]:
     """The validation loader of :func:`imagenet_loaders` alone (``root/train`` is never read: evaluating
     needs no scan of the training images) and the number of classes."""
     if image_size < 1 or batch_size < 1:
         raise GraftingError(f"--image-size and --batch-size must be positive, got {image_size} and {batch_size}")
     root = Path(root).expanduser().resolve()
     val_set = _image_folder(root / "val", "val")
-    loader = _val_loader(val_set, image_size, batch_size=batch_size, workers=workers, device=torch.device(device),
-                         distributed=distributed, seed=0, channels_last=channels_last)
-    logger.info("ImageNet folder %s: %d classes, %d validation images", root / "val", len(val_set.classes),
-                len(val_set))
+    loader = _val_loader(
+        val_set,
+        image_size,
+        batch_size=batch_size,
+        workers=workers,
+        device=torch.device(device),
+        distributed=distributed,
+        seed=0,
+        channels_last=channels_last,
+    )
+    logger.info(
+        "ImageNet folder %s: %d classes, %d validation images", root / "val", len(val_set.classes), len(val_set)
+    )
     return loader, len(val_set.classes)
 
 
-def imagenet_loaders(root: str | Path, *, image_size: int = 224, batch_size: int = 256, workers: int = 4,
-                     device: torch.device, distributed: bool = False, seed: int = 0,
-                     channels_last: bool = False) -> tuple[EpochLoader, EpochLoader, int]:
+def imagenet_loaders(
+    root: str | Path,
+    *,
+    image_size: int = 224,
+    batch_size: int = 256,
+    workers: int = 4,
+    device: torch.device,
+    distributed: bool = False,
+    seed: int = 0,
+    channels_last: bool = False,
+) -> tuple[EpochLoader, EpochLoader, int]:
     """Training and validation loaders over ``root/train`` and ``root/val``, and the number of classes.
 
     Training: ``RandomResizedCrop(image_size)`` and horizontal flip; validation:
@@ -117,13 +173,40 @@ def imagenet_loaders(root: str | Path, *, image_size: int = 224, batch_size: int
     if train_set.classes != val_set.classes:
         raise DatasetNotFoundError(
             f"{root / 'val'} has {len(val_set.classes)} class folders and {root / 'train'} has "
-            f"{len(train_set.classes)}, or their names differ; both need the same class folders")
+            f"{len(train_set.classes)}, or their names differ; both need the same class folders"
+        )
+
+    from torchvision.transforms import v2
 
     train_transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
-    loaders = [_epoch_loader(train_set, train_transform, train=True, batch_size=batch_size, workers=workers,
-                             device=device, distributed=distributed, seed=seed, channels_last=channels_last),
-               _val_loader(val_set, image_size, batch_size=batch_size, workers=workers, device=device,
-                           distributed=distributed, seed=seed, channels_last=channels_last)]
-    logger.info("ImageNet folders %s: %d classes, %d training and %d validation images", root,
-                len(train_set.classes), len(train_set), len(val_set))
+    loaders = [
+        _epoch_loader(
+            train_set,
+            train_transform,
+            train=True,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            distributed=distributed,
+            seed=seed,
+            channels_last=channels_last,
+        ),
+        _val_loader(
+            val_set,
+            image_size,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            distributed=distributed,
+            seed=seed,
+            channels_last=channels_last,
+        ),
+    ]
+    logger.info(
+        "ImageNet folders %s: %d classes, %d training and %d validation images",
+        root,
+        len(train_set.classes),
+        len(train_set),
+        len(val_set),
+    )
     return loaders[0], loaders[1], len(train_set.classes)

@@ -1,17 +1,26 @@
 """Loading machinery shared by the CIFAR and ImageNet pipelines: the epoch-loader contract,
 per-(seed, epoch) seeding that survives persistent DataLoader workers, and on-device normalisation."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-__all__ = ["EpochLoader", "epoch_seed", "device_generator", "channel_stats", "normalise", "SeededSampler",
-           "SeededTransformDataset", "DataLoaderEpochLoader"]
+__all__ = [
+    "EpochLoader",
+    "epoch_seed",
+    "device_generator",
+    "channel_stats",
+    "normalise",
+    "SeededSampler",
+    "SeededTransformDataset",
+    "DataLoaderEpochLoader",
+]
 
 
 @runtime_checkable
@@ -56,8 +65,9 @@ def channel_stats(values: Sequence[float] | Tensor, device: torch.device) -> Ten
     return torch.as_tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
-def normalise(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
-              channels_last: bool = False) -> Tensor:
+def normalise(
+    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor, channels_last: bool = False
+) -> Tensor:
     """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, in the operation order of torchvision's
     ``ToTensor`` + ``Normalize`` so both paths give the same floats. ``mean``/``std`` are best given
     as :func:`channel_stats` tensors on the images' device."""
@@ -82,8 +92,9 @@ class SeededSampler(Sampler[tuple[int, int]]):
     ``DistributedSampler``) the order comes from it and its ``set_epoch`` is called.
     """
 
-    def __init__(self, num_samples: int, *, shuffle: bool, seed: int = 0,
-                 index_sampler: Optional[Sampler[int]] = None) -> None:
+    def __init__(
+        self, num_samples: int, *, shuffle: bool, seed: int = 0, index_sampler: Sampler[int] | None = None
+    ) -> None:
         self.num_samples = num_samples
         self.shuffle = shuffle
         self.seed = seed
@@ -145,9 +156,18 @@ class DataLoaderEpochLoader:
     they come. Workers persist across epochs; memory is pinned when the device is CUDA.
     """
 
-    def __init__(self, dataset: SeededTransformDataset, sampler: SeededSampler, batch_size: int, *,
-                 device: torch.device, workers: int = 2, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: SeededTransformDataset,
+        sampler: SeededSampler,
+        batch_size: int,
+        *,
+        device: torch.device,
+        workers: int = 2,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        channels_last: bool = False,
+    ) -> None:
         self.sampler = sampler
         self.device = torch.device(device)
         self.mean = channel_stats(mean, self.device) if mean is not None else None
@@ -158,9 +178,16 @@ class DataLoaderEpochLoader:
         # global random stream untouched (samples are seeded by the sampler anyway).
         loader_generator = torch.Generator()
         loader_generator.manual_seed(sampler.seed)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                 persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
-                                 drop_last=False, generator=loader_generator)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+            generator=loader_generator,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration uses."""
@@ -178,5 +205,3 @@ class DataLoaderEpochLoader:
             elif self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
-
-

@@ -1,11 +1,11 @@
-"""``graft_layers`` as it was before issue 27 (the flat exchange file, numpy-counted bins on the CPU, all
-coefficients at once), frozen as the yardstick of ``tests/test_graft.py``: the new code must leave every
-entry of a model exactly (``torch.equal``) as this one does.
+"""``graft_layers`` as it was before the flat exchange file, the numpy-counted bins on the CPU and the
+coefficients computed all at once, frozen as the yardstick of ``tests/test_graft.py``: the library must
+leave every entry of a model exactly (``torch.equal``) as this one does.
 
-Frozen are the parts issue 27 rewrote: the bins of each tensor by ``torch.bucketize`` against its edge
+Frozen are the parts that rewrite changed: the bins of each tensor by ``torch.bucketize`` against its edge
 vector, the float32 bin-by-bin sum, one coefficient per layer with numpy's scalar arctan, and the blend.
-The groups (name and module rule, kept entries) and the l1 norm are the library's own, which issue 27
-did not touch.
+The groups (name and module rule, kept entries) and the l1 norm are the library's own, which it did not
+change.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def frozen_graft_layers(
     rule: str = "name",
     criterion: str = "entropy",
 ) -> list[tuple[str, float, float, float]]:
-    """Graft ``peer_state`` into ``model`` in place as the code before issue 27 did; ``(key, h_self, h_peer,
+    """Graft ``peer_state`` into ``model`` in place as the frozen code did; ``(key, h_self, h_peer,
     alpha)`` per coefficient."""
     model = unwrap_model(model)
     own = model.state_dict()

@@ -1,0 +1,287 @@
+"""What the test files share: the checkout's paths, the devices of CPU/GPU comparisons, starting the
+project's scripts as processes, watching and stopping them, and small checks (the one-line error).
+
+The tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``); ``conftest.py`` holds
+only fixtures and hooks. ``helpers.published_code`` holds the authors' computations the method tests
+compare with, ``helpers.forkserver`` the warm fork server, ``helpers.markers`` the check of the markers.
+
+Starting processes: :func:`start_script` runs a training script as a fork of the warm fork server (the
+same process a new interpreter would give, without importing torch again); :func:`start_process` starts
+any command as a new process (``fork=True`` for a Python command line through the server), for the tests
+that must show a real command line (console commands, installation, torchrun, the documented example);
+:func:`popen_forked` is ``subprocess.Popen`` through the server, for code that takes a Popen-like starter.
+Every one of them is killed after its test if it still runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import pytest
+import torch
+
+from helpers import forkserver
+
+REPO = Path(__file__).resolve().parents[2]
+CIFAR_SCRIPT = REPO / "grafting_cifar" / "train.py"
+IMAGENET_SCRIPT = REPO / "grafting_imagenet" / "train.py"
+RUN_TIMEOUT_S = 300.0
+# scripts/gpu_check.sh's rehearsal: the ``cuda`` tests run on the CPU instead of skipping.
+REHEARSAL = os.environ.get("GPU_CHECK_REHEARSE") == "1"
+# The devices of tests that compare the CPU with the GPU: the GPU case is marked ``cuda``, and runs on
+# the CPU in a rehearsal on a machine without one.
+DEVICES = [
+    "cpu",
+    pytest.param("cpu" if REHEARSAL and not torch.cuda.is_available() else "cuda", marks=pytest.mark.cuda, id="cuda"),
+]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this checkout importable, single-threaded math libraries (the
+    test machine has 2 cores and a ring runs several processes at once), plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+# What the helpers start: a new interpreter or a fork of the warm fork server, handled alike.
+Process = Union[subprocess.Popen, forkserver.ForkedProcess]
+
+
+@dataclass
+class Proc:
+    """A process started by a test; its stdout and stderr go to files so the test can watch them while it runs."""
+
+    name: str
+    process: Process
+    out: Path
+    err: Path
+
+    @property
+    def log(self) -> str:
+        """Everything the process printed on stdout so far (stderr too, when they share a file)."""
+        return self.out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """Everything the process printed on stderr so far."""
+        return self.err.read_text(errors="replace")
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status, or None while it runs."""
+        return self.process.poll()
+
+    def report(self) -> str:
+        """Exit status and both outputs, for assertion messages."""
+        text = f"--- {self.name} (exit {self.process.poll()}) stdout:\n{self.log}"
+        return text if self.err == self.out else f"{text}\n--- stderr:\n{self.stderr}"
+
+
+_started: list[Process] = []  # every process started and not yet reaped
+
+
+def kill_leftovers() -> None:
+    """Kill and reap every process the helpers started that still runs (a network whose peer died waits
+    forever); the fixture ``no_process_outlives_its_test`` calls it after each test."""
+    while _started:
+        process = _started.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def warm_up() -> None:
+    """Start the fork server in the background, so that its imports overlap what runs before the first
+    forked process."""
+    forkserver.start(child_env())
+
+
+def popen_forked(args: Sequence[str], **kwargs: Any) -> forkserver.ForkedProcess:
+    """``subprocess.Popen(args, **kwargs)`` for a Python command line, forked from the warm fork server
+    (:func:`helpers.forkserver.popen`: ``cwd``, ``env``, ``stdin``, ``stdout``, ``stderr``, ``text``); killed after
+    the test if it still runs. A drop-in wherever a process-starting function is a parameter."""
+    warm_up()
+    process = forkserver.popen(args, **kwargs)
+    _started.append(process)
+    return process
+
+
+def start_process(
+    argv: Sequence[str],
+    workdir: Path,
+    name: str,
+    *,
+    env: dict[str, str] | None = None,
+    merge_output: bool = False,
+    output: Path | None = None,
+    logs: Path | None = None,
+    fork: bool = False,
+    rlimits: Mapping[str, tuple[int, int]] | None = None,
+    ignore_signals: Sequence[str] = (),
+) -> Proc:
+    """Start ``argv`` in ``workdir`` with ``child_env()`` (or ``env``); output goes to ``<logs>/<name>.out`` and
+    ``.err`` (``logs`` defaults to ``workdir/logs``; one file with ``merge_output``; both to ``output`` when given).
+
+    ``fork``: a Python command line runs as a fork of the warm fork server (:mod:`helpers.forkserver`, no
+    interpreter start, no imports) instead of a new interpreter; the test sees the same process either way.
+    ``rlimits`` (``{"RLIMIT_FSIZE": (soft, hard)}``) and ``ignore_signals`` (``["SIGXFSZ"]``) are set in the
+    child before it runs.
+    """
+    logs = logs or workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = output or logs / f"{name}.out"
+    err = out if merge_output or output else logs / f"{name}.err"
+    merge_output = merge_output or output is not None
+    with open(out, "w") as out_file, open(err, "a") as err_file:
+        stderr = subprocess.STDOUT if merge_output else err_file
+        process: Process
+        if fork:
+            process = popen_forked(
+                argv,
+                cwd=workdir,
+                env=env or child_env(),
+                stdout=out_file,
+                stderr=stderr,
+                rlimits=rlimits,
+                ignore_signals=ignore_signals,
+            )
+        else:
+
+            def limit() -> None:
+                for sig in ignore_signals:
+                    signal.signal(getattr(signal, sig), signal.SIG_IGN)
+                for limit_name, limits in (rlimits or {}).items():
+                    resource.setrlimit(getattr(resource, limit_name), limits)
+
+            process = subprocess.Popen(
+                list(argv),
+                cwd=workdir,
+                stdout=out_file,
+                stderr=stderr,
+                env=env or child_env(),
+                preexec_fn=limit if rlimits or ignore_signals else None,
+            )
+            _started.append(process)
+    return Proc(name, process, out, err)
+
+
+def start_script(
+    script: Path, flags: Sequence[str], workdir: Path, name: str, *, fork: bool = True, **kwargs: Any
+) -> Proc:
+    """Start a training script (``CIFAR_SCRIPT`` or ``IMAGENET_SCRIPT``) with ``flags``, forked from the warm
+    fork server unless ``fork=False`` (a new interpreter); see :func:`start_process`."""
+    return start_process([sys.executable, str(script), *flags], workdir, name, fork=fork, **kwargs)
+
+
+def kill(proc: Proc) -> None:
+    """SIGKILL (no clean-up runs: no finally, no atexit, the lock is dropped by the kernel) and reap."""
+    if proc.process.poll() is None:
+        os.kill(proc.process.pid, signal.SIGKILL)
+    proc.process.wait(timeout=30)
+
+
+def finish(procs: Sequence[Proc], timeout: float = RUN_TIMEOUT_S) -> list[int]:
+    """Wait for every process and return their exit codes; kill them all and fail with their logs if one
+    takes too long."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [proc.process.wait(timeout=max(1.0, deadline - time.monotonic())) for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            kill(proc)
+        pytest.fail(f"a process did not finish within {timeout:.0f} s:\n" + "\n".join(p.report() for p in procs))
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, procs: Sequence[Proc], timeout: float = RUN_TIMEOUT_S
+) -> float:
+    """Poll ``condition`` until true and return the time (monotonic); fail if a process exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        exited = [proc for proc in procs if proc.process.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            for proc in procs:
+                kill(proc)
+            reason = "a process exited" if exited else "timed out"
+            pytest.fail(f"waiting for {what}: {reason}\n" + "\n".join(proc.report() for proc in procs))
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def set_cifar_label(batch_file: Path, index: int, label: int) -> None:
+    """Overwrite label ``index`` of a CIFAR batch file (pickled as the real ones are), e.g. out of range."""
+    with open(batch_file, "rb") as handle:
+        batch = pickle.load(handle, encoding="latin1")
+    key = "labels" if "labels" in batch else "fine_labels"
+    batch[key][index] = label
+    with open(batch_file, "wb") as handle:
+        pickle.dump(batch, handle)
+
+
+def own_loop_example() -> str:
+    """The "own training loop" example of docs/library.md, as the script a user would save."""
+    text = (REPO / "docs" / "library.md").read_text()
+    match = re.search(r"<!-- example: own_loop.py -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "docs/library.md lost its own-loop example block"
+    return match.group(1)
+
+
+def one_line(text: str) -> str:
+    """The single line of ``text``; fails when there are more (or none)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, f"expected exactly one line, got {len(lines)}:\n{text}"
+    return lines[0]
+
+
+def copy_checkout(destination: Path) -> Path:
+    """A copy of this checkout's files (tracked, and untracked ones git does not ignore) in ``destination``."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in tracked:
+        if (REPO / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+    return destination
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment scripts, planned by the launcher in this process
+
+EXPERIMENTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if "lib/rings.sh" in p.read_text())
+
+
+def script_environment(**settings: str) -> dict[str, str]:
+    """The environment of an experiment script: only what it needs, so that settings a developer exported do
+    not leak into the test, plus ``settings``."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **settings}
+
+
+def data_folders(root: Path) -> None:
+    """Empty stand-ins of the folders the launcher checks before it starts anything: ``data/`` with both
+    CIFAR folders and ``imagenet/`` with ``train/`` and ``val/`` (the scripts' default DATA)."""
+    for folder in ("data/cifar-10-batches-py", "data/cifar-100-python", "imagenet/train", "imagenet/val"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+
+
+def plan_script(script: str | Path, cwd: Path, **settings: str) -> Any:
+    """The launcher's checked plan (grafting.launch.plan.Plan) of an experiment script with ``settings``, in this
+    process: bash prints the script's rings (``X.sh --rings``), the launcher plans them. ``cwd`` gets the data
+    folders."""
+    from grafting.launch.cli import plan_experiment, script_rings
+
+    data_folders(cwd)
+    path = str(script if isinstance(script, Path) else REPO / "scripts" / script)
+    env = script_environment(**settings)
+    return plan_experiment(path, script_rings(path, env, cwd), env, cwd)
