@@ -13,6 +13,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,8 +21,6 @@ from helpers import REPO
 
 from grafting.archs import cifar_models
 from grafting.data.fake import write_fake_cifar
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test here runs the pages' commands in bash
 
 PAGES = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 FRESH, AFTER_ENV = "in a fresh shell", "after `source scripts/env.sh`"
@@ -31,11 +30,18 @@ _GPU = "needs a GPU (CUDA_VISIBLE_DEVICES, --device cuda, torchrun on 4 GPUs)"
 _IMAGENET = "needs ImageNet in /data/imagenet and a trained ResNet-50 ring"
 _CLUSTER = "submits to a Slurm cluster (tests/test_slurm.py runs these paths on a local one)"
 _HOURS = "trains ResNet-32 for 200 epochs: hours"
+_TIER = "runs a tier of this test suite (tests/test_suite.py checks, in a fresh shell, that it selects tests)"
 SKIPPED: dict[str, str] = {
     # README.md
     "bash scripts/quickstart.sh": "trains two networks for minutes (about 1.5 on 2 idle cores); "
     "tests/test_scripts.py::test_the_quickstart_trains_two_grafted_networks_with_the_launcher runs it",
     "bash scripts/test.sh": "is this test suite",
+    'pytest -m "not e2e"': _TIER,
+    'pytest -m "not slow"': _TIER,
+    'pytest -m "e2e and not slurm and not rehearsal"': _TIER,
+    "pytest -m slurm": _TIER,
+    "pytest -m rehearsal": _TIER,
+    "pytest tests/test_faults.py -k resume": _TIER,
     # docs/library.md: tests/test_readme_example.py runs this block with the page's own_loop.py
     "CUDA_VISIBLE_DEVICES=0 python own_loop.py 1 2 &": "tests/test_readme_example.py runs it with the page's file",
     "CUDA_VISIBLE_DEVICES=1 python own_loop.py 2 2 &": "tests/test_readme_example.py runs it with the page's file",
@@ -262,10 +268,20 @@ def _run(command: Command, workspace: Path) -> subprocess.CompletedProcess:
 _PENDING: dict[str, str] = {}
 
 
-@pytest.mark.parametrize(
-    "page",
-    [pytest.param(p, marks=pytest.mark.xfail(reason=_PENDING[p], strict=True)) if p in _PENDING else p for p in PAGES],
-)
+def _page_param(page: str) -> Any:
+    """A page as a test parameter: ``e2e`` when it has a command to run, ``slow`` for the pages whose commands
+    train or plot for tens of seconds."""
+    runs = any(command.key not in SKIPPED for command in page_commands(page, states_required=False))
+    marks = [pytest.mark.e2e] if runs else []
+    marks += [pytest.mark.slow] if page in SLOW_PAGES else []
+    marks += [pytest.mark.xfail(reason=_PENDING[page], strict=True)] if page in _PENDING else []
+    return pytest.param(page, marks=marks, id=page)
+
+
+SLOW_PAGES = {"docs/reproducing.md", "docs/training.md", "README.md"}
+
+
+@pytest.mark.parametrize("page", [_page_param(p) for p in PAGES])
 def test_every_command_of_the_page_runs_as_printed(page: str, workspace: Path) -> None:
     failures = []
     for command in page_commands(page):

@@ -228,10 +228,11 @@ def test_second_process_is_refused_and_a_network_killed_while_waiting_resumes(
     assert not (shared / "net1" / "last.pt").exists()
 
     # The kernel dropped the killed owner's lock: the restarted network takes it, and the ring finishes.
-    restarted = start(tmp_path, "net1-resumed", flags_for(data, shared, num=2, i=1, extra=("--resume", "auto")))
+    # It has only its config.json: --resume starts it again at epoch 1, checked against that file.
+    restarted = start(tmp_path, "net1-resumed", flags_for(data, shared, num=2, i=1, extra=("--resume",)))
     net2 = start(tmp_path, "net2", flags_for(data, shared, num=2, i=2))
     assert finish([restarted, net2]) == [0, 0], restarted.report() + net2.report()
-    assert f"--resume auto: no {shared / 'net1' / 'last.pt'} yet, starting from epoch 1" in restarted.log
+    assert f"--resume: no {shared / 'net1' / 'last.pt'} yet, starting from epoch 1" in restarted.log
     assert_same_weights(shared, reference_ring)
 
 

@@ -39,8 +39,12 @@ def test_resume_auto_continues_what_there_is_and_starts_otherwise(tmp_path: Path
     assert resolve_resume(config(shared, "--resume", "auto")) is False  # no --s at all
     files = NetworkFiles(shared, 1)
     files.folder.mkdir(parents=True)
-    (files.folder / "config.json").write_text("{}")  # interrupted in its first epoch: nothing to continue
-    assert resolve_resume(config(shared, "--resume", "auto")) is False
+    assert resolve_resume(config(shared, "--resume", "auto")) is False  # its folder alone: nothing yet
+    # Interrupted in its first epoch: it continues at epoch 1, its settings checked against config.json.
+    (files.folder / "config.json").write_text("{}")
+    assert resolve_resume(config(shared, "--resume", "auto")) is True
+    assert resolve_resume(config(shared, "--resume")) is True
+    files.config.unlink()
     # A last.pt set aside as unusable leaves previous.pt: still something to continue.
     files.previous.write_bytes(b"")
     (files.folder / "last.pt.unusable").write_bytes(b"")

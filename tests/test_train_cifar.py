@@ -275,7 +275,7 @@ def resnet20_ring(tmp_path_factory: pytest.TempPathFactory, cifar10: Path) -> tu
 
 @pytest.mark.e2e
 def test_networks_graft_their_predecessors_and_record_it(
-    resnet20_ring: tuple[Path, list[Proc], FileVersions],
+    resnet20_ring: tuple[Path, list[Proc], FileVersions], cifar10: Path
 ) -> None:
     shared, networks, versions = resnet20_ring
     for network in networks:

@@ -169,9 +169,10 @@ def _reached(files: NetworkFiles, *, exchange_files: bool = True) -> tuple[int, 
 
 
 def something_to_continue(files: NetworkFiles) -> bool:
-    """Whether network ``files.net`` has a run to continue: a resumable checkpoint (usable or not), or
-    files that show it finished an epoch beyond the first (:func:`_reached`)."""
-    if any(os.path.lexists(path) for path in (files.last, files.previous)):
+    """Whether network ``files.net`` has a run to continue: a resumable checkpoint (usable or not), files
+    that show it finished an epoch beyond the first (:func:`_reached`), or its config.json (it started and
+    stopped before its first checkpoint: it continues at epoch 1, its settings checked against the file)."""
+    if any(os.path.lexists(path) for path in (files.last, files.previous, files.config)):
         return True
     return _reached(files)[0] >= 2
 

@@ -328,7 +328,9 @@ def _run_child(request: dict[str, Any], fds: list[int], closing: list[socket.soc
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores it; a new interpreter does not
+    # The server ignores SIGINT; a new interpreter installs Python's handler, unless it inherited SIGINT ignored
+    # (a process started in the background by a shell), which the server noted when it started.
+    signal.signal(signal.SIGINT, signal.SIG_IGN if _INHERITED_SIGINT_IGNORED else signal.default_int_handler)
     code = 1
     try:
         import numpy as np
@@ -439,13 +441,15 @@ def _exit_status(stop: SystemExit) -> int:
 
 
 _SERVER_PYTHONPATH: set[str] = set()
+_INHERITED_SIGINT_IGNORED = False
 
 
 def _serve(address: str) -> None:
     """Import what the training processes need, say ``ready`` on stdout, then fork a child per request until
     stdin closes; then kill the children still running and exit."""
-    global _SERVER_PYTHONPATH
+    global _SERVER_PYTHONPATH, _INHERITED_SIGINT_IGNORED
     _SERVER_PYTHONPATH = {path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path}
+    _INHERITED_SIGINT_IGNORED = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the children (same process group), not the server
     with warnings.catch_warnings(record=True) as caught:  # under the interpreter's default filters
         import importlib
