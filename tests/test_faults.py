@@ -44,6 +44,7 @@ from helpers import (
     popen_forked,
     set_cifar_label,
     start_script,
+    train_ring,
     wait_until,
 )
 
@@ -172,8 +173,8 @@ def reference_ring(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path
     """A ring of two networks that trains RING_EPOCHS epochs without interruption; returns its --s."""
     workdir = tmp_path_factory.mktemp("reference")
     shared = workdir / "s"
-    nets = [start(workdir, f"net{i}", flags_for(data, shared, num=2, i=i)) for i in (1, 2)]
-    assert finish(nets) == [0, 0], "\n".join(net.report() for net in nets)
+    nets = train_ring(CIFAR_SCRIPT, [flags_for(data, shared, num=2, i=i) for i in (1, 2)], workdir)
+    assert [net.returncode for net in nets] == [0, 0], "\n".join(net.report() for net in nets)
     return shared
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CIFAR_SCRIPT, Proc, child_env, finish, start_script
+from helpers import CIFAR_SCRIPT, Proc, child_env, finish, start_script, train_ring
 
 from grafting import graft_filters, graft_layers
 from grafting.archs import cifar_models as models
@@ -233,8 +233,8 @@ def run_ring(workdir: Path, data: Path, num: int, epochs: int, *extra: str) -> t
     shared = workdir / "ring"
     versions = FileVersions(watched_last_files(shared, num), workdir / "kept")
     with versions:
-        networks = [launch(workdir, net, ring_flags(data, shared, num, epochs, *extra)) for net in range(1, num + 1)]
-        finish(networks)
+        flags = [["--i", str(net), *ring_flags(data, shared, num, epochs, *extra)] for net in range(1, num + 1)]
+        networks = train_ring(SCRIPT, flags, workdir)
     assert_all_succeeded(networks)
     return shared, networks, versions
 

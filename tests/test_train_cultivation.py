@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CIFAR_SCRIPT, Proc, finish, start_script
+from helpers import CIFAR_SCRIPT, Proc, finish, start_script, train_ring
 
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
@@ -52,11 +52,14 @@ def start(data: Path, shared: Path, num: int, i: int, *extra: str) -> Proc:
 
 def run_ring(data: Path, shared: Path, num: int, *extra: str) -> list[str]:
     """Start networks 1..num side by side, wait, and return their logs (each must exit 0)."""
-    procs = [start(data, shared, num, i, *extra) for i in range(1, num + 1)]
-    codes = finish(procs, 240)
-    for proc, code in zip(procs, codes):
-        assert code == 0, proc.report()
-    return [proc.log for proc in procs]
+    flags = [
+        ["--data", str(data), "--s", str(shared), "--num", str(num), "--i", str(i), *COMMON, *extra]
+        for i in range(1, num + 1)
+    ]
+    procs = train_ring(CIFAR_SCRIPT, flags, shared.parent / f"{shared.name}-logs", timeout=240)
+    for proc in procs:
+        assert proc.returncode == 0, proc.report()
+    return [proc.log + proc.stderr for proc in procs]
 
 
 def records(shared: Path, net: int) -> list[dict]:

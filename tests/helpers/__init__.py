@@ -184,6 +184,41 @@ def start_script(
     return start_process([sys.executable, str(script), *flags], workdir, name, fork=fork, **kwargs)
 
 
+def train_ring(
+    script: Path, flags: Sequence[Sequence[str]], workdir: Path, *, timeout: float = RUN_TIMEOUT_S
+) -> list[Proc]:
+    """Train the networks of one ring side by side under the launcher's ring supervisor
+    (:class:`grafting.launch.supervisor.RingSupervisor`), as the experiment scripts do: network i runs
+    ``script`` with ``flags[i - 1]``, a fork of the warm fork server in ``workdir``, its stdout in
+    ``workdir/logs/net<i>.out`` (after the supervisor's header line) and its stderr in ``.err``. The
+    supervisor stops the ring as soon as one network fails (its peers would wait for it) and after
+    ``timeout`` seconds; returns a :class:`Proc` per network, ended, for the caller to check. Its own
+    record of the ring (``pids``) goes to ``workdir``, so ``--s`` holds only what the networks write."""
+    from grafting.launch.supervisor import NetworkCommand, RingSupervisor
+
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: dict[int, Proc] = {}
+
+    def start(command: NetworkCommand) -> Process:
+        err = command.log.with_suffix(".err")
+        with open(command.log, "ab") as out_file, open(err, "ab") as err_file:
+            process = popen_forked(
+                list(command.argv), stdout=out_file, stderr=err_file, env=child_env(**command.env), cwd=workdir
+            )
+        procs[command.net] = Proc(command.log.stem, process, command.log, err)
+        return process
+
+    commands = [
+        NetworkCommand(workdir, net, (sys.executable, str(script), *argv), logs / f"net{net}.out")
+        for net, argv in enumerate(flags, start=1)
+    ]
+    supervisor = RingSupervisor(commands, start=start, say=lambda line: None, started_by="the tests")
+    supervisor.start()
+    supervisor.wait(timeout)
+    return [procs[net] for net in sorted(procs)]
+
+
 def kill(proc: Proc) -> None:
     """SIGKILL (no clean-up runs: no finally, no atexit, the lock is dropped by the kernel) and reap."""
     if proc.process.poll() is None:
