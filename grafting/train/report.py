@@ -2,9 +2,11 @@
 logs), one JSON object in ``<s>/net<i>/metrics.jsonl`` (for tools, tests and the benchmark) and
 TensorBoard (:mod:`grafting.train.tensorboard`).
 
-``metrics.jsonl`` holds one object per finished epoch, in order; a resumed run first drops the
-records of the epochs it is about to repeat, so every epoch appears once. Its keys are the fields of
-:class:`EpochRecord`, and every number of the epoch line is one of them.
+``metrics.jsonl`` holds one object per finished epoch, in order; every start (resumed or fresh) first
+drops the records of the epochs it is about to train, left by a process that stopped after reporting an
+epoch but before saving it, so every epoch appears once. TensorBoard hides the steps a start repeats
+in the same way (``purge_step``). Its keys are the fields of :class:`EpochRecord`, and every number of
+the epoch line is one of them.
 """
 
 from __future__ import annotations
@@ -178,11 +180,15 @@ def _finite(value: Any) -> Any:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file, in order ([] when it does not exist); a line that does not
     parse (cut off by a crash mid-write) ends the list."""
-    records: list[dict[str, Any]] = []
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        return records
+        return []
+    return _parse_metrics(text)
+
+
+def _parse_metrics(text: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
     for line in text.splitlines():
         try:
             record = json.loads(line)
@@ -215,16 +221,23 @@ class RunReporter:
         self.tag = tag
         self.settings = dict(settings or {})
         self._board: TensorBoardRun | None = None
+        self._first_step = start_epoch  # TensorBoard hides what an earlier start logged from here on
         self.elapsed_before_s = 0.0
-        if metrics is not None and start_epoch > 1:
+        if metrics is not None:
             self._drop_from(start_epoch)
 
     def _drop_from(self, epoch: int) -> None:
-        """Forget the records of ``epoch`` and later (a resumed run repeats them); remember how long the
+        """Forget the records of ``epoch`` and later (this start trains them again); remember how long the
         kept epochs took, so that the elapsed time goes on from there."""
         assert self.metrics is not None
-        kept = [r for r in read_metrics(self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
-        write_text_atomic("".join(json.dumps(r) + "\n" for r in kept), self.metrics)
+        try:
+            text = self.metrics.read_text()
+        except FileNotFoundError:
+            return
+        kept = [r for r in _parse_metrics(text) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
+        kept_text = "".join(json.dumps(r) + "\n" for r in kept)
+        if kept_text != text:  # also drops a line cut off by a crash, which would hide what follows it
+            write_text_atomic(kept_text, self.metrics)
         last = kept[-1].get("elapsed_s") if kept else None
         if isinstance(last, (int, float)) and math.isfinite(last) and last > 0:
             self.elapsed_before_s = float(last)
@@ -240,7 +253,7 @@ class RunReporter:
             if self._board is None:
                 from grafting.train.tensorboard import TensorBoardRun  # slow import, only when used
 
-                self._board = TensorBoardRun(self.tensorboard, self.settings)
+                self._board = TensorBoardRun(self.tensorboard, self.settings, purge_step=self._first_step)
             self._board.epoch(record, filter_norms)
 
     def close(self) -> None:

@@ -64,12 +64,16 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
 
 
 class TensorBoardRun:
-    """The TensorBoard event file of one network; ``settings`` are written at once."""
+    """The TensorBoard event file of one network; ``settings`` are written at once. With ``purge_step``,
+    TensorBoard hides the steps from there on that earlier event files of the folder hold (a restarted
+    run logs them again)."""
 
-    def __init__(self, folder: str | Path, settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, settings: Mapping[str, Any] | None = None, *, purge_step: int | None = None
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(folder))
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
         self._layout_written = False
         if settings:
             self._write_settings(settings)

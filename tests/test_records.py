@@ -1,0 +1,144 @@
+"""Records and labels that must stay true across starts and networks (issue 26, items 4-6): the
+generated-stand-in label of a ring and of a resumed run, one metrics.jsonl record (and one TensorBoard
+point) per epoch after a kill, and the record of the epoch a ring extension grafts.
+
+Everything runs the CIFAR script's ``main`` in this process on a tiny generated CIFAR; the networks of
+a ring run in threads of this process (the stop-signal handlers are main-thread only, and these tests
+send none). A kill between two writes is stood in for by an exception raised from the second writer:
+it leaves the files exactly as a ``kill -9`` at that instant does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from grafting.data.fake import MARKER_NAME, write_fake_cifar
+from grafting.ring.layout import NetworkFiles
+from grafting.train.report import read_metrics
+
+TRAIN_IMAGES, TEST_IMAGES, BATCH = 128, 32, 32
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated CIFAR-10 that carries the stand-in marker."""
+    return write_fake_cifar(tmp_path_factory.mktemp("stand-in"), 10, TRAIN_IMAGES, TEST_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same files without the marker: what the project takes for the real CIFAR-10."""
+    root = write_fake_cifar(tmp_path_factory.mktemp("real"), 10, TRAIN_IMAGES, TEST_IMAGES)
+    (root / MARKER_NAME).unlink()
+    return root
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state() -> Iterator[None]:
+    """The script sets up console logging and torch's thread count for its process: put both back."""
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    torch.set_num_threads(threads)
+
+
+def flags(
+    data: Path, shared: Path, *, num: int = 1, i: int = 1, epochs: int = 2, extra: Sequence[str] = ()
+) -> list[str]:
+    """Network ``i`` of ``num`` on the tiny data, one CPU thread."""
+    return [
+        *("--data", str(data), "--s", str(shared), "--num", str(num), "--i", str(i), "--epochs", str(epochs)),
+        *("--model", "resnet20", "--device", "cpu", "--threads", "1", "--seed", "3", "--print-freq", "0"),
+        *("--batch-size", str(BATCH), "--test-batch-size", str(TEST_IMAGES), *extra),
+    ]
+
+
+def cifar_main() -> Callable[[list[str] | None], None]:
+    from grafting_cifar.train import main
+
+    return main
+
+
+def exit_code(argv: list[str]) -> int:
+    """Run the CIFAR script's main here; its exit code (0 when it returns)."""
+    try:
+        cifar_main()(argv)
+    except SystemExit as stopped:
+        return int(stopped.code or 0)
+    return 0
+
+
+def train_ring(argvs: Sequence[list[str]]) -> list[int]:
+    """Every network of a ring at once, each in a thread of this process; their exit codes."""
+    codes: list[int] = [-1] * len(argvs)
+
+    def one(index: int) -> None:
+        codes[index] = exit_code(argvs[index])
+
+    threads = [threading.Thread(target=one, args=(index,)) for index in range(len(argvs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a network of the ring did not finish"
+    return codes
+
+
+def epochs_recorded(shared: Path, net: int = 1) -> list[int]:
+    return [record["epoch"] for record in read_metrics(NetworkFiles(shared, net).metrics)]
+
+
+def tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    """The steps of ``tag`` as TensorBoard shows them (a restart's purge of the repeated steps applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5: one record per epoch after a kill between metrics.jsonl and last.pt
+
+
+class Killed(BaseException):
+    """Stands in for kill -9: nothing after the point where it is raised runs."""
+
+
+def killed_before_saving(epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on, the training loop dies right before it writes last.pt of ``epoch``."""
+    from grafting.train import loop
+
+    save_last = loop.save_last
+
+    def dies(files: NetworkFiles, **state: Any) -> None:
+        if state["epoch"] == epoch:
+            raise Killed
+        save_last(files, **state)
+
+    monkeypatch.setattr(loop, "save_last", dies)
+
+
+# A run that saved an epoch continues only with --resume; one killed in epoch 1 may also start afresh.
+@pytest.mark.parametrize("killed_in, restart", [(1, "--resume"), (1, "fresh"), (2, "--resume")])
+def test_an_epoch_recorded_before_a_kill_is_recorded_once(
+    tmp_path: Path, stand_in: Path, monkeypatch: pytest.MonkeyPatch, killed_in: int, restart: str
+) -> None:
+    shared = tmp_path / "s"
+    killed_before_saving(killed_in, monkeypatch)
+    with pytest.raises(Killed):
+        cifar_main()(flags(stand_in, shared, epochs=3))
+    monkeypatch.undo()
+    assert epochs_recorded(shared) == list(range(1, killed_in + 1))  # the record reached the file
+    assert exit_code(flags(stand_in, shared, epochs=3, extra=("--resume",) if restart == "--resume" else ())) == 0
+    assert epochs_recorded(shared) == [1, 2, 3]
+    assert tensorboard_steps(shared / "tb" / "net1", "test/acc") == [1, 2, 3]
