@@ -142,3 +142,36 @@ def test_an_epoch_recorded_before_a_kill_is_recorded_once(
     assert exit_code(flags(stand_in, shared, epochs=3, extra=("--resume",) if restart == "--resume" else ())) == 0
     assert epochs_recorded(shared) == [1, 2, 3]
     assert tensorboard_steps(shared / "tb" / "net1", "test/acc") == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6: the record of the epoch an extended ring grafts
+
+
+def test_extending_a_finished_ring_records_the_graft_of_its_old_final_epoch(tmp_path: Path, stand_in: Path) -> None:
+    shared = tmp_path / "s"
+    assert train_ring([flags(stand_in, shared, num=2, i=i, epochs=2) for i in (1, 2)]) == [0, 0]
+    finals = {net: read_metrics(NetworkFiles(shared, net).metrics)[-1] for net in (1, 2)}
+    assert all(r["epoch"] == 2 and r["grafted"] is False and not r["alphas"] for r in finals.values()), finals
+    resumed = [flags(stand_in, shared, num=2, i=i, epochs=3, extra=("--resume",)) for i in (1, 2)]
+    assert train_ring(resumed) == [0, 0]
+    for net, peer in ((1, 2), (2, 1)):
+        records = read_metrics(NetworkFiles(shared, net).metrics)
+        assert [r["epoch"] for r in records] == [1, 2, 3]
+        grafted = records[1]
+        assert grafted["grafted"] is True and grafted["peer"] == peer, grafted
+        assert grafted["epochs"] == 3 and grafted["alphas"] and grafted["alpha_mean"] is not None, grafted
+        assert grafted["graft_ms"] is not None and grafted["entropies"] and grafted["peer_entropies"]
+        assert grafted["test_acc"] == finals[net]["test_acc"]  # tested before the graft: kept
+        assert records[2]["grafted"] is False  # the new final epoch
+        tb = shared / "tb" / f"net{net}"
+        assert tensorboard_steps(tb, "graft/coefficient_mean") == [1, 2]
+        assert tensorboard_steps(tb, "test/acc") == [1, 2, 3]
+
+
+def test_an_extended_baseline_records_its_old_final_epoch_as_no_longer_final(tmp_path: Path, stand_in: Path) -> None:
+    shared = tmp_path / "s"
+    assert exit_code(flags(stand_in, shared, epochs=1)) == 0
+    assert exit_code(flags(stand_in, shared, epochs=2, extra=("--resume",))) == 0
+    records = read_metrics(NetworkFiles(shared, 1).metrics)
+    assert [(r["epoch"], r["epochs"], r["grafted"]) for r in records] == [(1, 2, False), (2, 2, False)]

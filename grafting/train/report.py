@@ -168,6 +168,18 @@ class EpochRecord:
         """One line of ``metrics.jsonl`` (NaN and infinities as null, so every reader can parse it)."""
         return json.dumps(_finite(dataclasses.asdict(self)), sort_keys=False)
 
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> EpochRecord | None:
+        """The record a line of ``metrics.jsonl`` holds; None when it lacks a field this version writes
+        (another version's, or edited by hand)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not names <= set(values):
+            return None
+        try:
+            return cls(**{name: values[name] for name in names})
+        except TypeError:
+            return None
+
 
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -222,6 +234,7 @@ class RunReporter:
         self.settings = dict(settings or {})
         self._board: TensorBoardRun | None = None
         self._first_step = start_epoch  # TensorBoard hides what an earlier start logged from here on
+        self._kept: list[dict[str, Any]] = []  # the records of the epochs before start_epoch
         self.elapsed_before_s = 0.0
         if metrics is not None:
             self._drop_from(start_epoch)
@@ -235,12 +248,33 @@ class RunReporter:
         except FileNotFoundError:
             return
         kept = [r for r in _parse_metrics(text) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
-        kept_text = "".join(json.dumps(r) + "\n" for r in kept)
-        if kept_text != text:  # also drops a line cut off by a crash, which would hide what follows it
-            write_text_atomic(kept_text, self.metrics)
+        self._kept = kept
+        if self._text(kept) != text:  # also drops a line cut off by a crash, which would hide what follows it
+            write_text_atomic(self._text(kept), self.metrics)
         last = kept[-1].get("elapsed_s") if kept else None
         if isinstance(last, (int, float)) and math.isfinite(last) and last > 0:
             self.elapsed_before_s = float(last)
+
+    @staticmethod
+    def _text(records: Sequence[Mapping[str, Any]]) -> str:
+        return "".join(json.dumps(r) + "\n" for r in records)
+
+    def recorded(self, epoch: int) -> EpochRecord | None:
+        """The record of ``epoch`` that an earlier start left in metrics.jsonl (None: there is none, or
+        one this version cannot read)."""
+        found = [r for r in self._kept if r["epoch"] == epoch]
+        return EpochRecord.from_json(found[-1]) if found else None
+
+    def rewrite(self, record: EpochRecord, filter_norms: torch.Tensor | None = None) -> None:
+        """Put ``record`` in the place of the kept record of its epoch, in metrics.jsonl and in TensorBoard:
+        the old final epoch of a run whose grafting step a ring extension runs now. Call it before
+        :meth:`epoch`."""
+        assert self._board is None, "rewrite() comes before the first epoch() of a start"
+        if self.metrics is not None:
+            self._kept = [json.loads(record.to_json()) if r["epoch"] == record.epoch else r for r in self._kept]
+            write_text_atomic(self._text(self._kept), self.metrics)
+        self._first_step = min(self._first_step, record.epoch)  # hide that epoch's old TensorBoard points
+        self._show(record, filter_norms)
 
     def epoch(self, record: EpochRecord, filter_norms: torch.Tensor | None = None) -> None:
         """Report one finished epoch; ``filter_norms`` (the l1 norm of every conv filter the paper counts)
@@ -249,6 +283,10 @@ class RunReporter:
         if self.metrics is not None:
             with open(self.metrics, "a") as handle:
                 handle.write(record.to_json() + "\n")
+        self._show(record, filter_norms)
+
+    def _show(self, record: EpochRecord, filter_norms: torch.Tensor | None) -> None:
+        """``record`` in TensorBoard."""
         if self.tensorboard is not None:
             if self._board is None:
                 from grafting.train.tensorboard import TensorBoardRun  # slow import, only when used

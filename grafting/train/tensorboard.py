@@ -103,7 +103,8 @@ class TensorBoardRun:
         """Everything ``record`` (and the epoch's filter norms) shows in TensorBoard."""
         step = record.epoch
         for name, value in record.scalars().items():
-            self.writer.add_scalar(name, value, step)
+            if value is not None:  # a rewritten record read back from metrics.jsonl holds NaN as None
+                self.writer.add_scalar(name, value, step)
         if record.alphas:
             self.writer.add_histogram("alpha/all_layers", np.array(list(record.alphas.values())), step)
         if record.filter_weights:
