@@ -10,6 +10,7 @@ it leaves the files exactly as a ``kill -9`` at that instant does.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ import torch
 
 from grafting.data.fake import MARKER_NAME, write_fake_cifar
 from grafting.ring.layout import NetworkFiles
+from grafting.tools.summary import main as summary_main
 from grafting.train.report import read_metrics
 
 TRAIN_IMAGES, TEST_IMAGES, BATCH = 128, 32, 32
@@ -104,6 +106,61 @@ def tensorboard_steps(folder: Path, tag: str) -> list[int]:
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
     return [event.step for event in events.Scalars(tag)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4: the stand-in label
+
+
+def test_a_ring_of_stand_in_and_real_data_is_refused_and_labelled_as_generated(
+    tmp_path: Path, stand_in: Path, real: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = tmp_path / "s"
+    codes = train_ring([flags(real, shared, num=2, i=1), flags(stand_in, shared, num=2, i=2)])
+    err = capsys.readouterr().err
+    assert codes == [1, 1], err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and all("all networks of a ring must use the same generated_data" in x for x in lines), err
+    assert not list(shared.glob("net*/last.pt")), "nothing may be grafted across the two kinds of data"
+    # The folder's runs, as graft-summary shows them: the stand-in network marks the whole ring.
+    summary_main([str(shared), "--format", "json"])
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["generated_stand_in"] is True, row
+
+
+def test_networks_that_exchange_nothing_may_mix_kinds_of_data_and_the_run_is_labelled_generated(
+    tmp_path: Path, stand_in: Path, real: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared, internal = tmp_path / "s", ("--graft-source", "internal")
+    codes = train_ring(
+        [
+            flags(real, shared, num=2, i=1, epochs=1, extra=internal),
+            flags(stand_in, shared, num=2, i=2, epochs=1, extra=internal),
+        ]
+    )
+    assert codes == [0, 0], capsys.readouterr().err
+    capsys.readouterr()
+    summary_main([str(shared), "--format", "json"])
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["generated_stand_in"] is True and row["status"] == "partial 1/200", row
+
+
+def test_a_stand_in_run_resumed_on_real_data_is_refused_and_keeps_its_label(
+    tmp_path: Path, stand_in: Path, real: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = tmp_path / "s"
+    assert exit_code(flags(stand_in, shared, epochs=1)) == 0
+    config = NetworkFiles(shared, 1).config
+    before = config.read_bytes()
+    code = exit_code(flags(real, shared, epochs=2, extra=("--resume",)))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--resume: {config} records a run on a GENERATED stand-in" in err, err
+    assert f"--data {real} holds the real data set" in err, err
+    assert config.read_bytes() == before and json.loads(before)["generated_data"] is True
+    # The way out the line names works: the same kind of data.
+    assert exit_code(flags(stand_in, shared, epochs=2, extra=("--resume",))) == 0
+    assert epochs_recorded(shared) == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------------

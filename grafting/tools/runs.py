@@ -264,7 +264,8 @@ def read_run(folder: Path) -> RunSummary:
     )
     if not nets:
         raise UsageError(f"{folder} holds no net<i>/{CONFIG_NAME}; pass a run folder (--s) or a folder above runs")
-    config = read_config(NetworkFiles(folder, nets[0]).config)
+    every = [read_config(NetworkFiles(folder, net).config) for net in nets]
+    config = every[0]
     num = config.get("num") or len(nets)
     if not 1 <= num <= 10_000:
         raise CheckpointError(f"{NetworkFiles(folder, nets[0]).config}: 'num' is {num}, not a ring size; fix it")
@@ -275,8 +276,9 @@ def read_run(folder: Path) -> RunSummary:
         method=method_label(config),
         epochs=config.get("epochs"),
         num=num,
-        generated_data=bool(config.get("generated_data")),
-        stand_in=str(config.get("stand_in") or ""),
+        # Any network on a generated stand-in marks the whole run (a ring may mix them where nothing is exchanged).
+        generated_data=any(settings.get("generated_data") for settings in every),
+        stand_in=next((str(settings["stand_in"]) for settings in every if settings.get("stand_in")), ""),
     )
     stale_after = stale_after_s()
     # Networks that have not written their config.json yet (not started) count too: the ring needs them.

@@ -68,6 +68,13 @@ def _non_negative(value: float, flag: str) -> None:
         raise UsageError(f"{flag} must be >= 0, got {value}")
 
 
+def _data_kind(generated: object) -> str:
+    """The kind of data ``generated_data`` says a run trained on, for messages."""
+    from grafting.data.fake import MARKER_NAME
+
+    return f"a GENERATED stand-in (its folder holds {MARKER_NAME})" if generated else "the real data set"
+
+
 @dataclass
 class RunConfig:
     """Settings shared by the CIFAR and ImageNet scripts; see :class:`CifarConfig` and :class:`ImagenetConfig`."""
@@ -348,8 +355,12 @@ class RunConfig:
     # ---- facts the script derives (no flag)
     dataset: str = setting("", resume="fixed", peers=True, help="dataset name")
     num_classes: int = setting(0, resume="fixed", peers=True, help="number of classes")
+    # A ring, or a resumed run, on data of both kinds would label itself by one of them: refused instead.
     generated_data: bool = setting(
-        False, resume="free", help="the data folder holds a generated stand-in, not the real dataset"
+        False,
+        resume="fixed",
+        peers=True,
+        help="the data folder holds a generated stand-in, not the real dataset",
     )
     stand_in: str = setting(
         "", resume="free", help="what the generated stand-in holds (its marker file's description); '' for real data"
@@ -443,6 +454,12 @@ class RunConfig:
                     f"another version or edited by hand: start a new run in another --s"
                 )
             now, then = getattr(self, name), saved[name]
+            if now != then and name == "generated_data":
+                raise UsageError(
+                    f"--resume: {source} records a run on {_data_kind(then)} but --data {self.data} holds "
+                    f"{_data_kind(now)}; resume with --data pointing at the kind of data the run trained on, "
+                    f"or start a new run in another --s"
+                )
             if now != then:
                 raise UsageError(
                     f"--resume: {self.flag_of(name)} was {then!r} in {source} but is {now!r} now; "
