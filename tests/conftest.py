@@ -8,6 +8,7 @@ rehearse on the CPU, as ``scripts/gpu_check.sh`` does). ``pytest -m "not e2e"`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -51,12 +52,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def in_process_logs() -> Iterator[None]:
     """A script's main() run in this process points the root logger at the console; put pytest's handlers
-    back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    back afterwards (see :func:`script_state`)."""
+    with script_state():
+        yield
 
 
 def copy_checkout(destination: Path) -> Path:
@@ -237,3 +235,31 @@ def plan_script(script: str | Path, cwd: Path, **settings: str):
     path = str(script if isinstance(script, Path) else REPO / "scripts" / script)
     env = script_environment(**settings)
     return plan_experiment(path, script_rings(path, env, cwd), env, cwd)
+
+
+@contextlib.contextmanager
+def script_state() -> Iterator[None]:
+    """Put back the console logging and torch's thread count that scripts run in this process set up."""
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+
+
+def exit_code_of(main: Callable[[list[str] | None], None], argv: list[str]) -> int:
+    """Call a script's ``main`` in this process (or thread); its exit code (0 when it returns)."""
+    try:
+        main(argv)
+    except SystemExit as stopped:
+        return stopped.code if isinstance(stopped.code, int) else 1
+    return 0
+
+
+def run_script_here(main: Callable[[list[str] | None], None], argv: list[str]) -> int:
+    """:func:`exit_code_of` inside :func:`script_state`."""
+    with script_state():
+        return exit_code_of(main, argv)

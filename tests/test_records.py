@@ -11,14 +11,13 @@ it leaves the files exactly as a ``kill -9`` at that instant does.
 from __future__ import annotations
 
 import json
-import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from conftest import exit_code_of, run_script_here, script_state
 
 from grafting.data.fake import MARKER_NAME, write_fake_cifar
 from grafting.ring.layout import NetworkFiles
@@ -42,17 +41,6 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def restore_process_state() -> Iterator[None]:
-    """The script sets up console logging and torch's thread count for its process: put both back."""
-    root = logging.getLogger()
-    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    torch.set_num_threads(threads)
-
-
 def flags(
     data: Path, shared: Path, *, num: int = 1, i: int = 1, epochs: int = 2, extra: Sequence[str] = ()
 ) -> list[str]:
@@ -72,11 +60,7 @@ def cifar_main() -> Callable[[list[str] | None], None]:
 
 def exit_code(argv: list[str]) -> int:
     """Run the CIFAR script's main here; its exit code (0 when it returns)."""
-    try:
-        cifar_main()(argv)
-    except SystemExit as stopped:
-        return int(stopped.code or 0)
-    return 0
+    return run_script_here(cifar_main(), argv)
 
 
 def train_ring(argvs: Sequence[list[str]]) -> list[int]:
@@ -84,13 +68,14 @@ def train_ring(argvs: Sequence[list[str]]) -> list[int]:
     codes: list[int] = [-1] * len(argvs)
 
     def one(index: int) -> None:
-        codes[index] = exit_code(argvs[index])
+        codes[index] = exit_code_of(cifar_main(), argvs[index])
 
     threads = [threading.Thread(target=one, args=(index,)) for index in range(len(argvs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    with script_state():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
     assert not any(thread.is_alive() for thread in threads), "a network of the ring did not finish"
     return codes
 

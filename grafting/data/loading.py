@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from grafting.errors import GraftingError
+
 __all__ = ["EpochLoader", "epoch_seed", "device_generator", "channel_stats", "normalise", "SeededSampler",
            "SeededTransformDataset", "DataLoaderEpochLoader"]
 
@@ -170,6 +172,13 @@ class DataLoaderEpochLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        try:
+            yield from self._batches()
+        except GraftingError as err:
+            # A worker's error comes back with the worker's traceback in its message: keep its own line.
+            raise type(err)(_worker_error_line(str(err))) from None
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -180,3 +189,11 @@ class DataLoaderEpochLoader:
             yield images, labels
 
 
+def _worker_error_line(message: str) -> str:
+    """The one-line message of an error raised in a DataLoader worker, from the text the DataLoader
+    re-raises it with ("Caught X in DataLoader worker process N. Original Traceback ... module.X: line")."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) < 2 or "DataLoader worker" not in lines[0]:
+        return message
+    name, sep, text = lines[-1].partition(": ")
+    return text if sep and "." in name and " " not in name else lines[-1]

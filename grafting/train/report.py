@@ -25,7 +25,8 @@ import torch
 if TYPE_CHECKING:
     from grafting.train.tensorboard import TensorBoardRun
 
-from grafting.checkpoint import write_text_atomic
+from grafting.checkpoint import parse_json, read_text_file, write_text_atomic
+from grafting.errors import CheckpointError, first_line
 from grafting.ring.exchange import format_duration
 
 __all__ = ["EpochRecord", "RunReporter", "read_metrics", "coefficient_summary", "PAPER_THRESHOLD", "INVALID_THRESHOLDS"]
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 # The paper's thresholds of the invalid-filter count (docs/METHOD.md §8); the epoch line shows the first.
 INVALID_THRESHOLDS = (0.1, 0.01)
 PAPER_THRESHOLD = INVALID_THRESHOLDS[0]
+# The most a metrics.jsonl holds: tens of kilobytes per epoch for the deepest networks, a few hundred epochs.
+METRICS_FILE_LIMIT = 2**30
 
 
 def coefficient_summary(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
@@ -190,22 +193,37 @@ def _finite(value: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, in order ([] when it does not exist); a line that does not
-    parse (cut off by a crash mid-write) ends the list."""
+    """The records of a ``metrics.jsonl`` file, in order ([] when it does not exist); a last line that
+    does not parse (cut off by a crash mid-write) is left out. A :class:`CheckpointError` names the file
+    when it cannot be read (also: not a regular file, far too large) or a line before the last does not
+    parse."""
+    text = _metrics_text(Path(path))
+    return [] if text is None else _parse_metrics(text, Path(path))
+
+
+def _metrics_text(path: Path) -> str | None:
+    """The text of ``path`` (None when it does not exist)."""
     try:
-        text = Path(path).read_text()
+        return read_text_file(path, max_bytes=METRICS_FILE_LIMIT)
     except FileNotFoundError:
-        return []
-    return _parse_metrics(text)
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        raise CheckpointError(f"cannot read {path} ({reason}); move it away") from None
 
 
-def _parse_metrics(text: str) -> list[dict[str, Any]]:
+def _parse_metrics(text: str, path: Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
-        except ValueError:
-            break
+            record = parse_json(line)
+        except ValueError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # cut off by a crash while it was written
+            raise CheckpointError(
+                f"{path}, line {number} is not a JSON record ({first_line(err)}); fix or delete that line"
+            ) from None
         if isinstance(record, dict):
             records.append(record)
     return records
@@ -243,11 +261,10 @@ class RunReporter:
         """Forget the records of ``epoch`` and later (this start trains them again); remember how long the
         kept epochs took, so that the elapsed time goes on from there."""
         assert self.metrics is not None
-        try:
-            text = self.metrics.read_text()
-        except FileNotFoundError:
+        text = _metrics_text(self.metrics)
+        if text is None:
             return
-        kept = [r for r in _parse_metrics(text) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
+        kept = [r for r in _parse_metrics(text, self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
         self._kept = kept
         if self._text(kept) != text:  # also drops a line cut off by a crash, which would hide what follows it
             write_text_atomic(self._text(kept), self.metrics)

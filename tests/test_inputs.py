@@ -1,0 +1,256 @@
+"""Input that must give one line, never a hang or a traceback (issue 26, items 10, 11, 13-17): a FIFO, a
+folder, a huge or deeply nested file where the project reads one, settings that size memory or
+processes, a full disk under the epoch records, values beyond float32, a broken teacher, a negative seed.
+
+The scripts' ``main`` runs in this process; a test that would hang without its fix is stopped by an alarm
+(``no_hang``) instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import one_line, run_script_here
+
+from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
+from grafting.errors import GraftingError
+from grafting.ring.identity import join_ring
+from grafting.ring.layout import NetworkFiles, SharedFolder
+
+TRAIN_IMAGES, TEST_IMAGES, BATCH = 64, 32, 32
+DEEP = "[" * 200_000 + "]" * 200_000  # parses only by recursing deeper than Python allows
+
+
+class Hung(BaseException):
+    """The alarm of :func:`no_hang` went off."""
+
+
+@contextlib.contextmanager
+def no_hang(seconds: float = 60.0) -> Iterator[None]:
+    """Fail instead of blocking for ever (a FIFO opened for reading waits for a writer): an alarm interrupts
+    the blocking call in this (the main) thread."""
+
+    def alarm(signum: int, frame: object) -> None:
+        raise Hung(f"still blocked after {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fake_cifar(tmp_path_factory.mktemp("data"), 10, TRAIN_IMAGES, TEST_IMAGES)
+
+
+def cifar_flags(data: Path, shared: Path, *extra: str, epochs: int = 1) -> list[str]:
+    return [
+        *("--data", str(data), "--s", str(shared), "--epochs", str(epochs), "--model", "resnet20"),
+        *("--device", "cpu", "--threads", "1", "--print-freq", "0", "--batch-size", str(BATCH)),
+        *("--test-batch-size", str(TEST_IMAGES), *extra),
+    ]
+
+
+def cifar_main() -> Callable[[list[str] | None], None]:
+    from grafting_cifar.train import main
+
+    return main
+
+
+def summary_main() -> Callable[[list[str] | None], None]:
+    from grafting.tools.summary import main
+
+    return main
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
+    """A baseline that trained one epoch; returns its --s. Copy it before changing anything."""
+    shared = tmp_path_factory.mktemp("finished") / "s"
+    assert run_script_here(cifar_main(), cifar_flags(data, shared)) == 0
+    return shared
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shared = tmp_path / "s"
+    shutil.copytree(run, shared)
+    return shared
+
+
+def replace_with(path: Path, kind: str) -> None:
+    """Put a FIFO, a folder, a file of 20 MiB (sparse) or deeply nested JSON where ``path`` is."""
+    if path.exists():
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "huge":
+        with open(path, "wb") as handle:
+            handle.truncate(20 * 2**20)
+    else:
+        path.write_text(DEEP + "\n" if kind == "nested" else kind)
+
+
+def error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return one_line(err)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10 and 14: a FIFO, a folder, a huge or a deeply nested file where a network's files belong
+
+
+NETWORK_FILES = {
+    # case: (file of net1, what replaces it, exit code of a fresh start, of --resume, text of the one line)
+    "config.json a fifo": ("config.json", "fifo", 1, 2, "net1/config.json is not a regular file"),
+    "config.json a folder": ("config.json", "folder", 1, 2, "net1/config.json is "),
+    "config.json huge": ("config.json", "huge", None, 2, "holds 20.0 MiB, far more than such a file ever does"),
+    "config.json nested": ("config.json", "nested", None, 2, "is not valid JSON (JSON nested too deeply)"),
+    "metrics.jsonl a fifo": ("metrics.jsonl", "fifo", 1, 1, "net1/metrics.jsonl is not a regular file"),
+    "metrics.jsonl a folder": ("metrics.jsonl", "folder", 1, 1, "net1/metrics.jsonl is a folder"),
+    "metrics.jsonl nested": ("metrics.jsonl", "nested", 1, 1, "metrics.jsonl, line 1 is not a JSON record (JSON"),
+}
+# A fresh start replaces its config.json without reading it: only what it cannot replace is refused.
+STARTS = [
+    (case, start)
+    for case, (_, _, fresh, _, _) in NETWORK_FILES.items()
+    for start in (["fresh"] if fresh is not None else []) + ["--resume"]
+]
+
+
+@pytest.mark.parametrize("case, start", STARTS)
+def test_a_network_file_that_cannot_be_read_is_one_line_at_the_start(
+    case: str, start: str, tmp_path: Path, data: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name, kind, fresh_code, resume_code, said = NETWORK_FILES[case]
+    code = fresh_code if start == "fresh" else resume_code
+    shared = tmp_path / "s" if start == "fresh" else copy_of(finished_run, tmp_path)
+    (shared / "net1").mkdir(parents=True, exist_ok=True)
+    replace_with(shared / "net1" / name, kind)
+    extra = ("--resume", "--epochs", "2") if start == "--resume" else ()
+    with no_hang():
+        assert run_script_here(cifar_main(), cifar_flags(data, shared, *extra)) == code
+    line = error_line(capsys)
+    assert said in line, line
+    assert "move it away" in line or "another --s" in line or "fix or delete that line" in line, line
+
+
+SUMMARY_FILES = {
+    "config.json a fifo": ("config.json", "fifo", "config.json is unreadable (is not a regular file"),
+    "config.json huge": ("config.json", "huge", "config.json is unreadable (holds 20.0 MiB"),
+    "config.json nested": ("config.json", "nested", "config.json is unreadable (JSON nested too deeply)"),
+    "metrics.jsonl a fifo": ("metrics.jsonl", "fifo", "cannot read {path} (is not a regular file"),
+    "metrics.jsonl a folder": ("metrics.jsonl", "folder", "cannot read {path} (is a directory, not a file)"),
+    "metrics.jsonl nested": ("metrics.jsonl", "nested", "{path}, line 1 is not a JSON record (JSON nested"),
+}
+
+
+@pytest.mark.parametrize("case", list(SUMMARY_FILES))
+def test_graft_summary_names_a_file_that_cannot_be_read(
+    case: str, tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name, kind, said = SUMMARY_FILES[case]
+    shared = copy_of(finished_run, tmp_path)
+    path = shared / "net1" / name
+    replace_with(path, kind)
+    with no_hang():
+        assert run_script_here(summary_main(), [str(shared)]) == 1
+    line = error_line(capsys)
+    assert said.format(path=path) in line, line
+
+
+def test_a_cut_off_last_line_is_no_error_but_a_damaged_line_before_others_is(
+    tmp_path: Path, finished_run: Path
+) -> None:
+    from grafting.train.report import read_metrics
+
+    metrics = NetworkFiles(copy_of(finished_run, tmp_path), 1).metrics
+    record = metrics.read_text()
+    metrics.write_text(record + record[:30])  # killed while writing the second line
+    assert [r["epoch"] for r in read_metrics(metrics)] == [1]
+    metrics.write_text(record[:30] + "\n" + record)
+    with pytest.raises(GraftingError, match=r"line 1 is not a JSON record .*fix or delete that line"):
+        read_metrics(metrics)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "nested", "huge"])
+def test_ring_json_and_a_checkpoints_config_json_that_cannot_be_read_are_one_line(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grafting_imagenet.train import _saved_settings
+
+    folder = SharedFolder(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    replace_with(folder.ring, kind)
+    monkeypatch.setattr("grafting.ring.identity._WRITE_GRACE_S", 0.1)  # not being written: no need to wait
+    with no_hang(), pytest.raises(GraftingError) as caught:
+        join_ring(folder)
+    assert one_line(str(caught.value)).startswith(f"{folder.ring} ")
+    checkpoint = tmp_path / "net1" / "best.pt"
+    checkpoint.parent.mkdir()
+    replace_with(checkpoint.parent / "config.json", kind)
+    if kind == "fifo":  # not a file: there is no config.json to follow
+        assert _saved_settings(checkpoint) is None
+        return
+    with no_hang(), pytest.raises(GraftingError) as caught:
+        _saved_settings(checkpoint)
+    assert "config.json is unreadable (" in one_line(str(caught.value))
+
+
+def test_the_json_reader_refuses_what_would_block_exhaust_or_recurse(tmp_path: Path) -> None:
+    from grafting.checkpoint import read_json_file
+
+    for kind, error in (("fifo", OSError), ("folder", IsADirectoryError), ("huge", OSError), ("nested", ValueError)):
+        path = tmp_path / kind
+        replace_with(path, kind)
+        with no_hang(), pytest.raises(error):
+            read_json_file(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10: a FIFO among the images of an ImageNet folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fake_imagefolder(
+        tmp_path_factory.mktemp("images"), 2, train_per_class=2, val_per_class=2, image_size=32
+    )
+
+
+def imagenet_flags(data: Path, shared: Path, *extra: str) -> list[str]:
+    return [
+        *("--data", str(data), "--s", str(shared), "--epochs", "1", "-a", "resnet18", "--device", "cpu"),
+        *("--threads", "1", "-b", "2", "--image-size", "32", "-p", "0", *extra),
+    ]
+
+
+@pytest.mark.parametrize("workers", ["0", pytest.param("1", marks=pytest.mark.e2e)], ids=["in-process", "in-a-worker"])
+def test_a_fifo_among_the_images_is_one_line(
+    tmp_path: Path, image_folder: Path, workers: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grafting_imagenet.train import main
+
+    data = tmp_path / "images"
+    shutil.copytree(image_folder, data)
+    fifo = data / "train" / "class_001" / "0.jpg"
+    replace_with(fifo, "fifo")
+    with no_hang():
+        assert run_script_here(main, imagenet_flags(data, tmp_path / "s", "-j", workers)) == 1
+    line = error_line(capsys)
+    assert (
+        line
+        == f"error: cannot read image {fifo} (is not a regular file (a pipe or a device)); replace or remove that file"
+    )
