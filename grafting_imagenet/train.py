@@ -102,7 +102,10 @@ def recipe_for_evaluation(config: ImagenetConfig, path: Path | None, given: froz
     config_path, saved = found
     checks = {
         "model": (lambda v: isinstance(v, str) and v in ARCHS, "-a/--arch"),
-        "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 16, "--image-size"),
+        "image_size": (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= ImagenetConfig.MAX_IMAGE_SIZE,
+            "--image-size",
+        ),
     }
     changes = {}
     for name, (valid, flag) in checks.items():

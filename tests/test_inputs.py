@@ -9,6 +9,7 @@ The scripts' ``main`` runs in this process; a test that would hang without its f
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -16,12 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import one_line, run_script_here
+import torch
+from conftest import exit_code_of, one_line, run_script_here
 
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.errors import GraftingError
 from grafting.ring.identity import join_ring
 from grafting.ring.layout import NetworkFiles, SharedFolder
+from grafting.train.report import read_metrics
 
 TRAIN_IMAGES, TEST_IMAGES, BATCH = 64, 32, 32
 DEEP = "[" * 200_000 + "]" * 200_000  # parses only by recursing deeper than Python allows
@@ -174,8 +177,6 @@ def test_graft_summary_names_a_file_that_cannot_be_read(
 def test_a_cut_off_last_line_is_no_error_but_a_damaged_line_before_others_is(
     tmp_path: Path, finished_run: Path
 ) -> None:
-    from grafting.train.report import read_metrics
-
     metrics = NetworkFiles(copy_of(finished_run, tmp_path), 1).metrics
     record = metrics.read_text()
     metrics.write_text(record + record[:30])  # killed while writing the second line
@@ -254,3 +255,111 @@ def test_a_fifo_among_the_images_is_one_line(
         line
         == f"error: cannot read image {fifo} (is not a regular file (a pipe or a device)); replace or remove that file"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# 11: the settings that size memory or processes
+
+
+def test_more_workers_than_cores_are_capped_with_a_warning(
+    data: Path, image_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checked on the loaders as built: no worker is started here (they start with the first batch)."""
+    from grafting.data.cifar import cifar_loaders
+    from grafting.data.imagenet import imagenet_loaders, imagenet_val_loader
+    from grafting.train.runtime import available_cores
+
+    cpu, cores = torch.device("cpu"), available_cores()
+    with caplog.at_level(logging.WARNING):
+        loaders = [
+            *cifar_loaders(data, 10, device=cpu, pipeline="torchvision", workers=100_000)[:2],
+            *imagenet_loaders(image_folder, image_size=32, batch_size=2, workers=100_000, device=cpu)[:2],
+            imagenet_val_loader(image_folder, image_size=32, batch_size=2, workers=100_000, device=cpu)[0],
+        ]
+    assert [loader.loader.num_workers for loader in loaders] == [cores] * 5
+    warned = [r.getMessage() for r in caplog.records if "--workers 100000" in r.getMessage()]
+    assert (
+        warned
+        == [f"--workers 100000 is more than the {cores} cores this process may use; using {cores} DataLoader workers"]
+        * 3
+    )  # once per script start
+    kept = cifar_loaders(data, 10, device=cpu, pipeline="torchvision", workers=1)[0]
+    assert kept.loader.num_workers == 1
+
+
+def test_an_image_size_that_asks_for_terabytes_is_refused(tmp_path: Path) -> None:
+    from grafting.errors import UsageError
+    from grafting_imagenet.train import parse_args
+
+    with pytest.raises(UsageError, match=r"--image-size must lie in 16\.\.1024 pixels, got 100000"):
+        parse_args(["--image-size", "100000"])
+    config = tmp_path / "net1" / "config.json"
+    config.parent.mkdir()
+    config.write_text('{"image_size": 100000}')
+    from grafting_imagenet.train import recipe_for_evaluation
+
+    with pytest.raises(GraftingError, match="records --image-size 100000, which is not valid"):
+        recipe_for_evaluation(parse_args(["-e"]), config.parent / "best.pt")
+
+
+OUT_OF_MEMORY = {
+    "gpu": torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+        "3.12 GiB is free. Including non-PyTorch memory, this process has 76.06 GiB memory in use."
+    ),
+    "host": MemoryError(),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_MEMORY))
+def test_running_out_of_memory_in_training_is_one_line_whose_advice_works(
+    case: str, tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grafting.train import loop
+
+    shared, train_one_epoch = tmp_path / "s", loop.train_one_epoch
+
+    def exhausted_in_epoch_2(*args: object, epoch: int, **kwargs: object) -> object:
+        if epoch == 2:
+            raise OUT_OF_MEMORY[case]
+        return train_one_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", exhausted_in_epoch_2)
+    assert run_script_here(cifar_main(), cifar_flags(data, shared, epochs=2)) == 1
+    line = error_line(capsys)
+    said = "CUDA out of memory. Tried to allocate 20.00 GiB" if case == "gpu" else "out of memory"
+    assert line == (
+        f"error: {said}; the checkpoints of the finished epochs are intact: continue with --resume once other "
+        f"processes have freed the memory (or with fewer --workers), or start a new run in another --s with a "
+        f"smaller --batch-size"
+    ), line
+    monkeypatch.undo()  # the memory is free again: --resume, as the line says
+    assert run_script_here(cifar_main(), cifar_flags(data, shared, "--resume", epochs=2)) == 0
+    assert [r["epoch"] for r in read_metrics(NetworkFiles(shared, 1).metrics)] == [1, 2]
+
+
+def test_running_out_of_memory_outside_training_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from grafting.train.cli import entry_point
+
+    @entry_point
+    def main(argv: list[str] | None = None) -> None:
+        raise MemoryError
+
+    assert exit_code_of(main, []) == 1
+    line = error_line(capsys)
+    assert line == "error: out of memory; lower the batch size (or the image size, or the workers), or free the " + (
+        "memory other processes hold"
+    )
+
+
+@pytest.mark.cuda
+def test_a_real_cuda_out_of_memory_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from grafting.train.cli import entry_point
+
+    @entry_point
+    def main(argv: list[str] | None = None) -> None:
+        torch.empty(2**42, device="cuda")  # 16 TiB
+
+    assert exit_code_of(main, []) == 1
+    line = error_line(capsys)
+    assert line.startswith("error: CUDA out of memory. Tried to allocate 16.00 TiB"), line

@@ -50,7 +50,7 @@ from torch import Tensor
 from torchvision import transforms
 
 from grafting.data.loading import (DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset,
-                                   channel_stats, device_generator, epoch_seed, normalise)
+                                   channel_stats, device_generator, epoch_seed, normalise, worker_count)
 from grafting.errors import DatasetNotFoundError, GraftingError
 
 __all__ = [
@@ -298,6 +298,7 @@ def cifar_loaders(root: str | Path, num_classes: int, batch_size: int = 128, tes
         test_loader: EpochLoader = TensorCifarLoader(test_images, test_labels, test_batch_size, train=False,
                                                      seed=seed, channels_last=channels_last)
     else:
+        workers = worker_count(workers)
         train_loader = _torchvision_loader(train_set, batch_size, train=True, device=device, workers=workers,
                                            seed=seed, channels_last=channels_last)
         test_loader = _torchvision_loader(test_set, test_batch_size, train=False, device=device, workers=workers,

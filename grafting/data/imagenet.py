@@ -20,7 +20,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from grafting.checkpoint import open_regular_file
-from grafting.data.loading import DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset
+from grafting.data.loading import (DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset,
+                                   worker_count)
 from grafting.errors import DatasetNotFoundError, GraftingError, first_line
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_loaders", "imagenet_val_loader", "read_rgb"]
@@ -105,7 +106,8 @@ def imagenet_val_loader(root: str | Path, *, image_size: int = 224, batch_size: 
         raise GraftingError(f"--image-size and --batch-size must be positive, got {image_size} and {batch_size}")
     root = Path(root).expanduser().resolve()
     val_set = _image_folder(root / "val", "val")
-    loader = _val_loader(val_set, image_size, batch_size=batch_size, workers=workers, device=torch.device(device),
+    loader = _val_loader(val_set, image_size, batch_size=batch_size, workers=worker_count(workers),
+                         device=torch.device(device),
                          distributed=distributed, seed=0, channels_last=channels_last)
     logger.info("ImageNet folder %s: %d classes, %d validation images", root / "val", len(val_set.classes),
                 len(val_set))
@@ -135,6 +137,7 @@ def imagenet_loaders(root: str | Path, *, image_size: int = 224, batch_size: int
             f"{root / 'val'} has {len(val_set.classes)} class folders and {root / 'train'} has "
             f"{len(train_set.classes)}, or their names differ; both need the same class folders")
 
+    workers = worker_count(workers)
     train_transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
     loaders = [_epoch_loader(train_set, train_transform, train=True, batch_size=batch_size, workers=workers,
                              device=device, distributed=distributed, seed=seed, channels_last=channels_last),

@@ -2,6 +2,7 @@
 per-(seed, epoch) seeding that survives persistent DataLoader workers, and on-device normalisation."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
@@ -13,7 +14,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from grafting.errors import GraftingError
 
 __all__ = ["EpochLoader", "epoch_seed", "device_generator", "channel_stats", "normalise", "SeededSampler",
-           "SeededTransformDataset", "DataLoaderEpochLoader"]
+           "SeededTransformDataset", "DataLoaderEpochLoader", "worker_count"]
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -139,6 +142,20 @@ class SeededTransformDataset(Dataset):
             return self.transform(sample), label
 
 
+def worker_count(workers: int) -> int:
+    """The DataLoader workers to start for ``--workers``/``-j workers``: at most the cores this process may
+    use, with a warning. Each worker is a process (each loader of a run keeps its own), and thousands of
+    them fork the machine out of memory; beyond the cores they only take turns."""
+    from grafting.train.runtime import available_cores  # the one owner of "cores this process may use"
+
+    cores = available_cores()
+    if workers <= cores:
+        return workers
+    logger.warning("--workers %d is more than the %d cores this process may use; using %d DataLoader workers",
+                   workers, cores, cores)
+    return cores
+
+
 class DataLoaderEpochLoader:
     """A DataLoader over a :class:`SeededSampler` whose batches are moved to ``device``.
 
@@ -174,7 +191,7 @@ class DataLoaderEpochLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         try:
             yield from self._batches()
-        except GraftingError as err:
+        except (GraftingError, MemoryError) as err:
             # A worker's error comes back with the worker's traceback in its message: keep its own line.
             raise type(err)(_worker_error_line(str(err))) from None
 

@@ -9,11 +9,13 @@ import functools
 import sys
 from typing import Callable, TypeVar
 
-from grafting.errors import DatasetNotFoundError, GraftingError, UsageError
+import torch
+
+from grafting.errors import DatasetNotFoundError, GraftingError, UsageError, first_line
 from grafting.train.config import RunConfig
 from grafting.train.signals import STOPPED_EXIT_CODE, StopRequested, stop_on_signals
 
-__all__ = ["ArgumentParser", "build_parser", "parse_config", "given_settings", "entry_point"]
+__all__ = ["ArgumentParser", "build_parser", "parse_config", "given_settings", "entry_point", "out_of_memory"]
 
 C = TypeVar("C", bound=RunConfig)
 
@@ -82,6 +84,13 @@ def given_settings(config_cls: type[RunConfig], argv: list[str] | None) -> froze
     return frozenset(vars(parser.parse_args(argv)))
 
 
+def out_of_memory(err: BaseException) -> str:
+    """What ran out of memory, in a few words, from a ``torch.OutOfMemoryError`` (GPU) or ``MemoryError``
+    (host): torch's CUDA message is one long line whose first two sentences say where and how much."""
+    text = first_line(err) if str(err).strip() else ""
+    return ". ".join(text.split(". ")[:2]).rstrip(".") if text else "out of memory"
+
+
 def entry_point(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
     """Wrap a script's main: a GraftingError becomes one line on stderr and an exit code
     (2 for bad flags or a missing dataset, 1 for failures during the run); Ctrl-C exits 130; SIGUSR1
@@ -100,6 +109,14 @@ def entry_point(main: Callable[[list[str] | None], None]) -> Callable[[list[str]
             sys.exit(2)
         except GraftingError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            print(
+                f"error: {out_of_memory(err)}; lower the batch size (or the image size, or the workers), or free the "
+                f"memory other processes hold",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted; restart with --resume to continue from the last finished epoch", file=sys.stderr)

@@ -588,7 +588,7 @@ class ImagenetConfig(RunConfig):
         type=int,
         resume="fixed",
         peers=True,
-        help="training crop; validation resizes to size*256/224 and centre-crops this",
+        help="training crop, 16 to 1024 pixels; validation resizes to size*256/224 and centre-crops this",
     )
     evaluate: bool = setting(
         False,
@@ -634,6 +634,9 @@ class ImagenetConfig(RunConfig):
 
     # -j when not given: PyTorch's ImageNet example's 4, capped by the cores.
     DEFAULT_WORKERS: ClassVar[int] = 4
+    # Far above any ImageNet recipe (224 to 600 pixels): a batch of 256 such uint8 crops is already 0.8 GB,
+    # and each worker prefetches two; 100000 would ask for terabytes and take the machine down.
+    MAX_IMAGE_SIZE: ClassVar[int] = 1024
 
     def __post_init__(self) -> None:
         self.cos = not self.steplr
@@ -659,8 +662,8 @@ class ImagenetConfig(RunConfig):
                 f"-a/--arch: unknown torchvision model '{self.model}'; did you mean {', '.join(close)}? "
                 f"(--help lists all {len(ARCHS)})"
             )
-        if self.image_size < 16:
-            raise UsageError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+        if not 16 <= self.image_size <= self.MAX_IMAGE_SIZE:
+            raise UsageError(f"--image-size must lie in 16..{self.MAX_IMAGE_SIZE} pixels, got {self.image_size}")
         if self.start_epoch is not None and not 1 <= self.start_epoch <= self.epochs:
             raise UsageError(f"--start-epoch must lie in 1..--epochs ({self.epochs}), got {self.start_epoch}")
         if self.gpu is not None and self.device is not None:

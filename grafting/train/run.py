@@ -14,10 +14,11 @@ from torch import nn
 
 from grafting.data.fake import MARKER_NAME
 from grafting.distributed import broadcast_from_main, is_distributed
-from grafting.errors import UsageError
+from grafting.errors import GraftingError, UsageError
 from grafting.method.distill import Distiller, ModelBuilder, make_distiller
 from grafting.method.graft import unwrap_model
 from grafting.ring.grafter import Grafter
+from grafting.train.cli import out_of_memory
 from grafting.train.config import RunConfig
 from grafting.train.files import (
     ResumeState,
@@ -178,6 +179,12 @@ def run_ring(
             if files is not None:
                 log.warning(f"{stop}: {files.last} keeps the last finished epoch; continue with --resume")
             raise
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            raise GraftingError(
+                f"{out_of_memory(err)}; the checkpoints of the finished epochs are intact: continue with --resume "
+                f"once other processes have freed the memory (or with fewer --workers), or start a new run in "
+                f"another --s with a smaller {config.flag_of('batch_size')}"
+            ) from None
         finally:
             reporter.close()
         grafter.finish()  # the exchange files no network needs any more, the heartbeat and the lock
