@@ -363,3 +363,82 @@ def test_a_real_cuda_out_of_memory_is_one_line(capsys: pytest.CaptureFixture[str
     assert exit_code_of(main, []) == 1
     line = error_line(capsys)
     assert line.startswith("error: CUDA out of memory. Tried to allocate 16.00 TiB"), line
+
+
+# ----------------------------------------------------------------------------------------------
+# 13: a full disk under metrics.jsonl or the TensorBoard events
+
+
+def _metrics_disk_full_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> str:
+    """metrics.jsonl's writes fail as on a full disk once epoch 2 is reported (half its line reaches it)."""
+    from grafting.train import report
+
+    class FullDisk:
+        def __init__(self, path: Path, mode: str) -> None:
+            self.handle = open(path, mode)  # noqa: SIM115 (closed by __exit__)
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()
+
+        def write(self, text: str) -> int:
+            if '"epoch": 2,' in text:
+                self.handle.write(text[: len(text) // 2])
+                self.handle.flush()
+                raise OSError(28, "No space left on device")
+            return self.handle.write(text)
+
+    monkeypatch.setattr(report, "open", FullDisk, raising=False)  # report.py's own open() alone
+    return "{s}/net1/metrics.jsonl"
+
+
+def _events_disk_full_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The TensorBoard writer thread's writes fail as on a full disk from epoch 2 on."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from grafting.train.tensorboard import TensorBoardRun
+
+    full, write, epoch = [False], RecordWriter.write, TensorBoardRun.epoch
+
+    def record_write(self: RecordWriter, data: bytes) -> None:
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        write(self, data)
+
+    def board_epoch(self: TensorBoardRun, record: object, *args: object) -> None:
+        full[0] = full[0] or getattr(record, "epoch", 0) == 2
+        epoch(self, record, *args)
+
+    monkeypatch.setattr(RecordWriter, "write", record_write)
+    monkeypatch.setattr(TensorBoardRun, "epoch", board_epoch)
+    return "TensorBoard events in {s}/tb/net1"
+
+
+@pytest.mark.parametrize("fill", [_metrics_disk_full_in_epoch_2, _events_disk_full_in_epoch_2], ids=["metrics", "tb"])
+def test_a_full_disk_under_the_epoch_records_is_one_line_and_resume_loses_nothing(
+    fill: Callable[[pytest.MonkeyPatch], str],
+    tmp_path: Path,
+    data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shared = tmp_path / "s"
+    what = fill(monkeypatch).format(s=shared)
+    assert run_script_here(cifar_main(), cifar_flags(data, shared, epochs=2)) == 1
+    line = error_line(capsys)
+    assert line == (
+        f"error: could not write {what}: No space left on device; the previous checkpoint is intact: free some "
+        f"space and continue with --resume"
+    ), line
+    files = NetworkFiles(shared, 1)
+    assert torch.load(files.last, weights_only=True)["epoch"] == 1
+    monkeypatch.undo()  # space was freed
+    assert run_script_here(cifar_main(), cifar_flags(data, shared, "--resume", epochs=2)) == 0
+    assert [r["epoch"] for r in read_metrics(files.metrics)] == [1, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(shared / "tb" / "net1"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("test/acc")] == [1, 2]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from grafting.train.tensorboard import TensorBoardRun
 
 from grafting.checkpoint import parse_json, read_text_file, write_text_atomic
-from grafting.errors import CheckpointError, first_line
+from grafting.errors import CheckpointError, GraftingError, first_line
 from grafting.ring.exchange import format_duration
 
 __all__ = ["EpochRecord", "RunReporter", "read_metrics", "coefficient_summary", "PAPER_THRESHOLD", "INVALID_THRESHOLDS"]
@@ -229,6 +229,14 @@ def _parse_metrics(text: str, path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _write_failed(what: str, err: OSError) -> GraftingError:
+    """The one line for a report that could not be written (a full disk, a quota)."""
+    return GraftingError(
+        f"could not write {what}: {err.strerror or first_line(err)}; the previous checkpoint is intact: free some "
+        f"space and continue with --resume"
+    )
+
+
 class RunReporter:
     """Writes each :class:`EpochRecord` to the console, ``metrics.jsonl`` and TensorBoard.
 
@@ -295,24 +303,40 @@ class RunReporter:
 
     def epoch(self, record: EpochRecord, filter_norms: torch.Tensor | None = None) -> None:
         """Report one finished epoch; ``filter_norms`` (the l1 norm of every conv filter the paper counts)
-        feeds TensorBoard's picture of the invalid filters."""
+        feeds TensorBoard's picture of the invalid filters. A write that fails (a full disk) stops the run
+        with one line before the epoch's checkpoint is saved, so a resumed run reports the epoch again."""
         log.info(record.line(self.tag))
         if self.metrics is not None:
-            with open(self.metrics, "a") as handle:
-                handle.write(record.to_json() + "\n")
+            try:
+                with open(self.metrics, "a") as handle:
+                    handle.write(record.to_json() + "\n")
+            except OSError as err:  # a line cut off here is dropped by the next start
+                raise _write_failed(str(self.metrics), err) from None
         self._show(record, filter_norms)
 
     def _show(self, record: EpochRecord, filter_norms: torch.Tensor | None) -> None:
         """``record`` in TensorBoard."""
-        if self.tensorboard is not None:
+        if self.tensorboard is None:
+            return
+        try:
             if self._board is None:
                 from grafting.train.tensorboard import TensorBoardRun  # slow import, only when used
 
                 self._board = TensorBoardRun(self.tensorboard, self.settings, purge_step=self._first_step)
             self._board.epoch(record, filter_norms)
+        except OSError as err:
+            folder, board = self.tensorboard, self._board
+            self.tensorboard = self._board = None  # nothing more goes there in this process
+            if board is not None:
+                board.close(quiet=True)
+            raise _write_failed(f"TensorBoard events in {folder}", err) from None
 
     def close(self) -> None:
-        """Flush and close the TensorBoard event file."""
+        """Flush and close the TensorBoard event file (every epoch was flushed already: a failure here is
+        a warning)."""
         if self._board is not None:
-            self._board.close()
-            self._board = None
+            board, self._board = self._board, None
+            try:
+                board.close()
+            except OSError as err:
+                log.warning(f"could not close the TensorBoard events in {self.tensorboard}: {err.strerror or err}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,23 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _quiet_writer_thread() -> None:
+    """TensorBoard writes the events in a thread of its own. A write that fails there (a full disk) is
+    raised again by the writer's next call in the training thread, which stops the run with one line;
+    the thread's own traceback on stderr would only repeat it at length. Installed once per process."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard_writer", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.quiet_tensorboard_writer = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class TensorBoardRun:
     """The TensorBoard event file of one network; ``settings`` are written at once. With ``purge_step``,
     TensorBoard hides the steps from there on that earlier event files of the folder hold (a restarted
@@ -73,6 +91,7 @@ class TensorBoardRun:
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        _quiet_writer_thread()
         self.writer = SummaryWriter(str(folder), purge_step=purge_step)
         self._layout_written = False
         if settings:
@@ -119,9 +138,13 @@ class TensorBoardRun:
                 self.writer.add_image("filters/l1_norm_distribution", picture, step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self) -> None:
-        """Flush and close the event file."""
-        self.writer.close()
+    def close(self, *, quiet: bool = False) -> None:
+        """Flush and close the event file; ``quiet``: after a failed write, whose error was already said."""
+        try:
+            self.writer.close()
+        except OSError:
+            if not quiet:
+                raise
 
 
 # ----------------------------------------------------------------------------------------------
