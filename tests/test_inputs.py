@@ -442,3 +442,26 @@ def test_a_full_disk_under_the_epoch_records_is_one_line_and_resume_loses_nothin
     events = EventAccumulator(str(shared / "tb" / "net1"))
     events.Reload()
     assert [event.step for event in events.Scalars("test/acc")] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# 15: learning rate and weight decay beyond float32
+
+
+@pytest.mark.parametrize("script", ["cifar", "imagenet"])
+@pytest.mark.parametrize("flag", ["--lr", "--wd"])
+def test_optimizer_values_beyond_float32_are_one_line_before_anything_is_written(
+    script: str, flag: str, tmp_path: Path, data: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if script == "cifar":
+        main, argv = cifar_main(), cifar_flags(data, tmp_path / "s", flag, "1e39")
+    else:
+        from grafting_imagenet.train import main
+
+        argv = imagenet_flags(image_folder, tmp_path / "s", flag, "1e39")
+    named = {"--lr": "--lr", "--wd": "--wd/--weight-decay"}[flag]
+    named = "--lr/--learning-rate" if script == "imagenet" and flag == "--lr" else named
+    assert run_script_here(main, argv) == 2
+    said = "must be at most 3.4e+38 (the largest float32, the weights' type), got 1e+39"
+    assert error_line(capsys) == f"error: {named} {said}"
+    assert not (tmp_path / "s").exists()

@@ -68,6 +68,17 @@ def _non_negative(value: float, flag: str) -> None:
         raise UsageError(f"{flag} must be >= 0, got {value}")
 
 
+# The optimizer's values meet the weights in float32: anything larger fails in the middle of the first step.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(value: float, flag: str) -> None:
+    if abs(value) > _FLOAT32_MAX:
+        raise UsageError(
+            f"{flag} must be at most {_FLOAT32_MAX:.3g} (the largest float32, the weights' type), got {value:g}"
+        )
+
+
 def _data_kind(generated: object) -> str:
     """The kind of data ``generated_data`` says a run trained on, for messages."""
     from grafting.data.fake import MARKER_NAME
@@ -423,6 +434,8 @@ class RunConfig:
             _positive(getattr(self, name), self.flag_of(name))
         for name in ("momentum", "weight_decay", "print_freq"):
             _non_negative(getattr(self, name), self.flag_of(name))
+        for name in ("lr", "momentum", "weight_decay"):
+            _float32(getattr(self, name), self.flag_of(name))
         if self.workers is not None:
             _non_negative(self.workers, self.flag_of("workers"))
         if self.threads is not None and self.threads < 1:
