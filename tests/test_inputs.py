@@ -465,3 +465,29 @@ def test_optimizer_values_beyond_float32_are_one_line_before_anything_is_written
     said = "must be at most 3.4e+38 (the largest float32, the weights' type), got 1e+39"
     assert error_line(capsys) == f"error: {named} {said}"
     assert not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 16: a teacher that diverged
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e30"])
+def test_a_teacher_with_broken_weights_is_one_line_naming_it_before_training(
+    value: str, tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grafting.archs import cifar_models
+
+    teacher = cifar_models.create("resnet20", num_classes=10)
+    with torch.no_grad():
+        teacher.conv1.weight[0, 0, 0, 0] = float(value)
+    path = tmp_path / "teacher.pt"
+    torch.save({"model": teacher.state_dict()}, path)
+    flags = cifar_flags(data, tmp_path / "s", "--distill", "teacher", "--teacher", str(path))
+    assert run_script_here(cifar_main(), flags) == 2
+    line = error_line(capsys)
+    broken = (
+        "holds NaN or infinite values (conv1.weight)" if value != "1e30" else "holds values up to 1e+30 (conv1.weight)"
+    )
+    assert line.startswith(f"error: --teacher {path} {broken}"), line
+    assert line.endswith("it is not a usable teacher: give a checkpoint of a run that did not diverge"), line
+    assert not (tmp_path / "s").exists(), "nothing may be written before the teacher is known to be usable"
