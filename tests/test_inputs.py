@@ -491,3 +491,21 @@ def test_a_teacher_with_broken_weights_is_one_line_naming_it_before_training(
     assert line.startswith(f"error: --teacher {path} {broken}"), line
     assert line.endswith("it is not a usable teacher: give a checkpoint of a run that did not diverge"), line
     assert not (tmp_path / "s").exists(), "nothing may be written before the teacher is known to be usable"
+
+
+# ----------------------------------------------------------------------------------------------
+# 17: a negative seed: numpy's generators take none (graft-data's refusal is tested in test_tools.py)
+
+
+def test_the_training_scripts_refuse_a_negative_seed_in_one_line(
+    tmp_path: Path, data: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grafting_imagenet.train import main as imagenet_main
+
+    for main, argv in (
+        (cifar_main(), cifar_flags(data, tmp_path / "s", "--seed", "-1")),
+        (imagenet_main, imagenet_flags(image_folder, tmp_path / "s", "--seed", "-1")),
+    ):
+        assert run_script_here(main, argv) == 2
+        assert error_line(capsys) == "error: --seed must lie in 0..4611686018427387904, got -1"
+    assert not (tmp_path / "s").exists()
