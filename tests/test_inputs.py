@@ -308,6 +308,10 @@ OUT_OF_MEMORY = {
         "3.12 GiB is free. Including non-PyTorch memory, this process has 76.06 GiB memory in use."
     ),
     "host": MemoryError(),
+    "torch-host": RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)"
+    ),
 }
 
 
@@ -327,7 +331,11 @@ def test_running_out_of_memory_in_training_is_one_line_whose_advice_works(
     monkeypatch.setattr(loop, "train_one_epoch", exhausted_in_epoch_2)
     assert run_script_here(cifar_main(), cifar_flags(data, shared, epochs=2)) == 1
     line = error_line(capsys)
-    said = "CUDA out of memory. Tried to allocate 20.00 GiB" if case == "gpu" else "out of memory"
+    said = {
+        "gpu": "CUDA out of memory. Tried to allocate 20.00 GiB",
+        "host": "out of memory",
+        "torch-host": "out of memory: tried to allocate 20.00 GiB",
+    }[case]
     assert line == (
         f"error: {said}; the checkpoints of the finished epochs are intact: continue with --resume once other "
         f"processes have freed the memory (or with fewer --workers), or start a new run in another --s with a "
@@ -352,17 +360,25 @@ def test_running_out_of_memory_outside_training_is_one_line(capsys: pytest.Captu
     )
 
 
-@pytest.mark.cuda
-def test_a_real_cuda_out_of_memory_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda" if torch.cuda.is_available() else "cpu", marks=pytest.mark.cuda, id="cuda")]
+)
+def test_a_real_out_of_memory_is_one_line(device: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """256 TiB: more than any machine's memory, and than a process's whole address space."""
     from grafting.train.cli import entry_point
 
     @entry_point
     def main(argv: list[str] | None = None) -> None:
-        torch.empty(2**42, device="cuda")  # 16 TiB
+        torch.empty(2**46, device=device)
 
     assert exit_code_of(main, []) == 1
     line = error_line(capsys)
-    assert line.startswith("error: CUDA out of memory. Tried to allocate 16.00 TiB"), line
+    said = (
+        "CUDA out of memory. Tried to allocate 256.00 TiB"
+        if device == "cuda"
+        else "out of memory: tried to allocate 262144.00 GiB"
+    )
+    assert line.startswith(f"error: {said}; lower the batch size"), line
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import re
 import sys
 from typing import Callable, TypeVar
 
@@ -15,7 +16,15 @@ from grafting.errors import DatasetNotFoundError, GraftingError, UsageError, fir
 from grafting.train.config import RunConfig
 from grafting.train.signals import STOPPED_EXIT_CODE, StopRequested, stop_on_signals
 
-__all__ = ["ArgumentParser", "build_parser", "parse_config", "given_settings", "entry_point", "out_of_memory"]
+__all__ = [
+    "ArgumentParser",
+    "build_parser",
+    "parse_config",
+    "given_settings",
+    "entry_point",
+    "is_out_of_memory",
+    "out_of_memory",
+]
 
 C = TypeVar("C", bound=RunConfig)
 
@@ -84,10 +93,21 @@ def given_settings(config_cls: type[RunConfig], argv: list[str] | None) -> froze
     return frozenset(vars(parser.parse_args(argv)))
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says the GPU or the host ran out of memory (torch's CPU allocator raises a plain
+    RuntimeError for that)."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
 def out_of_memory(err: BaseException) -> str:
-    """What ran out of memory, in a few words, from a ``torch.OutOfMemoryError`` (GPU) or ``MemoryError``
-    (host): torch's CUDA message is one long line whose first two sentences say where and how much."""
+    """What ran out of memory, in a few words, from an error :func:`is_out_of_memory` accepts. torch's CUDA
+    message is one long line whose first two sentences say where and how much."""
     text = first_line(err) if str(err).strip() else ""
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    if asked:
+        return f"out of memory: tried to allocate {int(asked.group(1)) / 2**30:.2f} GiB"
     return ". ".join(text.split(". ")[:2]).rstrip(".") if text else "out of memory"
 
 
@@ -110,7 +130,9 @@ def entry_point(main: Callable[[list[str] | None], None]) -> Callable[[list[str]
         except GraftingError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(1)
-        except (torch.OutOfMemoryError, MemoryError) as err:
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
             print(
                 f"error: {out_of_memory(err)}; lower the batch size (or the image size, or the workers), or free the "
                 f"memory other processes hold",

@@ -18,7 +18,7 @@ from grafting.errors import GraftingError, UsageError
 from grafting.method.distill import Distiller, ModelBuilder, make_distiller
 from grafting.method.graft import unwrap_model
 from grafting.ring.grafter import Grafter
-from grafting.train.cli import out_of_memory
+from grafting.train.cli import is_out_of_memory, out_of_memory
 from grafting.train.config import RunConfig
 from grafting.train.files import (
     ResumeState,
@@ -179,7 +179,9 @@ def run_ring(
             if files is not None:
                 log.warning(f"{stop}: {files.last} keeps the last finished epoch; continue with --resume")
             raise
-        except (torch.OutOfMemoryError, MemoryError) as err:
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
             raise GraftingError(
                 f"{out_of_memory(err)}; the checkpoints of the finished epochs are intact: continue with --resume "
                 f"once other processes have freed the memory (or with fewer --workers), or start a new run in "
