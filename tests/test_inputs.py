@@ -151,12 +151,13 @@ def test_a_network_file_that_cannot_be_read_is_one_line_at_the_start(
 
 
 SUMMARY_FILES = {
-    "config.json a fifo": ("config.json", "fifo", "config.json is unreadable (is not a regular file"),
-    "config.json huge": ("config.json", "huge", "config.json is unreadable (holds 20.0 MiB"),
-    "config.json nested": ("config.json", "nested", "config.json is unreadable (JSON nested too deeply)"),
-    "metrics.jsonl a fifo": ("metrics.jsonl", "fifo", "cannot read {path} (is not a regular file"),
-    "metrics.jsonl a folder": ("metrics.jsonl", "folder", "cannot read {path} (is a directory, not a file)"),
-    "metrics.jsonl nested": ("metrics.jsonl", "nested", "{path}, line 1 is not a JSON record (JSON nested"),
+    # A folder whose only config.json is a FIFO is no run to graft-summary; next to a real one it is read.
+    "config.json a fifo": ("net2/config.json", "fifo", "{path} is unreadable (is not a regular file"),
+    "config.json huge": ("net1/config.json", "huge", "{path} is unreadable (holds 20.0 MiB"),
+    "config.json nested": ("net1/config.json", "nested", "{path} is unreadable (JSON nested too deeply)"),
+    "metrics.jsonl a fifo": ("net1/metrics.jsonl", "fifo", "cannot read {path} (is not a regular file"),
+    "metrics.jsonl a folder": ("net1/metrics.jsonl", "folder", "cannot read {path} (is a directory, not a file)"),
+    "metrics.jsonl nested": ("net1/metrics.jsonl", "nested", "{path}, line 1 is not a JSON record (JSON nested"),
 }
 
 
@@ -166,7 +167,8 @@ def test_graft_summary_names_a_file_that_cannot_be_read(
 ) -> None:
     name, kind, said = SUMMARY_FILES[case]
     shared = copy_of(finished_run, tmp_path)
-    path = shared / "net1" / name
+    path = shared / name
+    path.parent.mkdir(exist_ok=True)
     replace_with(path, kind)
     with no_hang():
         assert run_script_here(summary_main(), [str(shared)]) == 1
@@ -299,7 +301,7 @@ def test_an_image_size_that_asks_for_terabytes_is_refused(tmp_path: Path) -> Non
     from grafting_imagenet.train import recipe_for_evaluation
 
     with pytest.raises(GraftingError, match="records --image-size 100000, which is not valid"):
-        recipe_for_evaluation(parse_args(["-e"]), config.parent / "best.pt")
+        recipe_for_evaluation(parse_args(["-e"]), config.parent / "best.pt", frozenset())
 
 
 OUT_OF_MEMORY = {
