@@ -289,6 +289,18 @@ def test_more_workers_than_cores_are_capped_with_a_warning(
     assert kept.loader.num_workers == 1
 
 
+def test_a_generated_cifar_that_asks_for_terabytes_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grafting.tools.data import main
+
+    assert run_script_here(main, ["stand-in-cifar", str(tmp_path / "d"), "--train-size", "1000000000"]) == 2
+    assert "argument --train-size: 1e+09 must lie in 1..500000" in error_line(capsys)
+    with pytest.raises(GraftingError, match=r"1 to 500000 images per split, got train_size=5 test_size=1000000000"):
+        write_fake_cifar(tmp_path / "d", 10, train_size=5, test_size=10**9)
+    assert not (tmp_path / "d").exists()
+
+
 def test_an_image_size_that_asks_for_terabytes_is_refused(tmp_path: Path) -> None:
     from grafting.errors import UsageError
     from grafting_imagenet.train import parse_args
