@@ -274,7 +274,7 @@ class RunReporter:
             return
         kept = [r for r in _parse_metrics(text, self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
         self._kept = kept
-        if self._text(kept) != text:  # also drops a line cut off by a crash, which would hide what follows it
+        if self._text(kept) != text:  # also drops a line cut off by a crash, before anything is appended to it
             write_text_atomic(self._text(kept), self.metrics)
         last = kept[-1].get("elapsed_s") if kept else None
         if isinstance(last, (int, float)) and math.isfinite(last) and last > 0:
