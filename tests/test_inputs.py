@@ -399,8 +399,8 @@ def test_a_real_out_of_memory_is_one_line(device: str, capsys: pytest.CaptureFix
 # 13: a full disk under metrics.jsonl or the TensorBoard events
 
 
-def _metrics_disk_full_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> str:
-    """metrics.jsonl's writes fail as on a full disk once epoch 2 is reported (half its line reaches it)."""
+def _metrics_disk_full_in_epoch_2(monkeypatch: pytest.MonkeyPatch, epoch: int = 2) -> str:
+    """metrics.jsonl's writes fail as on a full disk once ``epoch`` is reported (half its line reaches it)."""
     from grafting.train import report
 
     class FullDisk:
@@ -414,7 +414,7 @@ def _metrics_disk_full_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> str:
             self.handle.close()
 
         def write(self, text: str) -> int:
-            if '"epoch": 2,' in text:
+            if f'"epoch": {epoch},' in text:
                 self.handle.write(text[: len(text) // 2])
                 self.handle.flush()
                 raise OSError(28, "No space left on device")
@@ -446,7 +446,16 @@ def _events_disk_full_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> str:
     return "TensorBoard events in {s}/tb/net1"
 
 
-@pytest.mark.parametrize("fill", [_metrics_disk_full_in_epoch_2, _events_disk_full_in_epoch_2], ids=["metrics", "tb"])
+def _metrics_disk_full_in_epoch_1(monkeypatch: pytest.MonkeyPatch) -> str:
+    """As :func:`_metrics_disk_full_in_epoch_2` in the first epoch: no checkpoint exists yet."""
+    return _metrics_disk_full_in_epoch_2(monkeypatch, epoch=1)
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [_metrics_disk_full_in_epoch_1, _metrics_disk_full_in_epoch_2, _events_disk_full_in_epoch_2],
+    ids=["metrics-epoch-1", "metrics", "tb"],
+)
 def test_a_full_disk_under_the_epoch_records_is_one_line_and_resume_loses_nothing(
     fill: Callable[[pytest.MonkeyPatch], str],
     tmp_path: Path,
@@ -459,12 +468,13 @@ def test_a_full_disk_under_the_epoch_records_is_one_line_and_resume_loses_nothin
     assert run_script_here(cifar_main(), cifar_flags(data, shared, epochs=2)) == 1
     line = error_line(capsys)
     assert line == (
-        f"error: could not write {what}: No space left on device; the previous checkpoint is intact: free some "
-        f"space and continue with --resume"
+        f"error: could not write {what}: No space left on device; the checkpoints of the finished epochs are "
+        f"intact: free some space and continue with --resume"
     ), line
     files = NetworkFiles(shared, 1)
-    assert torch.load(files.last, weights_only=True)["epoch"] == 1
-    monkeypatch.undo()  # space was freed
+    if fill is not _metrics_disk_full_in_epoch_1:
+        assert torch.load(files.last, weights_only=True)["epoch"] == 1
+    monkeypatch.undo()  # space was freed: the advice, literally
     assert run_script_here(cifar_main(), cifar_flags(data, shared, "--resume", epochs=2)) == 0
     assert [r["epoch"] for r in read_metrics(files.metrics)] == [1, 2]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

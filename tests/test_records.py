@@ -170,9 +170,12 @@ def killed_before_saving(epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "save_last", dies)
 
 
-# A run that saved an epoch continues with --resume; one killed in epoch 1 has nothing to continue: it starts
-# afresh, or with --resume auto (what the experiment scripts pass on every start).
-@pytest.mark.parametrize("killed_in, restart", [(1, "--resume auto"), (1, ""), (2, "--resume")])
+# A run that saved an epoch continues with --resume; one killed in epoch 1 starts again with --resume, with
+# --resume auto (what the experiment scripts pass on every start) or without.
+RESTARTS = [(1, "--resume"), (1, "--resume auto"), (1, ""), (2, "--resume")]
+
+
+@pytest.mark.parametrize("killed_in, restart", RESTARTS)
 def test_an_epoch_recorded_before_a_kill_is_recorded_once(
     tmp_path: Path, stand_in: Path, monkeypatch: pytest.MonkeyPatch, killed_in: int, restart: str
 ) -> None:

@@ -182,8 +182,9 @@ def resolve_resume(config: RunConfig) -> bool:
     """What ``--resume`` asks of network ``config.i``: True to continue its run, False to start one.
 
     ``--resume auto`` continues when there is something to continue (:func:`something_to_continue`) and
-    starts otherwise; a plain ``--resume`` with nothing to continue is a :class:`UsageError` that says
-    how to start instead (a mistyped --s must not cost a whole new run)."""
+    starts otherwise; so does a plain ``--resume`` of a network that started in this folder (its
+    config.json) but saved no epoch. A plain ``--resume`` with nothing at all is a :class:`UsageError` that
+    says how to start instead (a mistyped --s must not cost a whole new run)."""
     if not config.resume:
         return False
     files = NetworkFiles(Path(config.s), config.i)
@@ -191,6 +192,11 @@ def resolve_resume(config: RunConfig) -> bool:
         return True
     if config.resume == RESUME_AUTO:
         log.info(f"--resume {RESUME_AUTO}: no {files.last} yet, starting from epoch 1")
+        return False
+    if os.path.lexists(files.config):
+        # It started here (no mistyped --s) and stopped in its first epoch: every failure's advice "restart
+        # it with --resume" starts it again.
+        log.info(f"--resume: {files.folder} saved no epoch yet, starting from epoch 1")
         return False
     where = f"{config.s} does not exist" if not os.path.lexists(config.s) else f"{files.folder} has no checkpoint"
     raise UsageError(

@@ -232,8 +232,8 @@ def _parse_metrics(text: str, path: Path) -> list[dict[str, Any]]:
 def _write_failed(what: str, err: OSError) -> GraftingError:
     """The one line for a report that could not be written (a full disk, a quota)."""
     return GraftingError(
-        f"could not write {what}: {err.strerror or first_line(err)}; the previous checkpoint is intact: free some "
-        f"space and continue with --resume"
+        f"could not write {what}: {err.strerror or first_line(err)}; the checkpoints of the finished epochs are "
+        f"intact: free some space and continue with --resume"
     )
 
 
