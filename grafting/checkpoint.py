@@ -4,11 +4,17 @@ Every file this project writes goes through :func:`save_atomic`, so a process ki
 (SIGKILL included) or a full disk leaves either the previous complete file or the new complete file,
 never a half-written one. Reading goes through :func:`load_file`, which turns the many ways
 ``torch.load`` fails on a damaged file into one :class:`CheckpointError` line that names the file.
+The project's text files (``config.json``, ``ring.json``, ``metrics.jsonl``) are read with
+:func:`read_text_file` and :func:`parse_json`: like :func:`load_file` they never block on a FIFO, and
+they refuse a file far larger than any of its kind, or JSON nested too deeply to parse, as errors the
+caller turns into one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import math
 import os
@@ -138,6 +144,60 @@ def remove_temp_files(folder: str | Path, names: re.Pattern[str] | None = None) 
     return removed
 
 
+# The most a JSON file of this project (config.json, ring.json) holds: a few kilobytes in practice.
+JSON_FILE_LIMIT = 16 * 2**20
+
+
+class NotRegularFileError(OSError):
+    """A pipe, socket or device where a file is read (``strerror`` says so)."""
+
+
+def open_regular_file(path: str | Path) -> int:
+    """A read-only descriptor of the regular file ``path`` (the caller closes it), opened without waiting
+    (:func:`_open_without_waiting`): a FIFO without a writer would wait for one forever, and a device may
+    never end. A folder raises :class:`IsADirectoryError`, anything else that is not a regular file
+    :class:`NotRegularFileError`, a missing file :class:`FileNotFoundError`."""
+    fd, mode = _open_without_waiting(path)
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+        raise NotRegularFileError(errno.EINVAL, "is not a regular file (a pipe or a device)", str(path))
+    return fd
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def read_text_file(path: str | Path, *, max_bytes: int = JSON_FILE_LIMIT) -> str:
+    """The UTF-8 text of the regular file ``path``. Raises :class:`OSError` when it cannot be read, is not
+    a regular file (:func:`open_regular_file`) or holds more than ``max_bytes`` (``strerror`` says which),
+    and :class:`UnicodeDecodeError` (a :class:`ValueError`) when it is not text."""
+    with open(open_regular_file(path), "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        size = max(os.stat(path).st_size, len(data))
+        raise OSError(
+            errno.EFBIG, f"holds {_size_text(size)}, far more than such a file ever does ({_size_text(max_bytes)})"
+        )
+    return data.decode("utf-8")
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` that raises :class:`ValueError` also for JSON nested too deeply for Python's parser
+    (a :class:`RecursionError` otherwise)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def read_json_file(path: str | Path, *, max_bytes: int = JSON_FILE_LIMIT) -> Any:
+    """The JSON value in ``path``: :func:`read_text_file` then :func:`parse_json` (OSError, ValueError)."""
+    return parse_json(read_text_file(path, max_bytes=max_bytes))
+
+
 def _short_reason(err: BaseException) -> str:
     """One short line describing why ``torch.load`` failed, without torch's multi-paragraph advice."""
     text = str(err)
@@ -155,22 +215,29 @@ def _short_reason(err: BaseException) -> str:
     return f"{name}: {first_sentence}" if first_sentence else name
 
 
+def _open_without_waiting(path: str | Path) -> tuple[int, int]:
+    """A read-only descriptor of ``path`` and its ``st_mode``, blocking only for a regular file (the caller
+    checks the file type and closes the descriptor). A FIFO opens at once instead of waiting for a writer,
+    and reading it without O_NONBLOCK could still block: it is left non-blocking. OSError when it cannot
+    be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        os.set_blocking(fd, True)
+    return fd, mode
+
+
 def open_to_read(path: Path, kind: str) -> tuple[int, int]:
-    """A blocking read-only descriptor of ``path`` and its ``st_mode`` (the caller checks the file type and
-    closes the descriptor); a one-line :class:`CheckpointError` naming the ``kind`` of file when it
-    cannot be opened. A FIFO opens at once instead of waiting for a writer."""
+    """:func:`_open_without_waiting`, with a one-line :class:`CheckpointError` naming the ``kind`` of file
+    when it cannot be opened."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return _open_without_waiting(path)
     except FileNotFoundError:
         raise CheckpointError(f"{kind} {path} does not exist; check the path") from None
     except PermissionError:
         raise CheckpointError(f"cannot read {path}: permission denied; fix its permissions") from None
     except OSError as err:
         raise CheckpointError(f"cannot open {path}: {err.strerror or err}; check the path") from None
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISREG(mode):  # reading a FIFO or a device without O_NONBLOCK could still block: leave those
-        os.set_blocking(fd, True)
-    return fd, mode
 
 
 def load_file(

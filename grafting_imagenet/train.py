@@ -19,7 +19,6 @@ architecture and image size come from the ``config.json`` next to the checkpoint
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -32,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch
 from torch import nn
 
-from grafting.checkpoint import load_state_dict_file, load_weights_into
+from grafting.checkpoint import load_state_dict_file, load_weights_into, read_json_file
 from grafting.data.fake import is_generated_stand_in, stand_in_description
 from grafting.data.imagenet import imagenet_loaders, imagenet_val_loader
 from grafting.data.loading import EpochLoader
@@ -83,7 +82,7 @@ def _saved_settings(path: Path) -> tuple[Path, dict] | None:
     if not config_path.is_file():
         return None
     try:
-        saved = json.loads(config_path.read_text())
+        saved = read_json_file(config_path)
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"{config_path} is unreadable ({err}); fix or move it, or pass -a and --image-size with --checkpoint"
@@ -103,7 +102,10 @@ def recipe_for_evaluation(config: ImagenetConfig, path: Path | None, given: froz
     config_path, saved = found
     checks = {
         "model": (lambda v: isinstance(v, str) and v in ARCHS, "-a/--arch"),
-        "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 16, "--image-size"),
+        "image_size": (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= ImagenetConfig.MAX_IMAGE_SIZE,
+            "--image-size",
+        ),
     }
     changes = {}
     for name, (valid, flag) in checks.items():

@@ -15,7 +15,6 @@ fails (:mod:`helpers.markers` says how each is judged).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import helpers
@@ -60,9 +59,6 @@ def no_process_outlives_its_test() -> Iterator[None]:
 @pytest.fixture
 def in_process_logs() -> Iterator[None]:
     """A script's main() run in this process points the root logger at the console; put pytest's handlers
-    back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    back afterwards (see :func:`helpers.script_state`)."""
+    with helpers.script_state():
+        yield

@@ -165,6 +165,9 @@ def test_peers_with_different_a_stop_before_any_weights_are_mixed(tmp_path: Path
         (["--kd-weight", "nan"], "--kd-weight"),
         (["--kd-temperature", "inf"], "--kd-temperature"),
         (["--invalid-threshold", "nan"], "--invalid-threshold"),
+        (["--lr", "1e39"], r"--lr must be at most 3\.4e\+38 \(the largest float32, the weights' type\), got 1e\+39"),
+        (["--wd", "1e39"], r"--wd/--weight-decay must be at most 3\.4e\+38"),
+        (["--momentum", "1e39"], r"--momentum must be at most 3\.4e\+38"),
     ],
 )
 def test_bad_values_are_usage_errors(argv: list[str], message: str) -> None:

@@ -50,7 +50,7 @@ from helpers import (
 
 from grafting.archs import cifar_models as models
 from grafting.checkpoint import load_file
-from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
+from grafting.data.fake import is_generated_stand_in, write_fake_cifar, write_fake_imagefolder
 from grafting.ring import exchange_file
 from grafting.ring.exchange import Exchange
 from grafting.ring.exchange_file import read as read_exchange_file
@@ -392,7 +392,8 @@ def started_network(data: Path, shared: Path, net: int, num: int, epochs: int) -
     close it when done."""
     from grafting_cifar.train import parse_args
 
-    config = parse_args(flags_for(data, shared, num=num, i=net, epochs=epochs)).replace(graft_rule="name")
+    config = parse_args(flags_for(data, shared, num=num, i=net, epochs=epochs))
+    config = config.replace(graft_rule="name", generated_data=is_generated_stand_in(data))  # as the script does
     grafter = Grafter(shared, net, num, rule="name", meta=config.peer_settings())
     grafter.open()
     prepare_run_files(config, grafter.ring)

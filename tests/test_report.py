@@ -194,6 +194,18 @@ def test_metrics_on_resume_drop_repeated_epochs_and_keep_the_elapsed_time(tmp_pa
     assert resumed.elapsed_before_s == 200.0
 
 
+def test_metrics_of_a_start_drop_what_a_killed_start_left_of_the_epochs_it_trains_again(tmp_path):
+    """A process killed after reporting epoch 1 but before saving it, or in the middle of writing the line,
+    trains epoch 1 again: the next start keeps every epoch once and what it appends readable."""
+    metrics = tmp_path / "metrics.jsonl"
+    for left in (grafted_record(epoch=1).to_json() + "\n", grafted_record(epoch=1).to_json()[:40]):
+        metrics.write_text(left)
+        reporter = RunReporter(metrics, None, start_epoch=1)
+        for epoch in (1, 2):
+            reporter.epoch(grafted_record(epoch=epoch))
+        assert [r["epoch"] for r in read_metrics(metrics)] == [1, 2], left
+
+
 def _events(folder: Path):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 

@@ -627,7 +627,7 @@ def test_summary_errors(tmp_path, capsys):
         (lambda d: (d / "net1" / "metrics.jsonl").write_text('{"loss": 1}\n'), "no 'epoch' or 'test_acc'"),
         (
             lambda d: [(d / "net1" / "metrics.jsonl").unlink(), (d / "net1" / "metrics.jsonl").mkdir()],
-            "metrics.jsonl ([Errno 21] Is a directory",
+            "metrics.jsonl (is a directory, not a file); move it away",
         ),
         (lambda d: (d / "net1" / "metrics.jsonl").write_bytes(b"\xff\xfe{"), "cannot read"),
     ],

@@ -59,6 +59,7 @@ from grafting.data.loading import (
     device_generator,
     epoch_seed,
     normalise,
+    worker_count,
 )
 from grafting.errors import DatasetNotFoundError, GraftingError
 
@@ -384,6 +385,7 @@ def cifar_loaders(
             test_images, test_labels, test_batch_size, train=False, seed=seed, channels_last=channels_last
         )
     else:
+        workers = worker_count(workers)
         train_loader = _torchvision_loader(
             train_set, batch_size, train=True, device=device, workers=workers, seed=seed, channels_last=channels_last
         )

@@ -28,6 +28,7 @@ __all__ = [
     "is_generated_stand_in",
     "stand_in_description",
     "MAX_IMAGE_SIZE",
+    "MAX_CIFAR_SPLIT",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ _CHUNK = 4000
 # The largest side of a generated ImageFolder image: above ImageNet's typical 500 pixels, and small enough that
 # one image's float64 scratch (about 40 MB at 1024 + a sixth) never exhausts memory.
 MAX_IMAGE_SIZE = 1024
+# The most images of one split of a generated CIFAR: ten times CIFAR's training set. Every row is held in
+# memory before it is written (3 KB each, about twice that while pickling): 1.5 GB at this bound, where
+# 10**9 would ask for terabytes.
+MAX_CIFAR_SPLIT = 500_000
 # What a real dataset leaves in a folder: a stand-in is never written over it.
 _REAL_DATA = ("cifar-10-batches-py", "cifar-100-python", "train", "val")
 
@@ -181,9 +186,10 @@ def write_fake_cifar(
     """
     if num_classes not in (10, 100):
         raise GraftingError(f"a generated CIFAR has 10 or 100 classes, not {num_classes}")
-    if train_size < 1 or test_size < 1:
-        raise GraftingError(
-            f"a generated CIFAR needs at least one image per split, got train_size={train_size} test_size={test_size}"
+    if not (1 <= train_size <= MAX_CIFAR_SPLIT and 1 <= test_size <= MAX_CIFAR_SPLIT):
+        raise UsageError(
+            f"a generated CIFAR has 1 to {MAX_CIFAR_SPLIT} images per split, got train_size={train_size} "
+            f"test_size={test_size}"
         )
     if seed < 0:
         raise UsageError(f"the seed of a generated CIFAR must be >= 0, got {seed}")

@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DistributedSampler
 
-from grafting.data.loading import DataLoaderEpochLoader, EpochLoader, SeededSampler, SeededTransformDataset
-from grafting.errors import DatasetNotFoundError, GraftingError
+from grafting.checkpoint import open_regular_file
+from grafting.data.loading import (
+    DataLoaderEpochLoader,
+    EpochLoader,
+    SeededSampler,
+    SeededTransformDataset,
+    worker_count,
+)
+from grafting.errors import DatasetNotFoundError, GraftingError, first_line
 
 if TYPE_CHECKING:  # torchvision is imported where it is used: the CIFAR script imports this package too
     from torchvision.datasets import ImageFolder
@@ -29,22 +36,37 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_loaders", "imagenet_val_lo
 
 logger = logging.getLogger(__name__)
 
+# The largest ImageNet JPEG is about 15 MB: a file far larger than that is not a training image.
+IMAGE_FILE_LIMIT = 256 * 2**20
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def read_rgb(path: str) -> torch.Tensor:
-    """Decode an image file to a uint8 (3, H, W) RGB tensor (greyscale and CMYK files are converted)."""
+    """Decode an image file to a uint8 (3, H, W) RGB tensor (greyscale and CMYK files are converted).
+
+    The file is read the way every file of the project is (:func:`grafting.checkpoint.open_regular_file`):
+    a FIFO in the image folder would otherwise block a DataLoader worker for ever."""
     from torchvision.io import ImageReadMode, decode_image
 
+    try:
+        with open(open_regular_file(path), "rb") as handle:
+            data = handle.read(IMAGE_FILE_LIMIT + 1)
+    except OSError as err:
+        raise GraftingError(f"cannot read image {path} ({err.strerror or err}); replace or remove that file") from None
+    if len(data) > IMAGE_FILE_LIMIT:
+        raise GraftingError(
+            f"image {path} is larger than {IMAGE_FILE_LIMIT // 2**20} MiB, far more than a training image; "
+            f"replace or remove that file"
+        )
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 announces a move of its decoders to TorchCodec on every call; the
             # decoder is current here and that extra dependency would buy nothing.
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(path, mode=ImageReadMode.RGB)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        raise GraftingError(f"cannot decode image {path} ({err}); replace or remove that file") from err
+        raise GraftingError(f"cannot decode image {path} ({first_line(err)}); replace or remove that file") from None
 
 
 def _image_folder(folder: Path, split: str) -> ImageFolder:
@@ -132,7 +154,7 @@ def imagenet_val_loader(
         val_set,
         image_size,
         batch_size=batch_size,
-        workers=workers,
+        workers=worker_count(workers),
         device=torch.device(device),
         distributed=distributed,
         seed=0,
@@ -178,6 +200,7 @@ def imagenet_loaders(
 
     from torchvision.transforms import v2
 
+    workers = worker_count(workers)
     train_transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
     loaders = [
         _epoch_loader(

@@ -3,6 +3,7 @@ per-(seed, epoch) seeding that survives persistent DataLoader workers, and on-de
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from grafting.errors import GraftingError
 
 __all__ = [
     "EpochLoader",
@@ -20,7 +23,10 @@ __all__ = [
     "SeededSampler",
     "SeededTransformDataset",
     "DataLoaderEpochLoader",
+    "worker_count",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -148,6 +154,24 @@ class SeededTransformDataset(Dataset):
             return self.transform(sample), label
 
 
+def worker_count(workers: int) -> int:
+    """The DataLoader workers to start for ``--workers``/``-j workers``: at most the cores this process may
+    use, with a warning. Each worker is a process (each loader of a run keeps its own), and thousands of
+    them fork the machine out of memory; beyond the cores they only take turns."""
+    from grafting.train.runtime import available_cores  # the one owner of "cores this process may use"
+
+    cores = available_cores()
+    if workers <= cores:
+        return workers
+    logger.warning(
+        "--workers %d is more than the %d cores this process may use; using %d DataLoader workers",
+        workers,
+        cores,
+        cores,
+    )
+    return cores
+
+
 class DataLoaderEpochLoader:
     """A DataLoader over a :class:`SeededSampler` whose batches are moved to ``device``.
 
@@ -197,6 +221,13 @@ class DataLoaderEpochLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        try:
+            yield from self._batches()
+        except (GraftingError, MemoryError) as err:
+            # A worker's error comes back with the worker's traceback in its message: keep its own line.
+            raise type(err)(_worker_error_line(str(err))) from None
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -205,3 +236,13 @@ class DataLoaderEpochLoader:
             elif self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
+
+
+def _worker_error_line(message: str) -> str:
+    """The one-line message of an error raised in a DataLoader worker, from the text the DataLoader
+    re-raises it with ("Caught X in DataLoader worker process N. Original Traceback ... module.X: line")."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) < 2 or "DataLoader worker" not in lines[0]:
+        return message
+    name, sep, text = lines[-1].partition(": ")
+    return text if sep and "." in name and " " not in name else lines[-1]

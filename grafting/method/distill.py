@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grafting.checkpoint import class_count_misfit, load_state_dict_file, state_dict_misfit
+from grafting.checkpoint import class_count_misfit, load_state_dict_file, state_dict_misfit, weights_problem
 from grafting.distributed import is_distributed
 from grafting.errors import GraftingError, UsageError, first_line
 from grafting.method.graft import unwrap_model
@@ -160,6 +160,12 @@ def load_teacher(
         raise UsageError(
             f"--teacher {path} does not fit --teacher-model {model_name}: it {problem}; "
             f"pass the architecture it was trained with as --teacher-model"
+        )
+    # NaN or absurd weights would surface epochs later as a NaN loss blamed on --lr.
+    broken = weights_problem(state, reference=teacher.state_dict())
+    if broken:
+        raise UsageError(
+            f"--teacher {path} {broken}; it is not a usable teacher: give a checkpoint of a run that did not diverge"
         )
     teacher.load_state_dict(state)
     return freeze_(_match_memory_format(teacher.to(device), student))

@@ -18,6 +18,7 @@ import secrets
 import stat
 import time
 
+from grafting.checkpoint import read_json_file
 from grafting.errors import GraftingError
 from grafting.ring.layout import SharedFolder
 
@@ -76,7 +77,7 @@ def _read(folder: SharedFolder) -> str | None:
             raise GraftingError(f"{path} is not a file (it should hold the ring's identity); move it away")
         problem = ""
         try:
-            saved = json.loads(path.read_text())
+            saved = read_json_file(path)
             name = saved.get("ring") if isinstance(saved, dict) else None
             if isinstance(name, str) and name:
                 return name

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from grafting.data.fake import MARKER_NAME, MAX_IMAGE_SIZE, is_generated_stand_in
+from grafting.data.fake import MARKER_NAME, MAX_CIFAR_SPLIT, MAX_IMAGE_SIZE, is_generated_stand_in
 from grafting.errors import DatasetNotFoundError, GraftingError, UsageError, first_line
 from grafting.tools.flags import bounded
 from grafting.train.cli import ArgumentParser, entry_point
@@ -52,8 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     cifar.add_argument("folder", metavar="DIR", help="the --data folder to create")
     cifar.add_argument("--cifar", type=int, choices=(10, 100), default=10, help="10 or 100 classes (default: 10)")
-    cifar.add_argument("--train-size", type=_positive, default=5000, help="training images (default: 5000)")
-    cifar.add_argument("--test-size", type=_positive, default=1000, help="test images (default: 1000)")
+    split = bounded(int, 1, MAX_CIFAR_SPLIT)
+    cifar.add_argument(
+        "--train-size", type=split, default=5000, help=f"training images, at most {MAX_CIFAR_SPLIT} (default: 5000)"
+    )
+    cifar.add_argument(
+        "--test-size", type=split, default=1000, help=f"test images, at most {MAX_CIFAR_SPLIT} (default: 1000)"
+    )
     cifar.add_argument("--seed", type=_seed, default=0, help="seed of the generator, >= 0 (default: 0)")
 
     folder = commands.add_parser(

@@ -8,7 +8,6 @@ Every value read from these files is checked, so a file edited by hand gives a o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -17,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grafting.errors import CheckpointError, UsageError
+from grafting.checkpoint import read_json_file
+from grafting.errors import CheckpointError, UsageError, first_line
 from grafting.ring.exchange import heartbeat_age, stale_after_s
 from grafting.ring.layout import CONFIG_NAME, NETWORK_FOLDER, NetworkFiles, SharedFolder
 from grafting.tools.published import PUBLISHED_EPOCHS, method_label, published_accuracy
@@ -103,9 +103,10 @@ def read_config(path: Path) -> dict[str, Any]:
     """A run's ``config.json`` as a dict, its fields checked (one-line :class:`CheckpointError` when it
     is unreadable or a field has the wrong type, e.g. after a hand edit)."""
     try:
-        config = json.loads(path.read_text())
+        config = read_json_file(path)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err}); fix or delete it") from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        raise CheckpointError(f"{path} is unreadable ({reason}); fix or delete it") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} does not hold a settings object; fix or delete it")
     _check_fields(config, _CONFIG_FIELDS, str(path), "fix it (the training script writes it) or delete the run")
@@ -264,7 +265,8 @@ def read_run(folder: Path) -> RunSummary:
     )
     if not nets:
         raise UsageError(f"{folder} holds no net<i>/{CONFIG_NAME}; pass a run folder (--s) or a folder above runs")
-    config = read_config(NetworkFiles(folder, nets[0]).config)
+    every = [read_config(NetworkFiles(folder, net).config) for net in nets]
+    config = every[0]
     num = config.get("num") or len(nets)
     if not 1 <= num <= 10_000:
         raise CheckpointError(f"{NetworkFiles(folder, nets[0]).config}: 'num' is {num}, not a ring size; fix it")
@@ -275,8 +277,9 @@ def read_run(folder: Path) -> RunSummary:
         method=method_label(config),
         epochs=config.get("epochs"),
         num=num,
-        generated_data=bool(config.get("generated_data")),
-        stand_in=str(config.get("stand_in") or ""),
+        # Any network on a generated stand-in marks the whole run (a ring may mix them where nothing is exchanged).
+        generated_data=any(settings.get("generated_data") for settings in every),
+        stand_in=next((str(settings["stand_in"]) for settings in every if settings.get("stand_in")), ""),
     )
     stale_after = stale_after_s()
     # Networks that have not written their config.json yet (not started) count too: the ring needs them.

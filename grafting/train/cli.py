@@ -6,14 +6,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import re
 import sys
 from typing import Callable, TypeVar
 
-from grafting.errors import DatasetNotFoundError, GraftingError, UsageError
+import torch
+
+from grafting.errors import DatasetNotFoundError, GraftingError, UsageError, first_line
 from grafting.train.config import RunConfig
 from grafting.train.signals import STOPPED_EXIT_CODE, StopRequested, stop_on_signals
 
-__all__ = ["ArgumentParser", "build_parser", "parse_config", "given_settings", "entry_point"]
+__all__ = [
+    "ArgumentParser",
+    "build_parser",
+    "parse_config",
+    "given_settings",
+    "entry_point",
+    "is_out_of_memory",
+    "out_of_memory",
+]
 
 C = TypeVar("C", bound=RunConfig)
 
@@ -82,6 +93,24 @@ def given_settings(config_cls: type[RunConfig], argv: list[str] | None) -> froze
     return frozenset(vars(parser.parse_args(argv)))
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says the GPU or the host ran out of memory (torch's CPU allocator raises a plain
+    RuntimeError for that)."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
+def out_of_memory(err: BaseException) -> str:
+    """What ran out of memory, in a few words, from an error :func:`is_out_of_memory` accepts. torch's CUDA
+    message is one long line whose first two sentences say where and how much."""
+    text = first_line(err) if str(err).strip() else ""
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    if asked:
+        return f"out of memory: tried to allocate {int(asked.group(1)) / 2**30:.2f} GiB"
+    return ". ".join(text.split(". ")[:2]).rstrip(".") if text else "out of memory"
+
+
 def entry_point(main: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], None]:
     """Wrap a script's main: a GraftingError becomes one line on stderr and an exit code
     (2 for bad flags or a missing dataset, 1 for failures during the run); Ctrl-C exits 130; SIGUSR1
@@ -100,6 +129,16 @@ def entry_point(main: Callable[[list[str] | None], None]) -> Callable[[list[str]
             sys.exit(2)
         except GraftingError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            print(
+                f"error: {out_of_memory(err)}; lower the batch size (or the image size, or the workers), or free the "
+                f"memory other processes hold",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted; restart with --resume to continue from the last finished epoch", file=sys.stderr)

@@ -68,6 +68,24 @@ def _non_negative(value: float, flag: str) -> None:
         raise UsageError(f"{flag} must be >= 0, got {value}")
 
 
+# The optimizer's values meet the weights in float32: anything larger fails in the middle of the first step.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(value: float, flag: str) -> None:
+    if abs(value) > _FLOAT32_MAX:
+        raise UsageError(
+            f"{flag} must be at most {_FLOAT32_MAX:.3g} (the largest float32, the weights' type), got {value:g}"
+        )
+
+
+def _data_kind(generated: object) -> str:
+    """The kind of data ``generated_data`` says a run trained on, for messages."""
+    from grafting.data.fake import MARKER_NAME
+
+    return f"a GENERATED stand-in (its folder holds {MARKER_NAME})" if generated else "the real data set"
+
+
 @dataclass
 class RunConfig:
     """Settings shared by the CIFAR and ImageNet scripts; see :class:`CifarConfig` and :class:`ImagenetConfig`."""
@@ -348,8 +366,12 @@ class RunConfig:
     # ---- facts the script derives (no flag)
     dataset: str = setting("", resume="fixed", peers=True, help="dataset name")
     num_classes: int = setting(0, resume="fixed", peers=True, help="number of classes")
+    # A ring, or a resumed run, on data of both kinds would label itself by one of them: refused instead.
     generated_data: bool = setting(
-        False, resume="free", help="the data folder holds a generated stand-in, not the real dataset"
+        False,
+        resume="fixed",
+        peers=True,
+        help="the data folder holds a generated stand-in, not the real dataset",
     )
     stand_in: str = setting(
         "", resume="free", help="what the generated stand-in holds (its marker file's description); '' for real data"
@@ -412,6 +434,8 @@ class RunConfig:
             _positive(getattr(self, name), self.flag_of(name))
         for name in ("momentum", "weight_decay", "print_freq"):
             _non_negative(getattr(self, name), self.flag_of(name))
+        for name in ("lr", "momentum", "weight_decay"):
+            _float32(getattr(self, name), self.flag_of(name))
         if self.workers is not None:
             _non_negative(self.workers, self.flag_of("workers"))
         if self.threads is not None and self.threads < 1:
@@ -443,6 +467,12 @@ class RunConfig:
                     f"another version or edited by hand: start a new run in another --s"
                 )
             now, then = getattr(self, name), saved[name]
+            if now != then and name == "generated_data":
+                raise UsageError(
+                    f"--resume: {source} records a run on {_data_kind(then)} but --data {self.data} holds "
+                    f"{_data_kind(now)}; resume with --data pointing at the kind of data the run trained on, "
+                    f"or start a new run in another --s"
+                )
             if now != then:
                 raise UsageError(
                     f"--resume: {self.flag_of(name)} was {then!r} in {source} but is {now!r} now; "
@@ -571,7 +601,7 @@ class ImagenetConfig(RunConfig):
         type=int,
         resume="fixed",
         peers=True,
-        help="training crop; validation resizes to size*256/224 and centre-crops this",
+        help="training crop, 16 to 1024 pixels; validation resizes to size*256/224 and centre-crops this",
     )
     evaluate: bool = setting(
         False,
@@ -617,6 +647,9 @@ class ImagenetConfig(RunConfig):
 
     # -j when not given: PyTorch's ImageNet example's 4, capped by the cores.
     DEFAULT_WORKERS: ClassVar[int] = 4
+    # Far above any ImageNet recipe (224 to 600 pixels): a batch of 256 such uint8 crops is already 0.8 GB,
+    # and each worker prefetches two; 100000 would ask for terabytes and take the machine down.
+    MAX_IMAGE_SIZE: ClassVar[int] = 1024
 
     def __post_init__(self) -> None:
         self.cos = not self.steplr
@@ -642,8 +675,8 @@ class ImagenetConfig(RunConfig):
                 f"-a/--arch: unknown torchvision model '{self.model}'; did you mean {', '.join(close)}? "
                 f"(--help lists all {len(ARCHS)})"
             )
-        if self.image_size < 16:
-            raise UsageError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+        if not 16 <= self.image_size <= self.MAX_IMAGE_SIZE:
+            raise UsageError(f"--image-size must lie in 16..{self.MAX_IMAGE_SIZE} pixels, got {self.image_size}")
         if self.start_epoch is not None and not 1 <= self.start_epoch <= self.epochs:
             raise UsageError(f"--start-epoch must lie in 1..--epochs ({self.epochs}), got {self.start_epoch}")
         if self.gpu is not None and self.device is not None:

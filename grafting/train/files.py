@@ -39,6 +39,7 @@ from grafting.checkpoint import (
     capture_rng_state,
     extract_state_dict,
     load_file,
+    read_json_file,
     remove_temp_files,
     restore_rng_state,
     save_atomic,
@@ -118,8 +119,10 @@ def read_saved_config(config: RunConfig) -> dict[str, Any] | None:
     if not stat.S_ISREG(info.st_mode):
         raise _settings_error(files.config, "is not a regular file")
     try:
-        saved = json.loads(files.config.read_text())
-    except (OSError, UnicodeDecodeError) as err:
+        saved = read_json_file(files.config)
+    except OSError as err:
+        raise _settings_error(files.config, f"cannot be read ({err.strerror or first_line(err)})") from None
+    except UnicodeDecodeError as err:
         raise _settings_error(files.config, f"cannot be read ({first_line(err)})") from None
     except ValueError as err:
         raise _settings_error(files.config, f"is not valid JSON ({first_line(err)})") from None
@@ -155,11 +158,10 @@ def _reached(files: NetworkFiles, *, exchange_files: bool = True) -> tuple[int, 
             epoch = 2
         reached = max(reached, epoch)
         evidence.append(f"{files.best.name} of epoch {epoch}")
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        epochs = [r["epoch"] for r in read_metrics(files.metrics) if isinstance(r.get("epoch"), int)]
-        if epochs:
-            reached = max(reached, max(epochs))
-            evidence.append(f"{files.metrics.name} up to epoch {max(epochs)}")
+    epochs = [r["epoch"] for r in read_metrics(files.metrics) if isinstance(r.get("epoch"), int)]
+    if epochs:
+        reached = max(reached, max(epochs))
+        evidence.append(f"{files.metrics.name} up to epoch {max(epochs)}")
     own = [(epoch, path) for net, epoch, path in SharedFolder(files.root).exchange_files() if net == files.net]
     if own and exchange_files:  # epoch e is published before it is tested: the network got that far
         epoch, path = max(own)
@@ -180,9 +182,10 @@ def something_to_continue(files: NetworkFiles) -> bool:
 def resolve_resume(config: RunConfig) -> bool:
     """What ``--resume`` asks of network ``config.i``: True to continue its run, False to start one.
 
-    ``--resume auto`` continues when there is something to continue (:func:`something_to_continue`) and
-    starts otherwise; a plain ``--resume`` with nothing to continue is a :class:`UsageError` that says
-    how to start instead (a mistyped --s must not cost a whole new run)."""
+    ``--resume auto`` continues when there is something to continue (:func:`something_to_continue`, which
+    includes a network that started in this folder but saved no epoch: every failure's advice "restart it
+    with --resume" then works) and starts otherwise. A plain ``--resume`` with nothing at all is a
+    :class:`UsageError` that says how to start instead (a mistyped --s must not cost a whole new run)."""
     if not config.resume:
         return False
     files = NetworkFiles(Path(config.s), config.i)
@@ -203,7 +206,8 @@ def resolve_resume(config: RunConfig) -> bool:
 
 
 def _check_folders(files: NetworkFiles) -> None:
-    """Every folder the run writes into must be a folder (or not exist yet)."""
+    """Every folder the run writes into must be a folder, and every file it reads and writes (its settings,
+    its epoch records) a regular file (or not exist yet): a FIFO there would block the run for ever."""
     for path, what in (
         (files.root, "the shared folder (--s)"),
         (files.folder, "this network's checkpoints"),
@@ -212,15 +216,21 @@ def _check_folders(files: NetworkFiles) -> None:
     ):
         if os.path.lexists(path) and not path.is_dir():
             raise GraftingError(f"{path} is a file, not a folder; the run writes {what} there: move it away")
+    for path, what in ((files.config, "its settings"), (files.metrics, "its epoch records")):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # missing (written later), or unreadable (said when it is read)
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or a device)"
+            raise GraftingError(f"{path} is {kind}; the run writes {what} there: move it away")
 
 
 def _peer_ring(files: NetworkFiles) -> str | None:
     """The ring a network's config.json records (None: missing, unreadable or without one)."""
     try:
-        if not stat.S_ISREG(os.stat(files.config).st_mode):
-            return None
-        saved = json.loads(files.config.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        saved = read_json_file(files.config)
+    except (OSError, ValueError):
         return None
     ring = saved.get("ring") if isinstance(saved, dict) else None
     return ring if isinstance(ring, str) else None

@@ -39,6 +39,7 @@ __all__ = [
     "EpochStats",
     "NonFiniteLossError",
     "epoch_record",
+    "record_grafting_step",
     "paper_filter_norms",
 ]
 
@@ -278,18 +279,28 @@ def epoch_record(
         best_acc=best_acc,
         lr=lr,
         loss_parts=dict(train.parts),
-        grafted=report.grafted,
-        source=report.source,
-        peer=report.peer,
-        waited_s=report.waited_s,
-        graft_ms=report.graft_ms if report.grafted else None,
-        invalid_touched=report.invalid_touched,
         train_images_per_s=train.images_per_s,
         test_images_per_s=test.images_per_s,
         epoch_s=epoch_s,
         elapsed_s=elapsed_s,
         eta_s=eta_s,
     )
+    record_grafting_step(record, report, paper_filter_norms(model) if filter_norms is None else filter_norms)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        record.gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return record
+
+
+def record_grafting_step(record: EpochRecord, report: GraftReport, filter_norms: torch.Tensor) -> None:
+    """Set ``record``'s fields of the grafting step from ``report``, and its invalid-filter counts from
+    ``filter_norms`` (:func:`paper_filter_norms` after the step). Also for the record of a run's old final
+    epoch, whose grafting step a ring extension runs later."""
+    record.grafted, record.source, record.peer = report.grafted, report.source, report.peer
+    record.waited_s = report.waited_s
+    record.graft_ms = report.graft_ms if report.grafted else None
+    record.invalid_touched = report.invalid_touched
+    record.alphas, record.entropies, record.peer_entropies, record.filter_weights = {}, {}, {}, {}
     for layer in report.layers:
         if isinstance(layer, LayerRecord):
             record.alphas[layer.key] = layer.alpha
@@ -298,14 +309,10 @@ def epoch_record(
         else:
             record.filter_weights[layer.key] = layer.mean_w
     record.alpha_mean, record.alpha_min, record.alpha_max = coefficient_summary(report.alphas)
-    norms = paper_filter_norms(model) if filter_norms is None else filter_norms
-    record.total_filters = norms.numel()
-    if record.total_filters:
-        record.invalid_filters = {str(t): int((norms < t).sum()) for t in INVALID_THRESHOLDS}
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        record.gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    return record
+    record.total_filters = filter_norms.numel()
+    record.invalid_filters = (
+        {str(t): int((filter_norms < t).sum()) for t in INVALID_THRESHOLDS} if record.total_filters else {}
+    )
 
 
 def fit(

@@ -2,9 +2,11 @@
 logs), one JSON object in ``<s>/net<i>/metrics.jsonl`` (for tools, tests and the benchmark) and
 TensorBoard (:mod:`grafting.train.tensorboard`).
 
-``metrics.jsonl`` holds one object per finished epoch, in order; a resumed run first drops the
-records of the epochs it is about to repeat, so every epoch appears once. Its keys are the fields of
-:class:`EpochRecord`, and every number of the epoch line is one of them.
+``metrics.jsonl`` holds one object per finished epoch, in order; every start (resumed or fresh) first
+drops the records of the epochs it is about to train, left by a process that stopped after reporting an
+epoch but before saving it, so every epoch appears once. TensorBoard hides the steps a start repeats
+in the same way (``purge_step``). Its keys are the fields of :class:`EpochRecord`, and every number of
+the epoch line is one of them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 if TYPE_CHECKING:
     from grafting.train.tensorboard import TensorBoardRun
 
-from grafting.checkpoint import write_text_atomic
+from grafting.checkpoint import parse_json, read_text_file, write_text_atomic
+from grafting.errors import CheckpointError, GraftingError, first_line
 from grafting.ring.exchange import format_duration
 
 __all__ = ["EpochRecord", "RunReporter", "read_metrics", "coefficient_summary", "PAPER_THRESHOLD", "INVALID_THRESHOLDS"]
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 # The paper's thresholds of the invalid-filter count (docs/METHOD.md §8); the epoch line shows the first.
 INVALID_THRESHOLDS = (0.1, 0.01)
 PAPER_THRESHOLD = INVALID_THRESHOLDS[0]
+# The most a metrics.jsonl holds: tens of kilobytes per epoch for the deepest networks, a few hundred epochs.
+METRICS_FILE_LIMIT = 2**30
 
 
 def coefficient_summary(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
@@ -166,6 +171,18 @@ class EpochRecord:
         """One line of ``metrics.jsonl`` (NaN and infinities as null, so every reader can parse it)."""
         return json.dumps(_finite(dataclasses.asdict(self)), sort_keys=False)
 
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> EpochRecord | None:
+        """The record a line of ``metrics.jsonl`` holds; None when it lacks a field this version writes
+        (another version's, or edited by hand)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not names <= set(values):
+            return None
+        try:
+            return cls(**{name: values[name] for name in names})
+        except TypeError:
+            return None
+
 
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -176,21 +193,48 @@ def _finite(value: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, in order ([] when it does not exist); a line that does not
-    parse (cut off by a crash mid-write) ends the list."""
-    records: list[dict[str, Any]] = []
+    """The records of a ``metrics.jsonl`` file, in order ([] when it does not exist); a last line that
+    does not parse (cut off by a crash mid-write) is left out. A :class:`CheckpointError` names the file
+    when it cannot be read (also: not a regular file, far too large) or a line before the last does not
+    parse."""
+    text = _metrics_text(Path(path))
+    return [] if text is None else _parse_metrics(text, Path(path))
+
+
+def _metrics_text(path: Path) -> str | None:
+    """The text of ``path`` (None when it does not exist)."""
     try:
-        text = Path(path).read_text()
+        return read_text_file(path, max_bytes=METRICS_FILE_LIMIT)
     except FileNotFoundError:
-        return records
-    for line in text.splitlines():
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        raise CheckpointError(f"cannot read {path} ({reason}); move it away") from None
+
+
+def _parse_metrics(text: str, path: Path) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
-        except ValueError:
-            break
+            record = parse_json(line)
+        except ValueError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # cut off by a crash while it was written
+            raise CheckpointError(
+                f"{path}, line {number} is not a JSON record ({first_line(err)}); fix or delete that line"
+            ) from None
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def _write_failed(what: str, err: OSError) -> GraftingError:
+    """The one line for a report that could not be written (a full disk, a quota)."""
+    return GraftingError(
+        f"could not write {what}: {err.strerror or first_line(err)}; the checkpoints of the finished epochs are "
+        f"intact: free some space and continue with --resume"
+    )
 
 
 class RunReporter:
@@ -215,36 +259,84 @@ class RunReporter:
         self.tag = tag
         self.settings = dict(settings or {})
         self._board: TensorBoardRun | None = None
+        self._first_step = start_epoch  # TensorBoard hides what an earlier start logged from here on
+        self._kept: list[dict[str, Any]] = []  # the records of the epochs before start_epoch
         self.elapsed_before_s = 0.0
-        if metrics is not None and start_epoch > 1:
+        if metrics is not None:
             self._drop_from(start_epoch)
 
     def _drop_from(self, epoch: int) -> None:
-        """Forget the records of ``epoch`` and later (a resumed run repeats them); remember how long the
+        """Forget the records of ``epoch`` and later (this start trains them again); remember how long the
         kept epochs took, so that the elapsed time goes on from there."""
         assert self.metrics is not None
-        kept = [r for r in read_metrics(self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
-        write_text_atomic("".join(json.dumps(r) + "\n" for r in kept), self.metrics)
+        text = _metrics_text(self.metrics)
+        if text is None:
+            return
+        kept = [r for r in _parse_metrics(text, self.metrics) if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
+        self._kept = kept
+        if self._text(kept) != text:  # also drops a line cut off by a crash, before anything is appended to it
+            write_text_atomic(self._text(kept), self.metrics)
         last = kept[-1].get("elapsed_s") if kept else None
         if isinstance(last, (int, float)) and math.isfinite(last) and last > 0:
             self.elapsed_before_s = float(last)
 
+    @staticmethod
+    def _text(records: Sequence[Mapping[str, Any]]) -> str:
+        return "".join(json.dumps(r) + "\n" for r in records)
+
+    def recorded(self, epoch: int) -> EpochRecord | None:
+        """The record of ``epoch`` that an earlier start left in metrics.jsonl (None: there is none, or
+        one this version cannot read)."""
+        found = [r for r in self._kept if r["epoch"] == epoch]
+        return EpochRecord.from_json(found[-1]) if found else None
+
+    def rewrite(self, record: EpochRecord, filter_norms: torch.Tensor | None = None) -> None:
+        """Put ``record`` in the place of the kept record of its epoch, in metrics.jsonl and in TensorBoard:
+        the old final epoch of a run whose grafting step a ring extension runs now. Call it before
+        :meth:`epoch`."""
+        assert self._board is None, "rewrite() comes before the first epoch() of a start"
+        if self.metrics is not None:
+            self._kept = [json.loads(record.to_json()) if r["epoch"] == record.epoch else r for r in self._kept]
+            write_text_atomic(self._text(self._kept), self.metrics)
+        self._first_step = min(self._first_step, record.epoch)  # hide that epoch's old TensorBoard points
+        self._show(record, filter_norms)
+
     def epoch(self, record: EpochRecord, filter_norms: torch.Tensor | None = None) -> None:
         """Report one finished epoch; ``filter_norms`` (the l1 norm of every conv filter the paper counts)
-        feeds TensorBoard's picture of the invalid filters."""
+        feeds TensorBoard's picture of the invalid filters. A write that fails (a full disk) stops the run
+        with one line before the epoch's checkpoint is saved, so a resumed run reports the epoch again."""
         log.info(record.line(self.tag))
         if self.metrics is not None:
-            with open(self.metrics, "a") as handle:
-                handle.write(record.to_json() + "\n")
-        if self.tensorboard is not None:
+            try:
+                with open(self.metrics, "a") as handle:
+                    handle.write(record.to_json() + "\n")
+            except OSError as err:  # a line cut off here is dropped by the next start
+                raise _write_failed(str(self.metrics), err) from None
+        self._show(record, filter_norms)
+
+    def _show(self, record: EpochRecord, filter_norms: torch.Tensor | None) -> None:
+        """``record`` in TensorBoard."""
+        if self.tensorboard is None:
+            return
+        try:
             if self._board is None:
                 from grafting.train.tensorboard import TensorBoardRun  # slow import, only when used
 
-                self._board = TensorBoardRun(self.tensorboard, self.settings)
+                self._board = TensorBoardRun(self.tensorboard, self.settings, purge_step=self._first_step)
             self._board.epoch(record, filter_norms)
+        except OSError as err:
+            folder, board = self.tensorboard, self._board
+            self.tensorboard = self._board = None  # nothing more goes there in this process
+            if board is not None:
+                board.close(quiet=True)
+            raise _write_failed(f"TensorBoard events in {folder}", err) from None
 
     def close(self) -> None:
-        """Flush and close the TensorBoard event file."""
+        """Flush and close the TensorBoard event file (every epoch was flushed already: a failure here is
+        a warning)."""
         if self._board is not None:
-            self._board.close()
-            self._board = None
+            board, self._board = self._board, None
+            try:
+                board.close()
+            except OSError as err:
+                log.warning(f"could not close the TensorBoard events in {self.tensorboard}: {err.strerror or err}")

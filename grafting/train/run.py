@@ -14,10 +14,11 @@ from torch import nn
 
 from grafting.data.fake import MARKER_NAME
 from grafting.distributed import broadcast_from_main, is_distributed
-from grafting.errors import UsageError
+from grafting.errors import GraftingError, UsageError
 from grafting.method.distill import Distiller, ModelBuilder, make_distiller
 from grafting.method.graft import unwrap_model
 from grafting.ring.grafter import Grafter
+from grafting.train.cli import is_out_of_memory, out_of_memory
 from grafting.train.config import RunConfig
 from grafting.train.files import (
     ResumeState,
@@ -27,7 +28,7 @@ from grafting.train.files import (
     resolve_resume,
     save_last,
 )
-from grafting.train.loop import fit
+from grafting.train.loop import fit, paper_filter_norms, record_grafting_step
 from grafting.train.report import RunReporter
 from grafting.train.schedule import make_optimizer
 from grafting.train.signals import StopRequested
@@ -136,17 +137,6 @@ def run_ring(
             grafter.finish()
             return state.best_acc
         grafter.discard_from(state.start_epoch)  # an interrupted attempt's files of the epochs to come
-        if not state.graft_step_done:
-            _graft_extended_epoch(
-                state,
-                grafter=grafter,
-                files=files,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                hook=hook,
-            )
         reporter = RunReporter(
             files.metrics if files else None,
             files.tensorboard if files else None,
@@ -154,6 +144,19 @@ def run_ring(
             settings=dataclasses.asdict(config),
         )
         try:
+            if not state.graft_step_done:
+                _graft_extended_epoch(
+                    state,
+                    epochs=config.epochs,
+                    grafter=grafter,
+                    files=files,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    hook=hook,
+                    reporter=reporter,
+                )
             best = fit(
                 model,
                 train_loader,
@@ -176,6 +179,14 @@ def run_ring(
             if files is not None:
                 log.warning(f"{stop}: {files.last} keeps the last finished epoch; continue with --resume")
             raise
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            raise GraftingError(
+                f"{out_of_memory(err)}; the checkpoints of the finished epochs are intact: continue with --resume "
+                f"once other processes have freed the memory (or with fewer --workers), or start a new run in "
+                f"another --s with a smaller {config.flag_of('batch_size')}"
+            ) from None
         finally:
             reporter.close()
         grafter.finish()  # the exchange files no network needs any more, the heartbeat and the lock
@@ -201,6 +212,7 @@ def _resume_decision(config: RunConfig, is_main: bool) -> bool:
 def _graft_extended_epoch(
     state: ResumeState,
     *,
+    epochs: int,
     grafter: Grafter,
     files: Any,
     model: nn.Module,
@@ -208,15 +220,25 @@ def _graft_extended_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     hook: Distiller | None,
+    reporter: RunReporter,
 ) -> None:
-    """The grafting step of the epoch that was the final one of the run before it was extended (a final
-    epoch publishes and grafts nothing): publish its weights, graft the peer's, save last.pt again."""
+    """The grafting step of the epoch that was the final one of the run before it was extended to
+    ``epochs`` (a final epoch publishes and grafts nothing): publish its weights, graft the peer's, record
+    the step in that epoch's record (metrics.jsonl, TensorBoard), save last.pt again."""
     epoch = state.start_epoch - 1
     log.info(f"epoch {epoch} was the last of the run before --epochs grew: grafting it now")
     report = grafter.step(model, epoch)
     if hook is not None:
         hook.after_exchange(report)
     log.info(report.summary())
+    record = reporter.recorded(epoch)
+    if record is not None:  # it no longer is the final epoch, and it grafted
+        norms = paper_filter_norms(model)
+        record.epochs = epochs
+        record_grafting_step(record, report, norms)
+        reporter.rewrite(record, norms)
+    elif files is not None:
+        log.warning(f"{files.metrics} holds no readable record of epoch {epoch}: its grafting step is not recorded")
     if files is not None:
         save_last(
             files,

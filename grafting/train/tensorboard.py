@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,35 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class TensorBoardRun:
-    """The TensorBoard event file of one network; ``settings`` are written at once."""
+def _quiet_writer_thread() -> None:
+    """TensorBoard writes the events in a thread of its own. A write that fails there (a full disk) is
+    raised again by the writer's next call in the training thread, which stops the run with one line;
+    the thread's own traceback on stderr would only repeat it at length. Installed once per process."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard_writer", False):
+        return
 
-    def __init__(self, folder: str | Path, settings: Mapping[str, Any] | None = None) -> None:
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.quiet_tensorboard_writer = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+class TensorBoardRun:
+    """The TensorBoard event file of one network; ``settings`` are written at once. With ``purge_step``,
+    TensorBoard hides the steps from there on that earlier event files of the folder hold (a restarted
+    run logs them again)."""
+
+    def __init__(
+        self, folder: str | Path, settings: Mapping[str, Any] | None = None, *, purge_step: int | None = None
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(folder))
+        _quiet_writer_thread()
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
         self._layout_written = False
         if settings:
             self._write_settings(settings)
@@ -99,7 +122,8 @@ class TensorBoardRun:
         """Everything ``record`` (and the epoch's filter norms) shows in TensorBoard."""
         step = record.epoch
         for name, value in record.scalars().items():
-            self.writer.add_scalar(name, value, step)
+            if value is not None:  # a rewritten record read back from metrics.jsonl holds NaN as None
+                self.writer.add_scalar(name, value, step)
         if record.alphas:
             self.writer.add_histogram("alpha/all_layers", np.array(list(record.alphas.values())), step)
         if record.filter_weights:
@@ -114,9 +138,13 @@ class TensorBoardRun:
                 self.writer.add_image("filters/l1_norm_distribution", picture, step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self) -> None:
-        """Flush and close the event file."""
-        self.writer.close()
+    def close(self, *, quiet: bool = False) -> None:
+        """Flush and close the event file; ``quiet``: after a failed write, whose error was already said."""
+        try:
+            self.writer.close()
+        except OSError:
+            if not quiet:
+                raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ Every one of them is killed after its test if it still runs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
 import re
@@ -24,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -320,3 +322,35 @@ def plan_script(script: str | Path, cwd: Path, **settings: str) -> Any:
     path = str(script if isinstance(script, Path) else REPO / "scripts" / script)
     env = script_environment(**settings)
     return plan_experiment(path, script_rings(path, env, cwd), env, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# A script's main() run in this process (or a thread)
+
+
+@contextlib.contextmanager
+def script_state() -> Iterator[None]:
+    """Put back the console logging and torch's thread count that scripts run in this process set up."""
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+
+
+def exit_code_of(main: Callable[[list[str] | None], None], argv: list[str]) -> int:
+    """Call a script's ``main`` in this process (or thread); its exit code (0 when it returns)."""
+    try:
+        main(argv)
+    except SystemExit as stopped:
+        return stopped.code if isinstance(stopped.code, int) else 1
+    return 0
+
+
+def run_script_here(main: Callable[[list[str] | None], None], argv: list[str]) -> int:
+    """:func:`exit_code_of` inside :func:`script_state`."""
+    with script_state():
+        return exit_code_of(main, argv)
