@@ -669,6 +669,18 @@ def test_config_json_with_a_missing_setting_or_another_ring_is_refused(tmp_path:
         read_saved_config(cifar_config(tmp_path, "--resume"))
 
 
+def test_a_config_json_from_before_a_setting_existed_resumes_as_that_version_trained(tmp_path: Path) -> None:
+    filter_level = ("--level", "filter")
+    files = prepare_run_files(cifar_config(tmp_path, *filter_level), "ring0ring0ri")
+    train_state(files, 1)
+    saved = json.loads(files.config.read_text())
+    del saved["filter_bn_blend"]  # what a version before the setting wrote
+    files.config.write_text(json.dumps(saved))
+    assert read_saved_config(cifar_config(tmp_path, "--resume", *filter_level)) is not None
+    with pytest.raises(UsageError, match="--filter-bn-blend was 'per-channel' in .* but is 'repeated-whole' now"):
+        read_saved_config(cifar_config(tmp_path, "--resume", *filter_level, "--filter-bn-blend", "repeated-whole"))
+
+
 def test_what_peers_must_share_is_fixed_on_resume_except_the_epochs() -> None:
     """A setting peers must agree on but that may change on resume would split a ring; --epochs alone may,
     because extending a ring means resuming every network with the new value."""

@@ -32,6 +32,9 @@ from grafting.ring.grafter import LEVELS, check_grafting
 __all__ = ["RunConfig", "CifarConfig", "ImagenetConfig", "setting", "CONFIG_FORMAT", "RESUME_AUTO"]
 
 CONFIG_FORMAT = "filter-grafting-config/1"
+# Settings fixed on resume that came after this format: a config.json without one was written before the setting
+# existed, by a run that trained as its value here does, so --resume takes that value as the recorded one.
+SETTINGS_ADDED_LATER: dict[str, Any] = {"filter_bn_blend": "per-channel", "sync_bn": False}
 # --resume auto: continue when there is something to continue, else start (what schedulers pass).
 RESUME_AUTO = "auto"
 _RESUME = ("fixed", "free")
@@ -461,6 +464,8 @@ class RunConfig:
         """Raise :class:`UsageError` (exit code 2) when a setting fixed on resume differs from the ``saved``
         configuration (read from ``source``); names the flag and both values."""
         for name in self.fixed_on_resume():
+            if name not in saved and name in SETTINGS_ADDED_LATER:
+                saved = {**saved, name: SETTINGS_ADDED_LATER[name]}
             if name not in saved:
                 raise UsageError(
                     f"--resume: {source} does not record {self.flag_of(name)}; it was written by "
