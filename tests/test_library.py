@@ -315,3 +315,21 @@ def test_the_scripts_get_the_same_messages_in_their_flags() -> None:
         check_grafting(**settings, source="average", invalid_threshold=0.1, peer_timeout=None, words=SCRIPT_WORDING)
     with pytest.raises(UsageError, match=r"^--peer-timeout must be positive seconds"):
         check_grafting(**settings, source="external", invalid_threshold=0.1, peer_timeout=-1, words=SCRIPT_WORDING)
+
+
+def test_a_file_published_again_after_its_reader_finished_goes_when_the_ring_finishes(tmp_path: Path) -> None:
+    """Network 1 stopped after publishing its last exchanged epoch; network 2 read it and finished; network 1,
+    resumed, published the epoch again: its finish() removes that file, the last one of the ring."""
+    models = [tiny_model(1), tiny_model(2)]
+    one, two = Grafter(tmp_path, 1, 2), Grafter(tmp_path, 2, 2)
+    one.open()
+    with two:
+        one.publish(models[0], 1)
+        two.step(models[1], 1)
+        two.finish()
+    one.close()  # stopped before its graft
+    with Grafter(tmp_path, 1, 2, ring=one.ring) as resumed:
+        resumed.discard_from(1)
+        resumed.step(models[0], 1)
+        resumed.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ring.json"]

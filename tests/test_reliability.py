@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    OWN_LOOP_EXAMPLE,
     child_env,
     finish,
     one_line,
-    own_loop_example,
     popen_forked,
     set_cifar_label,
     start_process,
@@ -772,9 +772,8 @@ def test_cifar_labels_out_of_range_are_refused_at_load(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_readme_own_loop_says_what_it_waits_for_when_its_peer_never_starts(tmp_path: Path) -> None:
-    script = tmp_path / "own_loop.py"
-    script.write_text(own_loop_example())
-    copy = start_process([sys.executable, str(script), "1", "2"], tmp_path, "copy1", fork=True)
+    argv = [sys.executable, str(OWN_LOOP_EXAMPLE), "runs/own-loop", "1", "2"]
+    copy = start_process(argv, tmp_path, "copy1", fork=True)
     said = "grafting: net 1: waiting for network 2's epoch 1"
     wait_until(lambda: said in copy.stderr, "the waiting line", [copy], timeout=240)
     line = next(line for line in copy.stderr.splitlines() if said in line)

@@ -481,9 +481,10 @@ class Grafter:
         interrupted run is continued from these files); a second call does nothing.
 
         This network was the only reader of its predecessor's files, so those go; its own go when its
-        successor finishes. With ``source="average"`` (or ``filter-entropy``) every network reads every
-        file: the epochs all networks have read (and could need after a resume from their previous
-        checkpoint) go now, the rest when the last network finishes (no other heartbeat left).
+        successor finishes, or now if the successor has finished already. With ``source="average"`` (or
+        ``filter-entropy``) every network reads every file: the epochs all networks have read (and could need
+        after a resume from their previous checkpoint) go now, the rest when the last network finishes (no
+        other heartbeat left).
         """
         if self._state == "finished":
             return
@@ -501,6 +502,11 @@ class Grafter:
                     exchange.remove_files(net, last=None if others_done else self._last_exchanged - 2)
             else:
                 exchange.remove_files(exchange.predecessor)
+                successor = self.net % self.num + 1
+                if exchange.heartbeat_age(successor) is None:
+                    # It finished first (only finish() removes a heartbeat): nobody reads this network's files
+                    # again, also not one published again by a resume after the successor had read it.
+                    exchange.remove_files(self.net)
         exchange.finish()
         if _OPEN_HERE.get((self._root_key, self.net)) is self:
             del _OPEN_HERE[(self._root_key, self.net)]
