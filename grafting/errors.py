@@ -34,11 +34,11 @@ class CheckpointError(GraftingError):
 
 
 class PeerTimeoutError(GraftingError):
-    """The ring predecessor's checkpoint did not appear within --peer-timeout."""
+    """The ring predecessor's exchange file did not appear within the peer timeout (``peer_timeout``)."""
 
 
 class PeerMismatchError(GraftingError):
-    """A peer's checkpoint does not fit this network (model, classes, --num, grafting settings)."""
+    """A peer's exchange file does not fit this network (model, classes, ring size, grafting settings)."""
 
 
 class LockError(GraftingError):
@@ -46,7 +46,8 @@ class LockError(GraftingError):
 
 
 class UsageError(GraftingError):
-    """A flag has an impossible value (exit code 2, nothing written)."""
+    """A setting has an impossible value, or a method is called out of order (the scripts: exit code 2,
+    nothing written)."""
 
 
 @dataclass(frozen=True)

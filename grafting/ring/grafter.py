@@ -1,11 +1,15 @@
 """The per-epoch grafting step, as one object any training loop can call (docs/METHOD.md §5).
 
-    grafter = Grafter("runs/r32", net=1, num=2)      # network 1 of a ring of 2
-    with grafter:                                     # takes the per-network lock
+    with Grafter("runs/r32", net=1, num=2, model=model) as grafter:   # network 1 of 2; a new folder per run
         for epoch in range(1, epochs + 1):
             train_one_epoch(model, ...)
-            report = grafter.step(model, epoch)       # save own -> wait for peer -> graft
-            print(report.summary())
+            if epoch < epochs:                        # the last epoch's weights are the result
+                report = grafter.step(model, epoch)   # save own -> wait for peer -> graft
+                print(report.summary())
+        grafter.finish()                              # only a complete run cleans up
+
+docs/examples/own_loop.py is the whole pattern. ``open()`` (``with``) takes the per-network lock and
+joins the ring; a fresh start refuses a folder another run left exchange files in (see :meth:`Grafter.open`).
 
 ``step`` is ``publish`` (this network's pre-graft weights to the shared folder, atomically)
 followed by ``graft`` (wait for the ring predecessor's file of the same epoch, check that it fits,
