@@ -445,6 +445,7 @@ def bench_graft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             write_ms.append(other.exchange.wait_published() * 1000)  # the write and fsync, during the test pass
         for epoch in range(1, epochs + 1):
             restore()
+            grafter.publish(model, epoch)  # the Grafter grafts an epoch only after publishing it
             reports.append(grafter.graft(model, epoch))
         assert grafter.exchange is not None
         from_file, _ = grafter.exchange.load(2, 1)  # the peer's weights as the step reads them: on the CPU

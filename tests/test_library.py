@@ -273,6 +273,8 @@ LIBRARY_MISUSE = {
     "criterion": lambda p: Grafter(p, 1, 2, criterion="l2"),
     "source": lambda p: Grafter(p, 1, 2, source="telepathy"),
     "average": lambda p: Grafter(p, 1, 1, source="average"),
+    "bn_blend": lambda p: Grafter(p, 1, 2, bn_blend="whole"),
+    "bn_blend at layer level": lambda p: Grafter(p, 1, 2, bn_blend="repeated-whole"),
     "invalid_threshold": lambda p: Grafter(p, 1, 2, invalid_threshold=-1),
     "peer_timeout": lambda p: Grafter(p, 1, 2, peer_timeout=0),
     "root a file": lambda p: (p.write_text("x"), Grafter(p, 1, 2).open()),
@@ -299,10 +301,24 @@ def test_library_messages_name_its_arguments_never_the_scripts_flags(tmp_path: P
         LIBRARY_MISUSE[case](tmp_path / "root")
     message = one_line(str(caught.value))
     assert "--" not in message, message
-    if case in ("a", "c", "net", "num", "level", "rule", "criterion", "source", "invalid_threshold", "peer_timeout"):
+    if case in (
+        "a",
+        "c",
+        "net",
+        "num",
+        "level",
+        "rule",
+        "criterion",
+        "source",
+        "invalid_threshold",
+        "peer_timeout",
+        "bn_blend",
+    ):
         assert message.split()[0].strip("'") in (case, "unknown") and (case in message), message
     if case == "average":
         assert message == "source='average' needs num=2 or more networks"
+    if case == "bn_blend at layer level":
+        assert message == "bn_blend='repeated-whole' only applies with level='filter'"
     if case == "peer timeout":
         assert "restart it from its last checkpoint with Grafter(..., ring='" in message, message
     if case == "ring of another run":
