@@ -349,3 +349,17 @@ def test_a_file_published_again_after_its_reader_finished_goes_when_the_ring_fin
         resumed.step(models[0], 1)
         resumed.finish()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ring.json"]
+
+
+def test_under_torch_distributed_open_shares_its_outcome_and_the_ring(tmp_path: Path) -> None:
+    """Every rank calls open(); rank 0's refusal or ring identity reaches all of them (one rank here; the
+    two-rank case runs in tests/test_lightning.py)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        leave_a_killed_run(tmp_path / "old", epochs=1)
+        with pytest.raises(GraftingError, match="holds exchange files this Grafter did not write"):
+            Grafter(tmp_path / "old", 2, 2).open()
+        with Grafter(tmp_path / "new", 1, 2) as grafter:
+            assert grafter.ring is not None and (tmp_path / "new" / "ring.json").read_text().count(grafter.ring) == 1
+    finally:
+        torch.distributed.destroy_process_group()
