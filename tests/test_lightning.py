@@ -62,6 +62,7 @@ def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_lightning_trainers_graft_exactly_as_the_plain_grafter(tmp_path: Path) -> None:
     ring = tmp_path / "ring"
     procs = [
@@ -85,6 +86,7 @@ def test_two_lightning_trainers_graft_exactly_as_the_plain_grafter(tmp_path: Pat
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_ddp_network_exchanges_on_rank_0_and_every_rank_gets_the_grafted_weights(tmp_path: Path) -> None:
     """Network 1 is a Trainer on two gloo ranks; network 2, the plain Grafter here, notes who holds network
     1's lock while it grafts."""
