@@ -11,8 +11,8 @@
 #
 # Bring your own torch (a cluster's module, a conda environment, the active virtual environment, a CUDA build that
 # matches the driver): GRAFTING_PYTHON=/path/to/python makes that Python's packages (torch, torchvision, numpy,
-# tensorboard, pip, setuptools; pytest, matplotlib and lightning when present) the shared layer instead: nothing is downloaded
-# and the shared environment is neither created nor used. .venv remembers the choice; GRAFTING_PYTHON= (empty)
+# tensorboard, pip, setuptools; pytest, matplotlib and lightning when present) the shared layer instead: nothing is
+# downloaded and the shared environment is neither created nor used. .venv remembers the choice; GRAFTING_PYTHON= (empty)
 # goes back to the shared environment. See docs/setup.md.
 GRAFTING_VENV="${GRAFTING_VENV:-$HOME/.cache/filter-grafting/venv}"
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
