@@ -153,8 +153,13 @@ def test_a_finished_ring_leaves_nothing_a_new_run_could_graft(tmp_path: Path) ->
 def test_the_rule_is_chosen_from_the_model(tmp_path: Path) -> None:
     """torchvision's MobileNetV3 has no key that says conv: the published name rule cannot group it, and
     the default (chosen from the model, as the scripts do) is the module rule."""
-    model = torchvision.models.mobilenet_v3_small(num_classes=10)
-    assert Grafter(tmp_path, 1, 2, model=model).rule == "module"
+    models = [torchvision.models.mobilenet_v3_small(num_classes=10) for _ in range(2)]
+    with Grafter(tmp_path / "mobilenet", 1, 2, model=models[0]) as one, Grafter(tmp_path / "mobilenet", 2, 2) as two:
+        assert one.rule == "module"
+        one.publish(models[0], 1)
+        two.publish(models[1], 1)
+        report = one.graft(models[0], 1)
+    assert report.grafted and len(report.layers) > 50
     resnet = torchvision.models.resnet18(num_classes=10)
     assert Grafter(tmp_path, 1, 2, model=resnet).rule == "name"
     # Without model= it is chosen at the first publish, and travels in the exchange file's meta.
