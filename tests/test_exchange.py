@@ -485,6 +485,7 @@ def test_a_peer_of_an_older_version_is_refused_and_the_advice_works(tmp_path: Pa
     ):
         torch.save({"model": theirs.state_dict(), "meta": {**META, "net": 2, "epoch": 1}}, old_file)  # older network 2
         before = {k: v.clone() for k, v in mine.state_dict().items()}
+        one.publish(mine, 1)
         started = time.monotonic()
         with pytest.raises(PeerMismatchError) as caught:
             one.graft(mine, 1)
@@ -492,8 +493,8 @@ def test_a_peer_of_an_older_version_is_refused_and_the_advice_works(tmp_path: Pa
         assert str(caught.value) == (
             f"network 2's file {old_file} was written by an older version of filter-grafting, whose exchange files "
             f"this version does not read; run every network of the ring with the same version: stop the older ones, "
-            f"delete the old exchange files (rm {tmp_path}/net*_epoch*.pt) and restart every network with --resume "
-            f"(an epoch whose file is gone is not grafted)"
+            f"delete the old exchange files (rm {tmp_path}/net*_epoch*.pt) and restart every network from its last "
+            f"checkpoint with Grafter(..., ring={one.ring!r}) (an epoch whose file is gone is not grafted)"
         )
         assert all(torch.equal(v, before[k]) for k, v in mine.state_dict().items())
 
@@ -501,6 +502,7 @@ def test_a_peer_of_an_older_version_is_refused_and_the_advice_works(tmp_path: Pa
         subprocess.run(f"rm {tmp_path}/net*_epoch*.pt", shell=True, check=True)
         two.publish(theirs, 2)
         assert one.graft(mine, 1).skipped is not None
+        one.publish(mine, 2)
         assert one.graft(mine, 2).grafted
     assert checkpoint.read_bytes() == b"resumable"
 
