@@ -12,8 +12,9 @@ setup(
     + ["grafting_models"],
     package_dir={"grafting_models": "models"},
     install_requires=["torch", "torchvision", "numpy", "tensorboard"],
-    # plot: graft-plot's figures (matplotlib is imported only there; everything else runs without it)
-    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    # plot: graft-plot's figures (matplotlib is imported only there; everything else runs without it);
+    # lightning: grafting.lightning's callback (Lightning is imported only there)
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"], "lightning": ["lightning>=2.0"]},
     entry_points={
         "console_scripts": [
             "graft-cifar=grafting_cifar.train:main",

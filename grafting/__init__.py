@@ -6,14 +6,17 @@ in: each layer becomes ``alpha * own + (1 - alpha) * peer``, where ``alpha`` fav
 whose layer holds more information (the entropy of its weight histogram). Grafting reactivates
 filters that training left nearly zero ("invalid" filters) and raises accuracy.
 
-In your own training loop::
+In your own training loop (docs/examples/own_loop.py is the whole pattern)::
 
     from grafting import Grafter
-    with Grafter("runs/shared", net=i, num=2) as grafter:   # one process per network
+    with Grafter("runs/r1", net=i, num=2, model=model) as grafter:   # a new folder per run, one process per network
         for epoch in range(1, epochs + 1):
             train_one_epoch(model, ...)
-            report = grafter.step(model, epoch)             # save, wait for the peer, graft
-            print(report.summary())
+            if epoch < epochs:                                    # the last epoch's weights are the result
+                print(grafter.step(model, epoch).summary())       # save, wait for the peer, graft
+        grafter.finish()                                          # the run is complete: clean the folder
+
+In PyTorch Lightning: ``grafting.lightning.GraftingCallback`` (``pip install '.[lightning]'``).
 
 The pieces, for use on their own:
 
@@ -24,6 +27,7 @@ The pieces, for use on their own:
 - ``count_invalid_filters(state_dict, threshold)``: the paper's invalid-filter count.
 - ``load_state_dict_file(path)``: a state_dict from any common checkpoint layout.
 - ``Exchange``: the shared folder (atomic files, waiting, locking) under ``Grafter``.
+- ``Wording``: how messages name the settings (the library's arguments by default).
 
 The layers of the package:
 
@@ -48,6 +52,7 @@ from grafting.errors import (
     PeerMismatchError,
     PeerTimeoutError,
     UsageError,
+    Wording,
 )
 from grafting.method.entropy import layer_entropies, layer_entropy, layer_l1
 from grafting.method.filters import count_invalid_filters
@@ -76,6 +81,7 @@ __all__ = [
     "save_atomic",
     "GraftingError",
     "UsageError",
+    "Wording",
     "CheckpointError",
     "DatasetNotFoundError",
     "LockError",

@@ -436,17 +436,18 @@ def bench_graft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         Grafter(root, 1, 2, keep_all=True, meta=meta) as grafter,
         Grafter(root, 2, 2, keep_all=True, meta=meta) as other,
     ):
-        assert other.exchange is not None
-        for epoch in range(1, epochs + 1):
+        assert other.exchange is not None and grafter.exchange is not None
+        scratch = copy.deepcopy(peer)  # network 2's own grafts go into a copy: the peer stays as it is
+        for epoch in range(1, epochs + 1):  # each network publishes an epoch, then grafts it (the Grafter's order)
             _sync(device)
             start = time.perf_counter()
             other.publish(peer, epoch, background=True)  # what the training thread waits for
             copy_ms.append((time.perf_counter() - start) * 1000)
             write_ms.append(other.exchange.wait_published() * 1000)  # the write and fsync, during the test pass
-        for epoch in range(1, epochs + 1):
             restore()
+            grafter.publish(model, epoch)
             reports.append(grafter.graft(model, epoch))
-        assert grafter.exchange is not None
+            other.graft(scratch, epoch)
         from_file, _ = grafter.exchange.load(2, 1)  # the peer's weights as the step reads them: on the CPU
     timed = reports[1:]
     step_ms = min(r.graft_ms for r in timed)

@@ -289,6 +289,7 @@ def test_the_grafting_step_through_an_exchange_file_is_the_frozen_code_on_the_de
     meta = {"model": "resnet110", "num_classes": 10}
     with Grafter(tmp_path, 1, 2, meta=meta) as one, Grafter(tmp_path, 2, 2, meta=meta) as two:
         two.publish(peer, 1, background=True)
+        one.publish(model, 1)  # the Grafter grafts an epoch only after publishing it
         report = one.graft(model, 1)
         assert one.exchange is not None
         from_file, _ = one.exchange.read_unchecked(2, 1, pin_memory=device.type == "cuda")

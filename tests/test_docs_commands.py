@@ -42,9 +42,11 @@ SKIPPED: dict[str, str] = {
     "pytest -m slurm": _TIER,
     "pytest -m rehearsal": _TIER,
     "pytest tests/test_faults.py -k resume": _TIER,
-    # docs/library.md: tests/test_readme_example.py runs this block with the page's own_loop.py
-    "CUDA_VISIBLE_DEVICES=0 python own_loop.py 1 2 &": "tests/test_readme_example.py runs it with the page's file",
-    "CUDA_VISIBLE_DEVICES=1 python own_loop.py 2 2 &": "tests/test_readme_example.py runs it with the page's file",
+    # docs/library.md: tests/test_readme_example.py runs docs/examples/own_loop.py so, twice in one folder
+    "CUDA_VISIBLE_DEVICES=0 python docs/examples/own_loop.py runs/own-loop-1 1 2 &": "tests/test_readme_example.py "
+    "runs it",
+    "CUDA_VISIBLE_DEVICES=1 python docs/examples/own_loop.py runs/own-loop-1 2 2 &": "tests/test_readme_example.py "
+    "runs it",
     # docs/performance.md
     "python scripts/bench.py": "the whole benchmark: minutes",
     "python scripts/bench.py --what train --nets 1 2 4 --variants fp32 amp --device cuda": _GPU,

@@ -33,6 +33,7 @@ from grafting.ring import exchange_file
 from grafting.ring.exchange import Exchange, format_duration
 from grafting.ring.grafter import Grafter
 from grafting.ring.layout import SharedFolder
+from grafting.train.config import SCRIPT_WORDING
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 META = {"model": "resnet32", "num_classes": 10}
@@ -200,8 +201,10 @@ def test_a_file_without_meta_is_read_only_when_nothing_is_expected(tmp_path: Pat
     # What the Grafter (and so the training scripts) read must carry the meta this project writes.
     with pytest.raises(
         PeerMismatchError,
-        match="has no metadata, so this project did not write it; nothing from it "
-        "was used: delete it and restart this network with --resume",
+        match=re.escape(
+            "has no metadata, so this project did not write it; nothing from it was used: delete it and restart "
+            "this network from its last checkpoint with Grafter(..., ring="
+        ),
     ):
         reader.load(2, 1, expect={"model": "resnet32"})
 
@@ -482,6 +485,7 @@ def test_a_peer_of_an_older_version_is_refused_and_the_advice_works(tmp_path: Pa
     ):
         torch.save({"model": theirs.state_dict(), "meta": {**META, "net": 2, "epoch": 1}}, old_file)  # older network 2
         before = {k: v.clone() for k, v in mine.state_dict().items()}
+        one.publish(mine, 1)
         started = time.monotonic()
         with pytest.raises(PeerMismatchError) as caught:
             one.graft(mine, 1)
@@ -489,8 +493,8 @@ def test_a_peer_of_an_older_version_is_refused_and_the_advice_works(tmp_path: Pa
         assert str(caught.value) == (
             f"network 2's file {old_file} was written by an older version of filter-grafting, whose exchange files "
             f"this version does not read; run every network of the ring with the same version: stop the older ones, "
-            f"delete the old exchange files (rm {tmp_path}/net*_epoch*.pt) and restart every network with --resume "
-            f"(an epoch whose file is gone is not grafted)"
+            f"delete the old exchange files (rm {tmp_path}/net*_epoch*.pt) and restart every network from its last "
+            f"checkpoint with Grafter(..., ring={one.ring!r}) (an epoch whose file is gone is not grafted)"
         )
         assert all(torch.equal(v, before[k]) for k, v in mine.state_dict().items())
 
@@ -498,6 +502,7 @@ def test_a_peer_of_an_older_version_is_refused_and_the_advice_works(tmp_path: Pa
         subprocess.run(f"rm {tmp_path}/net*_epoch*.pt", shell=True, check=True)
         two.publish(theirs, 2)
         assert one.graft(mine, 1).skipped is not None
+        one.publish(mine, 2)
         assert one.graft(mine, 2).grafted
     assert checkpoint.read_bytes() == b"resumable"
 
@@ -595,7 +600,14 @@ def test_wait_for_times_out(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith("network 2 did not write epoch 5 within 0.3 s (")
     assert str(tmp_path / "net2_epoch5.tensors") in message
-    assert "--resume" in message
+    # In the library's words; the training scripts pass theirs (their flags).
+    assert message.endswith(
+        "restart it from its last checkpoint with Grafter(..., ring=<the grafter.ring it saved>) as well"
+    )
+    scripts = Exchange(tmp_path, 1, 2, poll_interval=0.05, wording=SCRIPT_WORDING)
+    with pytest.raises(PeerTimeoutError) as caught:
+        scripts.wait_for(2, 5, timeout=0.1)
+    assert str(caught.value).endswith("this network's checkpoints are intact: restart it with --resume as well")
 
 
 def test_wait_for_logs_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -627,8 +639,8 @@ def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pyt
     assert len(warnings) == 1
     assert re.fullmatch(
         rf"net 1: waiting for network 2's epoch 5 \(.*net2_epoch5\.tensors\) for 0s; network 2 has stopped: "
-        rf"its heartbeat {re.escape(str(alive))} is 3m1\ds old; check its log and restart it with "
-        rf"--resume",
+        rf"its heartbeat {re.escape(str(alive))} is 3m1\ds old; check its log and restart it from its "
+        rf"last checkpoint with Grafter\(\.\.\., ring=<the grafter\.ring it saved>\)",
         warnings[0],
     ), warnings[0]
 
@@ -686,7 +698,7 @@ def test_lock_held_by_another_process_and_freed_by_sigkill(tmp_path: Path) -> No
             Exchange(tmp_path, 2, 3).acquire()
         assert str(caught.value) == (
             f"network 2 in {tmp_path} is already being trained by pid {owner.pid} on host "
-            f"{socket.gethostname()}; stop that process or use another --s"
+            f"{socket.gethostname()}; stop that process or use another root folder"
         )
     finally:
         kill_child(owner)

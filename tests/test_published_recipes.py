@@ -117,7 +117,7 @@ def test_repeated_whole_bn_blend_leaves_each_network_its_peers_batchnorm() -> No
 
 def test_unknown_bn_blend_is_a_usage_error() -> None:
     own, peer = _vgg16_pair()
-    with pytest.raises(UsageError, match="--filter-bn-blend"):
+    with pytest.raises(UsageError, match=r"unknown BatchNorm blend 'whole' \(bn_blend\)"):  # the library's words
         graft_filters(own, peer.state_dict(), bn_blend="whole")
 
 
@@ -141,9 +141,8 @@ def test_the_grafter_blends_batchnorms_as_configured(tmp_path) -> None:
     expected = copy.deepcopy(own)
     published_vgg_filter_graft(expected, peer)
     settings = {"level": "filter", "bn_blend": "repeated-whole", "peer_timeout": 30}
-    with Grafter(tmp_path, 2, 2, **settings) as second:
+    with Grafter(tmp_path, 2, 2, **settings) as second, Grafter(tmp_path, 1, 2, **settings) as first:
         second.publish(peer, 1)
-    with Grafter(tmp_path, 1, 2, **settings) as first:
         report = first.step(own, 1)
     assert report.grafted and report.peer == 2
     assert _differing(own.state_dict(), expected.state_dict()) == []

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    OWN_LOOP_EXAMPLE,
     child_env,
     finish,
     one_line,
-    own_loop_example,
     popen_forked,
     set_cifar_label,
     start_process,
@@ -127,15 +127,16 @@ def test_a_peer_file_of_another_ring_is_refused_saying_what_to_do(tmp_path: Path
     old.acquire()
     old.publish(1, weights(), META)
     old.release()
-    (tmp_path / "new").mkdir()
-    os.replace(old.path(2, 1), tmp_path / "new" / "net2_epoch1.tensors")  # an earlier run's file
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with Grafter(tmp_path / "new", 1, 2, meta=META) as grafter:
+        grafter.publish(model, 1)
+        os.replace(old.path(2, 1), tmp_path / "new" / "net2_epoch1.tensors")  # an earlier run's file, copied in
         with pytest.raises(PeerMismatchError) as caught:
             grafter.graft(model, 1)
     assert one_line(str(caught.value)).endswith(
-        "move it away and restart this network with --resume, or start this ring in a new --s"
+        f"move it away and restart this network from its last checkpoint with Grafter(..., ring='{grafter.ring}'), "
+        f"or start this ring in a new root folder"
     )
     assert f"belongs to another run (ring {old.ring}, this ring is {grafter.ring})" in str(caught.value)
     assert same_weights(model, before)
@@ -184,6 +185,7 @@ def test_a_peer_of_another_architecture_is_refused_without_meta(tmp_path: Path) 
     before = {k: v.clone() for k, v in mine.state_dict().items()}
     with Grafter(tmp_path, 1, 2) as one, Grafter(tmp_path, 2, 2) as two:
         two.publish(theirs, 1)
+        one.publish(mine, 1)
         with pytest.raises(
             PeerMismatchError,
             match=r"network 2's file .*net2_epoch1\.tensors has an entry 'layer1\.3\."
@@ -237,6 +239,7 @@ def test_bad_peer_files_are_refused_and_nothing_is_grafted(tmp_path: Path, case:
         path = two.publish(tiny_model(1), 1)
         state, meta = spoil(*read_exchange_file(path))
         exchange_file.pack(state, meta or {}).write(path)
+        one.publish(model, 1)
         with pytest.raises(GraftingError) as caught:
             one.graft(model, 1)
     message = one_line(str(caught.value))
@@ -260,19 +263,19 @@ def test_large_values_pass_when_this_network_has_them_too(tmp_path: Path) -> Non
     mine, theirs = _Masked(), _Masked()
     with Grafter(tmp_path, 1, 2, rule="module") as one, Grafter(tmp_path, 2, 2, rule="module") as two:
         two.publish(theirs, 1)
-        assert one.graft(mine, 1).grafted
+        assert one.step(mine, 1).grafted
     assert torch.equal(mine.mask, torch.full((2, 2), -1e9))
 
 
 def test_a_fifo_as_peer_file_checkpoint_or_heartbeat_never_blocks(tmp_path: Path) -> None:
     started = time.monotonic()
     fifo = tmp_path / "net2_epoch1.tensors"
-    os.mkfifo(fifo)
-    with pytest.raises(CheckpointError, match="is not a regular file"):
-        load_file(fifo)
     with Grafter(tmp_path, 1, 2, meta=META, peer_timeout=30) as grafter:
+        os.mkfifo(fifo)
+        with pytest.raises(CheckpointError, match="is not a regular file"):
+            load_file(fifo)
         with pytest.raises(CheckpointError, match=re.escape(f"{fifo} is not a regular file")):
-            grafter.graft(tiny_model(), 1)
+            grafter.step(tiny_model(), 1)
     files = NetworkFiles(tmp_path, 1)
     files.folder.mkdir()
     os.mkfifo(files.last)
@@ -309,13 +312,13 @@ def test_a_network_waiting_says_within_seconds_what_it_waits_for(
     alive.write_text("now")
     assert said_while_waiting() == ["network 2 is running (heartbeat 0s ago)"]
     time.sleep(0.6)
-    stopped = f"network 2 has stopped: its heartbeat {alive} is 1s old; check its log and restart it with --resume"
+    resume = "from its last checkpoint with Grafter(..., ring=<the grafter.ring it saved>)"
+    stopped = f"network 2 has stopped: its heartbeat {alive} is 1s old; check its log and restart it {resume}"
     assert said_while_waiting() == [stopped, stopped], "said at once, and again at the notice"
     alive.unlink()
     (tmp_path / "net2").mkdir()
     assert said_while_waiting() == [
-        f"network 2 is not running (no heartbeat file {alive}; it finished or stopped): "
-        f"restart it with --resume, with the same --epochs as this network"
+        f"network 2 is not running (no heartbeat file {alive}; it finished or stopped): restart it {resume}"
     ]
 
 
@@ -356,7 +359,8 @@ def test_a_file_gone_after_its_peer_moved_on_is_skipped_not_waited_for(
         Grafter(tmp_path, 1, 2, meta=META, rule="module") as one,
         Grafter(tmp_path, 2, 2, meta=META, rule="module") as two,
     ):
-        two.publish(tiny_model(1), 1)
+        one.publish(model, 1)
+        two.step(tiny_model(1), 1)
         two.publish(tiny_model(2), 2)
         (tmp_path / "net2_epoch1.tensors").unlink()
         with caplog.at_level(logging.WARNING):
@@ -365,10 +369,11 @@ def test_a_file_gone_after_its_peer_moved_on_is_skipped_not_waited_for(
         assert "is gone and network 2 has moved on to epoch 2: epoch 1 is not grafted" in report.skipped
         assert report.summary().startswith("epoch 1: not grafted (network 2's file of epoch 1")
         assert any("epoch 1 is not grafted" in r.getMessage() for r in caplog.records)
-        assert one.graft(model, 2).grafted  # and the ring goes on
+        assert one.step(model, 2).grafted  # and the ring goes on
         # A file still to come (no later epoch published) is waited for, as before.
+        one.peer_timeout = 0.3
         with pytest.raises(PeerTimeoutError):
-            Grafter(tmp_path, 1, 2, meta=META, rule="module", peer_timeout=0.3).graft(model, 3)
+            one.step(model, 3)
 
 
 def test_a_restarted_network_first_removes_its_files_of_the_epochs_to_come_newest_first(tmp_path: Path) -> None:
@@ -707,9 +712,9 @@ def _read_only(shared: Path) -> Path:
 
 BAD_VALUES = {
     # case: (action raising a GraftingError, text of the one line)
-    "Grafter(a=5)": (lambda p: Grafter(p, 1, 2, a=5), "--a must lie in [0, 1], got 5"),
-    "Grafter(a=nan)": (lambda p: Grafter(p, 1, 2, a=float("nan")), "--a must lie in [0, 1], got nan"),
-    "Grafter(c=inf)": (lambda p: Grafter(p, 1, 2, c=float("inf")), "--c must be a finite number"),
+    "Grafter(a=5)": (lambda p: Grafter(p, 1, 2, a=5), "a must lie in [0, 1], got 5"),
+    "Grafter(a=nan)": (lambda p: Grafter(p, 1, 2, a=float("nan")), "a must lie in [0, 1], got nan"),
+    "Grafter(c=inf)": (lambda p: Grafter(p, 1, 2, c=float("inf")), "c must be a finite number"),
     "step(epoch=1.5)": (lambda p: Grafter(p, 1, 2).step(tiny_model(), 1.5), "epoch must be a whole number >= 1"),
     "graft(epoch=0)": (lambda p: Grafter(p, 1, 2).graft(tiny_model(), 0), "got 0"),
     "publish(epoch=True)": (lambda p: Exchange(p, 1, 2).publish(True, weights(), META), "got True"),
@@ -717,7 +722,10 @@ BAD_VALUES = {
         lambda p: (_lock_is_a_directory(p), Exchange(p, 1, 2).acquire()),
         "net1.lock as network 1's lock file: is a directory; move it away",
     ),
-    "read-only --s": (lambda p: Exchange(_read_only(p), 1, 2).acquire(), "Permission denied; choose a writable --s"),
+    "read-only root": (
+        lambda p: Exchange(_read_only(p), 1, 2).acquire(),
+        "Permission denied; choose a writable root folder",
+    ),
     "--s a file": (lambda p: (p.write_text("x"), Exchange(p, 1, 2).acquire()), "cannot create the shared directory"),
     "--s ''": (lambda p: parse_config(CifarConfig, ["--s", ""], prog="t", description=""), "--s is empty"),
     "--seed 1e23": (lambda p: cifar_config(p, "--seed", "99999999999999999999999"), "--seed must lie in"),
@@ -776,9 +784,8 @@ def test_cifar_labels_out_of_range_are_refused_at_load(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_readme_own_loop_says_what_it_waits_for_when_its_peer_never_starts(tmp_path: Path) -> None:
-    script = tmp_path / "own_loop.py"
-    script.write_text(own_loop_example())
-    copy = start_process([sys.executable, str(script), "1", "2"], tmp_path, "copy1", fork=True)
+    argv = [sys.executable, str(OWN_LOOP_EXAMPLE), "runs/own-loop", "1", "2"]
+    copy = start_process(argv, tmp_path, "copy1", fork=True)
     said = "grafting: net 1: waiting for network 2's epoch 1"
     wait_until(lambda: said in copy.stderr, "the waiting line", [copy], timeout=240)
     line = next(line for line in copy.stderr.splitlines() if said in line)

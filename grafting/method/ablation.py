@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from grafting.errors import GraftingError, UsageError
+from grafting.errors import LIBRARY, GraftingError, UsageError, Wording
 from grafting.method.entropy import entropy_tensors
 from grafting.method.filters import conv_filter_keys, filter_l1_norms, per_filter
 from grafting.method.graft import check_peer_state, check_rule, unwrap_model
@@ -60,10 +60,12 @@ NOISE_DECAY = 0.975
 NOISE_STD = 1.0
 
 
-def check_source(source: str) -> None:
-    """Raise :class:`UsageError` unless ``source`` is one of :data:`SOURCES`."""
+def check_source(source: str, words: Wording = LIBRARY) -> None:
+    """Raise :class:`UsageError` unless ``source`` is one of :data:`SOURCES` (the message in ``words``)."""
     if source not in SOURCES:
-        raise UsageError(f"unknown graft source '{source}' (--graft-source); choose one of: {', '.join(SOURCES)}")
+        raise UsageError(
+            f"unknown graft source '{source}' ({words.name('source')}); choose one of: {', '.join(SOURCES)}"
+        )
 
 
 def conv_weights(model: nn.Module, rule: str = "name") -> dict[str, torch.Tensor]:

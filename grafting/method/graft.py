@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from grafting.checkpoint import state_dict_misfit
-from grafting.errors import GraftingError, PeerMismatchError, UsageError
+from grafting.errors import LIBRARY, GraftingError, PeerMismatchError, UsageError, Wording
 from grafting.method.entropy import entropy_tensors, l1_tensor
 from grafting.method.filters import per_filter
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C, graft_coefficients
@@ -48,6 +48,7 @@ __all__ = [
     "graft_filters",
     "unwrap_model",
     "default_rule",
+    "fit_problem",
     "kept_entries",
     "check_peer_state",
     "check_rule",
@@ -69,25 +70,26 @@ _BN_PARTS = ("weight", "bias", "running_var", "running_mean")
 KEEPS_ATTRIBUTE = "layer_grafting_keeps"
 
 
-def check_rule(rule: str) -> None:
-    """Raise :class:`UsageError` unless ``rule`` is one of :data:`RULES`."""
+def check_rule(rule: str, words: Wording = LIBRARY) -> None:
+    """Raise :class:`UsageError` unless ``rule`` is one of :data:`RULES` (the message in ``words``)."""
     if rule not in RULES:
-        raise UsageError(f"unknown graft rule '{rule}' (--graft-rule); choose one of: {', '.join(RULES)}")
+        raise UsageError(f"unknown graft rule '{rule}' ({words.name('rule')}); choose one of: {', '.join(RULES)}")
 
 
-def check_criterion(criterion: str) -> None:
-    """Raise :class:`UsageError` unless ``criterion`` is one of :data:`CRITERIA`."""
+def check_criterion(criterion: str, words: Wording = LIBRARY) -> None:
+    """Raise :class:`UsageError` unless ``criterion`` is one of :data:`CRITERIA` (the message in ``words``)."""
     if criterion not in CRITERIA:
         raise UsageError(
-            f"unknown grafting criterion '{criterion}' (--criterion); choose one of: {', '.join(CRITERIA)}"
+            f"unknown grafting criterion '{criterion}' ({words.name('criterion')}); "
+            f"choose one of: {', '.join(CRITERIA)}"
         )
 
 
-def check_bn_blend(bn_blend: str) -> None:
-    """Raise :class:`UsageError` unless ``bn_blend`` is one of :data:`BN_BLENDS`."""
+def check_bn_blend(bn_blend: str, words: Wording = LIBRARY) -> None:
+    """Raise :class:`UsageError` unless ``bn_blend`` is one of :data:`BN_BLENDS` (the message in ``words``)."""
     if bn_blend not in BN_BLENDS:
         raise UsageError(
-            f"unknown BatchNorm blend '{bn_blend}' (--filter-bn-blend); choose one of: {', '.join(BN_BLENDS)}"
+            f"unknown BatchNorm blend '{bn_blend}' ({words.name('bn_blend')}); choose one of: {', '.join(BN_BLENDS)}"
         )
 
 
@@ -127,10 +129,32 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def default_rule(model: nn.Module) -> str:
-    """``"name"`` when the model's first state_dict entry is a conv by the key rule (the published
-    setting, e.g. CIFAR and torchvision ResNets), else ``"module"``."""
-    first = next(iter(unwrap_model(model).state_dict()), "")
-    return "name" if "conv" in first else "module"
+    """``"name"`` when the model's first grafted state_dict entry is a conv by the key rule (the published
+    setting, e.g. CIFAR and torchvision ResNets), else ``"module"`` (torchvision VGG, MobileNet ...)."""
+    return "name" if fit_problem(model, level="layer", rule="name") is None else "module"
+
+
+def _name_rule_misfit(key: str) -> str:
+    return f"the name rule needs the first state_dict entry to be a conv (a key containing 'conv'), but it is '{key}'"
+
+
+_NO_CONV_BN = "filter-level grafting needs convolutions followed by BatchNorm"
+
+
+def fit_problem(model: nn.Module, *, level: str, rule: str) -> str | None:
+    """Why ``model`` cannot be grafted at ``level`` (``"layer"`` or ``"filter"``) with ``rule``, or None when
+    it can: checked before training, so that a misfit never waits for the end of an epoch. The name rule
+    needs its first grafted entry to be a conv; filter level needs a conv followed by its BatchNorm."""
+    model = unwrap_model(model)
+    if level == "filter":
+        return None if _conv_bn_pairs(model) else _NO_CONV_BN
+    if rule == "name":
+        own = model.state_dict()
+        kept = set(kept_entries(model, own))
+        first = next((key for key in own if key not in kept), None)
+        if first is not None and "conv" not in first:
+            return _name_rule_misfit(first)
+    return None
 
 
 def kept_entries(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> list[str]:
@@ -166,10 +190,7 @@ def _name_rule_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list
         elif groups:
             groups[-1][1].append(key)
         else:
-            raise GraftingError(
-                f"the name rule needs the first state_dict entry to be a conv (a key containing 'conv'), "
-                f"but it is '{key}'; use the module rule (--graft-rule module)"
-            )
+            raise GraftingError(f"{_name_rule_misfit(key)}; use the module rule ({LIBRARY.value('rule', 'module')})")
     return groups
 
 
@@ -367,7 +388,7 @@ def graft_filters(
     peer = _peer_tensors(own, peer_state)
     pairs = _conv_bn_pairs(model)
     if not pairs:
-        raise GraftingError("filter-level grafting needs convolutions followed by BatchNorm; use --level layer")
+        raise GraftingError(f"{_NO_CONV_BN}; graft per layer ({LIBRARY.value('level', 'layer')})")
 
     weights: dict[str, torch.Tensor] = {}
     for conv_name, _, bn_name, _, _ in pairs:

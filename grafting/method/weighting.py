@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from grafting.errors import UsageError
+from grafting.errors import LIBRARY, UsageError, Wording
 
 __all__ = ["DEFAULT_A", "DEFAULT_C", "graft_coefficient", "graft_coefficients", "check_weighting"]
 
@@ -15,12 +15,13 @@ DEFAULT_A = 0.4
 DEFAULT_C = 500.0
 
 
-def check_weighting(a: float, c: float) -> None:
-    """Raise :class:`UsageError` unless ``0 <= a <= 1`` and ``c`` is finite and ``>= 0`` (NaN fails both)."""
+def check_weighting(a: float, c: float, words: Wording = LIBRARY) -> None:
+    """Raise :class:`UsageError` unless ``0 <= a <= 1`` and ``c`` is finite and ``>= 0`` (NaN fails both);
+    the message names the settings in ``words``."""
     if not 0.0 <= a <= 1.0:
-        raise UsageError(f"--a must lie in [0, 1], got {a}")
+        raise UsageError(f"{words.name('a')} must lie in [0, 1], got {a}")
     if not 0 <= c < math.inf:
-        raise UsageError(f"--c must be a finite number >= 0, got {c}")
+        raise UsageError(f"{words.name('c')} must be a finite number >= 0, got {c}")
 
 
 def graft_coefficient(h_self: float, h_peer: float, a: float = DEFAULT_A, c: float = DEFAULT_C) -> float:

@@ -73,7 +73,16 @@ from typing import Any
 import torch
 
 from grafting.checkpoint import remove_temp_files, weights_problem
-from grafting.errors import CheckpointError, GraftingError, LockError, PeerMismatchError, PeerTimeoutError, UsageError
+from grafting.errors import (
+    LIBRARY,
+    CheckpointError,
+    GraftingError,
+    LockError,
+    PeerMismatchError,
+    PeerTimeoutError,
+    UsageError,
+    Wording,
+)
 from grafting.ring.exchange_file import Packed, pack, read
 from grafting.ring.identity import join_ring
 from grafting.ring.layout import SharedFolder
@@ -141,12 +150,16 @@ def _close_lock_fds_in_child() -> None:
 os.register_at_fork(after_in_child=_close_lock_fds_in_child)
 
 
-def check_ring_position(net: int, num: int) -> None:
-    """Raise :class:`UsageError` unless ``1 <= net <= num`` (whole numbers): network ``net`` of a ring of ``num``."""
+def check_ring_position(net: int, num: int, words: Wording = LIBRARY) -> None:
+    """Raise :class:`UsageError` unless ``1 <= net <= num`` (whole numbers): network ``net`` of a ring of ``num``
+    (the message in ``words``)."""
+    n_net, n_num = words.name("net"), words.name("num")
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise UsageError(f"--num must be a whole number >= 1 (1 = baseline), got {num!r}")
+        raise UsageError(f"{n_num} must be a whole number >= 1 (1 = baseline), got {num!r}")
     if isinstance(net, bool) or not isinstance(net, int) or not 1 <= net <= num:
-        raise UsageError(f"--i must be between 1 and --num ({num}), got {net!r}; networks are numbered 1 to --num")
+        raise UsageError(
+            f"{n_net} must be between 1 and {n_num} ({num}), got {net!r}; networks are numbered 1 to {n_num}"
+        )
 
 
 def format_duration(seconds: float) -> str:
@@ -269,6 +282,7 @@ class Exchange:
             exchange.finish()
 
     ``ring`` is the identity a resumed network recorded (None: join the folder's ring or create it).
+    ``wording`` names the settings and the ways on in messages (the library's arguments by default).
     """
 
     def __init__(
@@ -284,12 +298,14 @@ class Exchange:
         stale_after: float | None = None,
         notice_after: float = 5.0,
         log_every: float = 60.0,
+        wording: Wording = LIBRARY,
     ) -> None:
         if heartbeat_interval is None:
             heartbeat_interval = seconds_from_env(HEARTBEAT_ENV, 10.0)
         if stale_after is None:
             stale_after = stale_after_s()
-        check_ring_position(net, num)
+        check_ring_position(net, num, wording)
+        self.wording = wording
         self.folder = SharedFolder(Path(root))
         self.root = self.folder.root
         self.net = net
@@ -315,10 +331,14 @@ class Exchange:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise GraftingError(
-                f"cannot create the shared directory {self.root} (--s): {err.strerror or err}; choose a writable folder"
+                f"cannot create the shared directory {self.root} ({self.wording.folder}): {err.strerror or err}; "
+                f"choose a writable folder"
             ) from err
         if not self.root.is_dir():
-            raise GraftingError(f"the shared directory {self.root} (--s) is not a folder; choose another --s")
+            raise GraftingError(
+                f"the shared directory {self.root} ({self.wording.folder}) is not a folder; "
+                f"choose another {self.wording.folder}"
+            )
 
     @property
     def predecessor(self) -> int:
@@ -353,7 +373,7 @@ class Exchange:
         self._lock_fd, self._lock_pid = fd, os.getpid()
         _HELD_LOCK_FDS.add(fd)
         try:
-            self.ring = join_ring(self.folder, self.ring)
+            self.ring = join_ring(self.folder, self.ring, self.wording)
         except BaseException:
             self.release()
             raise
@@ -385,7 +405,7 @@ class Exchange:
                 what = "is a directory" if err.errno == errno.EISDIR else (err.strerror or str(err))
                 raise LockError(
                     f"cannot use {path} as network {self.net}'s lock file: {what}; "
-                    f"{'move it away' if err.errno == errno.EISDIR else 'choose a writable --s'}"
+                    f"{'move it away' if err.errno == errno.EISDIR else f'choose a writable {self.wording.folder}'}"
                 ) from None
             try:
                 info = os.fstat(fd)
@@ -401,11 +421,11 @@ class Exchange:
                 if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
                     raise LockError(
                         f"cannot lock {path}: {err.strerror or err}; "
-                        "use a shared directory (--s) on a file system that supports locks"
+                        f"use a shared directory ({self.wording.folder}) on a file system that supports locks"
                     ) from err
                 raise LockError(
                     f"network {self.net} in {self.root} is already being trained by {owner}; "
-                    "stop that process or use another --s"
+                    f"stop that process or use another {self.wording.folder}"
                 ) from err
             except BaseException:
                 os.close(fd)
@@ -419,7 +439,7 @@ class Exchange:
             os.close(fd)  # the file was deleted (and maybe created anew) after we opened it
         raise LockError(
             f"{path} keeps being replaced while network {self.net} tries to lock it; "
-            f"is another process deleting it? use another --s"
+            f"is another process deleting it? use another {self.wording.folder}"
         )
 
     def release(self) -> None:
@@ -524,13 +544,13 @@ class Exchange:
             if self.folder.network(net).folder.is_dir():
                 return "not running", (
                     f"network {net} is not running (no heartbeat file {alive}; it finished or "
-                    f"stopped): restart it with --resume, with the same --epochs as this network"
+                    f"stopped): restart it {self.wording.restart(self.ring)}{self.wording.same_epochs}"
                 )
             return "not started", f"network {net} has not started yet (no heartbeat file {alive})"
         if age > self.stale_after:
             return "stopped", (
                 f"network {net} has stopped: its heartbeat {alive} is {format_duration(age)} old; "
-                f"check its log and restart it with --resume"
+                f"check its log and restart it {self.wording.restart(self.ring)}"
             )
         return "running", f"network {net} is running (heartbeat {format_duration(age)} ago)"
 
@@ -605,7 +625,7 @@ class Exchange:
             if timeout is not None and waited >= timeout:
                 raise PeerTimeoutError(
                     f"network {net} did not write epoch {epoch} within {timeout:g} s ({target}); {state}; "
-                    f"this network's checkpoints are intact: restart it with --resume as well"
+                    f"{self.wording.intact}restart it {self.wording.restart(self.ring)} as well"
                 )
             newly_stopped = kind == "stopped" and reported_kind != "stopped"
             if now >= next_notice or newly_stopped:
@@ -632,7 +652,7 @@ class Exchange:
                 f"network {net}'s file {legacy} was written by an older version of filter-grafting, whose exchange "
                 f"files this version does not read; run every network of the ring with the same version: stop the "
                 f"older ones, delete the old exchange files (rm {shlex.quote(str(self.root))}/net*_epoch*.pt) and "
-                f"restart every network with --resume (an epoch whose file is gone is not grafted)"
+                f"restart every network {self.wording.restart(self.ring)} (an epoch whose file is gone is not grafted)"
             )
 
     def load(
@@ -665,13 +685,12 @@ class Exchange:
             self._check_meta(net, epoch, target, meta, expect, fix)
         return state_dict, meta
 
-    @staticmethod
-    def repair_advice(net: int) -> str:
+    def repair_advice(self, net: int) -> str:
         """What to do about a bad file of network ``net`` (it is never used): the advice works, as a file
         that is gone after its network has moved on is skipped (:class:`EpochGone`)."""
         return (
-            f"nothing from it was used: delete it and restart this network with --resume (an epoch whose file "
-            f"is gone after network {net} has moved on is not grafted)"
+            f"nothing from it was used: delete it and restart this network {self.wording.restart(self.ring)} "
+            f"(an epoch whose file is gone after network {net} has moved on is not grafted)"
         )
 
     def _check_meta(self, net: int, epoch: int, target: Path, meta: Any, expect: dict[str, Any], fix: str) -> None:
@@ -684,7 +703,8 @@ class Exchange:
         if self.ring is not None and meta.get("ring") != self.ring:
             raise PeerMismatchError(
                 f"network {net}'s file {target} belongs to another run (ring {meta.get('ring')}, this ring is "
-                f"{self.ring}): move it away and restart this network with --resume, or start this ring in a new --s"
+                f"{self.ring}): move it away and restart this network {self.wording.restart(self.ring)}, or start "
+                f"this ring in a new {self.wording.folder}"
             )
         if meta.get("net") != net or meta.get("epoch") != epoch:
             raise PeerMismatchError(
@@ -698,9 +718,7 @@ class Exchange:
                 found = f"{key}={meta[key]}"
             else:
                 continue
-            hint = (
-                " (to extend a finished ring, resume every network with --resume --epochs N)" if key == "epochs" else ""
-            )
+            hint = self.wording.extend if key == "epochs" else ""
             raise PeerMismatchError(
                 f"network {net}'s file {target} has {found}, this network has {key}={wanted}; "
                 f"all networks of a ring must use the same {key}{hint}"

@@ -6,6 +6,13 @@ networks that start at once, one creates it and the others read it); the others 
 names. Each network writes the identity into every exchange file it publishes and into its
 ``config.json``, so a resumed network knows its ring even if ``ring.json`` was deleted, and a peer file
 of another ring is refused before any weights are mixed (:meth:`grafting.ring.exchange.Exchange.load`).
+
+An identity alone cannot tell a ring's own files from those another run left in the same folder under
+the same ``ring.json``: a network that starts afresh also checks the exchange files it finds
+(:func:`foreign_exchange_files`). A network can only be a few epochs ahead of one that has just
+started, and only a member of this ring (a running network, or one whose run records name this ring)
+writes this ring's files; anything else is another run's, and the fresh start is refused before any
+weights are mixed.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from grafting.checkpoint import read_json_file
-from grafting.errors import GraftingError
+from grafting.errors import LIBRARY, GraftingError, Wording
 from grafting.ring.layout import SharedFolder
 
-__all__ = ["join_ring", "new_ring_name", "RING_FORMAT"]
+__all__ = ["join_ring", "read_ring", "new_ring_name", "foreign_exchange_files", "describe_files", "RING_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +45,7 @@ def new_ring_name() -> str:
     return secrets.token_hex(6)
 
 
-def _create(folder: SharedFolder, name: str) -> bool:
+def _create(folder: SharedFolder, name: str, words: Wording) -> bool:
     """Write ``ring.json`` naming ``name`` unless it exists; True when this call created it."""
     path = folder.ring
     text = (
@@ -51,7 +60,7 @@ def _create(folder: SharedFolder, name: str) -> bool:
         return False
     except OSError as err:
         raise GraftingError(
-            f"cannot create {path}: {err.strerror or err}; use a writable shared folder (--s)"
+            f"cannot create {path}: {err.strerror or err}; use a writable shared folder ({words.folder})"
         ) from None
     try:
         os.write(fd, text.encode())
@@ -61,7 +70,7 @@ def _create(folder: SharedFolder, name: str) -> bool:
     return True
 
 
-def _read(folder: SharedFolder) -> str | None:
+def read_ring(folder: SharedFolder, words: Wording = LIBRARY) -> str | None:
     """The identity ``ring.json`` names; None when it does not exist. A file that another network is
     writing right now is waited for briefly; one that stays unreadable raises GraftingError."""
     path = folder.ring
@@ -89,32 +98,77 @@ def _read(folder: SharedFolder) -> str | None:
         if time.monotonic() > deadline:
             raise GraftingError(
                 f"{path} is unreadable ({problem}); it names the ring of this shared folder: "
-                f"move it away (a resumed network writes it again), or start the ring in a new --s"
+                f"move it away (a resumed network writes it again), or start the ring in a new {words.folder}"
             )
         time.sleep(0.05)
 
 
-def join_ring(folder: SharedFolder, expected: str | None = None) -> str:
+def join_ring(folder: SharedFolder, expected: str | None = None, words: Wording = LIBRARY) -> str:
     """The identity of the ring in ``folder``: the one ``ring.json`` names, created when it is missing.
 
     ``expected`` is the identity a resumed network recorded in its config.json: a ``ring.json`` that
     names another ring is a :class:`GraftingError` (the folder was reused by another run), a missing
     one is written again. With ``expected=None`` (a fresh start) the network joins whatever ring the
-    file names, or creates a new one.
+    file names, or creates a new one. Messages are in ``words``.
     """
     for _ in range(3):  # created or read; a file deleted between the two is retried
-        found = _read(folder)
+        found = read_ring(folder, words)
         if found is None:
             name = expected or new_ring_name()
-            if _create(folder, name):
+            if _create(folder, name, words):
                 log.debug("created ring %s in %s", name, folder.root)
                 return name
             continue
         if expected is not None and found != expected:
             raise GraftingError(
-                f"this network belongs to ring {expected} (its config.json) but {folder.ring} names ring {found}: "
-                f"another run has used {folder.root} since; resume the ring in a shared folder of its own: copy "
-                f"its networks' net<i> folders into a new --s and resume each network there"
+                f"this network belongs to ring {expected} ({words.name('ring')}) but {folder.ring} names ring "
+                f"{found}: another run has used {folder.root} since; {words.other_ring(expected)}"
             )
         return found
-    raise GraftingError(f"{folder.ring} keeps disappearing; does another process delete it? use a new --s")
+    raise GraftingError(f"{folder.ring} keeps disappearing; does another process delete it? use a new {words.folder}")
+
+
+def foreign_exchange_files(
+    folder: SharedFolder,
+    net: int,
+    num: int,
+    *,
+    fresh: bool,
+    published: int,
+    member: Callable[[int], str | None],
+) -> list[tuple[Path, str]]:
+    """The exchange files in ``folder`` that the ring of network ``net`` (of ``num``) cannot have written,
+    each with the reason, in name order.
+
+    ``member(j)`` says why network ``j`` is not a member of this ring (None when it is): the files of a
+    network that is not are another run's. At a ``fresh`` start this network has published at most
+    ``published`` epochs (0, or 1 where an earlier attempt that saved nothing may have published its
+    first), so network ``net + d`` cannot be more than ``published + d`` epochs along: a file further
+    ahead, this network's own included, is another run's. When resuming, this network's own files are
+    not looked at (those of the epochs to come are replaced at the start).
+    """
+    foreign = []
+    for peer, epoch, path in folder.exchange_files():
+        if peer > num or (peer == net and not fresh):
+            continue  # never read by this ring
+        if peer != net:
+            why = member(peer)
+            if why is not None:
+                foreign.append((path, why))
+                continue
+        if fresh and epoch > published + (peer - net) % num:
+            if peer == net and not published:
+                foreign.append((path, f"network {net} has published nothing since it started"))
+            else:
+                why = f"network {peer} cannot be at epoch {epoch} before network {net} has finished epoch {published}"
+                foreign.append((path, why))
+    return foreign
+
+
+def describe_files(found: list[tuple[Path, str]]) -> str:
+    """``'a.pt, b.pt (reason); c.pt (other reason)'`` for a list of (file, reason), at most eight names."""
+    by_reason: dict[str, list[str]] = {}
+    for path, why in found[:8]:
+        by_reason.setdefault(why, []).append(path.name)
+    more = f"; and {len(found) - 8} more" if len(found) > 8 else ""
+    return "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items()) + more

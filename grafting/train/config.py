@@ -22,14 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from grafting.errors import UsageError
+from grafting.errors import UsageError, Wording
 from grafting.method.ablation import EXCHANGING_SOURCES, SOURCES
 from grafting.method.distill import DISTILL_MODES, check_distillation
 from grafting.method.graft import BN_BLENDS, CRITERIA, RULES
 from grafting.method.weighting import DEFAULT_A, DEFAULT_C
 from grafting.ring.grafter import LEVELS, check_grafting
 
-__all__ = ["RunConfig", "CifarConfig", "ImagenetConfig", "setting", "CONFIG_FORMAT", "RESUME_AUTO"]
+__all__ = ["RunConfig", "CifarConfig", "ImagenetConfig", "setting", "CONFIG_FORMAT", "RESUME_AUTO", "SCRIPT_WORDING"]
 
 CONFIG_FORMAT = "filter-grafting-config/1"
 # Settings fixed on resume that came after this format: a config.json without one was written before the setting
@@ -426,12 +426,13 @@ class RunConfig:
             a=self.a,
             c=self.c,
             level=self.level,
-            rule=self.graft_rule or "name",
+            rule=self.graft_rule,
             criterion=self.criterion,
             source=self.source,
             invalid_threshold=self.invalid_threshold,
             peer_timeout=self.peer_timeout,
             bn_blend=self.filter_bn_blend,
+            words=SCRIPT_WORDING,
         )
         for name in ("lr", "epochs", "batch_size", "step_epochs"):
             _positive(getattr(self, name), self.flag_of(name))
@@ -489,6 +490,40 @@ class RunConfig:
     def to_json(self) -> str:
         """The text of ``config.json``."""
         return json.dumps({"format": CONFIG_FORMAT, **dataclasses.asdict(self)}, indent=2, sort_keys=True)
+
+
+# The scripts' words for the library's messages (grafting.errors.Wording): their flags, --s and --resume.
+SCRIPT_WORDING = Wording(
+    names={
+        **{
+            setting: RunConfig.flag_of(name)
+            for setting, name in (
+                ("net", "i"),
+                ("num", "num"),
+                ("a", "a"),
+                ("c", "c"),
+                ("level", "level"),
+                ("rule", "graft_rule"),
+                ("criterion", "criterion"),
+                ("source", "source"),
+                ("invalid_threshold", "invalid_threshold"),
+                ("peer_timeout", "peer_timeout"),
+                ("bn_blend", "filter_bn_blend"),
+            )
+        },
+        "ring": "its config.json",
+    },
+    flags=True,
+    folder="--s",
+    resume="with --resume",
+    intact="this network's checkpoints are intact: ",
+    same_epochs=", with the same --epochs as this network",
+    extend=" (to extend a finished ring, resume every network with --resume --epochs N)",
+    move_ring=(
+        "resume the ring in a shared folder of its own: copy its networks' net<i> folders into a new --s "
+        "and resume each network there"
+    ),
+)
 
 
 @dataclass

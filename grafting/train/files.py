@@ -21,6 +21,7 @@ Recovery rules:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from grafting.checkpoint import (
 from grafting.errors import CheckpointError, GraftingError, UsageError, first_line
 from grafting.method.ablation import EXCHANGING_SOURCES
 from grafting.method.graft import unwrap_model
+from grafting.ring import identity
 from grafting.ring.layout import NetworkFiles, SharedFolder
 from grafting.train.config import CONFIG_FORMAT, RESUME_AUTO, RunConfig
 from grafting.train.report import read_metrics
@@ -243,38 +245,18 @@ def foreign_exchange_files(config: RunConfig, ring: str) -> list[tuple[Path, str
     network ``i`` has not finished epoch 1 allows (network i+d is at most d epochs ahead of it; its own
     files at most at epoch 1)."""
     shared = SharedFolder(Path(config.s))
-    rings: dict[int, str | None] = {}
-    foreign = []
-    for net, epoch, path in shared.exchange_files():
-        if net > config.num or (net == config.i and config.resume):
-            continue  # never read; own files of the epochs to come are replaced at the start
-        if net != config.i:
-            if net not in rings:
-                rings[net] = _peer_ring(shared.network(net))
-            if rings[net] != ring:
-                foreign.append(
-                    (
-                        path,
-                        f"network {net} has no config.json"
-                        if rings[net] is None
-                        else f"network {net} belongs to ring {rings[net]}",
-                    )
-                )
-                continue
-        if not config.resume and epoch > 1 + (net - config.i) % config.num:
-            foreign.append(
-                (path, f"network {net} cannot be at epoch {epoch} before network {config.i} has finished epoch 1")
-            )
-    return foreign
 
+    @functools.cache
+    def member(net: int) -> str | None:
+        recorded = _peer_ring(shared.network(net))
+        if recorded == ring:
+            return None
+        return f"network {net} has no config.json" if recorded is None else f"network {net} belongs to ring {recorded}"
 
-def _describe(foreign: list[tuple[Path, str]]) -> str:
-    """'a.pt, b.pt (reason); c.pt (other reason)', at most eight names."""
-    by_reason: dict[str, list[str]] = {}
-    for path, why in foreign[:8]:
-        by_reason.setdefault(why, []).append(path.name)
-    more = f"; and {len(foreign) - 8} more" if len(foreign) > 8 else ""
-    return "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items()) + more
+    # A fresh start may follow an attempt that published epoch 1 and saved nothing: it is replaced.
+    return identity.foreign_exchange_files(
+        shared, config.i, config.num, fresh=not config.resume, published=1, member=member
+    )
 
 
 def prepare_run_files(config: RunConfig, ring: str | None = None) -> NetworkFiles:
@@ -305,7 +287,7 @@ def prepare_run_files(config: RunConfig, ring: str | None = None) -> NetworkFile
         if foreign:
             raise GraftingError(
                 f"{files.root} holds exchange files this ring cannot have written: "
-                f"{_describe(foreign)}; they are another run's: move them away, or start this ring "
+                f"{identity.describe_files(foreign)}; they are another run's: move them away, or start this ring "
                 f"in a new --s"
             )
     try:

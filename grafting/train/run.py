@@ -19,7 +19,7 @@ from grafting.method.distill import Distiller, ModelBuilder, make_distiller
 from grafting.method.graft import unwrap_model
 from grafting.ring.grafter import Grafter
 from grafting.train.cli import is_out_of_memory, out_of_memory
-from grafting.train.config import RunConfig
+from grafting.train.config import SCRIPT_WORDING, RunConfig
 from grafting.train.files import (
     ResumeState,
     load_last,
@@ -105,10 +105,11 @@ def run_ring(
         config.s,
         config.i,
         config.num,
+        model=model,  # checked now (the rule against the model), before anything is written
         a=config.a,
         c=config.c,
         level=config.level,
-        rule=config.graft_rule or "name",  # the scripts resolve it from the model before this
+        rule=config.graft_rule,  # the scripts resolve it from the model before this
         criterion=config.criterion,
         source=config.source,
         invalid_threshold=config.invalid_threshold,
@@ -117,6 +118,8 @@ def run_ring(
         keep_all=config.keep_all,
         meta=config.peer_settings(),
         ring=(saved or {}).get("ring"),
+        wording=SCRIPT_WORDING,
+        check_folder=False,  # prepare_run_files checks it against the networks' own records
     )
     with grafter:
         files = prepare_run_files(config, grafter.ring) if is_main else None

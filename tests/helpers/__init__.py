@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import pickle
-import re
 import resource
 import shutil
 import signal
@@ -39,6 +38,8 @@ from helpers import forkserver
 REPO = Path(__file__).resolve().parents[2]
 CIFAR_SCRIPT = REPO / "grafting_cifar" / "train.py"
 IMAGENET_SCRIPT = REPO / "grafting_imagenet" / "train.py"
+# docs/library.md's "own training loop" example, the file the page shows (tests/test_readme_example.py)
+OWN_LOOP_EXAMPLE = REPO / "docs" / "examples" / "own_loop.py"
 RUN_TIMEOUT_S = 300.0
 # scripts/gpu_check.sh's rehearsal: the ``cuda`` tests run on the CPU instead of skipping.
 REHEARSAL = os.environ.get("GPU_CHECK_REHEARSE") == "1"
@@ -264,14 +265,6 @@ def set_cifar_label(batch_file: Path, index: int, label: int) -> None:
     batch[key][index] = label
     with open(batch_file, "wb") as handle:
         pickle.dump(batch, handle)
-
-
-def own_loop_example() -> str:
-    """The "own training loop" example of docs/library.md, as the script a user would save."""
-    text = (REPO / "docs" / "library.md").read_text()
-    match = re.search(r"<!-- example: own_loop.py -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "docs/library.md lost its own-loop example block"
-    return match.group(1)
 
 
 def one_line(text: str) -> str:
