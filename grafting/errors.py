@@ -4,8 +4,9 @@ its flags."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = [
     "Wording",
@@ -95,9 +96,14 @@ class Wording:
         """How a stopped network continues ("with --resume"), for "restart it ..."."""
         return self.resume.format(ring=_ring_text(ring))
 
-    def other_ring(self, ring: str | None) -> str:
-        """What to do when the folder now names another ring than ``ring``, the resumed network's."""
-        return self.move_ring.format(ring=_ring_text(ring))
+    def other_ring(self, ring: str | None, files: Sequence[Path] = ()) -> str:
+        """What to do when the folder now names another ring than ``ring``, the resumed network's; ``files``
+        are its exchange files still in the folder, which the move must take along."""
+        advice = self.move_ring.format(ring=_ring_text(ring))
+        if not files:
+            return advice
+        # A network one epoch behind its predecessor grafts a file the predecessor will not publish again.
+        return f"{advice}; copy its exchange files {' '.join(path.name for path in files)} into the new folder too"
 
 
 def _ring_text(ring: str | None) -> str:

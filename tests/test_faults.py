@@ -55,10 +55,12 @@ from grafting.ring import exchange_file
 from grafting.ring.exchange import Exchange
 from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.ring.grafter import Grafter
+from grafting.ring.identity import RING_FORMAT
 from grafting.ring.layout import NetworkFiles
 from grafting.train.config import CifarConfig
 from grafting.train.files import load_last, prepare_run_files
 from grafting.train.report import read_metrics
+from grafting.train.signals import STOPPED_EXIT_CODE
 
 TRAIN_IMAGES, TEST_IMAGES, BATCH = 256, 64, 32
 BATCHES = TRAIN_IMAGES // BATCH
@@ -533,6 +535,58 @@ def test_a_folder_another_run_took_over_is_refused_and_the_advice_works(
     run_main_to_the_end(cifar_main(), flags_for(data, moved, num=1, i=1, epochs=3, extra=("--resume",)))
     assert last_state(moved, 1)["epoch"] == 3
     assert json.loads((moved / "ring.json").read_text())["ring"] == saved["ring"]
+
+
+def ring_stopped_one_epoch_apart(workdir: Path, data: Path) -> Path:
+    """A ring of two stopped as a scheduler leaves one: network 2 was stopped after it published epoch 3 and
+    before it saved it (last.pt of epoch 2), network 1 went on to grafting epoch 3 (last.pt of epoch 3) and
+    was stopped while it waited for network 2's epoch 4. Returns its --s."""
+    shared = workdir / "s"
+    net1 = start(workdir, "net1", flags_for(data, shared, num=2, i=1))
+    net2 = start(workdir, "net2", flags_for(data, shared, num=2, i=2))
+    last1 = shared / "net1" / "last.pt"
+    wait_until(lambda: last1.exists() and last_state(shared, 1)["epoch"] == 2, "network 1's epoch 2", [net1, net2])
+    net1.process.send_signal(signal.SIGSTOP)  # held before it publishes epoch 3
+    wait_until(lambda: (shared / "net2_epoch3.tensors").exists(), "network 2's epoch-3 file", [net1, net2])
+    net2.process.send_signal(signal.SIGTERM)  # waiting for network 1's epoch 3: stops with epoch 2 saved
+    assert finish([net2]) == [STOPPED_EXIT_CODE], net2.report()
+    net1.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: (shared / "net1_epoch4.tensors").exists(), "network 1's epoch-4 file", [net1])
+    net1.process.send_signal(signal.SIGTERM)
+    assert finish([net1]) == [STOPPED_EXIT_CODE], net1.report()
+    assert (last_state(shared, 1)["epoch"], last_state(shared, 2)["epoch"]) == (3, 2)
+    return shared
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_ring_stopped_one_epoch_apart_moves_out_of_a_taken_folder_as_advised_and_loses_no_graft(
+    tmp_path: Path, data: Path, reference_ring: Path
+) -> None:
+    shared = ring_stopped_one_epoch_apart(tmp_path, data)
+    (shared / "ring.json").write_text(json.dumps({"format": RING_FORMAT, "ring": "0123456789ab"}))  # another run's
+    refused = start(tmp_path, "net2-refused", flags_for(data, shared, num=2, i=2, extra=("--resume",)))
+    assert finish([refused]) == [1], refused.report()
+    line = one_line(refused.stderr)
+    assert "another run has used" in line and "copy its networks' net<i> folders into a new --s" in line, line
+    # Followed literally: the folders and the exchange files it names, in a new --s; each network resumed there.
+    files = line.split("copy its exchange files ", 1)[1].split(" into the new folder too")[0].split()
+    assert "net1_epoch3.tensors" in files, (
+        "network 2 grafts network 1's epoch 3, which network 1 will not publish again"
+    )
+    moved = tmp_path / "moved"
+    for folder in ("net1", "net2"):
+        shutil.copytree(shared / folder, moved / folder)
+    for name in files:
+        shutil.copy2(shared / name, moved / name)
+    resumed = [
+        start(tmp_path, f"net{i}-moved", flags_for(data, moved, num=2, i=i, extra=("--resume",))) for i in (1, 2)
+    ]
+    assert finish(resumed) == [0, 0], "\n".join(net.report() for net in resumed)
+    assert "is not grafted" not in resumed[1].log, resumed[1].log
+    assert_same_weights(moved, reference_ring)
+    # Network 2 published its epoch 3 again after network 1 had finished reading it: nothing is left behind.
+    assert not list(moved.glob("net*_epoch*")), sorted(p.name for p in moved.glob("net*_epoch*"))
 
 
 @pytest.mark.e2e

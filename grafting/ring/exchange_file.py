@@ -257,6 +257,30 @@ class _OtherFormat(ValueError):
     """The header names another version of the format."""
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The meta of the exchange file ``path`` (its ring, network, epoch and settings), from its header alone:
+    the tensors are not read. A file that is no readable exchange file of this format is a one-line
+    :class:`CheckpointError`."""
+    path = Path(path)
+    fd, size = _open(path)
+    try:
+        start = os.pread(fd, _PREFIX.size, 0)
+        if len(start) < _PREFIX.size or start[:8] != SIGNATURE:
+            raise CheckpointError(f"{path} is not an exchange file of this version")
+        _, header_bytes = _PREFIX.unpack(start)
+        data_start = _PREFIX.size + header_bytes
+        if header_bytes > _MAX_HEADER or data_start > size:
+            raise CheckpointError(f"{path} is truncated or corrupt (its header's length is {header_bytes})")
+        text = os.pread(fd, header_bytes, _PREFIX.size)
+    finally:
+        os.close(fd)
+    try:
+        meta, _, _ = _parse_header(text, size - data_start)
+    except ValueError as err:
+        raise CheckpointError(f"{path}'s header {err}") from None
+    return meta
+
+
 def read(
     path: str | Path, *, advice: str = "delete it", pin_memory: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

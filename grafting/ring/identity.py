@@ -28,10 +28,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from grafting.checkpoint import read_json_file
-from grafting.errors import LIBRARY, GraftingError, Wording
+from grafting.errors import LIBRARY, CheckpointError, GraftingError, Wording
+from grafting.ring.exchange_file import read_meta
 from grafting.ring.layout import SharedFolder
 
-__all__ = ["join_ring", "read_ring", "new_ring_name", "foreign_exchange_files", "describe_files", "RING_FORMAT"]
+__all__ = [
+    "join_ring",
+    "read_ring",
+    "new_ring_name",
+    "foreign_exchange_files",
+    "ring_files",
+    "describe_files",
+    "RING_FORMAT",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +129,10 @@ def join_ring(folder: SharedFolder, expected: str | None = None, words: Wording 
                 return name
             continue
         if expected is not None and found != expected:
+            advice = words.other_ring(expected, ring_files(folder, expected))
             raise GraftingError(
                 f"this network belongs to ring {expected} ({words.name('ring')}) but {folder.ring} names ring "
-                f"{found}: another run has used {folder.root} since; {words.other_ring(expected)}"
+                f"{found}: another run has used {folder.root} since; {advice}"
             )
         return found
     raise GraftingError(f"{folder.ring} keeps disappearing; does another process delete it? use a new {words.folder}")
@@ -163,6 +173,20 @@ def foreign_exchange_files(
                 why = f"network {peer} cannot be at epoch {epoch} before network {net} has finished epoch {published}"
                 foreign.append((path, why))
     return foreign
+
+
+def ring_files(folder: SharedFolder, ring: str) -> list[Path]:
+    """The exchange files in ``folder`` that ring ``ring`` wrote (their headers name it), in name order: what
+    its networks still need when they continue elsewhere (a network one epoch behind its predecessor grafts
+    a file the predecessor will not publish again). Unreadable files are no ring's."""
+    found = []
+    for _, _, path in folder.exchange_files():
+        try:
+            if read_meta(path).get("ring") == ring:
+                found.append(path)
+        except CheckpointError:
+            continue
+    return sorted(found)
 
 
 def describe_files(found: list[tuple[Path, str]]) -> str:
