@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -42,6 +41,7 @@ from helpers import (
     kill,
     one_line,
     popen_forked,
+    script_state,
     set_cifar_label,
     start_script,
     train_ring,
@@ -953,33 +953,17 @@ def skip_if_cuda_case(case: str) -> None:
 def run_main_here(
     main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> tuple[object, str]:
-    """Call a script's ``main`` in this process; return its exit code and stderr.
-
-    The scripts set up console logging and torch's thread count for their process; both are put back.
-    """
-    root = logging.getLogger()
-    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            main(argv)
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        torch.set_num_threads(threads)
+    """Call a script's ``main`` in this process and expect it to exit; return its exit code and stderr (the
+    logging and thread count it set up are put back: :func:`helpers.script_state`)."""
+    with script_state(), pytest.raises(SystemExit) as stopped:
+        main(argv)
     return stopped.value.code, capsys.readouterr().err
 
 
 def run_main_to_the_end(main: Callable[[list[str]], None], argv: list[str]) -> None:
-    """Call a script's ``main`` in this process and expect it to finish (put back what it set up, as
-    :func:`run_main_here` does)."""
-    root = logging.getLogger()
-    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
-    try:
+    """Call a script's ``main`` in this process and expect it to finish (see :func:`run_main_here`)."""
+    with script_state():
         main(argv)
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", sorted(CIFAR_BAD_FLAGS))
