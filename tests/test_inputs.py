@@ -26,7 +26,7 @@ from grafting.ring.identity import join_ring
 from grafting.ring.layout import NetworkFiles, SharedFolder
 from grafting.train.report import read_metrics
 
-TRAIN_IMAGES, TEST_IMAGES, BATCH = 64, 32, 32
+TRAIN_IMAGES, TEST_IMAGES, BATCH = 16, 16, 16  # one batch an epoch: what these tests check is per epoch
 DEEP = "[" * 200_000 + "]" * 200_000  # parses only by recursing deeper than Python allows
 
 

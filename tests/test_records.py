@@ -24,7 +24,7 @@ from grafting.ring.layout import NetworkFiles
 from grafting.tools.summary import main as summary_main
 from grafting.train.report import read_metrics
 
-TRAIN_IMAGES, TEST_IMAGES, BATCH = 128, 32, 32
+TRAIN_IMAGES, TEST_IMAGES, BATCH = 16, 16, 16  # one batch an epoch: what these tests check is per epoch
 
 
 @pytest.fixture(scope="module")
