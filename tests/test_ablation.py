@@ -129,8 +129,9 @@ def test_noise_is_the_published_loop(device: str) -> None:
     published_noise(published, 7)
     torch.manual_seed(5)
     assert noise_graft_(model, 7) > 500
+    state = model.state_dict()
     for key, tensor in published.state_dict().items():
-        assert torch.equal(model.state_dict()[key], tensor), key
+        assert torch.equal(state[key], tensor), key
 
 
 def test_noise_draws_in_the_standard_layout_whatever_the_memory_format() -> None:
@@ -138,8 +139,9 @@ def test_noise_draws_in_the_standard_layout_whatever_the_memory_format() -> None
     channels_last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     noise_graft_(plain, 2, generator=torch.Generator().manual_seed(8))
     noise_graft_(channels_last, 2, generator=torch.Generator().manual_seed(8))
+    state = channels_last.state_dict()
     for key, tensor in plain.state_dict().items():
-        assert torch.equal(channels_last.state_dict()[key], tensor), key
+        assert torch.equal(state[key], tensor), key
 
 
 def test_the_grafters_first_noise_is_a_unit_gaussian(tmp_path) -> None:
@@ -231,8 +233,9 @@ def test_internal_is_the_published_loop(device: str) -> None:
     published = copy.deepcopy(model)
     published_inside(published)
     assert internal_graft_(model) > 500
+    state = model.state_dict()
     for key, tensor in published.state_dict().items():
-        assert torch.equal(model.state_dict()[key], tensor), key
+        assert torch.equal(state[key], tensor), key
 
 
 def test_internal_leaves_a_healthy_layer_alone() -> None:
@@ -345,18 +348,19 @@ def test_average_of_three_networks_equals_the_mean_of_their_checkpoints(tmp_path
     reports = _run_ring(tmp_path, nets, "average")
 
     saved = [read_exchange_file(tmp_path / f"net{i}_epoch1.tensors")[0] for i in (1, 2, 3)]
+    states = [net.state_dict() for net in nets]
     for key in saved[0]:
         if torch.is_floating_point(saved[0][key]):
             expected = (saved[0][key] + saved[1][key] + saved[2][key]) / 3
-            for net in nets:
-                torch.testing.assert_close(net.state_dict()[key], expected, rtol=1e-6, atol=1e-7)
+            for state in states:
+                torch.testing.assert_close(state[key], expected, rtol=1e-6, atol=1e-7)
     for net in nets:
         assert net.bn1.num_batches_tracked.item() == 11
         assert net.bn1.num_batches_tracked.dtype == torch.long
     # Every network sums in the same order, so all three end bit-identical.
-    for net in nets[1:]:
-        for key, value in nets[0].state_dict().items():
-            assert torch.equal(net.state_dict()[key], value), key
+    for state in states[1:]:
+        for key, value in states[0].items():
+            assert torch.equal(state[key], value), key
     assert sorted(reports[0].peers) == [2, 3] and reports[0].peer == 3
     assert torch.equal(reports[1].peer_state["conv1.weight"], saved[0]["conv1.weight"])  # predecessor of 2 is 1
     assert "averaged with networks 2, 3" in reports[0].summary()
@@ -459,8 +463,9 @@ def test_filter_entropy_is_the_published_loop(device: str) -> None:
     published_grafting_filter(published, peer_states)
     touched = filter_entropy_graft_(own, peer_states)
     assert touched == LOW_ENTROPY_FILTERS
+    state = own.state_dict()
     for key, tensor in published.state_dict().items():
-        assert torch.equal(own.state_dict()[key], tensor), key
+        assert torch.equal(state[key], tensor), key
 
 
 def test_filter_entropy_adds_the_peer_filter_of_highest_entropy_first_of_equals() -> None:
@@ -490,8 +495,9 @@ def test_filter_entropy_ring_of_three_grafts_from_all_others_in_the_published_or
         expected = models.create("resnet20", num_classes=10)
         expected.load_state_dict(before[i])
         published_grafting_filter(expected, [before[n] for n in order])
+        state = net.state_dict()
         for key, tensor in expected.state_dict().items():
-            assert torch.equal(net.state_dict()[key], tensor), (i, key)
+            assert torch.equal(state[key], tensor), (i, key)
         assert report.source == "filter-entropy" and report.peers == tuple(n + 1 for n in sorted(order))
         assert report.invalid_touched == LOW_ENTROPY_FILTERS
         assert f"touched {LOW_ENTROPY_FILTERS}" in report.summary()

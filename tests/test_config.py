@@ -153,7 +153,8 @@ def test_peers_with_different_a_stop_before_any_weights_are_mixed(tmp_path: Path
             mine.graft(net, 1)
     message = str(caught.value)
     assert "\n" not in message and "a=0.2" in message and "a=0.4" in message, message
-    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    state = net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize(

@@ -269,8 +269,9 @@ def test_wrapped_model_is_grafted_like_the_plain_one() -> None:
     wrapped_inner = copy.deepcopy(plain)
     graft_layers(plain, peer, rule="name")
     graft_layers(nn.DataParallel(wrapped_inner), peer, rule="name")
+    state = wrapped_inner.state_dict()
     for key, tensor in plain.state_dict().items():
-        assert torch.equal(wrapped_inner.state_dict()[key], tensor), key
+        assert torch.equal(state[key], tensor), key
 
 
 def test_hyper_parameters_reach_the_coefficient() -> None:
@@ -428,8 +429,9 @@ def test_vgg_layer_grafting_is_the_published_vgg_loop(rule: str, device: str) ->
     assert_same_state(model, published.state_dict())
     assert [r.key for r in records] == [k for k in before if k.endswith("conv.weight")]
     assert len({r.alpha for r in records}) > 1
+    state = model.state_dict()
     for key in kept_entries(model):  # the classifier and the counters keep their own values
-        assert torch.equal(model.state_dict()[key], before[key]) and not torch.equal(before[key], peer_state[key])
+        assert torch.equal(state[key], before[key]) and not torch.equal(before[key], peer_state[key])
     assert not any(k in r.keys for r in records for k in kept_entries(model))
 
 
@@ -457,7 +459,8 @@ def test_missing_peer_key_is_named() -> None:
     del peer["layer2.3.bn1.running_mean"]
     with pytest.raises(PeerMismatchError, match=r"layer2\.3\.bn1\.running_mean"):
         graft_layers(model, peer, rule="name")
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing half-done
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # nothing half-done
 
 
 def test_wrong_peer_shape_is_named() -> None:
@@ -597,8 +600,9 @@ def test_filter_graft_vgg_is_the_per_channel_loop(device: str) -> None:
     records = graft_filters(model, peer_state)
 
     assert_same_state(model, expected.state_dict())
+    state = model.state_dict()
     for key in ("classifier.weight", "classifier.bias", "features.0.bn.num_batches_tracked"):
-        assert torch.equal(model.state_dict()[key], before[key])
+        assert torch.equal(state[key], before[key])
     assert [r.key for r in records] == [k for k in before if k.endswith("conv.weight")]
     first = records[0]
     g1, g2 = before["features.0.bn.weight"].abs(), peer_state["features.0.bn.weight"].abs()

@@ -30,7 +30,8 @@ def tiny_model(seed: int = 0) -> nn.Module:
 
 
 def same(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+    own = model.state_dict()
+    return all(torch.equal(own[key], value) for key, value in state.items())
 
 
 def copy_of(model: nn.Module) -> dict[str, torch.Tensor]:

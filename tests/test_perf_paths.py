@@ -194,8 +194,9 @@ def test_channels_last_loader_and_model_compute_what_the_plain_layout_computes(c
     # ~0.3% off a float64 reference in the first layers' gradients here, either layout), so looser.
     a, b = tiny_epoch(plain, plain_train), tiny_epoch(fast, last_train)
     assert a.loss == pytest.approx(b.loss, rel=1e-3)
+    state = fast.state_dict()
     for key, value in plain.state_dict().items():
-        torch.testing.assert_close(fast.state_dict()[key], value, rtol=1e-2, atol=2e-3, msg=key)
+        torch.testing.assert_close(state[key], value, rtol=1e-2, atol=2e-3, msg=key)
     assert evaluate(plain, plain_test).top1 == pytest.approx(evaluate(fast, last_test).top1, abs=5.0)
 
 
@@ -222,8 +223,9 @@ def test_compiled_model_trains_publishes_and_grafts(one_batch: Path, tmp_path: P
     expected = models.create("resnet20", num_classes=10)
     expected.load_state_dict(own_before)
     graft_layers(expected, peer.state_dict())
+    state = compiled._orig_mod.state_dict()
     for key, value in expected.state_dict().items():
-        assert torch.equal(compiled._orig_mod.state_dict()[key], value), key
+        assert torch.equal(state[key], value), key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,11 +276,12 @@ def test_graft_layers_scores_are_the_per_layer_entropies() -> None:
     torch.manual_seed(3)
     model, peer = models.create("resnet20", num_classes=10), models.create("resnet20", num_classes=10)
     own_state = {k: v.clone() for k, v in model.state_dict().items()}
-    records = graft_layers(model, peer.state_dict())
+    peer_state = peer.state_dict()
+    records = graft_layers(model, peer_state)
     assert len(records) == 19  # every conv of ResNet-20 by the name rule
     for record in records:
         assert record.h_self == layer_entropy(own_state[record.key])
-        assert record.h_peer == layer_entropy(peer.state_dict()[record.key])
+        assert record.h_peer == layer_entropy(peer_state[record.key])
 
 
 # ----------------------------------------------------------------------------------------------

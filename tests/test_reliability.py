@@ -82,7 +82,8 @@ def cifar_config(shared: Path, *flags: str) -> CifarConfig:
 
 
 def same_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+    own = model.state_dict()
+    return all(torch.equal(own[key], value) for key, value in state.items())
 
 
 # ----------------------------------------------------------------------------------------------
