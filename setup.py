@@ -14,7 +14,7 @@ setup(
     install_requires=["torch", "torchvision", "numpy", "tensorboard"],
     # plot: graft-plot's figures (matplotlib is imported only there; everything else runs without it);
     # lightning: grafting.lightning's callback (Lightning is imported only there)
-    extras_require={"test": ["pytest"], "plot": ["matplotlib"], "lightning": ["lightning>=2.0"]},
+    extras_require={"test": ["pytest", "pytest-xdist"], "plot": ["matplotlib"], "lightning": ["lightning>=2.0"]},
     entry_points={
         "console_scripts": [
             "graft-cifar=grafting_cifar.train:main",

@@ -1,8 +1,8 @@
 # Sourced by the other scripts: creates (once) and activates the project's Python environment.
 #
 # Two layers, so that torch (5.6 GB) is installed once per machine and every checkout still runs its own code:
-#   ~/.cache/filter-grafting/venv   shared: torch 2.14.1, torchvision 0.29.1, numpy, tensorboard, pytest, matplotlib,
-#                                   ruff and mypy (the static checks), lightning (the callback's tests)
+#   ~/.cache/filter-grafting/venv   shared: torch 2.14.1, torchvision 0.29.1, numpy, tensorboard, pytest, pytest-xdist,
+#                                   matplotlib, ruff and mypy (the static checks), lightning (the callback's tests)
 #                                   (override the place with GRAFTING_VENV)
 #   <checkout>/.venv                this checkout's own: sees the shared packages and holds an editable
 #                                   install of this checkout (graft-cifar & co. run this checkout's code) and
@@ -11,9 +11,9 @@
 #
 # Bring your own torch (a cluster's module, a conda environment, the active virtual environment, a CUDA build that
 # matches the driver): GRAFTING_PYTHON=/path/to/python makes that Python's packages (torch, torchvision, numpy,
-# tensorboard, pip, setuptools; pytest, matplotlib and lightning when present) the shared layer instead: nothing is
-# downloaded and the shared environment is neither created nor used. .venv remembers the choice; GRAFTING_PYTHON= (empty)
-# goes back to the shared environment. See docs/setup.md.
+# tensorboard, pip, setuptools; pytest, pytest-xdist, matplotlib and lightning when present) the shared layer
+# instead: nothing is downloaded and the shared environment is neither created nor used. .venv remembers the
+# choice; GRAFTING_PYTHON= (empty) goes back to the shared environment. See docs/setup.md.
 GRAFTING_VENV="${GRAFTING_VENV:-$HOME/.cache/filter-grafting/venv}"
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _local="$_repo/.venv"
@@ -32,12 +32,12 @@ if [ -n "$_base" ]; then
         return 1
     fi
     _base="$(command -v "$_base")"  # a path, kept unresolved: a virtual environment's python stays its own
-elif ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest setuptools pip matplotlib ruff mypy \
-    lightning; then
+elif ! _has "$GRAFTING_VENV/bin/python" torch torchvision numpy tensorboard pytest xdist setuptools pip matplotlib ruff \
+    mypy lightning; then
     echo "[env] setting up $GRAFTING_VENV (torch 2.14.1, torchvision 0.29.1, ...; a few minutes the first time)"
     python3 -m venv "$GRAFTING_VENV" || return 1
-    "$GRAFTING_VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 numpy tensorboard pytest setuptools matplotlib \
-        ruff==0.17.6 mypy==2.4.1 lightning==2.6.6 \
+    "$GRAFTING_VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 numpy tensorboard pytest pytest-xdist setuptools \
+        matplotlib ruff==0.17.6 mypy==2.4.1 lightning==2.6.6 \
         || return 1
 fi
 if [ -z "$_base" ]; then

@@ -26,10 +26,12 @@ from helpers import markers
 
 def pytest_configure(config: pytest.Config) -> None:
     """Every test's markers are checked against what it does (:mod:`helpers.markers`). The garbage collector
-    runs less often, and never walks what lives until the end (see :func:`pytest_collection_finish`)."""
+    runs less often, and never walks what lives until the end (see :func:`pytest_collection_finish`). torch's
+    threads are set here, once for the whole session."""
     config.pluginmanager.register(markers, "helpers.markers")
     gc.set_threshold(50_000, 20, 10)  # Python's default, 700 allocations, collects some 5000 times a session
     gc.freeze()  # torch and pytest, imported by now
+    torch.set_num_threads(helpers.threads_per_test_process())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,8 +31,6 @@ from grafting.ring.exchange_file import read as read_exchange_file
 from grafting.ring.grafter import Grafter
 from grafting_cifar.train import parse_args
 
-torch.set_num_threads(1)
-
 
 class TwoConvs(nn.Module):
     """A conv, its BatchNorm, a second conv: keys with and without 'conv' for both rules."""

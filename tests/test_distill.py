@@ -24,8 +24,6 @@ from grafting.ring.grafter import GraftReport
 from grafting.train.loop import cross_entropy
 from grafting_cifar.train import parse_args
 
-torch.set_num_threads(1)
-
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 TEACHER = [[2.0, 0.0, 1.0], [1.0, 1.0, -2.0]]
 

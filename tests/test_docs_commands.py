@@ -36,7 +36,7 @@ SKIPPED: dict[str, str] = {
     "bash scripts/quickstart.sh": "trains two networks for minutes (about 1.5 on 2 idle cores); "
     "tests/test_scripts.py::test_the_quickstart_trains_two_grafted_networks_with_the_launcher runs it",
     "bash scripts/test.sh": "is this test suite",
-    'pytest -m "not e2e"': _TIER,
+    'pytest -m "not e2e" -n 2': _TIER,
     'pytest -m "not slow"': _TIER,
     'pytest -m "e2e and not slurm and not rehearsal"': _TIER,
     "pytest -m slurm": _TIER,
@@ -70,9 +70,10 @@ SKIPPED: dict[str, str] = {
     "python3 -m venv ~/torch-cu124": "the start of installing a CUDA build of torch from the internet",
     "~/torch-cu124/bin/pip install torch torchvision --index-url https://download.pytorch.org/whl/cu124": "downloads "
     "torch from the internet",
-    "~/torch-cu124/bin/pip install numpy tensorboard pytest matplotlib": "needs the environment made above",
+    "~/torch-cu124/bin/pip install numpy tensorboard pytest pytest-xdist matplotlib": "needs the environment made "
+    "above",
     "GRAFTING_PYTHON=~/torch-cu124/bin/python source scripts/env.sh": "needs the environment made above",
-    'python -m pytest -q -m "not e2e" tests': "is this test suite's unit part",
+    'python -m pytest -q -m "not e2e" -n 2 tests': "is this test suite's unit part",
     "bash scripts/check.sh": "CI runs it before the tests (.ci/run)",
     # docs/slurm.md
     "export LAUNCHER=slurm PARTITION=gpu ACCOUNT=mylab": _CLUSTER,

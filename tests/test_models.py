@@ -14,8 +14,6 @@ from helpers.published_code import PublishedCifarResNet
 from grafting.archs import cifar_models as models
 from grafting.errors import GraftingError
 
-torch.set_num_threads(2)
-
 RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)
 EXPECTED_NAMES = (
     ["mobilenetv2", "vgg11", "vgg13", "vgg16", "vgg19"]

@@ -46,8 +46,6 @@ from grafting.train.schedule import make_optimizer
 from grafting_cifar.train import parse_args as parse_cifar_args
 from grafting_imagenet.train import parse_args as parse_imagenet_args
 
-torch.set_num_threads(2)
-
 
 def _differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     """The keys whose tensors are not ``torch.equal`` (the key lists must agree)."""

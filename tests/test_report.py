@@ -23,8 +23,6 @@ from grafting.train.loop import EpochStats, epoch_record, evaluate, paper_filter
 from grafting.train.report import EpochRecord, RunReporter, read_metrics
 from grafting.train.tensorboard import STAND_IN_NOTE, filter_norm_picture, picture_epochs
 
-torch.set_num_threads(1)
-
 
 def grafted_record(**changes) -> EpochRecord:
     """Epoch 3 of 10 of a grafting network, every field with a value of its own."""

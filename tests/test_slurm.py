@@ -768,10 +768,8 @@ def test_local_slurm_leaves_a_foreign_controller_on_the_default_ports_alone(tmp_
 
     assert local_slurm("start").returncode == 0  # munged first: the foreign controller needs it too
     subprocess.run(["slurmctld", "-c", "-f", str(conf)], env={**os.environ, **foreign}, check=True, timeout=60)
-    controller = None
+    controller = ["-f", f"^slurmctld -c -f {conf}$"]  # pgrep/pkill find it by its command line, pid file or not
     try:
-        wait_for(lambda: (folder / "slurmctld.pid").exists(), "the foreign controller", folder, timeout=30)
-        controller = int((folder / "slurmctld.pid").read_text())
         submit_held = ["sbatch", "--parsable", "--hold", "--wrap", "sleep 300"]
         wait_for(lambda: subprocess.run(["squeue"], env={**os.environ, **foreign}).returncode == 0, "it", folder)
         job = slurm_command(foreign, *submit_held).strip()
@@ -791,7 +789,8 @@ def test_local_slurm_leaves_a_foreign_controller_on_the_default_ports_alone(tmp_
         assert local_slurm("stop").returncode == 0
         assert foreign_jobs().split() == [job, "PENDING"]
     finally:
-        if controller is not None:
-            os.kill(controller, signal.SIGTERM)
-            wait_for(lambda: not Path(f"/proc/{controller}").exists(), "the foreign controller to stop", folder, 60)
+        subprocess.run(["pkill", "-TERM", *controller])
+        wait_for(
+            lambda: subprocess.run(["pgrep", *controller]).returncode == 1, "the foreign controller to stop", folder
+        )
         local_slurm("stop")  # and the munged it started, now that no other cluster needs it

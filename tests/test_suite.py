@@ -193,10 +193,11 @@ def markers_as_written() -> dict[str, set[str]]:
 @pytest.mark.e2e
 def test_after_the_readme_set_up_pytest_is_this_checkouts_and_loads_the_suites_configuration() -> None:
     """In a fresh shell with an unrelated PATH: `source scripts/env.sh`, then the bare `pytest` the README's
-    commands start is the checkout's, whose Python imports torch (conftest does) and reads the markers."""
+    commands start is the checkout's, whose Python imports torch (conftest does), reads the markers and knows
+    pytest-xdist's ``-n`` (the unit tier's command runs in two processes)."""
     env = {k: v for k, v in child_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
-    script = "source scripts/env.sh >/dev/null\ncommand -v pytest\npytest --markers -p no:cacheprovider\n"
+    script = "source scripts/env.sh >/dev/null\ncommand -v pytest\npytest --markers -n 0 -p no:cacheprovider\n"
     done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     where, _, markers = done.stdout.partition("\n")
@@ -224,6 +225,8 @@ def test_each_readme_tier_command_selects_tests() -> None:
                     for test, marks in selected.items()
                     if eval(expression, {"__builtins__": {}}, {name: name in marks for name in names})
                 }
+            elif option == "-n":  # pytest-xdist's processes: a count
+                assert next(options).isdigit(), argv
             elif option == "-k":
                 word = next(options)
                 selected = {test: marks for test, marks in selected.items() if word in test.split("::")[1]}

@@ -44,9 +44,6 @@ from grafting.tools import (
     summary as summary_tool,
 )
 
-torch.set_num_threads(1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Published numbers and method labels
 
