@@ -31,7 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(markers, "helpers.markers")
     gc.set_threshold(50_000, 20, 10)  # Python's default, 700 allocations, collects some 5000 times a session
     gc.freeze()  # torch and pytest, imported by now
-    torch.set_num_threads(helpers.threads_per_test_process())
+    # One thread: between ops, OpenMP's threads spin and would take cores from the training processes the e2e
+    # tests start (the whole suite ran 42 s slower with two); the unit tier uses the second core through -n 2.
+    torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from typing import Any, Callable, Union
 import pytest
 import torch
 
-from grafting.train.runtime import available_cores
 from helpers import forkserver
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,12 +49,6 @@ DEVICES = [
     "cpu",
     pytest.param("cpu" if REHEARSAL and not torch.cuda.is_available() else "cuda", marks=pytest.mark.cuda, id="cuda"),
 ]
-
-
-def threads_per_test_process() -> int:
-    """torch's threads in a test process: the cores shared among the processes pytest-xdist runs (``-n 2``: one
-    each on two cores), all of them in a plain run. Tests that change it put it back (:func:`script_state`)."""
-    return max(1, available_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def child_env(**extra: str) -> dict[str, str]:
