@@ -16,18 +16,24 @@ fails (:mod:`helpers.markers` says how each is judged).
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 
-import helpers
 import pytest
-import torch
-from helpers import markers
+
+# helpers and torch are imported in the hooks: pytest-xdist's controller (-n 2) runs no test and imports neither,
+# so that its worker processes start without waiting 2.5 s for it.
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Every test's markers are checked against what it does (:mod:`helpers.markers`). The garbage collector
     runs less often, and never walks what lives until the end (see :func:`pytest_collection_finish`). torch's
     threads are set here, once for the whole session."""
+    if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # pytest-xdist's controller: its workers run the tests, each configured here
+    import torch
+    from helpers import markers
+
     config.pluginmanager.register(markers, "helpers.markers")
     gc.set_threshold(50_000, 20, 10)  # Python's default, 700 allocations, collects some 5000 times a session
     gc.freeze()  # torch and pytest, imported by now
@@ -42,6 +48,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``cuda`` skip where no GPU is visible (they run on the CPU in a rehearsal)."""
+    import helpers
+    import torch
+
     if torch.cuda.is_available() or helpers.REHEARSAL:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -54,6 +63,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """The test modules, imported by now, live until the end: out of the garbage collector's walks (each full
     collection walked half a million objects, some twenty times a session). With tests that start processes among
     those selected, start the fork server now: its imports then overlap the tests that run first."""
+    import helpers
+
     gc.freeze()
     if not session.config.option.collectonly and any(item.get_closest_marker("e2e") for item in session.items):
         helpers.warm_up()
@@ -62,6 +73,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(autouse=True)
 def no_process_outlives_its_test() -> Iterator[None]:
     """Kill what a failed test left running: a network whose peer died waits for it forever."""
+    import helpers
+
     yield
     helpers.kill_leftovers()
 
@@ -70,5 +83,7 @@ def no_process_outlives_its_test() -> Iterator[None]:
 def in_process_logs() -> Iterator[None]:
     """A script's main() run in this process points the root logger at the console; put pytest's handlers
     back afterwards (see :func:`helpers.script_state`)."""
+    import helpers
+
     with helpers.script_state():
         yield
