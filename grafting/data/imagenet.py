@@ -134,6 +134,12 @@ def _val_loader(val_set: ImageFolder, image_size: int, **kwargs) -> DataLoaderEp
     return loader
 
 
+def _check_sizes(image_size: int, batch_size: int) -> None:
+    """Both loaders' sizes are whole numbers of at least 1."""
+    if image_size < 1 or batch_size < 1:
+        raise GraftingError(f"--image-size and --batch-size must be positive, got {image_size} and {batch_size}")
+
+
 def imagenet_val_loader(
     root: str | Path,
     *,
@@ -146,8 +152,7 @@ def imagenet_val_loader(
 ) -> tuple[EpochLoader, int]:
     """The validation loader of :func:`imagenet_loaders` alone (``root/train`` is never read: evaluating
     needs no scan of the training images) and the number of classes."""
-    if image_size < 1 or batch_size < 1:
-        raise GraftingError(f"--image-size and --batch-size must be positive, got {image_size} and {batch_size}")
+    _check_sizes(image_size, batch_size)
     root = Path(root).expanduser().resolve()
     val_set = _image_folder(root / "val", "val")
     loader = _val_loader(
@@ -186,8 +191,7 @@ def imagenet_loaders(
     reads its shard through a ``DistributedSampler`` (``torch.distributed`` must be initialised).
     Call ``set_epoch(e)`` on both loaders before epoch ``e``.
     """
-    if image_size < 1 or batch_size < 1:
-        raise GraftingError(f"--image-size and --batch-size must be positive, got {image_size} and {batch_size}")
+    _check_sizes(image_size, batch_size)
     device = torch.device(device)
     root = Path(root).expanduser().resolve()
     train_set = _image_folder(root / "train", "train")
