@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import exit_code_of, one_line, run_script_here
+from helpers import exit_code_of, next_wall_second, one_line, run_script_here
 
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.errors import GraftingError
@@ -475,6 +475,7 @@ def test_a_full_disk_under_the_epoch_records_is_one_line_and_resume_loses_nothin
     if fill is not _metrics_disk_full_in_epoch_1:
         assert torch.load(files.last, weights_only=True)["epoch"] == 1
     monkeypatch.undo()  # space was freed: the advice, literally
+    next_wall_second()
     assert run_script_here(cifar_main(), cifar_flags(data, shared, "--resume", epochs=2)) == 0
     assert [r["epoch"] for r in read_metrics(files.metrics)] == [1, 2]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

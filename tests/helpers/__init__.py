@@ -334,6 +334,15 @@ def script_state() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def next_wall_second() -> None:
+    """Wait for the clock's next whole second. TensorBoard names an event file by the second, the process and a
+    per-process counter, and reads a folder's files in the order of their names, as text: two starts of a
+    network in one process within one second can be read restart first (counter 10 sorts before 9), and the
+    restart's purge then hides its steps. A real restart is a new process, seconds later; a test that restarts
+    in this process and reads the TensorBoard steps calls this first."""
+    time.sleep(1 - time.time() % 1)
+
+
 def exit_code_of(main: Callable[[list[str] | None], None], argv: list[str]) -> int:
     """Call a script's ``main`` in this process (or thread); its exit code (0 when it returns)."""
     try:
