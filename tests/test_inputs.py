@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import exit_code_of, next_wall_second, one_line, run_script_here
+from helpers import exit_code_of, one_line, run_script_here, tensorboard_clock_a_second_on
 
 from grafting.data.fake import write_fake_cifar, write_fake_imagefolder
 from grafting.errors import GraftingError
@@ -257,6 +258,8 @@ def test_a_fifo_among_the_images_is_one_line(
         line
         == f"error: cannot read image {fifo} (is not a regular file (a pipe or a device)); replace or remove that file"
     )
+    # The worker is stopped with the run, not left to the garbage collector (whose shutdown of it waited 5 s).
+    assert multiprocessing.active_children() == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,7 +478,7 @@ def test_a_full_disk_under_the_epoch_records_is_one_line_and_resume_loses_nothin
     if fill is not _metrics_disk_full_in_epoch_1:
         assert torch.load(files.last, weights_only=True)["epoch"] == 1
     monkeypatch.undo()  # space was freed: the advice, literally
-    next_wall_second()
+    tensorboard_clock_a_second_on(monkeypatch)
     assert run_script_here(cifar_main(), cifar_flags(data, shared, "--resume", epochs=2)) == 0
     assert [r["epoch"] for r in read_metrics(files.metrics)] == [1, 2]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -25,6 +25,14 @@ from grafting.lightning import GraftingCallback
 
 SCRIPT = REPO / "tests" / "lightning_net.py"
 
+# Lightning's own notices, not this project's: the local Slurm of the cluster tests puts `srun` on PATH, and
+# Lightning's pytree helper uses a torch class torch has deprecated. Filtered here, they are not sent to
+# pytest-xdist's controller either, which would import Lightning (and torch) to read them back.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The `srun` command is available on your system but is not used"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+]
+
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
@@ -162,6 +170,7 @@ def untrained_peer(root: Path) -> tuple[threading.Thread, nn.Module]:
 
 
 @pytest.mark.parametrize("when", ["train epoch end", "validation end"])
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # the resume writes on in it
 def test_a_fit_resumed_from_the_trainers_checkpoint_ends_as_an_uninterrupted_one(tmp_path: Path, when: str) -> None:
     """ModelCheckpoint saves after this callback's graft at the end of the training epoch (its default with
     one validation per epoch), or when validation ends, before the graft: resumed from such a checkpoint,
@@ -208,10 +217,10 @@ def test_the_callback_refuses_what_cannot_work_before_any_training(tmp_path: Pat
     with pytest.raises(UsageError, match="GraftingCallback sets ring itself"):
         GraftingCallback(tmp_path, 1, 2, ring="0123456789ab")
     with pytest.raises(UsageError, match=r"needs Trainer\(max_epochs=N\)"):
-        trainer([GraftingCallback(tmp_path, 1, 2)], max_epochs=-1).fit(Tiny(1), batches(1))
+        trainer([GraftingCallback(tmp_path, 1, 2)], max_epochs=-1).fit(Tiny(1), batches(1), batches(1))
     # A rule that cannot group the module fails when the fit starts, before its first batch.
     with pytest.raises(UsageError, match="the name rule needs .* use rule='module'"):
-        trainer([GraftingCallback(tmp_path, 1, 2, rule="name"), StopAt(1)]).fit(Unnamed(), batches(1))
+        trainer([GraftingCallback(tmp_path, 1, 2, rule="name"), StopAt(1)]).fit(Unnamed(), batches(1), batches(1))
 
 
 class Unnamed(Tiny):

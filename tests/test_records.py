@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import exit_code_of, next_wall_second, run_script_here, script_state
+from helpers import exit_code_of, run_script_here, script_state, tensorboard_clock_a_second_on
 
 from grafting.data.fake import MARKER_NAME, write_fake_cifar
 from grafting.ring.layout import NetworkFiles
@@ -185,7 +185,7 @@ def test_an_epoch_recorded_before_a_kill_is_recorded_once(
         cifar_main()(flags(stand_in, shared, epochs=3))
     monkeypatch.undo()
     assert epochs_recorded(shared) == list(range(1, killed_in + 1))  # the record reached the file
-    next_wall_second()
+    tensorboard_clock_a_second_on(monkeypatch)
     assert exit_code(flags(stand_in, shared, epochs=3, extra=restart.split())) == 0
     assert epochs_recorded(shared) == [1, 2, 3]
     assert tensorboard_steps(shared / "tb" / "net1", "test/acc") == [1, 2, 3]
@@ -195,13 +195,15 @@ def test_an_epoch_recorded_before_a_kill_is_recorded_once(
 # the record of the epoch an extended ring grafts
 
 
-def test_extending_a_finished_ring_records_the_graft_of_its_old_final_epoch(tmp_path: Path, stand_in: Path) -> None:
+def test_extending_a_finished_ring_records_the_graft_of_its_old_final_epoch(
+    tmp_path: Path, stand_in: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shared = tmp_path / "s"
     assert train_ring([flags(stand_in, shared, num=2, i=i, epochs=2) for i in (1, 2)]) == [0, 0]
     finals = {net: read_metrics(NetworkFiles(shared, net).metrics)[-1] for net in (1, 2)}
     assert all(r["epoch"] == 2 and r["grafted"] is False and not r["alphas"] for r in finals.values()), finals
     resumed = [flags(stand_in, shared, num=2, i=i, epochs=3, extra=("--resume",)) for i in (1, 2)]
-    next_wall_second()
+    tensorboard_clock_a_second_on(monkeypatch)
     assert train_ring(resumed) == [0, 0]
     for net, peer in ((1, 2), (2, 1)):
         records = read_metrics(NetworkFiles(shared, net).metrics)

@@ -295,14 +295,14 @@ def test_a_fifo_as_peer_file_checkpoint_or_heartbeat_never_blocks(tmp_path: Path
 def test_a_network_waiting_says_within_seconds_what_it_waits_for(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, notice_after=0.2, stale_after=0.5)
+    reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, notice_after=0.1, stale_after=0.5)
     alive, target = tmp_path / "net2.alive", tmp_path / "net2_epoch1.tensors"
 
     def said_while_waiting() -> list[str]:
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="grafting.ring.exchange"):
             with pytest.raises(PeerTimeoutError):
-                reader.wait_for(2, 1, timeout=0.35)
+                reader.wait_for(2, 1, timeout=0.25)
         lines = [record.getMessage() for record in caplog.records]
         assert lines and all(
             line.startswith(f"net 1: waiting for network 2's epoch 1 ({target}) for 0s; ") for line in lines
@@ -312,7 +312,8 @@ def test_a_network_waiting_says_within_seconds_what_it_waits_for(
     assert said_while_waiting() == [f"network 2 has not started yet (no heartbeat file {alive})"]
     alive.write_text("now")
     assert said_while_waiting() == ["network 2 is running (heartbeat 0s ago)"]
-    time.sleep(0.6)
+    a_second_ago = time.time() - 1  # network 2 stopped a second ago: older than stale_after
+    os.utime(alive, (a_second_ago, a_second_ago))
     resume = "from its last checkpoint with Grafter(..., ring=<the grafter.ring it saved>)"
     stopped = f"network 2 has stopped: its heartbeat {alive} is 1s old; check its log and restart it {resume}"
     assert said_while_waiting() == [stopped, stopped], "said at once, and again at the notice"

@@ -221,11 +221,25 @@ class DataLoaderEpochLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        finished = False
         try:
             yield from self._batches()
+            finished = True
         except (GraftingError, MemoryError) as err:
             # A worker's error comes back with the worker's traceback in its message: keep its own line.
             raise type(err)(_worker_error_line(str(err))) from None
+        finally:
+            if not finished:
+                self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        """Stop the persistent workers of an epoch that ended early (an error ends the run). Left to the
+        garbage collector, as the epoch's frames are when the error stays referenced, their shutdown finds
+        the loader's queues already closed and waits 5 s per worker."""
+        iterator = getattr(self.loader, "_iterator", None)  # where torch keeps the persistent workers
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.loader:

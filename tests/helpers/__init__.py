@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,13 +335,17 @@ def script_state() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def next_wall_second() -> None:
-    """Wait for the clock's next whole second. TensorBoard names an event file by the second, the process and a
-    per-process counter, and reads a folder's files in the order of their names, as text: two starts of a
-    network in one process within one second can be read restart first (counter 10 sorts before 9), and the
-    restart's purge then hides its steps. A real restart is a new process, seconds later; a test that restarts
-    in this process and reads the TensorBoard steps calls this first."""
-    time.sleep(1 - time.time() % 1)
+def tensorboard_clock_a_second_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Name the TensorBoard event files written from now on as a restart seconds later would. TensorBoard
+    names an event file by the second, the process and a per-process counter, and reads a folder's files in
+    the order of their names, as text: two starts of a network in one process within one second can be read
+    restart first (counter 10 sorts before 9), and the restart's purge then hides its steps. A real restart
+    is a new process, seconds later; a test that restarts in this process and reads the TensorBoard steps
+    calls this first (instead of sleeping to the next second)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    clock = types.SimpleNamespace(time=lambda: time.time() + 1)
+    monkeypatch.setattr(event_file_writer, "time", clock)
 
 
 def exit_code_of(main: Callable[[list[str] | None], None], argv: list[str]) -> int:
