@@ -15,6 +15,7 @@ fails (:mod:`helpers.markers` says how each is judged).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 from collections.abc import Iterator
@@ -31,6 +32,11 @@ def pytest_configure(config: pytest.Config) -> None:
     threads are set here, once for the whole session."""
     if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
         return  # pytest-xdist's controller: its workers run the tests, each configured here
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        # A worker that has sent its results ends without the interpreter's teardown of torch's modules, which
+        # takes over a second on 2 cores while the controller waits. Registered before torch is imported, this
+        # exit handler runs after torch's own; nothing the worker still holds is needed once its results are sent.
+        atexit.register(os._exit, 0)
     import torch
     from helpers import markers
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import popen_forked
+from helpers import popen_forked, virtual_clock
 from helpers.forkserver import ForkedProcess
 from torch import nn
 
@@ -589,14 +589,13 @@ def test_wait_for_an_existing_file_returns_at_once(tmp_path: Path) -> None:
     assert Exchange(tmp_path, 1, 2).wait_for(2, 1, timeout=0) < 0.1
 
 
-def test_wait_for_times_out(tmp_path: Path) -> None:
+def test_wait_for_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = virtual_clock(monkeypatch)
     reader = Exchange(tmp_path, 1, 2, poll_interval=0.05)
-    start = time.monotonic()
     with pytest.raises(PeerTimeoutError) as caught:
         reader.wait_for(2, 5, timeout=0.3)
-    elapsed = time.monotonic() - start
 
-    assert 0.3 <= elapsed < 0.8
+    assert clock.now == pytest.approx(0.3)  # at the timeout, not a poll later
     message = str(caught.value)
     assert message.startswith("network 2 did not write epoch 5 within 0.3 s (")
     assert str(tmp_path / "net2_epoch5.tensors") in message
@@ -610,13 +609,16 @@ def test_wait_for_times_out(tmp_path: Path) -> None:
     assert str(caught.value).endswith("this network's checkpoints are intact: restart it with --resume as well")
 
 
-def test_wait_for_logs_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_wait_for_logs_progress(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    virtual_clock(monkeypatch)
     reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, notice_after=0.1, log_every=0.1)
     with caplog.at_level(logging.INFO, logger="grafting.ring.exchange"):
         with pytest.raises(PeerTimeoutError):
             reader.wait_for(2, 5, timeout=0.45)
     lines = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
-    assert 3 <= len(lines) <= 5
+    assert len(lines) == 4  # after 0.1 s, then every 0.1 s until the timeout
     target, alive = tmp_path / "net2_epoch5.tensors", tmp_path / "net2.alive"
     pattern = (
         rf"net 1: waiting for network 2's epoch 5 \({re.escape(str(target))}\) for \d+s; network 2 has not "
@@ -625,7 +627,10 @@ def test_wait_for_logs_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture
     assert all(re.fullmatch(pattern, line) for line in lines), lines
 
 
-def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_wait_for_warns_once_about_a_stale_heartbeat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    virtual_clock(monkeypatch)
     alive = tmp_path / "net2.alive"
     alive.write_text("0\n")
     old = time.time() - 190
@@ -645,7 +650,10 @@ def test_wait_for_warns_once_about_a_stale_heartbeat(tmp_path: Path, caplog: pyt
     ), warnings[0]
 
 
-def test_fresh_or_missing_heartbeat_gives_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_fresh_or_missing_heartbeat_gives_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    virtual_clock(monkeypatch)
     reader = Exchange(tmp_path, 1, 3, poll_interval=0.02)
     (tmp_path / "net3.alive").write_text("now\n")
     with caplog.at_level(logging.WARNING, logger="grafting.ring.exchange"):

@@ -29,6 +29,7 @@ from helpers import (
     popen_forked,
     set_cifar_label,
     start_process,
+    virtual_clock,
     wait_until,
 )
 from torch import nn
@@ -293,16 +294,17 @@ def test_a_fifo_as_peer_file_checkpoint_or_heartbeat_never_blocks(tmp_path: Path
 
 
 def test_a_network_waiting_says_within_seconds_what_it_waits_for(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, notice_after=0.1, stale_after=0.5)
+    virtual_clock(monkeypatch)
+    reader = Exchange(tmp_path, 1, 2, poll_interval=0.02, notice_after=0.2, stale_after=0.5)
     alive, target = tmp_path / "net2.alive", tmp_path / "net2_epoch1.tensors"
 
     def said_while_waiting() -> list[str]:
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="grafting.ring.exchange"):
             with pytest.raises(PeerTimeoutError):
-                reader.wait_for(2, 1, timeout=0.25)
+                reader.wait_for(2, 1, timeout=0.35)
         lines = [record.getMessage() for record in caplog.records]
         assert lines and all(
             line.startswith(f"net 1: waiting for network 2's epoch 1 ({target}) for 0s; ") for line in lines
@@ -351,7 +353,7 @@ def test_own_loop_grafter_says_it_waits_without_any_logging_set_up(tmp_path: Pat
 
 
 def test_a_file_gone_after_its_peer_moved_on_is_skipped_not_waited_for(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The advice for a corrupt peer file is "delete it and restart this network with --resume": the
     peer never writes that epoch again, so waiting for it would hang for ever."""
@@ -373,9 +375,11 @@ def test_a_file_gone_after_its_peer_moved_on_is_skipped_not_waited_for(
         assert any("epoch 1 is not grafted" in r.getMessage() for r in caplog.records)
         assert one.step(model, 2).grafted  # and the ring goes on
         # A file still to come (no later epoch published) is waited for, as before.
+        clock = virtual_clock(monkeypatch)
         one.peer_timeout = 0.3
         with pytest.raises(PeerTimeoutError):
             one.step(model, 3)
+        assert clock.now == pytest.approx(0.3)
 
 
 def test_a_restarted_network_first_removes_its_files_of_the_epochs_to_come_newest_first(tmp_path: Path) -> None:

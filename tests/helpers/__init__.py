@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
 import resource
@@ -346,6 +347,34 @@ def tensorboard_clock_a_second_on(monkeypatch: pytest.MonkeyPatch) -> None:
 
     clock = types.SimpleNamespace(time=lambda: time.time() + 1)
     monkeypatch.setattr(event_file_writer, "time", clock)
+
+
+class VirtualClock:
+    """``time.monotonic`` and ``time.sleep`` for code that polls, where sleeping moves the clock on at once: a
+    test checks when the code acts and what it says, to the poll, without waiting. The wall clock
+    (``time.time``, which file times are compared with) stays real."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        # A sleep always moves a clock on, if only by a step too small to add to a large time in float arithmetic.
+        self.now = max(self.now + max(0.0, seconds), math.nextafter(self.now, math.inf))
+
+
+def virtual_clock(monkeypatch: pytest.MonkeyPatch) -> VirtualClock:
+    """Run the ring's waits (:mod:`grafting.ring.exchange`) on a :class:`VirtualClock` for the rest of the test."""
+    from grafting.ring import exchange
+
+    clock = VirtualClock()
+    clocks = types.SimpleNamespace(
+        monotonic=clock.monotonic, sleep=clock.sleep, time=time.time, perf_counter=time.perf_counter
+    )
+    monkeypatch.setattr(exchange, "time", clocks)
+    return clock
 
 
 def exit_code_of(main: Callable[[list[str] | None], None], argv: list[str]) -> int:
