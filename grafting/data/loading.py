@@ -233,9 +233,9 @@ class DataLoaderEpochLoader:
                 self._stop_workers()
 
     def _stop_workers(self) -> None:
-        """Stop the persistent workers of an epoch that ended early (an error ends the run). Left to the
-        garbage collector, as the epoch's frames are when the error stays referenced, their shutdown finds
-        the loader's queues already closed and waits 5 s per worker."""
+        """Stop the persistent workers at once when an epoch ends early (an error, which ends the run). Left
+        to the garbage collector (the error's traceback keeps the epoch's frames alive), their shutdown found
+        the loader's queues already closed and waited 5 s per worker."""
         iterator = getattr(self.loader, "_iterator", None)  # where torch keeps the persistent workers
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()

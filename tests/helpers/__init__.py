@@ -361,7 +361,8 @@ class VirtualClock:
         return self.now
 
     def sleep(self, seconds: float) -> None:
-        # A sleep always moves a clock on, if only by a step too small to add to a large time in float arithmetic.
+        # Any sleep moves the clock on, at least to the next float: a pause below the clock's float step would
+        # leave it where it was, and a loop that waits for a deadline would never reach it.
         self.now = max(self.now + max(0.0, seconds), math.nextafter(self.now, math.inf))
 
 
