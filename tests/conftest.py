@@ -30,9 +30,10 @@ def pytest_configure(config: pytest.Config) -> None:
     """Every test's markers are checked against what it does (:mod:`helpers.markers`). The garbage collector
     runs less often, and never walks what lives until the end (see :func:`pytest_collection_finish`). torch's
     threads are set here, once for the whole session."""
-    if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+    worker = "PYTEST_XDIST_WORKER" in os.environ
+    if config.getoption("numprocesses", None) and not worker:
         return  # pytest-xdist's controller: its workers run the tests, each configured here
-    if "PYTEST_XDIST_WORKER" in os.environ:
+    if worker:
         # A worker that has sent its results ends without the interpreter's teardown of torch's modules, which
         # takes over a second on 2 cores while the controller waits. Registered before torch is imported, this
         # exit handler runs after torch's own; nothing the worker still holds is needed once its results are sent.

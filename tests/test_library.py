@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import one_line
+from helpers import one_line, same_weights
 from torch import nn
 
 from grafting import Grafter
@@ -27,11 +27,6 @@ def tiny_model(seed: int = 0) -> nn.Module:
     """Keys ``0.weight`` ...: no key says ``conv``, so the published name rule cannot group it."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-
-
-def same(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    own = model.state_dict()
-    return all(torch.equal(own[key], value) for key, value in state.items())
 
 
 def copy_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -144,7 +139,7 @@ def test_a_finished_ring_leaves_nothing_a_new_run_could_graft(tmp_path: Path) ->
     reference = tiny_model(0)
     reference.load_state_dict(expected)
     graft_layers(reference, peer, rule="module")
-    assert same(models[0], reference.state_dict())
+    assert same_weights(models[0], reference.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from grafting_models.resnet import PadShortcut
+from helpers import differing_entries
 from helpers.published_code import PublishedCifarResNet
 
 from grafting.archs import cifar_models as models
@@ -260,7 +261,7 @@ def test_resnet_trains_bit_identically_to_the_published_definition(name: str) ->
     ours = models.create(name, num_classes=10)
     torch.manual_seed(3)
     theirs = PublishedCifarResNet(20, num_classes=10, leaky=name.endswith("_leaky"))
-    assert _differing_entries(ours, theirs) == [], "the same seed must build the same weights"
+    assert differing_entries(ours.state_dict(), theirs.state_dict()) == [], "the same seed must build the same weights"
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in (ours, theirs)]
     generator = torch.Generator().manual_seed(4)
     for _ in range(12):
@@ -270,14 +271,7 @@ def test_resnet_trains_bit_identically_to_the_published_definition(name: str) ->
             optimizer.zero_grad()
             F.cross_entropy(model(images), labels).backward()
             optimizer.step()
-    assert _differing_entries(ours, theirs) == []
-
-
-def _differing_entries(a: nn.Module, b: nn.Module) -> list[str]:
-    """The state_dict keys whose tensors are not ``torch.equal`` in ``a`` and ``b`` (the keys must be the same)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert differing_entries(ours.state_dict(), theirs.state_dict()) == []
 
 
 def test_resnet_pools_the_whole_feature_map_of_any_input_size() -> None:

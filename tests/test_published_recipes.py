@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DEVICES, plan_script
+from helpers import DEVICES, differing_entries, plan_script
 from helpers.published_code import (
     BN_PARTS,
     published_distillation_epoch,
@@ -45,13 +45,6 @@ from grafting.train.loop import cross_entropy, train_one_epoch
 from grafting.train.schedule import make_optimizer
 from grafting_cifar.train import parse_args as parse_cifar_args
 from grafting_imagenet.train import parse_args as parse_imagenet_args
-
-
-def _differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    """The keys whose tensors are not ``torch.equal`` (the key lists must agree)."""
-    assert list(a) == list(b)
-    return [k for k in a if not torch.equal(a[k], b[k])]
-
 
 # --- VGG filter-level grafting: the published BatchNorm loop ------------------------------------------------
 
@@ -87,7 +80,7 @@ def test_repeated_whole_bn_blend_is_the_published_vgg_loop_bit_for_bit(device: s
     expected = copy.deepcopy(own)
     published_vgg_filter_graft(expected, peer)
     graft_filters(own, peer.state_dict(), bn_blend="repeated-whole")
-    assert _differing(own.state_dict(), expected.state_dict()) == []
+    assert differing_entries(own.state_dict(), expected.state_dict()) == []
 
 
 def test_repeated_whole_bn_blend_leaves_each_network_its_peers_batchnorm() -> None:
@@ -105,7 +98,7 @@ def test_repeated_whole_bn_blend_leaves_each_network_its_peers_batchnorm() -> No
         assert torch.allclose(repeated[key], theirs[key], rtol=1e-6, atol=1e-7), key
         assert not torch.allclose(blended[key], theirs[key], rtol=1e-3), key
     assert (
-        _differing(
+        differing_entries(
             {k: v for k, v in repeated.items() if k not in bn_keys},
             {k: v for k, v in blended.items() if k not in bn_keys},
         )
@@ -143,7 +136,7 @@ def test_the_grafter_blends_batchnorms_as_configured(tmp_path) -> None:
         second.publish(peer, 1)
         report = first.step(own, 1)
     assert report.grafted and report.peer == 2
-    assert _differing(own.state_dict(), expected.state_dict()) == []
+    assert differing_entries(own.state_dict(), expected.state_dict()) == []
 
 
 # --- ImageNet: the published schedules and the per-network layout -------------------------------------------
@@ -225,7 +218,7 @@ def test_one_process_per_network_trains_like_the_published_single_gpu_loop() -> 
         sgd.zero_grad()
         loss.backward()
         sgd.step()
-    assert _differing(ours.state_dict(), theirs.state_dict()) == []
+    assert differing_entries(ours.state_dict(), theirs.state_dict()) == []
 
 
 def test_sync_bn_converts_every_batchnorm_of_a_network_on_several_gpus() -> None:
@@ -235,7 +228,7 @@ def test_sync_bn_converts_every_batchnorm_of_a_network_on_several_gpus() -> None
     synced = sync_batchnorm(model, several, torch.device("cuda"), enabled=True)
     assert not any(type(m) is nn.BatchNorm2d for m in synced.modules())
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 20
-    assert _differing(synced.state_dict(), before) == [], "the checkpoints and the grafting see the same entries"
+    assert differing_entries(synced.state_dict(), before) == [], "the checkpoints and the grafting see the same entries"
     # One process already holds the whole batch; without the flag each GPU normalises its own share.
     assert sync_batchnorm(model, Processes(), torch.device("cuda"), enabled=True) is model
     assert sync_batchnorm(model, several, torch.device("cuda"), enabled=False) is model
@@ -301,7 +294,7 @@ def test_authors_cultivation_variant_trains_like_the_published_distillation_scri
 
     sgd = torch.optim.SGD(published.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     published_distillation_epoch(published, [teacher.eval()], batches, sgd, lr0=0.1, epoch=0)
-    assert _differing(student.state_dict(), published.state_dict()) == []
+    assert differing_entries(student.state_dict(), published.state_dict()) == []
 
 
 # --- the invalid-filter table: what the authors counted -----------------------------------------------------

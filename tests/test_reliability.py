@@ -27,6 +27,7 @@ from helpers import (
     finish,
     one_line,
     popen_forked,
+    same_weights,
     set_cifar_label,
     start_process,
     virtual_clock,
@@ -80,11 +81,6 @@ def weights(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def cifar_config(shared: Path, *flags: str) -> CifarConfig:
     return parse_config(CifarConfig, ["--s", str(shared), "--model", "resnet20", *flags], prog="t", description="")
-
-
-def same_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    own = model.state_dict()
-    return all(torch.equal(own[key], value) for key, value in state.items())
 
 
 # ----------------------------------------------------------------------------------------------

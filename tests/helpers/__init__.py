@@ -269,6 +269,19 @@ def set_cifar_label(batch_file: Path, index: int, label: int) -> None:
         pickle.dump(batch, handle)
 
 
+def same_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Every entry of ``state`` equals (``torch.equal``) the same entry of ``model``'s state_dict."""
+    own = model.state_dict()
+    return all(torch.equal(own[key], value) for key, value in state.items())
+
+
+def differing_entries(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys whose tensors are not ``torch.equal`` in the state dicts ``a`` and ``b`` (their key lists must
+    agree, order included)."""
+    assert list(a) == list(b)
+    return [key for key in a if not torch.equal(a[key], b[key])]
+
+
 def one_line(text: str) -> str:
     """The single line of ``text``; fails when there are more (or none)."""
     lines = text.strip().splitlines()
